@@ -1,0 +1,2 @@
+//! RESP2/RESP3 framing, commands and the connection loop.
+pub mod codec;
