@@ -1,1 +1,59 @@
-//! replikv-raft
+//! openraft wired to replikv's storage: the type configuration, the durable log store, the
+//! state machine, snapshots, and the waiters that let a proposer learn when its entry reached
+//! the leader's disk (for `eventual` and `at_least(n)` writes).
+//!
+//! ```text
+//!  Raft core ──append(entries)──► LogStore ──job──► Store writer (group commit, fsync)
+//!      │                             └─ on flush: AppendWaiters (req_id → offset)
+//!      └──apply(entries)──► StateMachine ──job──► Store writer (no fsync: the log is durable)
+//! ```
+//! Every log record and snapshot carries a CRC32C; a record that fails it is cut from the
+//! tail when the log store opens, and a snapshot that fails it is refused.
+
+mod log_store;
+mod record;
+mod snapshot;
+mod state_machine;
+
+use std::io::Cursor;
+
+pub use log_store::{AppendWaiters, LogStore};
+pub use record::{decode_record, encode_record, RecordError};
+pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};
+pub use state_machine::{KvView, StateMachine};
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of a partition group.
+    pub TypeConfig:
+        D = replikv_types::WriteRequest,
+        R = replikv_types::Reply,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<u64>;
+pub type Vote = openraft::Vote<u64>;
+pub type Membership = openraft::StoredMembership<u64, openraft::BasicNode>;
+pub type SnapshotMeta = openraft::SnapshotMeta<u64, openraft::BasicNode>;
+pub type StorageError = openraft::StorageError<u64>;
+
+pub(crate) fn storage_error(e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::<u64>::write(&std::io::Error::other(e.to_string())).into()
+}
+
+pub(crate) fn read_error(e: impl std::fmt::Display) -> StorageError {
+    openraft::StorageIOError::<u64>::read(&std::io::Error::other(e.to_string())).into()
+}
+
+/// Opens partition `partition`'s log store and state machine over `store`.
+pub fn open_partition(
+    store: replikv_storage::Store,
+    partition: u32,
+) -> Result<(LogStore, StateMachine), StorageError> {
+    let log = LogStore::open(store.clone(), partition)?;
+    let sm = StateMachine::open(store, partition)?;
+    Ok((log, sm))
+}

@@ -1,1 +1,20 @@
-//! replikv-storage
+//! The embedded storage engine behind a small interface. It knows nothing of Raft: it stores
+//! byte records in three tables keyed by partition, and commits writes through one writer
+//! thread.
+//!
+//! ```text
+//!   callers ──submit(job)──► writer thread ──one redb write transaction per batch──► disk
+//!                            (drains every queued job, commits once, then answers them all)
+//! ```
+//! That single writer is the group commit: under `fsync: always`, many Raft groups' appends
+//! share one fsync. Reads open a redb read transaction (MVCC) and never wait for the writer.
+//!
+//! Tables (all keyed by partition first, so one partition's records are contiguous):
+//! - `log`: (partition, index) → record bytes (the Raft layer adds its own checksums)
+//! - `meta`: (partition, name) → bytes (vote, committed, purged, applied, membership)
+//! - `kv`: (partition, key) → value bytes (the state machine)
+//! - `snapshot`: partition → the latest snapshot's bytes
+
+mod store;
+
+pub use store::{FsyncPolicy, ReadTx, Store, StorageError, WriteTx};

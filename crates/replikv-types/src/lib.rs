@@ -1,1 +1,24 @@
-//! replikv-types
+//! The shared vocabulary of replikv: ids, the replicated write commands, replies, the
+//! consistency and read-preference options a request carries, and the one error type whose
+//! variants say what the caller must decide (retry elsewhere, retry later, give up).
+//!
+//! Nothing here does I/O. Front ends (RESP, HTTP) turn requests into these types, the cluster
+//! layer routes them, and the state machine applies [`KvOp`]s deterministically.
+
+mod command;
+mod consistency;
+mod error;
+
+pub use command::{apply_one, format_float, Change, ExpireCond, KvOp, Reply, SetCond, StoredValue, WriteRequest};
+pub use consistency::{Consistency, ReadPreference};
+pub use error::{Commit, Error};
+
+/// A node's id, as given by `--node-id`.
+pub type NodeId = u64;
+/// A partition of a keyspace: one Raft group.
+pub type PartitionId = u32;
+/// A Raft log index within one partition (the seeds' "offset").
+pub type Offset = u64;
+
+/// The one keyspace that always exists.
+pub const DEFAULT_KEYSPACE: &str = "default";

@@ -1,0 +1,280 @@
+//! [`LogStore`]: one partition's Raft log, vote and purge point in the shared [`Store`].
+//!
+//! Invariants:
+//! - records of the partition are contiguous from `purged + 1` to the last index;
+//! - `append` answers openraft only after the batch holding it committed durably (under
+//!   `fsync: always`), so a follower never acknowledges an entry it could lose;
+//! - at open, any record that fails its checksum is cut together with everything after it
+//!   (a torn or corrupt tail); the leader sends those entries again.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
+use replikv_storage::Store;
+use tokio::sync::oneshot;
+
+use crate::record::{decode_record, encode_record};
+use crate::{read_error, storage_error, Entry, LogId, StorageError, TypeConfig, Vote};
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "purged";
+
+/// Proposers waiting for their entry to reach this node's disk, by request id.
+#[derive(Default)]
+pub struct AppendWaiters {
+    waiting: Mutex<HashMap<u64, oneshot::Sender<u64>>>,
+}
+
+impl AppendWaiters {
+    /// Returns a receiver of the offset at which request `req_id` was durably appended.
+    pub fn register(&self, req_id: u64) -> oneshot::Receiver<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().expect("append waiters").insert(req_id, tx);
+        rx
+    }
+
+    pub fn forget(&self, req_id: u64) {
+        self.waiting.lock().expect("append waiters").remove(&req_id);
+    }
+
+    fn appended(&self, flushed: &[(u64, u64)]) {
+        let mut waiting = self.waiting.lock().expect("append waiters");
+        if waiting.is_empty() {
+            return;
+        }
+        for (req_id, index) in flushed {
+            if let Some(tx) = waiting.remove(req_id) {
+                let _ = tx.send(*index);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct LogStore {
+    store: Store,
+    partition: u32,
+    waiters: Arc<AppendWaiters>,
+}
+
+impl LogStore {
+    /// Opens the partition's log and cuts a corrupt tail.
+    pub fn open(store: Store, partition: u32) -> Result<LogStore, StorageError> {
+        let log = LogStore {
+            store,
+            partition,
+            waiters: Arc::new(AppendWaiters::default()),
+        };
+        log.cut_corrupt_tail()?;
+        Ok(log)
+    }
+
+    pub fn waiters(&self) -> Arc<AppendWaiters> {
+        self.waiters.clone()
+    }
+
+    fn cut_corrupt_tail(&self) -> Result<(), StorageError> {
+        let records = self
+            .store
+            .read()
+            .and_then(|r| r.log_range(self.partition, 0..u64::MAX))
+            .map_err(read_error)?;
+        let Some((bad, why)) = records
+            .iter()
+            .find_map(|(i, raw)| decode_record(raw).err().map(|e| (*i, e)))
+        else {
+            return Ok(());
+        };
+        let last = records.last().map(|(i, _)| *i).unwrap_or(bad);
+        tracing::warn!(
+            partition = self.partition,
+            first_bad = bad,
+            last,
+            reason = %why,
+            "cutting the log tail that fails its checksum; the leader will send it again"
+        );
+        let p = self.partition;
+        block_on_write(&self.store, move |w| w.log_remove(p, bad..u64::MAX))
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StorageError> {
+        let raw = self
+            .store
+            .read()
+            .and_then(|r| r.meta_get(self.partition, name))
+            .map_err(read_error)?;
+        raw.map(|b| bincode::deserialize(&b).map_err(read_error))
+            .transpose()
+    }
+
+    async fn write_meta<T: serde::Serialize>(
+        &self,
+        name: &'static str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        let bytes = bincode::serialize(value).map_err(storage_error)?;
+        let p = self.partition;
+        self.store
+            .write(durable, move |w| w.meta_put(p, name, &bytes))
+            .await
+            .map_err(storage_error)
+    }
+}
+
+/// Runs a write from synchronous start-up code (before the Raft core exists).
+fn block_on_write(
+    store: &Store,
+    f: impl FnOnce(&mut replikv_storage::WriteTx<'_>) -> Result<(), replikv_storage::StorageError>
+        + Send
+        + 'static,
+) -> Result<(), StorageError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.submit(
+        true,
+        Box::new(f),
+        Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    );
+    rx.recv()
+        .map_err(storage_error)?
+        .map_err(storage_error)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        let records = self
+            .store
+            .read()
+            .and_then(|r| r.log_range(self.partition, start..end))
+            .map_err(read_error)?;
+        records
+            .into_iter()
+            .map(|(i, raw)| {
+                decode_record(&raw).map_err(|e| read_error(format!("log record {i}: {e}")))
+            })
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let purged: Option<LogId> = self.read_meta::<Option<LogId>>(PURGED)?.flatten();
+        let last = self
+            .store
+            .read()
+            .and_then(|r| r.log_last(self.partition))
+            .map_err(read_error)?;
+        let last_log_id = match last {
+            Some((i, raw)) => Some(
+                decode_record(&raw)
+                    .map_err(|e| read_error(format!("log record {i}: {e}")))?
+                    .log_id,
+            ),
+            None => purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.write_meta(VOTE, vote, true).await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.read_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not durable on purpose: it only speeds up re-applying after a restart.
+        self.write_meta(COMMITTED, &committed, false).await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut records = Vec::new();
+        let mut proposed = Vec::new();
+        for entry in entries {
+            if let EntryPayload::Normal(req) = &entry.payload {
+                proposed.push((req.req_id, entry.log_id.index));
+            }
+            records.push((entry.log_id.index, encode_record(&entry)));
+        }
+        let p = self.partition;
+        let waiters = self.waiters.clone();
+        self.store.submit(
+            true,
+            Box::new(move |w| {
+                for (i, raw) in &records {
+                    w.log_put(p, *i, raw)?;
+                }
+                Ok(())
+            }),
+            Box::new(move |res| match res {
+                Ok(()) => {
+                    waiters.appended(&proposed);
+                    callback.log_io_completed(Ok(()));
+                }
+                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+            }),
+        );
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let p = self.partition;
+        self.store
+            .write(true, move |w| w.log_remove(p, log_id.index..u64::MAX))
+            .await
+            .map_err(storage_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let p = self.partition;
+        let purged = bincode::serialize(&Some(log_id)).map_err(storage_error)?;
+        self.store
+            .write(true, move |w| {
+                w.meta_put(p, PURGED, &purged)?;
+                w.log_remove(p, 0..log_id.index + 1)
+            })
+            .await
+            .map_err(storage_error)
+    }
+}

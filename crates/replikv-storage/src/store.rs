@@ -1,0 +1,445 @@
+//! [`Store`]: the redb database, its writer thread and the typed transactions.
+
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("meta");
+const KV: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv");
+const SNAPSHOT: TableDefinition<u32, &[u8]> = TableDefinition::new("snapshot");
+
+/// Most jobs one write transaction takes; bounds the latency of the first job in a batch.
+const MAX_JOBS_PER_COMMIT: usize = 4096;
+
+#[derive(Debug, thiserror::Error, Clone)]
+#[error("storage: {0}")]
+pub struct StorageError(pub String);
+
+fn err(e: impl std::fmt::Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+/// When a commit reaches the disk (`storage.fsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every durable write is fsynced before it is acknowledged; concurrent writes share one
+    /// fsync (group commit).
+    #[default]
+    Always,
+    /// Writes are acknowledged once written; a background flush fsyncs once a second.
+    Everysec,
+    /// Never fsync; the OS writes back when it likes. A crash may lose recent writes.
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "everysec" => Ok(FsyncPolicy::Everysec),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => Err(format!(
+                "unknown fsync policy {s:?}; allowed: always, everysec, never"
+            )),
+        }
+    }
+}
+
+type JobFn = Box<dyn FnOnce(&mut WriteTx<'_>) -> Result<(), StorageError> + Send>;
+type DoneFn = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+struct Job {
+    /// Must reach the disk before `done` runs (when the policy fsyncs at all).
+    durable: bool,
+    run: JobFn,
+    done: DoneFn,
+}
+
+/// The node's storage: one redb file shared by every partition.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    jobs: mpsc::Sender<Job>,
+    policy: FsyncPolicy,
+    stopped: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir` and starts the writer thread.
+    pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<Store, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
+        let db = Database::create(dir.join("replikv.redb")).map_err(err)?;
+        let tx = db.begin_write().map_err(err)?;
+        {
+            tx.open_table(LOG).map_err(err)?;
+            tx.open_table(META).map_err(err)?;
+            tx.open_table(KV).map_err(err)?;
+            tx.open_table(SNAPSHOT).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        let db = Arc::new(db);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("replikv-storage-writer".into())
+            .spawn(move || writer_loop(writer_db, rx, policy))
+            .map_err(err)?;
+        let store = Store {
+            db,
+            jobs,
+            policy,
+            stopped,
+        };
+        if policy == FsyncPolicy::Everysec {
+            store.start_flusher();
+        }
+        Ok(store)
+    }
+
+    pub fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    fn start_flusher(&self) {
+        let store = self.clone();
+        std::thread::Builder::new()
+            .name("replikv-storage-flusher".into())
+            .spawn(move || {
+                while !store.stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_secs(1));
+                    store.submit(true, Box::new(|_| Ok(())), Box::new(|_| {}));
+                }
+            })
+            .expect("spawning the flusher thread");
+    }
+
+    /// Queues `run` for the writer thread; `done` runs after the batch containing it commits.
+    pub fn submit(&self, durable: bool, run: JobFn, done: DoneFn) {
+        let job = Job { durable, run, done };
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            (job.done)(Err(StorageError("the storage writer has stopped".into())));
+        }
+    }
+
+    /// Runs `f` in the next write batch and waits for the commit.
+    pub async fn write<R, F>(&self, durable: bool, f: F) -> Result<R, StorageError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut WriteTx<'_>) -> Result<R, StorageError> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let slot: Arc<std::sync::Mutex<Option<R>>> = Arc::new(std::sync::Mutex::new(None));
+        let out = slot.clone();
+        self.submit(
+            durable,
+            Box::new(move |w| {
+                let r = f(w)?;
+                *out.lock().expect("result slot") = Some(r);
+                Ok(())
+            }),
+            Box::new(move |res| {
+                let _ = tx.send(res);
+            }),
+        );
+        rx.await
+            .map_err(|_| StorageError("the storage writer dropped a job".into()))??;
+        let r = slot.lock().expect("result slot").take();
+        r.ok_or_else(|| StorageError("write job produced no result".into()))
+    }
+
+    /// A consistent read view of everything committed so far.
+    pub fn read(&self) -> Result<ReadTx, StorageError> {
+        Ok(ReadTx {
+            tx: self.db.begin_read().map_err(err)?,
+        })
+    }
+
+    /// Stops the background flusher (the writer stops when the last `Store` is dropped).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+fn writer_loop(db: Arc<Database>, rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
+    let mut batch: Vec<Job> = Vec::with_capacity(256);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_JOBS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let durable = batch.iter().any(|j| j.durable);
+        let result = commit_batch(&db, &mut batch, durability(policy, durable));
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
+        }
+        for job in batch.drain(..) {
+            (job.done)(result.clone());
+        }
+    }
+    // Every sender is gone: make whatever the OS holds durable before the process ends.
+    if let Ok(mut tx) = db.begin_write() {
+        tx.set_durability(Durability::Immediate);
+        let _ = tx.commit();
+    }
+}
+
+fn durability(policy: FsyncPolicy, durable: bool) -> Durability {
+    match (policy, durable) {
+        (FsyncPolicy::Always, true) => Durability::Immediate,
+        // A periodic flush job is the only durable job `everysec` submits.
+        (FsyncPolicy::Everysec, true) => Durability::Immediate,
+        (FsyncPolicy::Never, _) => Durability::Eventual,
+        (_, false) => Durability::None,
+    }
+}
+
+fn commit_batch(
+    db: &Database,
+    batch: &mut [Job],
+    durability: Durability,
+) -> Result<(), StorageError> {
+    let mut tx = db.begin_write().map_err(err)?;
+    tx.set_durability(durability);
+    {
+        let mut w = WriteTx {
+            log: tx.open_table(LOG).map_err(err)?,
+            meta: tx.open_table(META).map_err(err)?,
+            kv: tx.open_table(KV).map_err(err)?,
+            snapshot: tx.open_table(SNAPSHOT).map_err(err)?,
+        };
+        for job in batch.iter_mut() {
+            let run = std::mem::replace(&mut job.run, Box::new(|_| Ok(())));
+            run(&mut w)?;
+        }
+    }
+    tx.commit().map_err(err)
+}
+
+/// The tables of one write transaction, as the writer thread hands them to a job.
+pub struct WriteTx<'t> {
+    log: redb::Table<'t, (u32, u64), &'static [u8]>,
+    meta: redb::Table<'t, (u32, &'static str), &'static [u8]>,
+    kv: redb::Table<'t, (u32, &'static [u8]), &'static [u8]>,
+    snapshot: redb::Table<'t, u32, &'static [u8]>,
+}
+
+impl WriteTx<'_> {
+    pub fn log_put(&mut self, p: u32, index: u64, record: &[u8]) -> Result<(), StorageError> {
+        self.log.insert((p, index), record).map_err(err)?;
+        Ok(())
+    }
+
+    /// Removes the records of partition `p` whose index lies in `range`.
+    pub fn log_remove(&mut self, p: u32, range: Range<u64>) -> Result<(), StorageError> {
+        self.log
+            .retain_in((p, range.start)..(p, range.end), |_, _| false)
+            .map_err(err)
+    }
+
+    pub fn meta_put(&mut self, p: u32, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.meta.insert((p, name), value).map_err(err)?;
+        Ok(())
+    }
+
+    pub fn kv_get(&self, p: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .kv
+            .get((p, key))
+            .map_err(err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    pub fn kv_put(&mut self, p: u32, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.kv.insert((p, key), value).map_err(err)?;
+        Ok(())
+    }
+
+    pub fn kv_delete(&mut self, p: u32, key: &[u8]) -> Result<bool, StorageError> {
+        Ok(self.kv.remove((p, key)).map_err(err)?.is_some())
+    }
+
+    /// Removes every key of partition `p` (before installing a snapshot).
+    pub fn kv_clear(&mut self, p: u32) -> Result<(), StorageError> {
+        self.kv
+            .retain(|(part, _), _| part != p)
+            .map_err(err)
+    }
+
+    pub fn snapshot_put(&mut self, p: u32, bytes: &[u8]) -> Result<(), StorageError> {
+        self.snapshot.insert(p, bytes).map_err(err)?;
+        Ok(())
+    }
+}
+
+/// A read-only, consistent view.
+pub struct ReadTx {
+    tx: redb::ReadTransaction,
+}
+
+impl ReadTx {
+    pub fn log_get(&self, p: u32, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        let t = self.tx.open_table(LOG).map_err(err)?;
+        Ok(t.get((p, index)).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Records of partition `p` with index in `range`, in order.
+    pub fn log_range(&self, p: u32, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let t = self.tx.open_table(LOG).map_err(err)?;
+        let mut out = Vec::new();
+        for item in t.range((p, range.start)..(p, range.end)).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            out.push((k.value().1, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last record of partition `p`.
+    pub fn log_last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let t = self.tx.open_table(LOG).map_err(err)?;
+        let mut range = t.range((p, 0)..=(p, u64::MAX)).map_err(err)?;
+        match range.next_back() {
+            Some(item) => {
+                let (k, v) = item.map_err(err)?;
+                Ok(Some((k.value().1, v.value().to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn meta_get(&self, p: u32, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let t = self.tx.open_table(META).map_err(err)?;
+        Ok(t.get((p, name)).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn kv_get(&self, p: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let t = self.tx.open_table(KV).map_err(err)?;
+        Ok(t.get((p, key)).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Calls `f` for every key of partition `p` in key order, from `start` (inclusive);
+    /// stops when `f` returns false.
+    pub fn kv_for_each(
+        &self,
+        p: u32,
+        start: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StorageError> {
+        let t = self.tx.open_table(KV).map_err(err)?;
+        for item in t.range((p, start)..).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            let (part, key) = k.value();
+            if part != p || !f(key, v.value()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn snapshot_get(&self, p: u32) -> Result<Option<Vec<u8>>, StorageError> {
+        let t = self.tx.open_table(SNAPSHOT).map_err(err)?;
+        Ok(t.get(p).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Number of log records stored for `p` (used by tests and status).
+    pub fn log_len(&self, p: u32) -> Result<u64, StorageError> {
+        let t = self.tx.open_table(LOG).map_err(err)?;
+        Ok(t.range((p, 0)..=(p, u64::MAX)).map_err(err)?.count() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_are_visible_to_reads_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
+            store
+                .write(true, |w| {
+                    w.log_put(1, 1, b"a")?;
+                    w.log_put(1, 2, b"b")?;
+                    w.log_put(2, 1, b"other partition")?;
+                    w.kv_put(1, b"k", b"v")?;
+                    w.meta_put(1, "vote", b"x")
+                })
+                .await
+                .unwrap();
+            let r = store.read().unwrap();
+            assert_eq!(r.log_last(1).unwrap(), Some((2, b"b".to_vec())));
+            assert_eq!(r.log_range(1, 0..10).unwrap().len(), 2);
+            store.stop();
+        }
+        // The writer thread holds the database until its channel closes; reopen in a loop.
+        let store = reopen(dir.path());
+        let r = store.read().unwrap();
+        assert_eq!(r.kv_get(1, b"k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(r.log_get(2, 1).unwrap(), Some(b"other partition".to_vec()));
+    }
+
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(dir, FsyncPolicy::Always) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::yield_now();
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn log_remove_and_kv_clear_touch_one_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Never).unwrap();
+        store
+            .write(false, |w| {
+                for i in 1..=10 {
+                    w.log_put(1, i, b"x")?;
+                    w.log_put(2, i, b"y")?;
+                }
+                w.kv_put(1, b"a", b"1")?;
+                w.kv_put(2, b"a", b"2")
+            })
+            .await
+            .unwrap();
+        store
+            .write(false, |w| {
+                w.log_remove(1, 1..6)?;
+                w.kv_clear(1)
+            })
+            .await
+            .unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.log_range(1, 0..100).unwrap().first().map(|e| e.0), Some(6));
+        assert_eq!(r.log_len(2).unwrap(), 10);
+        assert_eq!(r.kv_get(1, b"a").unwrap(), None);
+        assert_eq!(r.kv_get(2, b"a").unwrap(), Some(b"2".to_vec()));
+        let mut keys = 0;
+        r.kv_for_each(2, b"", |_, _| {
+            keys += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(keys, 1);
+    }
+}

@@ -1,0 +1,410 @@
+//! Replicated write commands and how each changes one key.
+//!
+//! A [`WriteRequest`] is what the leader proposes to a partition's Raft log. It carries the
+//! leader's wall clock (`now_ms`) so that every replica evaluates expiry identically when it
+//! applies the entry: applying must be deterministic, so no replica reads its own clock here.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// One entry of a partition's log, as proposed by the leader.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WriteRequest {
+    /// Unique per proposing node and process; lets the proposer learn the entry's offset.
+    pub req_id: u64,
+    /// The leader's wall clock at proposal, in Unix milliseconds.
+    pub now_ms: u64,
+    pub op: KvOp,
+}
+
+/// Condition of `SET ... NX|XX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetCond {
+    Always,
+    IfAbsent,
+    IfPresent,
+}
+
+/// Condition of `EXPIRE ... NX|XX|GT|LT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireCond {
+    Always,
+    IfNoTtl,
+    IfTtl,
+    IfGreater,
+    IfLess,
+}
+
+/// A write to keys of one partition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum KvOp {
+    Set {
+        key: Bytes,
+        value: Bytes,
+        expire_at_ms: Option<u64>,
+        keep_ttl: bool,
+        cond: SetCond,
+        get: bool,
+    },
+    /// `MSET` (or `MSETNX` with `if_none_exist`) restricted to one partition's keys.
+    MSet {
+        pairs: Vec<(Bytes, Bytes)>,
+        if_none_exist: bool,
+    },
+    Del {
+        keys: Vec<Bytes>,
+    },
+    GetDel {
+        key: Bytes,
+    },
+    IncrBy {
+        key: Bytes,
+        delta: i64,
+    },
+    IncrByFloat {
+        key: Bytes,
+        delta: f64,
+    },
+    Append {
+        key: Bytes,
+        value: Bytes,
+    },
+    /// `at_ms: None` removes the TTL (`PERSIST`).
+    Expire {
+        key: Bytes,
+        at_ms: Option<u64>,
+        cond: ExpireCond,
+    },
+}
+
+impl KvOp {
+    /// The keys this write touches, for routing.
+    pub fn keys(&self) -> Vec<&Bytes> {
+        match self {
+            KvOp::Set { key, .. }
+            | KvOp::GetDel { key }
+            | KvOp::IncrBy { key, .. }
+            | KvOp::IncrByFloat { key, .. }
+            | KvOp::Append { key, .. }
+            | KvOp::Expire { key, .. } => vec![key],
+            KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, _)| k).collect(),
+            KvOp::Del { keys } => keys.iter().collect(),
+        }
+    }
+
+    /// True when the reply does not depend on the state before the write, so that the write
+    /// can be acknowledged before it is applied (`eventual`, small `at_least`).
+    pub fn is_blind(&self) -> bool {
+        match self {
+            KvOp::Set { cond, get, .. } => *cond == SetCond::Always && !get,
+            KvOp::MSet { if_none_exist, .. } => !if_none_exist,
+            _ => false,
+        }
+    }
+}
+
+/// A reply, independent of the protocol that carries it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    Nil,
+    Bulk(Bytes),
+    Int(i64),
+    Array(Vec<Reply>),
+    /// An error that belongs to the command itself (wrong type of value, overflow); the
+    /// write changed nothing.
+    Error(String),
+}
+
+/// A value as the state machine stores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredValue {
+    pub data: Bytes,
+    pub expire_at_ms: Option<u64>,
+}
+
+/// Format version of an encoded [`StoredValue`].
+const VALUE_FORMAT_V1: u8 = 1;
+
+impl StoredValue {
+    /// `[version u8][expire_at_ms u64 LE, 0 = none][data]`
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + self.data.len());
+        out.push(VALUE_FORMAT_V1);
+        out.extend_from_slice(&self.expire_at_ms.unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Option<StoredValue> {
+        if raw.len() < 9 || raw[0] != VALUE_FORMAT_V1 {
+            return None;
+        }
+        let expire = u64::from_le_bytes(raw[1..9].try_into().ok()?);
+        Some(StoredValue {
+            data: Bytes::copy_from_slice(&raw[9..]),
+            expire_at_ms: (expire != 0).then_some(expire),
+        })
+    }
+
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.expire_at_ms.is_none_or(|at| at > now_ms)
+    }
+}
+
+/// What applying an op does to one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    Keep,
+    Put(StoredValue),
+    Delete,
+}
+
+/// Evaluates a single-key op against the key's current live value (expired values must be
+/// passed as `None`). Deterministic: depends only on its arguments.
+pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Change, Reply) {
+    match op {
+        KvOp::Set {
+            value,
+            expire_at_ms,
+            keep_ttl,
+            cond,
+            get,
+            ..
+        } => {
+            let allowed = match cond {
+                SetCond::Always => true,
+                SetCond::IfAbsent => current.is_none(),
+                SetCond::IfPresent => current.is_some(),
+            };
+            let old = current.map(|v| Reply::Bulk(v.data.clone()));
+            let reply = match (get, allowed) {
+                (true, _) => old.unwrap_or(Reply::Nil),
+                (false, true) => Reply::Ok,
+                (false, false) => Reply::Nil,
+            };
+            if !allowed {
+                return (Change::Keep, reply);
+            }
+            let expire = if *keep_ttl {
+                current.and_then(|v| v.expire_at_ms)
+            } else {
+                *expire_at_ms
+            };
+            let put = StoredValue {
+                data: value.clone(),
+                expire_at_ms: expire,
+            };
+            (Change::Put(put), reply)
+        }
+        KvOp::GetDel { .. } => match current {
+            Some(v) => (Change::Delete, Reply::Bulk(v.data.clone())),
+            None => (Change::Keep, Reply::Nil),
+        },
+        KvOp::IncrBy { delta, .. } => incr_by(current, *delta),
+        KvOp::IncrByFloat { delta, .. } => incr_by_float(current, *delta),
+        KvOp::Append { value, .. } => {
+            let mut data = current.map(|v| v.data.to_vec()).unwrap_or_default();
+            data.extend_from_slice(value);
+            let len = data.len() as i64;
+            let put = StoredValue {
+                data: Bytes::from(data),
+                expire_at_ms: current.and_then(|v| v.expire_at_ms),
+            };
+            (Change::Put(put), Reply::Int(len))
+        }
+        KvOp::Expire { at_ms, cond, .. } => expire(current, *at_ms, *cond, now_ms),
+        KvOp::MSet { .. } | KvOp::Del { .. } => {
+            unreachable!("multi-key ops are split by the state machine before apply_one")
+        }
+    }
+}
+
+fn incr_by(current: Option<&StoredValue>, delta: i64) -> (Change, Reply) {
+    let base = match current {
+        None => 0,
+        Some(v) => match std::str::from_utf8(&v.data)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            Some(n) => n,
+            None => return not_integer(),
+        },
+    };
+    let Some(next) = base.checked_add(delta) else {
+        return (
+            Change::Keep,
+            Reply::Error("ERR increment or decrement would overflow".into()),
+        );
+    };
+    let put = StoredValue {
+        data: Bytes::from(next.to_string()),
+        expire_at_ms: current.and_then(|v| v.expire_at_ms),
+    };
+    (Change::Put(put), Reply::Int(next))
+}
+
+fn not_integer() -> (Change, Reply) {
+    (
+        Change::Keep,
+        Reply::Error("ERR value is not an integer or out of range".into()),
+    )
+}
+
+fn incr_by_float(current: Option<&StoredValue>, delta: f64) -> (Change, Reply) {
+    let base = match current {
+        None => 0.0,
+        Some(v) => match std::str::from_utf8(&v.data)
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+        {
+            Some(n) if n.is_finite() => n,
+            _ => {
+                return (
+                    Change::Keep,
+                    Reply::Error("ERR value is not a valid float".into()),
+                )
+            }
+        },
+    };
+    let next = base + delta;
+    if !next.is_finite() {
+        return (
+            Change::Keep,
+            Reply::Error("ERR increment would produce NaN or Infinity".into()),
+        );
+    }
+    let text = format_float(next);
+    let put = StoredValue {
+        data: Bytes::from(text.clone()),
+        expire_at_ms: current.and_then(|v| v.expire_at_ms),
+    };
+    (Change::Put(put), Reply::Bulk(Bytes::from(text)))
+}
+
+/// Redis prints floats without a trailing `.0` and with up to 17 significant digits.
+pub fn format_float(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e17 {
+        format!("{}", v as i64)
+    } else {
+        let s = format!("{v:.17}");
+        let s = s.trim_end_matches('0');
+        s.trim_end_matches('.').to_string()
+    }
+}
+
+fn expire(
+    current: Option<&StoredValue>,
+    at_ms: Option<u64>,
+    cond: ExpireCond,
+    now_ms: u64,
+) -> (Change, Reply) {
+    let Some(v) = current else {
+        return (Change::Keep, Reply::Int(0));
+    };
+    let Some(at) = at_ms else {
+        // PERSIST
+        if v.expire_at_ms.is_none() {
+            return (Change::Keep, Reply::Int(0));
+        }
+        let put = StoredValue {
+            data: v.data.clone(),
+            expire_at_ms: None,
+        };
+        return (Change::Put(put), Reply::Int(1));
+    };
+    let allowed = match (cond, v.expire_at_ms) {
+        (ExpireCond::Always, _) => true,
+        (ExpireCond::IfNoTtl, ttl) => ttl.is_none(),
+        (ExpireCond::IfTtl, ttl) => ttl.is_some(),
+        // A key without a TTL counts as an infinite TTL, as in Redis.
+        (ExpireCond::IfGreater, ttl) => ttl.is_some_and(|t| at > t),
+        (ExpireCond::IfLess, ttl) => ttl.is_none_or(|t| at < t),
+    };
+    if !allowed {
+        return (Change::Keep, Reply::Int(0));
+    }
+    if at <= now_ms {
+        return (Change::Delete, Reply::Int(1));
+    }
+    let put = StoredValue {
+        data: v.data.clone(),
+        expire_at_ms: Some(at),
+    };
+    (Change::Put(put), Reply::Int(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn val(s: &str) -> StoredValue {
+        StoredValue {
+            data: Bytes::copy_from_slice(s.as_bytes()),
+            expire_at_ms: None,
+        }
+    }
+
+    fn set(cond: SetCond, get: bool) -> KvOp {
+        KvOp::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"new"),
+            expire_at_ms: None,
+            keep_ttl: false,
+            cond,
+            get,
+        }
+    }
+
+    #[test]
+    fn set_conditions_follow_redis() {
+        let old = val("old");
+        assert_eq!(apply_one(&set(SetCond::IfAbsent, false), Some(&old), 0).1, Reply::Nil);
+        assert_eq!(apply_one(&set(SetCond::IfAbsent, false), None, 0).1, Reply::Ok);
+        assert_eq!(apply_one(&set(SetCond::IfPresent, false), None, 0).0, Change::Keep);
+        let (change, reply) = apply_one(&set(SetCond::Always, true), Some(&old), 0);
+        assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"old")));
+        assert_eq!(change, Change::Put(val("new")));
+    }
+
+    #[test]
+    fn incr_rejects_non_integers_and_overflow() {
+        let op = KvOp::IncrBy {
+            key: Bytes::from_static(b"k"),
+            delta: 1,
+        };
+        assert_eq!(apply_one(&op, None, 0).1, Reply::Int(1));
+        assert_eq!(apply_one(&op, Some(&val("41")), 0).1, Reply::Int(42));
+        assert!(matches!(apply_one(&op, Some(&val("x")), 0), (Change::Keep, Reply::Error(_))));
+        let max = val(&i64::MAX.to_string());
+        assert!(matches!(apply_one(&op, Some(&max), 0), (Change::Keep, Reply::Error(_))));
+    }
+
+    #[test]
+    fn floats_print_as_redis_does() {
+        assert_eq!(format_float(3.0), "3");
+        assert_eq!(format_float(10.5), "10.5");
+        assert_eq!(format_float(-0.25), "-0.25");
+    }
+
+    #[test]
+    fn expire_in_the_past_deletes() {
+        let op = KvOp::Expire {
+            key: Bytes::from_static(b"k"),
+            at_ms: Some(5),
+            cond: ExpireCond::Always,
+        };
+        assert_eq!(apply_one(&op, Some(&val("v")), 10).0, Change::Delete);
+        assert_eq!(apply_one(&op, None, 10).1, Reply::Int(0));
+    }
+
+    #[test]
+    fn stored_values_round_trip() {
+        let v = StoredValue {
+            data: Bytes::from_static(b"hello"),
+            expire_at_ms: Some(1234),
+        };
+        assert_eq!(StoredValue::decode(&v.encode()), Some(v));
+        assert_eq!(StoredValue::decode(b"\x09garbage"), None);
+    }
+}
