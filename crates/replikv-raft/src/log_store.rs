@@ -24,10 +24,16 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
 
-/// Proposers waiting for their entry to reach this node's disk, by request id.
+/// Batches whose append times are remembered, for replica lag in milliseconds.
+const APPEND_CLOCK_BATCHES: usize = 4096;
+
+/// Proposers waiting for their entry to reach this node's disk, by request id; and when
+/// recent entries were appended here, so a leader can tell how old a replica's lag is.
 #[derive(Default)]
 pub struct AppendWaiters {
     waiting: Mutex<HashMap<u64, oneshot::Sender<u64>>>,
+    /// (last offset of a flushed batch, when it flushed), oldest first.
+    clock: Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>,
 }
 
 impl AppendWaiters {
@@ -40,6 +46,24 @@ impl AppendWaiters {
 
     pub fn forget(&self, req_id: u64) {
         self.waiting.lock().expect("append waiters").remove(&req_id);
+    }
+
+    /// How long ago the first entry after `offset` was appended here; `None` when no entry
+    /// after `offset` has been appended since this process started.
+    pub fn age_of_first_after(&self, offset: u64) -> Option<std::time::Duration> {
+        let clock = self.clock.lock().expect("append clock");
+        clock
+            .iter()
+            .find(|(last, _)| *last > offset)
+            .map(|(_, t)| t.elapsed())
+    }
+
+    fn flushed(&self, last: u64) {
+        let mut clock = self.clock.lock().expect("append clock");
+        clock.push_back((last, std::time::Instant::now()));
+        while clock.len() > APPEND_CLOCK_BATCHES {
+            clock.pop_front();
+        }
     }
 
     fn appended(&self, flushed: &[(u64, u64)]) {
@@ -229,7 +253,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut records = Vec::new();
+        let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut proposed = Vec::new();
         for entry in entries {
             if let EntryPayload::Normal(req) = &entry.payload {
@@ -239,6 +263,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let p = self.partition;
         let waiters = self.waiters.clone();
+        let last = records.last().map(|(i, _)| *i);
         self.store.submit(
             true,
             Box::new(move |w| {
@@ -249,6 +274,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }),
             Box::new(move |res| match res {
                 Ok(()) => {
+                    if let Some(last) = last {
+                        waiters.flushed(last);
+                    }
                     waiters.appended(&proposed);
                     callback.log_io_completed(Ok(()));
                 }

@@ -8,10 +8,12 @@
 mod command;
 mod consistency;
 mod error;
+mod glob;
 
 pub use command::{apply_one, format_float, Change, ExpireCond, KvOp, Reply, SetCond, StoredValue, WriteRequest};
 pub use consistency::{Consistency, ReadPreference};
 pub use error::{Commit, Error};
+pub use glob::glob_match;
 
 /// A node's id, as given by `--node-id`.
 pub type NodeId = u64;

@@ -1,0 +1,102 @@
+//! What nodes say to each other, inside request and response frames (bincode, versioned by
+//! the frame). Raft messages of every partition and forwarded client requests share one
+//! connection per peer.
+
+use bytes::Bytes;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use replikv_raft::TypeConfig;
+use replikv_types::{Consistency, Error, KvOp, NodeId, Offset, PartitionId, ReadPreference, Reply};
+use serde::{Deserialize, Serialize};
+
+/// The first frame on a connection: who is calling and where its clients connect.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub node_id: NodeId,
+    pub resp_addr: String,
+    pub http_addr: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    AppendEntries(PartitionId, AppendEntriesRequest<TypeConfig>),
+    Vote(PartitionId, VoteRequest<u64>),
+    InstallSnapshot(PartitionId, InstallSnapshotRequest<TypeConfig>),
+    Client(ClientRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Client(Result<ClientResponse, Error>),
+    /// The partition is not hosted by the receiving node.
+    NoSuchPartition(PartitionId),
+}
+
+/// Requests a node serves for another node (forwarding) or for operators.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Write {
+        partition: PartitionId,
+        op: KvOp,
+        level: Consistency,
+    },
+    Get {
+        partition: PartitionId,
+        key: Bytes,
+        read: ReadPreference,
+        /// Read-your-writes: the reader's last write offset in this partition.
+        min_offset: Option<Offset>,
+    },
+    Scan {
+        partition: PartitionId,
+        start: Bytes,
+        count: usize,
+        pattern: Option<Bytes>,
+    },
+    /// `WAIT`: how many replicas other than the leader hold `offset`, waiting up to
+    /// `timeout_ms` (0 = no limit) for `wanted` of them.
+    WaitReplicas {
+        partition: PartitionId,
+        offset: Offset,
+        wanted: usize,
+        timeout_ms: u64,
+    },
+    /// Move leadership of `partition` to `to`.
+    Transfer { partition: PartitionId, to: NodeId },
+    /// Sent by a transferring leader: hold elections off on this replica for `for_ms`.
+    HoldElections { partition: PartitionId, for_ms: u64 },
+    /// Sent to a transfer's target: campaign once the old leader's lease has run out.
+    Campaign { partition: PartitionId, after_ms: u64 },
+    Status,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Written(WriteOutcome),
+    Value(Option<ValueWithTtl>),
+    Keys { keys: Vec<Bytes>, next: Option<Bytes> },
+    Count(u64),
+    Done,
+    Status(Box<crate::status::NodeStatus>),
+}
+
+/// A value with its absolute expiry, as a read returns it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ValueWithTtl {
+    pub data: Bytes,
+    pub expire_at_ms: Option<u64>,
+}
+
+/// The result of an acknowledged write: its reply and where it sits in the partition's log.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WriteOutcome {
+    pub reply: Reply,
+    pub partition: PartitionId,
+    pub offset: Offset,
+}

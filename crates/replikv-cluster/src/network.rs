@@ -1,0 +1,105 @@
+//! openraft's network interface for one partition, carried by the shared [`Transport`].
+
+use std::sync::Arc;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use replikv_raft::TypeConfig;
+use replikv_types::PartitionId;
+
+use crate::messages::{PeerRequest, PeerResponse};
+use crate::transport::{PeerClient, Transport, TransportError};
+
+#[derive(Clone)]
+pub struct GroupNetwork {
+    pub transport: Arc<Transport>,
+    pub partition: PartitionId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupClient {
+        GroupClient {
+            peer: self.transport.add_peer(target, &node.addr),
+            target,
+            partition: self.partition,
+        }
+    }
+}
+
+pub struct GroupClient {
+    peer: Arc<PeerClient>,
+    target: u64,
+    partition: PartitionId,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+fn transport_err<E: std::error::Error>(e: TransportError) -> RPCError<u64, BasicNode, E> {
+    match e {
+        TransportError::Unreachable(_) | TransportError::NotSent(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected<E: std::error::Error>(resp: &PeerResponse) -> RPCError<u64, BasicNode, E> {
+    let e = TransportError::Protocol(format!("unexpected answer {resp:?}"));
+    RPCError::Network(NetworkError::new(&e))
+}
+
+impl GroupClient {
+    async fn call(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, TransportError> {
+        self.peer.request(&req, option.hard_ttl()).await
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        let resp = self
+            .call(PeerRequest::AppendEntries(self.partition, rpc), &option)
+            .await
+            .map_err(transport_err)?;
+        match resp {
+            PeerResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
+        let resp = self
+            .call(PeerRequest::InstallSnapshot(self.partition, rpc), &option)
+            .await
+            .map_err(transport_err)?;
+        match resp {
+            PeerResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
+        let resp = self
+            .call(PeerRequest::Vote(self.partition, rpc), &option)
+            .await
+            .map_err(transport_err)?;
+        match resp {
+            PeerResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}

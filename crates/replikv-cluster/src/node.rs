@@ -1,0 +1,283 @@
+//! [`Node`]: this process's partition groups, the routing of each request to the replica
+//! that must serve it, and the consistency waiters. Start-up reads as a script:
+//! place partitions → open each group's storage → start its Raft → initialize it from the
+//! static membership → let the preferred leader campaign first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use replikv_placement::{place, Member, PartitionPlacement, PlacementTable};
+use replikv_raft::{AppendWaiters, KvView, Raft};
+use replikv_storage::Store;
+use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
+
+use crate::lag::FollowerLag;
+use crate::metrics::Metrics;
+use crate::network::GroupNetwork;
+use crate::transport::Transport;
+
+/// Everything a node needs to know to run, already validated by the binary.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// Initial members by peer address, this node included.
+    pub peers: BTreeMap<NodeId, String>,
+    pub partitions: u32,
+    pub factor: usize,
+    pub consistency: Consistency,
+    pub read_preference: ReadPreference,
+    pub max_lag_ms: u64,
+    pub write_timeout_ms: u64,
+    /// A replica not heard from within this long is UNHEALTHY.
+    pub replica_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Entries kept behind a snapshot for lagging replicas (partial sync).
+    pub backlog_entries: u64,
+    /// Build a snapshot after this many entries.
+    pub snapshot_every_entries: u64,
+    /// Move leadership back to the preferred leader when it is healthy again.
+    pub rebalance_leaders: bool,
+}
+
+impl NodeConfig {
+    /// Defaults for a LAN, as DESIGN.md section 4 lists them.
+    pub fn new(node_id: NodeId, peers: BTreeMap<NodeId, String>) -> NodeConfig {
+        NodeConfig {
+            node_id,
+            peers,
+            partitions: 8,
+            factor: 3,
+            consistency: Consistency::Quorum,
+            read_preference: ReadPreference::Primary,
+            max_lag_ms: 10_000,
+            write_timeout_ms: 5_000,
+            replica_timeout_ms: 2_000,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1_000,
+            backlog_entries: 10_000,
+            snapshot_every_entries: 20_000,
+            rebalance_leaders: true,
+        }
+    }
+}
+
+/// One partition replica hosted by this node.
+pub struct Group {
+    pub partition: PartitionId,
+    pub raft: Raft,
+    pub view: KvView,
+    pub placement: PartitionPlacement,
+    pub(crate) waiters: Arc<AppendWaiters>,
+    pub(crate) lag: Mutex<FollowerLag>,
+    /// Set while leadership is being handed to another replica: writes get TRYAGAIN.
+    pub(crate) transferring: AtomicBool,
+}
+
+impl Group {
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+}
+
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub transport: Arc<Transport>,
+    pub placement: PlacementTable,
+    pub metrics: Metrics,
+    pub(crate) groups: BTreeMap<PartitionId, Arc<Group>>,
+    pub(crate) store: Store,
+    req_seq: AtomicU64,
+    /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
+    pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
+    /// Last leader seen for partitions this node does not host.
+    pub(crate) leader_hints: Mutex<HashMap<PartitionId, NodeId>>,
+}
+
+impl Node {
+    /// Starts every partition group this node hosts.
+    pub async fn start(cfg: NodeConfig, store: Store, transport: Arc<Transport>) -> Result<Arc<Node>, String> {
+        let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
+        let factor = cfg.factor.min(members.len());
+        let placement = place(&members, cfg.partitions, factor, 1).map_err(|e| e.to_string())?;
+        for (id, addr) in &cfg.peers {
+            if *id != cfg.node_id {
+                transport.add_peer(*id, addr);
+            }
+        }
+        let raft_config = Arc::new(raft_config(&cfg)?);
+        let mut groups = BTreeMap::new();
+        for part in &placement.partitions {
+            if !part.replicas.contains(&cfg.node_id) {
+                continue;
+            }
+            let group = start_group(&cfg, part, store.clone(), transport.clone(), raft_config.clone()).await?;
+            groups.insert(part.partition, Arc::new(group));
+        }
+        let me = transport.me().clone();
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(cfg.node_id, (me.resp_addr.clone(), me.http_addr.clone()));
+        let seed = rand::random::<u64>() & 0xffff_ffff_0000_0000;
+        let node = Arc::new(Node {
+            metrics: Metrics::new(cfg.node_id),
+            cfg,
+            transport,
+            placement,
+            groups,
+            store,
+            req_seq: AtomicU64::new(seed),
+            endpoints: RwLock::new(endpoints),
+            leader_hints: Mutex::default(),
+        });
+        for group in node.groups.values() {
+            crate::transfer::watch_leadership(node.clone(), group.clone());
+        }
+        if node.cfg.rebalance_leaders {
+            crate::transfer::spawn_rebalancer(node.clone());
+        }
+        Ok(node)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn group(&self, p: PartitionId) -> Option<&Arc<Group>> {
+        self.groups.get(&p)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
+        self.groups.values()
+    }
+
+    pub fn partition_of(&self, key: &[u8]) -> PartitionId {
+        self.placement.partition_for_key(key)
+    }
+
+    pub(crate) fn next_req_id(&self) -> u64 {
+        self.req_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.write_timeout_ms)
+    }
+
+    /// Who leads `p`, as far as this node knows.
+    pub fn leader_of(&self, p: PartitionId) -> Option<NodeId> {
+        if let Some(g) = self.groups.get(&p) {
+            return g.leader();
+        }
+        let hint = self.leader_hints.lock().expect("hints").get(&p).copied();
+        hint.or_else(|| self.placement.get(p).map(|pl| pl.preferred_leader))
+    }
+
+    pub(crate) fn note_leader(&self, p: PartitionId, leader: NodeId) {
+        if !self.groups.contains_key(&p) {
+            self.leader_hints.lock().expect("hints").insert(p, leader);
+        }
+    }
+
+    /// Client endpoints (RESP, HTTP) of `node`, if it has been heard from.
+    pub fn endpoints(&self, node: NodeId) -> Option<(String, String)> {
+        self.endpoints.read().expect("endpoints").get(&node).cloned()
+    }
+
+    /// Whether every local partition has a leader (the `/ready` check).
+    pub fn ready(&self) -> bool {
+        self.groups.values().all(|g| g.leader().is_some())
+    }
+
+    /// Stops every group (their Raft cores) and the storage flusher.
+    pub async fn shutdown(&self) {
+        for g in self.groups.values() {
+            let _ = g.raft.shutdown().await;
+        }
+        self.store.stop();
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
+    let config = openraft::Config {
+        cluster_name: "replikv".into(),
+        heartbeat_interval: cfg.heartbeat_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        install_snapshot_timeout: 5_000,
+        max_payload_entries: 1_024,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: cfg.backlog_entries,
+        purge_batch_size: 1_024,
+        snapshot_max_chunk_size: 1 << 20,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| format!("raft settings: {e}"))
+}
+
+async fn start_group(
+    cfg: &NodeConfig,
+    part: &PartitionPlacement,
+    store: Store,
+    transport: Arc<Transport>,
+    raft_config: Arc<openraft::Config>,
+) -> Result<Group, String> {
+    let p = part.partition;
+    let (log, sm) = replikv_raft::open_partition(store, p).map_err(|e| format!("partition {p}: {e}"))?;
+    let waiters = log.waiters();
+    let view = sm.view();
+    let network = GroupNetwork {
+        transport,
+        partition: p,
+    };
+    let raft = Raft::new(cfg.node_id, raft_config, network, log, sm)
+        .await
+        .map_err(|e| format!("partition {p}: {e}"))?;
+    if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        let members: BTreeMap<u64, BasicNode> = part
+            .replicas
+            .iter()
+            .map(|id| (*id, BasicNode::new(cfg.peers[id].clone())))
+            .collect();
+        // Every initial node proposes the same membership, which is safe (openraft docs);
+        // a node restarted with its data directory is already initialized and skips this.
+        if let Err(e) = raft.initialize(members).await {
+            tracing::debug!(partition = p, error = %e, "initialize skipped");
+        }
+        if part.preferred_leader == cfg.node_id {
+            let _ = raft.trigger().elect().await;
+        }
+    }
+    Ok(Group {
+        partition: p,
+        raft,
+        view,
+        placement: part.clone(),
+        waiters,
+        lag: Mutex::default(),
+        transferring: AtomicBool::new(false),
+    })
+}

@@ -1,0 +1,197 @@
+//! The read path (DESIGN.md section 3, reads).
+//!
+//! - `primary`: served by the leader after openraft's read index (`ensure_linearizable`:
+//!   the leader confirms with a quorum that it still leads, then waits until it has applied
+//!   everything committed before the read began). No clock is trusted, so no lease.
+//! - `secondary`, `nearest`, `any`: served by a replica whose measured staleness is within
+//!   `max_lag_ms` (see `lag.rs`) and which has applied the reader's last write (session
+//!   token); otherwise the read goes to the leader.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::error::{CheckIsLeaderError, RaftError};
+use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
+
+use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
+use crate::node::{now_ms, Group, Node};
+
+/// How long a replica waits to apply a reader's own last write before sending the read on.
+const SESSION_WAIT: Duration = Duration::from_millis(500);
+
+impl Node {
+    /// Reads `key` with the given preference; `min_offset` is the reader's last write offset
+    /// in the key's partition (read-your-writes).
+    pub async fn get(
+        self: &Arc<Self>,
+        key: Bytes,
+        read: ReadPreference,
+        min_offset: Option<Offset>,
+    ) -> Result<Option<ValueWithTtl>, Error> {
+        let p = self.partition_of(&key);
+        if read != ReadPreference::Primary {
+            if let Some(g) = self.group(p) {
+                let serve_here = !(read == ReadPreference::Secondary && g.is_leader());
+                if serve_here && self.fresh_enough(g, min_offset).await {
+                    self.metrics.read_served(p, "replica");
+                    return self.local_value(g, &key);
+                }
+            }
+        }
+        let deadline = Instant::now() + self.write_timeout();
+        let mut redirects = 0;
+        loop {
+            let leader = match self.leader_of(p) {
+                Some(l) => l,
+                None => self.await_leader(p, deadline).await?,
+            };
+            let result = if leader == self.id() {
+                self.linearizable_get(p, &key, min_offset).await
+            } else {
+                let req = ClientRequest::Get { partition: p, key: key.clone(), read: ReadPreference::Primary, min_offset };
+                match self.ask(leader, req, deadline).await {
+                    Ok(ClientResponse::Value(v)) => Ok(v),
+                    Ok(other) => Err(Error::Internal(format!("unexpected answer to a read: {other:?}"))),
+                    Err(e) => Err(e),
+                }
+            };
+            match result {
+                Err(Error::NotLeader { leader, .. }) if redirects < 4 && Instant::now() < deadline => {
+                    redirects += 1;
+                    match leader {
+                        Some(l) => self.note_leader(p, l),
+                        None => {
+                            self.await_leader(p, deadline).await?;
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether this replica may serve a stale read now.
+    async fn fresh_enough(&self, g: &Group, min_offset: Option<Offset>) -> bool {
+        if let Some(want) = min_offset {
+            if g.applied() < want {
+                let waited = g
+                    .raft
+                    .wait(Some(SESSION_WAIT))
+                    .applied_index_at_least(Some(want), "session token")
+                    .await;
+                if waited.is_err() {
+                    return false;
+                }
+            }
+        }
+        self.staleness(g).is_some_and(|s| s <= Duration::from_millis(self.cfg.max_lag_ms))
+    }
+
+    /// How far behind the leader this replica's applied state may be.
+    pub fn staleness(&self, g: &Group) -> Option<Duration> {
+        let (is_leader, quorum_age) = {
+            let m = g.raft.metrics();
+            let m = m.borrow();
+            (m.state == openraft::ServerState::Leader, m.millis_since_quorum_ack)
+        };
+        if is_leader {
+            // A leader is current as of its last quorum acknowledgement.
+            return Some(Duration::from_millis(quorum_age.unwrap_or(0)));
+        }
+        g.lag.lock().expect("lag").staleness(g.applied())
+    }
+
+    pub(crate) fn local_value(&self, g: &Group, key: &[u8]) -> Result<Option<ValueWithTtl>, Error> {
+        let v = g.view.get(key, now_ms()).map_err(Error::Internal)?;
+        Ok(v.map(|v| ValueWithTtl { data: v.data, expire_at_ms: v.expire_at_ms }))
+    }
+
+    /// Confirms leadership with a quorum and waits for the read index to be applied.
+    pub(crate) async fn read_index(&self, p: PartitionId, min_offset: Option<Offset>) -> Result<Arc<Group>, Error> {
+        let Some(g) = self.group(p).cloned() else {
+            return Err(Error::NotLeader { partition: p, leader: self.leader_of(p) });
+        };
+        let confirmed = tokio::time::timeout(self.write_timeout(), g.raft.ensure_linearizable()).await;
+        match confirmed {
+            Ok(Ok(_)) => {}
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                return Err(Error::NotLeader { partition: p, leader: f.leader_id })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                return Err(Error::NoQuorum { committed: Commit::No, detail: format!("read of partition {p}: {q}") })
+            }
+            Ok(Err(e)) => return Err(Error::Internal(e.to_string())),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    committed: Commit::No,
+                    detail: format!("the leader of partition {p} could not confirm leadership in time"),
+                })
+            }
+        }
+        if let Some(want) = min_offset {
+            let _ = g
+                .raft
+                .wait(Some(self.write_timeout()))
+                .applied_index_at_least(Some(want), "session token")
+                .await;
+        }
+        Ok(g)
+    }
+
+    pub(crate) async fn linearizable_get(
+        &self,
+        p: PartitionId,
+        key: &[u8],
+        min_offset: Option<Offset>,
+    ) -> Result<Option<ValueWithTtl>, Error> {
+        let g = self.read_index(p, min_offset).await?;
+        self.metrics.read_served(p, "leader");
+        self.local_value(&g, key)
+    }
+
+    /// Keys of one partition from `start`, read at the leader (linearizable).
+    pub async fn scan_partition(
+        self: &Arc<Self>,
+        p: PartitionId,
+        start: Bytes,
+        count: usize,
+        pattern: Option<Bytes>,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), Error> {
+        let deadline = Instant::now() + self.write_timeout();
+        let leader = match self.leader_of(p) {
+            Some(l) => l,
+            None => self.await_leader(p, deadline).await?,
+        };
+        if leader != self.id() {
+            let req = ClientRequest::Scan { partition: p, start, count, pattern };
+            return match self.ask(leader, req, deadline).await? {
+                ClientResponse::Keys { keys, next } => Ok((keys, next)),
+                other => Err(Error::Internal(format!("unexpected answer to a scan: {other:?}"))),
+            };
+        }
+        let g = self.read_index(p, None).await?;
+        let (keys, next) = g
+            .view
+            .scan(&start, count, now_ms(), |k| pattern.as_ref().is_none_or(|pat| replikv_types::glob_match(pat, k)))
+            .map_err(Error::Internal)?;
+        Ok((keys, next.map(Bytes::from)))
+    }
+
+    /// Sends a client request to `node` and returns its answer.
+    pub(crate) async fn ask(&self, node: u64, req: ClientRequest, deadline: Instant) -> Result<ClientResponse, Error> {
+        let Some(peer) = self.transport.peer(node) else {
+            return Err(Error::Internal(format!("node {node} is not a known peer")));
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
+        match peer.request(&PeerRequest::Client(req), timeout).await {
+            Ok(PeerResponse::Client(r)) => r,
+            Ok(PeerResponse::NoSuchPartition(p)) => Err(Error::NotLeader { partition: p, leader: None }),
+            Ok(other) => Err(Error::Internal(format!("unexpected peer answer {other:?}"))),
+            Err(e) => Err(Error::NoQuorum {
+                committed: Commit::No,
+                detail: format!("node {node} did not answer: {e}"),
+            }),
+        }
+    }
+}

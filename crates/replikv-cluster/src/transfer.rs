@@ -1,0 +1,206 @@
+//! Leadership: watching it change (metrics), moving it on request (`promote`), and moving it
+//! back to the preferred leader once that replica is healthy again.
+//!
+//! openraft 0.9 has no leadership-transfer call, so a transfer is built from what it does
+//! have, and relies on Raft's own safety (a candidate wins only with an up-to-date log):
+//! 1. the leader stops taking writes (TRYAGAIN) and waits until the target matches its log;
+//! 2. the other replicas hold their election timers off for a while;
+//! 3. the leader stops heartbeating, so every replica's leader lease runs out;
+//! 4. the target campaigns once the lease has expired and wins, being the only candidate
+//!    with the full log;
+//! 5. the old leader resumes its timers and follows.
+//!
+//! If any step fails the old leader resumes heartbeats and answers TRYAGAIN: leadership
+//! either moved or stayed, and no write was acknowledged in between.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use replikv_types::{Error, PartitionId};
+
+use crate::messages::{ClientRequest, ClientResponse};
+use crate::node::{Group, Node};
+
+/// Consecutive healthy checks before a preferred leader asks for its leadership back.
+const STABLE_CHECKS: u32 = 3;
+
+impl Node {
+    /// Moves leadership of partition `p` to replica `to`. Called on any node: it is forwarded
+    /// to the current leader.
+    pub async fn promote(self: &Arc<Self>, p: PartitionId, to: u64) -> Result<(), Error> {
+        let Some(pl) = self.placement.get(p) else {
+            return Err(Error::InvalidArgument(format!("no partition {p}")));
+        };
+        if !pl.replicas.contains(&to) {
+            return Err(Error::InvalidArgument(format!(
+                "node {to} is not a replica of partition {p} (replicas: {:?})",
+                pl.replicas
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 6 + 3_000);
+        let leader = match self.leader_of(p) {
+            Some(l) => l,
+            None => self.await_leader(p, deadline).await?,
+        };
+        if leader == self.id() {
+            return self.transfer_leadership(p, to).await;
+        }
+        match self.ask(leader, ClientRequest::Transfer { partition: p, to }, deadline).await? {
+            ClientResponse::Done => Ok(()),
+            other => Err(Error::Internal(format!("unexpected answer to a transfer: {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn transfer_leadership(self: &Arc<Self>, p: PartitionId, to: u64) -> Result<(), Error> {
+        let Some(g) = self.group(p).cloned() else {
+            return Err(Error::NotLeader { partition: p, leader: self.leader_of(p) });
+        };
+        if !g.is_leader() {
+            return Err(Error::NotLeader { partition: p, leader: g.leader() });
+        }
+        if to == self.id() {
+            return Ok(());
+        }
+        if g.transferring.swap(true, Ordering::SeqCst) {
+            return Err(Error::TryAgain(format!("a transfer of partition {p} is already under way")));
+        }
+        let result = self.run_transfer(&g, to).await;
+        g.raft.runtime_config().heartbeat(true);
+        g.raft.runtime_config().elect(true);
+        g.transferring.store(false, Ordering::SeqCst);
+        match &result {
+            Ok(()) => tracing::info!(partition = p, to, "leadership transferred"),
+            Err(e) => tracing::warn!(partition = p, to, error = %e, "leadership transfer failed"),
+        }
+        result
+    }
+
+    async fn run_transfer(self: &Arc<Self>, g: &Arc<Group>, to: u64) -> Result<(), Error> {
+        let p = g.partition;
+        let lease = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        let catch_up = g
+            .raft
+            .wait(Some(Duration::from_secs(3)))
+            .metrics(
+                move |m| {
+                    let last = m.last_log_index.unwrap_or(0);
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to).copied().flatten())
+                        .is_some_and(|l| l.index >= last)
+                },
+                "target caught up",
+            )
+            .await;
+        if catch_up.is_err() {
+            return Err(Error::TryAgain(format!("node {to} has not caught up with partition {p}; retry")));
+        }
+        let hold = lease * 4;
+        let deadline = Instant::now() + hold;
+        for other in g.placement.replicas.iter().filter(|id| **id != to && **id != self.id()) {
+            let req = ClientRequest::HoldElections { partition: p, for_ms: hold.as_millis() as u64 };
+            if let Err(e) = self.ask(*other, req, Instant::now() + lease).await {
+                tracing::debug!(partition = p, node = other, error = %e, "could not hold elections");
+            }
+        }
+        self.hold_elections(p, hold);
+        g.raft.runtime_config().heartbeat(false);
+        let req = ClientRequest::Campaign { partition: p, after_ms: lease.as_millis() as u64 + 50 };
+        self.ask(to, req, deadline).await?;
+        let moved = g
+            .raft
+            .wait(Some(lease * 2))
+            .metrics(move |m| m.current_leader == Some(to), "leader moved")
+            .await;
+        moved.map(|_| ()).map_err(|_| Error::TryAgain(format!("node {to} did not take over partition {p}; retry")))
+    }
+
+    /// Keeps this replica of `p` from starting elections for `dur`.
+    pub(crate) fn hold_elections(&self, p: PartitionId, dur: Duration) {
+        let Some(g) = self.group(p).cloned() else { return };
+        g.raft.runtime_config().elect(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(dur).await;
+            g.raft.runtime_config().elect(true);
+        });
+    }
+
+    /// Campaigns for leadership of `p` once the old leader's lease has run out.
+    pub(crate) async fn campaign(&self, p: PartitionId, after: Duration) -> Result<(), Error> {
+        let Some(g) = self.group(p).cloned() else {
+            return Err(Error::NotLeader { partition: p, leader: None });
+        };
+        // Waiting out the lease is the protocol: votes are refused until it expires.
+        tokio::time::sleep(after).await;
+        let term_wait = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        for _ in 0..3 {
+            let _ = g.raft.trigger().elect().await;
+            let won = g.raft.wait(Some(term_wait)).state(ServerState::Leader, "campaign").await;
+            if won.is_ok() {
+                return Ok(());
+            }
+        }
+        Err(Error::TryAgain(format!("campaign for partition {p} did not win")))
+    }
+}
+
+/// Counts elections and failovers of one group as its metrics change.
+pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
+    tokio::spawn(async move {
+        let mut rx = g.raft.metrics();
+        let (mut term, mut leader) = {
+            let m = rx.borrow();
+            (m.current_term, m.current_leader)
+        };
+        while rx.changed().await.is_ok() {
+            let (t, l) = {
+                let m = rx.borrow();
+                (m.current_term, m.current_leader)
+            };
+            if t != term {
+                node.metrics.election(g.partition);
+                term = t;
+            }
+            if l != leader {
+                if leader.is_some() && l.is_some() {
+                    node.metrics.failover(g.partition);
+                }
+                if let Some(l) = l {
+                    tracing::info!(partition = g.partition, leader = l, term = t, "leader known");
+                }
+                leader = l;
+            }
+        }
+    });
+}
+
+/// Moves leadership back to this node for partitions it prefers to lead, once it has been
+/// following a live leader closely for a few checks in a row.
+pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
+    tokio::spawn(async move {
+        let mut stable = std::collections::HashMap::<PartitionId, u32>::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for g in node.groups.values() {
+                let p = g.partition;
+                let count = stable.entry(p).or_default();
+                let wants = g.placement.preferred_leader == node.id()
+                    && g.leader().is_some_and(|l| l != node.id())
+                    && node.staleness(g).is_some_and(|s| s < Duration::from_millis(node.cfg.election_timeout_min_ms));
+                *count = if wants { *count + 1 } else { 0 };
+                if *count >= STABLE_CHECKS {
+                    *count = 0;
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = node.promote(p, node.id()).await {
+                            tracing::debug!(partition = p, error = %e, "preferred leader not restored yet");
+                        }
+                    });
+                }
+            }
+        }
+    });
+}

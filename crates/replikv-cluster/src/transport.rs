@@ -1,0 +1,455 @@
+//! The peer transport: one outgoing TCP connection per peer, multiplexed by request id and
+//! shared by every partition's Raft messages and by forwarded client requests.
+//!
+//! ```text
+//!  start(req) ─► queue ─► writer task ─► socket ─► peer's serve loop ─► Handler::accept
+//!     ▲                                                         │ (ordering point, in the
+//!     └─ pending[id] ◄─ reader task ◄─ socket ◄─ response frame ◄┘  connection's read loop)
+//! ```
+//! `start` queues the frame before it returns, and the serving side accepts requests of one
+//! connection in arrival order, so two writes one client pipelines through this node reach
+//! the leader's Raft log in the order the client sent them.
+//!
+//! [`Faults`] is the fault seam for tests: a blocked peer's requests fail at once as
+//! unreachable and its incoming frames are dropped unanswered, as if the link were cut.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::frame::{self, Kind};
+use crate::messages::{Hello, PeerRequest, PeerResponse};
+use replikv_types::NodeId;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failed dial, requests to that peer fail at once for this long.
+const REDIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportError {
+    /// The request never left this node (link cut, peer down, dial failed): safe to retry.
+    NotSent(String),
+    /// The connection broke after the request was sent: it may have been served.
+    Unreachable(String),
+    Timeout,
+    Protocol(String),
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TransportError::NotSent(m) => write!(f, "peer unreachable, request not sent: {m}"),
+            TransportError::Unreachable(m) => write!(f, "peer unreachable: {m}"),
+            TransportError::Timeout => f.write_str("peer request timed out"),
+            TransportError::Protocol(m) => write!(f, "peer protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+/// Serves requests that arrive from peers.
+pub trait Handler: Send + Sync + 'static {
+    /// Called in arrival order per connection. Work whose order matters (submitting a
+    /// forwarded write to Raft) is done before this returns; the returned future finishes it.
+    fn accept(
+        self: Arc<Self>,
+        from: NodeId,
+        req: PeerRequest,
+    ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>>;
+    /// A peer announced itself.
+    fn hello(&self, hello: &Hello);
+}
+
+/// Links cut by tests: both directions to a blocked peer are dropped.
+#[derive(Default)]
+pub struct Faults {
+    blocked: RwLock<HashSet<NodeId>>,
+}
+
+impl Faults {
+    pub fn set_blocked(&self, peers: impl IntoIterator<Item = NodeId>) {
+        *self.blocked.write().expect("faults") = peers.into_iter().collect();
+    }
+    pub fn is_blocked(&self, peer: NodeId) -> bool {
+        self.blocked.read().expect("faults").contains(&peer)
+    }
+    pub fn blocked(&self) -> Vec<NodeId> {
+        let mut v: Vec<_> = self.blocked.read().expect("faults").iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// What this node knows about the link to one peer.
+#[derive(Clone, Debug, Default)]
+pub struct LinkStats {
+    pub connected: bool,
+    pub last_ok: Option<Instant>,
+    /// Smoothed round trip of answered requests.
+    pub rtt_us: Option<u64>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
+
+/// The client side of the connection to one peer.
+pub struct PeerClient {
+    target: NodeId,
+    queue: mpsc::UnboundedSender<Bytes>,
+    pending: Pending,
+    next_id: AtomicU64,
+    faults: Arc<Faults>,
+    stats: Arc<Mutex<LinkStats>>,
+    down_until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl PeerClient {
+    fn spawn(target: NodeId, addr: String, me: Hello, faults: Arc<Faults>) -> Arc<PeerClient> {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let client = Arc::new(PeerClient {
+            target,
+            queue,
+            pending: Arc::default(),
+            next_id: AtomicU64::new(1),
+            faults,
+            stats: Arc::default(),
+            down_until: Arc::default(),
+        });
+        let conn = Connection {
+            addr,
+            me,
+            pending: client.pending.clone(),
+            stats: client.stats.clone(),
+            down_until: client.down_until.clone(),
+        };
+        tokio::spawn(conn.run(rx));
+        client
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        self.stats.lock().expect("link stats").clone()
+    }
+
+    /// Queues `req` now and returns the future of its answer.
+    pub fn start(
+        &self,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<PeerResponse, TransportError>> + Send + 'static {
+        let queued = self.enqueue(req);
+        let pending = self.pending.clone();
+        async move {
+            let (id, rx) = queued?;
+            let answer = match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(TransportError::Unreachable("connection closed".into())),
+                Err(_) => {
+                    pending.lock().expect("pending").remove(&id);
+                    Err(TransportError::Timeout)
+                }
+            }?;
+            bincode::deserialize(&answer).map_err(|e| TransportError::Protocol(e.to_string()))
+        }
+    }
+
+    pub async fn request(&self, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
+        self.start(req, timeout).await
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        req: &PeerRequest,
+    ) -> Result<(u64, oneshot::Receiver<Result<Bytes, TransportError>>), TransportError> {
+        if self.faults.is_blocked(self.target) {
+            return Err(TransportError::NotSent(format!("link to node {} is cut", self.target)));
+        }
+        if let Some(until) = *self.down_until.lock().expect("down_until") {
+            if Instant::now() < until {
+                return Err(TransportError::NotSent(format!("node {} is down", self.target)));
+            }
+        }
+        let payload = bincode::serialize(req).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut buf = BytesMut::new();
+        frame::encode(Kind::Request, id, &payload, &mut buf);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, (Instant::now(), tx));
+        if self.queue.send(buf.freeze()).is_err() {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(TransportError::NotSent("transport stopped".into()));
+        }
+        Ok((id, rx))
+    }
+}
+
+struct Connection {
+    addr: String,
+    me: Hello,
+    pending: Pending,
+    stats: Arc<Mutex<LinkStats>>,
+    down_until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Connection {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+        while let Some(first) = rx.recv().await {
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    self.dial_failed(&mut rx, &e.to_string());
+                    continue;
+                }
+                Err(_) => {
+                    self.dial_failed(&mut rx, "connect timed out");
+                    continue;
+                }
+            };
+            *self.down_until.lock().expect("down_until") = None;
+            let _ = stream.set_nodelay(true);
+            self.stats.lock().expect("stats").connected = true;
+            let reason = self.pump(stream, first, &mut rx).await;
+            tracing::debug!(peer = %self.addr, %reason, "peer connection closed");
+            self.stats.lock().expect("stats").connected = false;
+            fail_all(&self.pending, TransportError::Unreachable(reason));
+        }
+    }
+
+    fn dial_failed(&self, rx: &mut mpsc::UnboundedReceiver<Bytes>, why: &str) {
+        *self.down_until.lock().expect("down_until") = Some(Instant::now() + REDIAL_BACKOFF);
+        while rx.try_recv().is_ok() {}
+        fail_all(&self.pending, TransportError::NotSent(format!("dial {}: {why}", self.addr)));
+    }
+
+    /// Moves frames both ways until the connection breaks; returns why it did.
+    async fn pump(&self, stream: TcpStream, first: Bytes, rx: &mut mpsc::UnboundedReceiver<Bytes>) -> String {
+        let (mut rd, mut wr) = stream.into_split();
+        let mut out = BytesMut::new();
+        let hello = bincode::serialize(&self.me).expect("hello serialises");
+        frame::encode(Kind::Hello, 0, &hello, &mut out);
+        out.extend_from_slice(&first);
+        let (closed_tx, mut closed_rx) = oneshot::channel::<String>();
+        let pending = self.pending.clone();
+        let stats = self.stats.clone();
+        let reader = tokio::spawn(async move {
+            let why = read_responses(&mut rd, &pending, &stats).await;
+            let _ = closed_tx.send(why);
+        });
+        let why = loop {
+            while out.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(f) => out.extend_from_slice(&f),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = wr.write_all(&out).await {
+                break format!("write: {e}");
+            }
+            out.clear();
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(f) => out.extend_from_slice(&f),
+                    None => break "transport stopped".to_string(),
+                },
+                why = &mut closed_rx => break why.unwrap_or_else(|_| "reader stopped".into()),
+            }
+        };
+        reader.abort();
+        why
+    }
+}
+
+async fn read_responses(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    pending: &Pending,
+    stats: &Arc<Mutex<LinkStats>>,
+) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        loop {
+            match frame::decode(&mut buf) {
+                Ok(Some(f)) if f.kind == Kind::Response => {
+                    let waiter = pending.lock().expect("pending").remove(&f.id);
+                    if let Some((sent, tx)) = waiter {
+                        record_ok(stats, sent.elapsed());
+                        let _ = tx.send(Ok(f.payload));
+                    }
+                }
+                Ok(Some(f)) => return format!("unexpected {:?} frame from server", f.kind),
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return "peer closed the connection".into(),
+            Ok(_) => {}
+            Err(e) => return format!("read: {e}"),
+        }
+    }
+}
+
+fn record_ok(stats: &Arc<Mutex<LinkStats>>, rtt: Duration) {
+    let mut s = stats.lock().expect("stats");
+    s.last_ok = Some(Instant::now());
+    let sample = rtt.as_micros() as u64;
+    s.rtt_us = Some(match s.rtt_us {
+        Some(prev) => (prev * 7 + sample) / 8,
+        None => sample,
+    });
+}
+
+fn fail_all(pending: &Pending, why: TransportError) {
+    let drained: Vec<_> = pending.lock().expect("pending").drain().collect();
+    for (_, (_, tx)) in drained {
+        let _ = tx.send(Err(why.clone()));
+    }
+}
+
+/// This node's side of the mesh: clients to every peer, and the faults seam.
+pub struct Transport {
+    me: Hello,
+    peers: RwLock<HashMap<NodeId, Arc<PeerClient>>>,
+    pub faults: Arc<Faults>,
+}
+
+impl Transport {
+    pub fn new(me: Hello) -> Arc<Transport> {
+        Arc::new(Transport {
+            me,
+            peers: RwLock::default(),
+            faults: Arc::default(),
+        })
+    }
+
+    pub fn me(&self) -> &Hello {
+        &self.me
+    }
+
+    /// Adds (or keeps) the client for `peer` at `addr`.
+    pub fn add_peer(&self, peer: NodeId, addr: &str) -> Arc<PeerClient> {
+        let mut peers = self.peers.write().expect("peers");
+        peers
+            .entry(peer)
+            .or_insert_with(|| PeerClient::spawn(peer, addr.to_string(), self.me.clone(), self.faults.clone()))
+            .clone()
+    }
+
+    pub fn peer(&self, peer: NodeId) -> Option<Arc<PeerClient>> {
+        self.peers.read().expect("peers").get(&peer).cloned()
+    }
+
+    pub fn link_stats(&self, peer: NodeId) -> Option<LinkStats> {
+        self.peer(peer).map(|p| p.stats())
+    }
+
+    /// Accepts peer connections until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        handler: Arc<dyn Handler>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(serve_conn(stream, handler.clone(), self.faults.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "peer accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn serve_conn(stream: TcpStream, handler: Arc<dyn Handler>, faults: Arc<Faults>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(async move {
+        let mut out = BytesMut::new();
+        while let Some(f) = rx.recv().await {
+            out.extend_from_slice(&f);
+            while let Ok(f) = rx.try_recv() {
+                out.extend_from_slice(&f);
+            }
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    });
+    let why = read_requests(&mut rd, &handler, &faults, &tx).await;
+    tracing::debug!(reason = %why, "peer connection ended");
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn read_requests(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    handler: &Arc<dyn Handler>,
+    faults: &Arc<Faults>,
+    tx: &mpsc::UnboundedSender<Bytes>,
+) -> String {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut from: Option<NodeId> = None;
+    loop {
+        loop {
+            let f = match frame::decode(&mut buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            };
+            match (f.kind, from) {
+                (Kind::Hello, None) => match bincode::deserialize::<Hello>(&f.payload) {
+                    Ok(h) => {
+                        from = Some(h.node_id);
+                        handler.hello(&h);
+                    }
+                    Err(e) => return format!("bad hello: {e}"),
+                },
+                (Kind::Request, Some(peer)) => {
+                    if faults.is_blocked(peer) {
+                        continue;
+                    }
+                    let req = match bincode::deserialize::<PeerRequest>(&f.payload) {
+                        Ok(r) => r,
+                        Err(e) => return format!("undecodable request from node {peer}: {e}"),
+                    };
+                    let finish = handler.clone().accept(peer, req).await;
+                    let tx = tx.clone();
+                    let faults = faults.clone();
+                    let id = f.id;
+                    tokio::spawn(async move {
+                        let resp = finish.await;
+                        if faults.is_blocked(peer) {
+                            return;
+                        }
+                        let payload = bincode::serialize(&resp).expect("responses serialise");
+                        let mut out = BytesMut::new();
+                        frame::encode(Kind::Response, id, &payload, &mut out);
+                        let _ = tx.send(out.freeze());
+                    });
+                }
+                (kind, _) => return format!("unexpected {kind:?} frame"),
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => return "peer closed".into(),
+            Ok(_) => {}
+            Err(e) => return format!("read: {e}"),
+        }
+    }
+}

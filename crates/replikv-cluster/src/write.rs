@@ -1,0 +1,349 @@
+//! The write path: route to the partition's leader, propose, and wait for the requested
+//! consistency level (DESIGN.md section 3).
+//!
+//! | level        | acknowledged when                                                    |
+//! |--------------|----------------------------------------------------------------------|
+//! | eventual     | the leader's log store flushed the entry (blind writes); else applied |
+//! | at_least(n)  | n replicas, leader included, report the entry durably matched        |
+//! | quorum       | openraft committed and applied it on the leader                      |
+//! | all          | committed, and every voter reports it durably matched                |
+//!
+//! A write whose reply depends on prior state (INCR, SET NX, DEL...) is always applied
+//! before it is acknowledged, whatever the level: its reply needs the applied result.
+//!
+//! Before proposing, the leader fails fast when the level cannot be met: no leader, no
+//! quorum heard from within the election timeout, or fewer healthy replicas than asked.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use openraft::error::ClientWriteError;
+use openraft::ServerState;
+use replikv_types::{Commit, Consistency, Error, KvOp, PartitionId, Reply, WriteRequest};
+
+use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, WriteOutcome};
+use crate::node::{now_ms, Group, Node};
+
+/// How many times a write follows "not the leader" answers before giving up.
+const MAX_REDIRECTS: usize = 4;
+
+pub type WriteFuture = BoxFuture<'static, Result<WriteOutcome, Error>>;
+
+impl Node {
+    /// Submits a write to the partition of its keys. The write is queued toward the leader
+    /// before this returns (so a connection's writes keep their order); the returned future
+    /// resolves when the level is met.
+    pub async fn submit_write(self: &Arc<Self>, op: KvOp, level: Consistency) -> WriteFuture {
+        let Some(first) = op.keys().first().map(|k| k.to_vec()) else {
+            return ready(Err(Error::InvalidArgument("a write needs a key".into())));
+        };
+        let p = self.partition_of(&first);
+        if let Err(e) = self.check_level(p, level) {
+            return ready(Err(e));
+        }
+        let deadline = Instant::now() + self.write_timeout();
+        self.route_write(p, op, level, deadline, 0).await
+    }
+
+    fn check_level(&self, p: PartitionId, level: Consistency) -> Result<(), Error> {
+        let replicas = self.placement.get(p).map(|pl| pl.replicas.len()).unwrap_or(1);
+        match level {
+            Consistency::AtLeast(n) if n as usize > replicas => Err(Error::InvalidArgument(format!(
+                "at_least:{n} asks for more copies than the {replicas} replicas of partition {p}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn route_write(
+        self: &Arc<Self>,
+        p: PartitionId,
+        op: KvOp,
+        level: Consistency,
+        deadline: Instant,
+        redirects: usize,
+    ) -> BoxFuture<'_, WriteFuture> {
+        async move {
+            let leader = match self.leader_of(p) {
+                Some(l) => l,
+                None => match self.await_leader(p, deadline).await {
+                    Ok(l) => l,
+                    Err(e) => return ready(Err(e)),
+                },
+            };
+            let pending = if leader == self.id() {
+                self.propose_local(p, op.clone(), level).await
+            } else {
+                self.forward_write(leader, p, op.clone(), level, deadline)
+            };
+            let node = self.clone();
+            async move {
+                match pending.await {
+                    Err(Error::NotLeader { leader, .. }) if redirects < MAX_REDIRECTS && Instant::now() < deadline => {
+                        if let Some(l) = leader {
+                            node.note_leader(p, l);
+                        } else {
+                            node.await_leader(p, deadline).await?;
+                        }
+                        node.route_write(p, op, level, deadline, redirects + 1).await.await
+                    }
+                    other => other,
+                }
+            }
+            .boxed()
+        }
+        .boxed()
+    }
+
+    /// Waits (bounded) for the partition to elect a leader; fails fast with CLUSTERDOWN.
+    pub(crate) async fn await_leader(&self, p: PartitionId, deadline: Instant) -> Result<u64, Error> {
+        let election = Duration::from_millis(self.cfg.election_timeout_max_ms * 2);
+        let limit = deadline.min(Instant::now() + election);
+        if let Some(g) = self.group(p) {
+            let wait = limit.saturating_duration_since(Instant::now());
+            if let Ok(m) = g
+                .raft
+                .wait(Some(wait))
+                .metrics(|m| m.current_leader.is_some(), "leader elected")
+                .await
+            {
+                return Ok(m.current_leader.expect("waited for a leader"));
+            }
+        } else if let Some(l) = self.leader_of(p) {
+            return Ok(l);
+        }
+        Err(Error::ClusterDown {
+            partition: p,
+            detail: "no leader elected (election under way, or a majority of its replicas is down)".into(),
+        })
+    }
+
+    fn forward_write(
+        &self,
+        leader: u64,
+        p: PartitionId,
+        op: KvOp,
+        level: Consistency,
+        deadline: Instant,
+    ) -> WriteFuture {
+        let Some(peer) = self.transport.peer(leader) else {
+            return ready(Err(Error::NotLeader { partition: p, leader: None }));
+        };
+        let req = PeerRequest::Client(ClientRequest::Write { partition: p, op, level });
+        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
+        let answer = peer.start(&req, timeout);
+        async move {
+            match answer.await {
+                Ok(PeerResponse::Client(Ok(ClientResponse::Written(w)))) => Ok(w),
+                Ok(PeerResponse::Client(Err(e))) => Err(e),
+                Ok(PeerResponse::NoSuchPartition(_)) => Err(Error::NotLeader { partition: p, leader: None }),
+                Ok(other) => Err(Error::Internal(format!("unexpected answer to a write: {other:?}"))),
+                // The leader may have taken the write before the link failed.
+                Err(crate::transport::TransportError::NotSent(m)) => Err(Error::NoQuorum {
+                    committed: Commit::No,
+                    detail: format!("leader node {leader} of partition {p} is unreachable: {m}"),
+                }),
+                Err(e) => Err(Error::Timeout {
+                    committed: Commit::Unknown,
+                    detail: format!("lost the answer from leader node {leader}: {e}"),
+                }),
+            }
+        }
+        .boxed()
+    }
+
+    /// Proposes on this node, which leads `p`. Returns once the entry is queued in Raft.
+    pub(crate) async fn propose_local(self: &Arc<Self>, p: PartitionId, op: KvOp, level: Consistency) -> WriteFuture {
+        let Some(group) = self.group(p).cloned() else {
+            return ready(Err(Error::NotLeader { partition: p, leader: self.leader_of(p) }));
+        };
+        if let Err(e) = self.can_accept(&group, level) {
+            self.metrics.write_failed(p);
+            return ready(Err(e));
+        }
+        let voters = group.placement.replicas.len();
+        let majority = voters / 2 + 1;
+        let early = op.is_blind()
+            && match level {
+                Consistency::Eventual => true,
+                Consistency::AtLeast(n) => (n as usize) < majority,
+                _ => false,
+            };
+        let req = WriteRequest { req_id: self.next_req_id(), now_ms: now_ms(), op };
+        let req_id = req.req_id;
+        let appended = early.then(|| group.waiters.register(req_id));
+        let applied = match group.raft.client_write_ff(req).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                group.waiters.forget(req_id);
+                return ready(Err(Error::Internal(format!("partition {p} stopped: {e}"))));
+            }
+        };
+        let timeout = self.write_timeout();
+        let node = self.clone();
+        async move {
+            let started = Instant::now();
+            let (offset, reply) = match appended {
+                Some(rx) => match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(offset)) => (offset, Reply::Ok),
+                    _ => {
+                        group.waiters.forget(req_id);
+                        return Err(Error::Timeout {
+                            committed: Commit::Unknown,
+                            detail: format!("the leader did not append the write within {} ms", timeout.as_millis()),
+                        });
+                    }
+                },
+                None => match tokio::time::timeout(timeout, applied).await {
+                    Ok(Ok(Ok(resp))) => (resp.log_id.index, resp.data),
+                    Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
+                        return Err(Error::NotLeader { partition: p, leader: f.leader_id })
+                    }
+                    Ok(Ok(Err(e))) => return Err(Error::Internal(e.to_string())),
+                    Ok(Err(_)) => {
+                        return Err(Error::Timeout {
+                            committed: Commit::Unknown,
+                            detail: format!("partition {p} lost leadership before answering"),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(Error::Timeout {
+                            committed: Commit::Unknown,
+                            detail: format!("not committed within {} ms", timeout.as_millis()),
+                        })
+                    }
+                },
+            };
+            let copies = match level {
+                Consistency::All => voters,
+                Consistency::AtLeast(n) => n as usize,
+                _ => 1,
+            };
+            if copies > 1 {
+                let remaining = timeout.saturating_sub(started.elapsed());
+                node.await_copies(&group, offset, copies, remaining, !early).await?;
+            }
+            node.metrics.write_ok(p);
+            Ok(WriteOutcome { reply, partition: p, offset })
+        }
+        .boxed()
+    }
+
+    /// Fails fast when this leader cannot meet `level` now.
+    fn can_accept(&self, group: &Group, level: Consistency) -> Result<(), Error> {
+        let p = group.partition;
+        let (state, leader, quorum_age) = {
+            let m = group.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.current_leader, m.millis_since_quorum_ack)
+        };
+        if state != ServerState::Leader {
+            return Err(Error::NotLeader { partition: p, leader });
+        }
+        if group.transferring.load(Ordering::Relaxed) {
+            return Err(Error::TryAgain(format!("leadership of partition {p} is moving; retry")));
+        }
+        if let Some(age) = quorum_age {
+            if group.placement.replicas.len() > 1 && age > self.cfg.election_timeout_max_ms {
+                return Err(Error::NoQuorum {
+                    committed: Commit::No,
+                    detail: format!("the leader of partition {p} has not heard from a majority for {age} ms"),
+                });
+            }
+        }
+        let wanted = match level {
+            Consistency::All => group.placement.replicas.len(),
+            Consistency::AtLeast(n) => n as usize,
+            _ => return Ok(()),
+        };
+        let healthy = self.healthy_replicas(group);
+        if healthy < wanted {
+            return Err(Error::NoQuorum {
+                committed: Commit::No,
+                detail: format!(
+                    "{level} needs {wanted} replicas of partition {p} but only {healthy} are reachable"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Replicas of `group` (this node included) heard from within `replica_timeout_ms`.
+    pub(crate) fn healthy_replicas(&self, group: &Group) -> usize {
+        let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
+        group
+            .placement
+            .replicas
+            .iter()
+            .filter(|id| {
+                **id == self.id()
+                    || self
+                        .transport
+                        .link_stats(**id)
+                        .and_then(|s| s.last_ok)
+                        .is_some_and(|t| t.elapsed() <= timeout)
+            })
+            .count()
+    }
+
+    /// Waits until `copies` replicas (leader included) durably hold `offset`.
+    async fn await_copies(
+        &self,
+        group: &Group,
+        offset: u64,
+        copies: usize,
+        timeout: Duration,
+        committed: bool,
+    ) -> Result<(), Error> {
+        let count = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.replication
+                .as_ref()
+                .map(|r| r.values().filter(|l| l.is_some_and(|l| l.index >= offset)).count())
+                .unwrap_or(0)
+        };
+        let waited = group
+            .raft
+            .wait(Some(timeout))
+            .metrics(move |m| count(m) >= copies, "copies")
+            .await;
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let have = count(&group.raft.metrics().borrow());
+                Err(Error::Timeout {
+                    committed: if committed { Commit::Yes } else { Commit::Unknown },
+                    detail: format!(
+                        "only {have} of the {copies} copies asked for hold offset {offset} of partition {} after {} ms",
+                        group.partition,
+                        timeout.as_millis()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// `WAIT`: replicas other than the leader that hold `offset`, waiting for `wanted`.
+    pub(crate) async fn count_replicas(&self, group: &Group, offset: u64, wanted: usize, timeout_ms: u64) -> u64 {
+        let me = self.id();
+        let count = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .filter(|(id, l)| **id != me && l.is_some_and(|l| l.index >= offset))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        let timeout = if timeout_ms == 0 { None } else { Some(Duration::from_millis(timeout_ms)) };
+        let _ = group.raft.wait(timeout).metrics(move |m| count(m) >= wanted, "wait replicas").await;
+        count(&group.raft.metrics().borrow()) as u64
+    }
+}
+
+pub(crate) fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
+    futures::future::ready(v).boxed()
+}
