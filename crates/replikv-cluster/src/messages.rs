@@ -9,7 +9,8 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use replikv_raft::TypeConfig;
-use replikv_types::{Consistency, Error, KvOp, NodeId, Offset, PartitionId, ReadPreference, Reply};
+pub use replikv_types::{ValueWithTtl, WriteOutcome};
+use replikv_types::{Consistency, Error, KvOp, NodeId, Offset, PartitionId, ReadPreference};
 use serde::{Deserialize, Serialize};
 
 /// The first frame on a connection: who is calling and where its clients connect.
@@ -84,19 +85,4 @@ pub enum ClientResponse {
     Count(u64),
     Done,
     Status(Box<crate::status::NodeStatus>),
-}
-
-/// A value with its absolute expiry, as a read returns it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ValueWithTtl {
-    pub data: Bytes,
-    pub expire_at_ms: Option<u64>,
-}
-
-/// The result of an acknowledged write: its reply and where it sits in the partition's log.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct WriteOutcome {
-    pub reply: Reply,
-    pub partition: PartitionId,
-    pub offset: Offset,
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -65,6 +65,15 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcErr> {
+        // Big values could make one request exceed the frame limit: ask openraft to send
+        // fewer entries at a time instead.
+        let n = rpc.entries.len() as u64;
+        if n > 1 {
+            let size = bincode::serialized_size(&rpc).unwrap_or(0) as usize;
+            if size > crate::frame::MAX_FRAME_BYTES / 2 {
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2)));
+            }
+        }
         let resp = self
             .call(PeerRequest::AppendEntries(self.partition, rpc), &option)
             .await

@@ -347,3 +347,31 @@ impl Node {
 pub(crate) fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     futures::future::ready(v).boxed()
 }
+
+impl Node {
+    /// `WAIT` for one partition: replicas other than the leader holding `offset`, waiting up
+    /// to `timeout_ms` (0 = no limit, as in Redis) for `wanted` of them.
+    pub async fn wait_replicas(
+        self: &Arc<Self>,
+        p: PartitionId,
+        offset: u64,
+        wanted: usize,
+        timeout_ms: u64,
+    ) -> Result<u64, Error> {
+        let limit = if timeout_ms == 0 { Duration::from_secs(365 * 24 * 3600) } else { Duration::from_millis(timeout_ms) };
+        let deadline = Instant::now() + limit;
+        let leader = match self.leader_of(p) {
+            Some(l) => l,
+            None => self.await_leader(p, deadline).await?,
+        };
+        if leader == self.id() {
+            let g = self.group(p).cloned().ok_or(Error::NotLeader { partition: p, leader: None })?;
+            return Ok(self.count_replicas(&g, offset, wanted, timeout_ms).await);
+        }
+        let req = ClientRequest::WaitReplicas { partition: p, offset, wanted, timeout_ms };
+        match self.ask(leader, req, deadline).await? {
+            ClientResponse::Count(n) => Ok(n),
+            other => Err(Error::Internal(format!("unexpected answer to WAIT: {other:?}"))),
+        }
+    }
+}

@@ -1,1 +1,326 @@
-//! replikv-http
+//! The HTTP API: documents under `/v1/kv`, cluster and replication state and control,
+//! health, readiness and Prometheus metrics (DESIGN.md section 4).
+//!
+//! | path | what |
+//! |---|---|
+//! | `GET/PUT/DELETE /v1/kv/{keyspace}/{key}` | a value; `?consistency=`, `?read=`, session header |
+//! | `GET /v1/cluster`, `GET /v1/keyspaces` | members, placement, keyspace policies |
+//! | `GET /v1/_replication/state` | this node's partitions and replicas |
+//! | `POST /v1/_replication/promote`, `POST /api/replication/promote` | move a partition's leadership |
+//! | `GET /api/replication/stats` | per replica: offset, lag (ops, ms), state, health, heartbeat |
+//! | `GET /health`, `GET /ready`, `GET /metrics` | liveness, readiness, Prometheus text |
+//! | `GET/POST /debug/faults` | only with `debug.fault_injection`: cut peer links (tests) |
+//!
+//! Session tokens: a write answers `X-Replikv-Session: <partition>:<offset>`; a read that
+//! sends it back is served by a replica only once that replica has applied the offset.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use replikv_cluster::Node;
+use replikv_types::{Consistency, Error, KvOp, ReadPreference, SetCond, DEFAULT_KEYSPACE};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+const SESSION_HEADER: &str = "x-replikv-session";
+
+#[derive(Clone)]
+pub struct HttpConfig {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub fault_injection: bool,
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<Node>,
+    cfg: HttpConfig,
+}
+
+pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
+    let faults = cfg.fault_injection;
+    let body_limit = cfg.max_value_bytes + 1;
+    let mut r = Router::new()
+        .route("/v1/kv/{keyspace}/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/keyspaces", get(keyspaces))
+        .route("/v1/_replication/state", get(replication_state))
+        .route("/v1/_replication/promote", post(promote))
+        .route("/api/replication/promote", post(promote))
+        .route("/api/replication/stats", get(replication_stats))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics));
+    if faults {
+        r = r.route("/debug/faults", get(faults_get).post(faults_set));
+    }
+    r.layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(AppState { node, cfg })
+}
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, node: Arc<Node>, cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) {
+    let app = router(node, cfg);
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// The one conversion from replikv's error to an HTTP answer.
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = json!({
+            "error": self.0.to_resp().split_whitespace().next().unwrap_or("ERR"),
+            "message": self.0.to_string(),
+            "committed": format!("{}", self.0.committed()),
+        });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(Error::InvalidArgument(msg.into()))
+}
+
+#[derive(Deserialize, Default)]
+struct KvQuery {
+    consistency: Option<String>,
+    read: Option<String>,
+    session: Option<String>,
+}
+
+fn check_keyspace(ks: &str) -> Result<(), ApiError> {
+    if ks == DEFAULT_KEYSPACE {
+        Ok(())
+    } else {
+        Err(ApiError(Error::UnknownKeyspace(ks.to_string())))
+    }
+}
+
+fn check_key(state: &AppState, key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(bad("the key is empty"));
+    }
+    if key.len() > state.cfg.max_key_bytes {
+        return Err(ApiError(Error::TooLarge(format!(
+            "key of {} bytes exceeds the limit of {} bytes",
+            key.len(),
+            state.cfg.max_key_bytes
+        ))));
+    }
+    Ok(())
+}
+
+/// Parses `partition:offset` from the query or the session header.
+fn session(q: &KvQuery, headers: &HeaderMap) -> Result<Option<(u32, u64)>, ApiError> {
+    let raw = q
+        .session
+        .clone()
+        .or_else(|| headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string));
+    let Some(raw) = raw else { return Ok(None) };
+    let parsed = raw.split_once(':').and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)));
+    parsed
+        .map(Some)
+        .ok_or_else(|| bad(format!("session token {raw:?} is not of the form <partition>:<offset>")))
+}
+
+async fn kv_get(
+    State(state): State<AppState>,
+    Path((ks, key)): Path<(String, String)>,
+    Query(q): Query<KvQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_keyspace(&ks)?;
+    check_key(&state, &key)?;
+    let read = match &q.read {
+        Some(r) => r.parse::<ReadPreference>().map_err(bad)?,
+        None => state.node.cfg.read_preference,
+    };
+    let p = state.node.partition_of(key.as_bytes());
+    let min = session(&q, &headers)?.filter(|(sp, _)| *sp == p).map(|(_, o)| o);
+    let value = state.node.get(Bytes::from(key.clone()), read, min).await?;
+    match value {
+        None => Ok((StatusCode::NOT_FOUND, Json(json!({"error": "NOT_FOUND", "key": key}))).into_response()),
+        Some(v) => {
+            let ct = if serde_json::from_slice::<serde_json::Value>(&v.data).is_ok() {
+                "application/json"
+            } else {
+                "application/octet-stream"
+            };
+            Ok(([(header::CONTENT_TYPE, ct)], v.data).into_response())
+        }
+    }
+}
+
+async fn kv_put(
+    State(state): State<AppState>,
+    Path((ks, key)): Path<(String, String)>,
+    Query(q): Query<KvQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    check_keyspace(&ks)?;
+    check_key(&state, &key)?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    if is_json {
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&body) {
+            return Err(bad(format!("the body is not valid JSON: {e}")));
+        }
+    }
+    let op = KvOp::Set {
+        key: Bytes::from(key),
+        value: body,
+        expire_at_ms: None,
+        keep_ttl: false,
+        cond: SetCond::Always,
+        get: false,
+    };
+    write(&state, op, &q).await
+}
+
+async fn kv_delete(
+    State(state): State<AppState>,
+    Path((ks, key)): Path<(String, String)>,
+    Query(q): Query<KvQuery>,
+) -> Result<Response, ApiError> {
+    check_keyspace(&ks)?;
+    check_key(&state, &key)?;
+    write(&state, KvOp::Del { keys: vec![Bytes::from(key)] }, &q).await
+}
+
+async fn write(state: &AppState, op: KvOp, q: &KvQuery) -> Result<Response, ApiError> {
+    let level = match &q.consistency {
+        Some(c) => c.parse::<Consistency>().map_err(bad)?,
+        None => state.node.cfg.consistency,
+    };
+    let pending = state.node.submit_write(op, level).await;
+    let w = pending.await?;
+    let token = format!("{}:{}", w.partition, w.offset);
+    let body = json!({"ok": true, "partition": w.partition, "offset": w.offset, "consistency": level.to_string(),
+                      "result": format!("{:?}", w.reply)});
+    Ok(([(SESSION_HEADER, token)], Json(body)).into_response())
+}
+
+async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let node = &state.node;
+    let members: Vec<_> = node
+        .cfg
+        .peers
+        .iter()
+        .map(|(id, peer)| {
+            let (resp, http) = node.endpoints(*id).unwrap_or_default();
+            json!({"id": id, "peer": peer, "resp": resp, "http": http})
+        })
+        .collect();
+    Json(json!({
+        "node_id": node.id(),
+        "members": members,
+        "placement": node.placement,
+        "leaders": node.placement.partitions.iter().map(|p| json!({"partition": p.partition, "leader": node.leader_of(p.partition)})).collect::<Vec<_>>(),
+    }))
+}
+
+async fn keyspaces(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let c = &state.node.cfg;
+    Json(json!([{
+        "name": DEFAULT_KEYSPACE,
+        "factor": c.factor.min(c.peers.len()),
+        "partitions": c.partitions,
+        "consistency": c.consistency.to_string(),
+        "read_preference": c.read_preference.to_string(),
+        "max_lag_ms": c.max_lag_ms,
+        "write_timeout_ms": c.write_timeout_ms,
+    }]))
+}
+
+async fn replication_state(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::to_value(state.node.status()).unwrap_or_default())
+}
+
+async fn replication_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let status = state.node.status();
+    let mut replicas = Vec::new();
+    for p in &status.partitions {
+        for r in &p.replicas {
+            replicas.push(json!({
+                "keyspace": p.keyspace, "partition": p.partition, "node_id": r.node_id, "role": r.role,
+                "offset": r.matched_offset, "lag_ops": r.lag_ops, "lag_ms": r.lag_ms,
+                "state": r.state, "health": r.health, "last_heartbeat_ms_ago": r.last_heartbeat_ms_ago,
+            }));
+        }
+    }
+    let followers = status
+        .partitions
+        .iter()
+        .filter(|p| p.role != "leader")
+        .map(|p| json!({"partition": p.partition, "role": p.role, "leader": p.leader, "applied_offset": p.applied_offset,
+                        "staleness_ms": p.staleness_ms, "behind_ops": p.behind_ops}))
+        .collect::<Vec<_>>();
+    Json(json!({"node_id": status.node_id, "replicas": replicas, "following": followers}))
+}
+
+#[derive(Deserialize)]
+struct PromoteBody {
+    partition: u32,
+    node: u64,
+}
+
+async fn promote(State(state): State<AppState>, body: Result<Json<PromoteBody>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+    let Json(b) = body.map_err(|e| bad(format!("expected {{\"partition\": P, \"node\": N}}: {}", e.body_text())))?;
+    if b.partition >= state.node.cfg.partitions {
+        return Err(bad(format!("no partition {} (there are {})", b.partition, state.node.cfg.partitions)));
+    }
+    state.node.promote(b.partition, b.node).await?;
+    Ok(Json(json!({"ok": true, "partition": b.partition, "leader": b.node})).into_response())
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.node.ready() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "a partition has no leader"}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.node.metrics.render(&state.node.status());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[derive(Deserialize)]
+struct FaultsBody {
+    blocked: Vec<u64>,
+}
+
+async fn faults_get(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({"blocked": state.node.transport.faults.blocked()}))
+}
+
+async fn faults_set(State(state): State<AppState>, body: Result<Json<FaultsBody>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
+    let Json(b) = body.map_err(|e| bad(format!("expected {{\"blocked\": [node ids]}}: {}", e.body_text())))?;
+    tracing::warn!(blocked = ?b.blocked, "fault injection: peer links cut");
+    state.node.transport.faults.set_blocked(b.blocked.clone());
+    Ok(Json(json!({"blocked": b.blocked})).into_response())
+}

@@ -1,2 +1,20 @@
-//! RESP2/RESP3 framing, commands and the connection loop.
+//! The Redis protocol front end: RESP2/RESP3 framing (`codec`), the connection loop (`conn`)
+//! and one file per command family (`cmd_*`). Commands call the [`Service`] trait this crate
+//! defines; the binary implements it over the cluster, so the protocol is free of storage.
+//!
+//! ```text
+//!  socket ─► RequestParser ─► dispatch (cmd_*) ─► Service ─► reply Frame ─► encode ─► socket
+//! ```
+//! Pipelined writes are queued in order and awaited together; any other command first waits
+//! for the connection's earlier writes, so a client always reads its own writes.
+
 pub mod codec;
+mod cmd_cluster;
+mod cmd_connection;
+mod cmd_keys;
+mod cmd_strings;
+mod conn;
+mod service;
+
+pub use conn::{serve, ConnState};
+pub use service::{FrontConfig, NodeFacts, Service, SlotRange};

@@ -116,6 +116,22 @@ pub enum Reply {
     Error(String),
 }
 
+/// The result of an acknowledged write: its reply and where it sits in the partition's log
+/// (the offset is the session token a client uses for read-your-writes).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WriteOutcome {
+    pub reply: Reply,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+/// A value with its absolute expiry, as a read returns it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ValueWithTtl {
+    pub data: Bytes,
+    pub expire_at_ms: Option<u64>,
+}
+
 /// A value as the state machine stores it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredValue {

@@ -1,0 +1,251 @@
+//! String commands, and the path every write takes: parse into [`KvOp`]s (one per partition
+//! the keys fall in), queue each toward its leader, and combine the acknowledgements.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use replikv_types::{Error, ExpireCond, KvOp, PartitionId, Reply, SetCond};
+
+use crate::codec::Frame;
+use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
+use crate::service::Service;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// How the replies of a write split over partitions combine into one.
+pub(crate) enum Combine {
+    One,
+    /// `MSET`: OK when every part is OK.
+    AllOk,
+    /// `DEL`: the sum of the parts' counts.
+    Sum,
+    /// `SETNX`: OK → 1, nil → 0.
+    OkAsOne,
+}
+
+pub(crate) async fn write_command<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Answer {
+    let (ops, combine) = match build(service, args) {
+        Ok(plan) => plan,
+        Err(frame) => return Answer::Now(frame),
+    };
+    if service.config().redirect {
+        if let Some(e) = ops.first().and_then(|op| service.redirect_for(op.keys()[0])) {
+            return Answer::Now(err(&e));
+        }
+    }
+    let level = state.consistency.unwrap_or(service.config().consistency);
+    let mut pending = Vec::with_capacity(ops.len());
+    for op in ops {
+        pending.push(service.submit_write(op, level).await);
+    }
+    Answer::Later(
+        async move {
+            let mut replies = Vec::with_capacity(pending.len());
+            let mut tokens = Vec::new();
+            let mut failure: Option<Error> = None;
+            for fut in pending {
+                match fut.await {
+                    Ok(w) => {
+                        tokens.push((w.partition, w.offset));
+                        replies.push(w.reply);
+                    }
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+            if let Some(e) = failure {
+                return (err(&e), tokens);
+            }
+            (combine_replies(combine, replies), tokens)
+        }
+        .boxed(),
+    )
+}
+
+fn combine_replies(combine: Combine, replies: Vec<Reply>) -> Frame {
+    if let Some(e) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
+        return reply_frame(e.clone());
+    }
+    match combine {
+        Combine::One => reply_frame(replies.into_iter().next().unwrap_or(Reply::Nil)),
+        Combine::AllOk => Frame::Simple("OK".into()),
+        Combine::Sum => Frame::Integer(replies.iter().map(|r| if let Reply::Int(n) = r { *n } else { 0 }).sum()),
+        Combine::OkAsOne => Frame::Integer(matches!(replies.first(), Some(Reply::Ok)) as i64),
+    }
+}
+
+fn check_key<S: Service>(service: &S, key: &[u8]) -> Result<(), Frame> {
+    let max = service.config().max_key_bytes;
+    if key.len() > max {
+        return Err(Frame::Error(format!("ERR key of {} bytes exceeds the limit of {max} bytes", key.len())));
+    }
+    Ok(())
+}
+
+fn check_value<S: Service>(service: &S, value: &[u8]) -> Result<(), Frame> {
+    let max = service.config().max_value_bytes;
+    if value.len() > max {
+        return Err(Frame::Error(format!(
+            "ERR string exceeds maximum allowed size (value of {} bytes, limit {max} bytes)",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn set_op(key: &Bytes, value: &Bytes, expire_at_ms: Option<u64>, cond: SetCond, get: bool) -> KvOp {
+    KvOp::Set { key: key.clone(), value: value.clone(), expire_at_ms, keep_ttl: false, cond, get }
+}
+
+/// Parses a write command into per-partition ops.
+fn build<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), Frame> {
+    let a = &args.args;
+    match args.name.as_str() {
+        "DEL" | "UNLINK" | "EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT" | "PERSIST" => {
+            return crate::cmd_keys::build_write(service, args)
+        }
+        "MSET" | "MSETNX" => return build_mset(service, args),
+        _ => {}
+    }
+    check_key(service, &a[1])?;
+    let key = &a[1];
+    let op = match args.name.as_str() {
+        "SET" => {
+            check_value(service, &a[2])?;
+            parse_set(args)?
+        }
+        "SETNX" => {
+            check_value(service, &a[2])?;
+            return Ok((vec![set_op(key, &a[2], None, SetCond::IfAbsent, false)], Combine::OkAsOne));
+        }
+        "SETEX" | "PSETEX" => {
+            check_value(service, &a[3])?;
+            let n = args.int(2)?;
+            if n <= 0 {
+                return Err(Frame::Error(format!("ERR invalid expire time in '{}' command", args.name.to_ascii_lowercase())));
+            }
+            let ms = if args.name == "SETEX" { n.saturating_mul(1000) } else { n };
+            set_op(key, &a[3], Some(now_ms().saturating_add(ms as u64)), SetCond::Always, false)
+        }
+        "GETSET" => {
+            check_value(service, &a[2])?;
+            set_op(key, &a[2], None, SetCond::Always, true)
+        }
+        "INCR" => KvOp::IncrBy { key: key.clone(), delta: 1 },
+        "DECR" => KvOp::IncrBy { key: key.clone(), delta: -1 },
+        "INCRBY" => KvOp::IncrBy { key: key.clone(), delta: args.int(2)? },
+        "DECRBY" => {
+            let d = args.int(2)?;
+            let delta = d.checked_neg().ok_or_else(|| Frame::Error("ERR decrement would overflow".into()))?;
+            KvOp::IncrBy { key: key.clone(), delta }
+        }
+        "INCRBYFLOAT" => {
+            let delta = args.float(2)?;
+            if !delta.is_finite() {
+                return Err(Frame::Error("ERR increment would produce NaN or Infinity".into()));
+            }
+            KvOp::IncrByFloat { key: key.clone(), delta }
+        }
+        "APPEND" => {
+            check_value(service, &a[2])?;
+            KvOp::Append { key: key.clone(), value: a[2].clone() }
+        }
+        "GETDEL" => KvOp::GetDel { key: key.clone() },
+        other => return Err(Frame::Error(format!("ERR '{other}' is not a write"))),
+    };
+    Ok((vec![op], Combine::One))
+}
+
+fn parse_set(args: &Args) -> Result<KvOp, Frame> {
+    let (mut cond, mut get, mut keep_ttl, mut expire) = (SetCond::Always, false, false, None);
+    let mut i = 3;
+    while i < args.len() {
+        let opt = args.upper(i);
+        match opt.as_str() {
+            "NX" | "XX" if cond == SetCond::Always => {
+                cond = if opt == "NX" { SetCond::IfAbsent } else { SetCond::IfPresent };
+            }
+            "GET" => get = true,
+            "KEEPTTL" if expire.is_none() => keep_ttl = true,
+            "EX" | "PX" | "EXAT" | "PXAT" if expire.is_none() && !keep_ttl && i + 1 < args.len() => {
+                let n = args.int(i + 1)?;
+                if n <= 0 {
+                    return Err(Frame::Error("ERR invalid expire time in 'set' command".into()));
+                }
+                let n = n as u64;
+                expire = Some(match opt.as_str() {
+                    "EX" => now_ms().saturating_add(n.saturating_mul(1000)),
+                    "PX" => now_ms().saturating_add(n),
+                    "EXAT" => n.saturating_mul(1000),
+                    _ => n,
+                });
+                i += 1;
+            }
+            _ => return Err(syntax_error()),
+        }
+        i += 1;
+    }
+    Ok(KvOp::Set { key: args.args[1].clone(), value: args.args[2].clone(), expire_at_ms: expire, keep_ttl, cond, get })
+}
+
+fn build_mset<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), Frame> {
+    if args.len() % 2 != 1 {
+        return Err(args.arity_error());
+    }
+    let nx = args.name == "MSETNX";
+    let mut by_partition: BTreeMap<PartitionId, Vec<(Bytes, Bytes)>> = BTreeMap::new();
+    for pair in args.args[1..].chunks(2) {
+        check_key(service, &pair[0])?;
+        check_value(service, &pair[1])?;
+        by_partition.entry(service.partition_of(&pair[0])).or_default().push((pair[0].clone(), pair[1].clone()));
+    }
+    if nx && by_partition.len() > 1 {
+        return Err(Frame::Error("CROSSSLOT Keys in request don't hash to the same partition (MSETNX is atomic only within one; use {hash tags})".into()));
+    }
+    let ops = by_partition.into_values().map(|pairs| KvOp::MSet { pairs, if_none_exist: nx }).collect();
+    Ok((ops, if nx { Combine::One } else { Combine::AllOk }))
+}
+
+pub(crate) fn expire_cond(args: &Args, from: usize) -> Result<ExpireCond, Frame> {
+    let mut cond = ExpireCond::Always;
+    for i in from..args.len() {
+        let next = match args.upper(i).as_str() {
+            "NX" => ExpireCond::IfNoTtl,
+            "XX" => ExpireCond::IfTtl,
+            "GT" => ExpireCond::IfGreater,
+            "LT" => ExpireCond::IfLess,
+            other => return Err(Frame::Error(format!("ERR Unsupported option {other}"))),
+        };
+        if cond != ExpireCond::Always {
+            return Err(Frame::Error("ERR NX and XX, GT or LT options at the same time are not compatible".into()));
+        }
+        cond = next;
+    }
+    Ok(cond)
+}
+
+/// GET, MGET, STRLEN.
+pub(crate) async fn read_command<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Frame {
+    let read = state.read.unwrap_or(service.config().read_preference);
+    let keys: &[Bytes] = if args.name == "MGET" { &args.args[1..] } else { &args.args[1..2] };
+    let reads = keys.iter().map(|k| {
+        let min = state.session.get(&service.partition_of(k)).copied();
+        service.get(k.clone(), read, min)
+    });
+    let results = futures::future::join_all(reads).await;
+    let mut values = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(v) => values.push(v),
+            Err(e) => return err(&e),
+        }
+    }
+    match args.name.as_str() {
+        "MGET" => Frame::Array(values.into_iter().map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null)).collect()),
+        "STRLEN" => Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0)),
+        _ => values.into_iter().next().flatten().map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null),
+    }
+}

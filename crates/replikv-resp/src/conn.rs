@@ -1,0 +1,215 @@
+//! The connection loop and the per-connection state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::codec::{encode, Frame, Limits, Protocol, RequestParser};
+use crate::service::Service;
+use replikv_types::{Consistency, Error, Offset, PartitionId, ReadPreference};
+
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a connection remembers between commands.
+pub struct ConnState {
+    pub id: u64,
+    pub name: Option<Bytes>,
+    pub proto: Protocol,
+    /// `REPLIKV.CONSISTENCY`; `None` = the keyspace default.
+    pub consistency: Option<Consistency>,
+    /// `REPLIKV.READ` / `READONLY`; `None` = the keyspace default.
+    pub read: Option<ReadPreference>,
+    /// Session token: offset of this connection's last acknowledged write per partition.
+    pub session: HashMap<PartitionId, Offset>,
+    pub quit: bool,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+            name: None,
+            proto: Protocol::Resp2,
+            consistency: None,
+            read: None,
+            session: HashMap::new(),
+            quit: false,
+        }
+    }
+}
+
+/// A command's answer: ready now, or a queued write still to be acknowledged.
+pub(crate) enum Answer {
+    Now(Frame),
+    /// The reply, and the session token the write produced.
+    Later(BoxFuture<'static, (Frame, Vec<(PartitionId, Offset)>)>),
+}
+
+pub(crate) fn err(e: &Error) -> Frame {
+    Frame::Error(e.to_resp())
+}
+
+/// Serves RESP clients on `listener` until `shutdown` turns true.
+pub async fn serve<S: Service>(listener: TcpListener, service: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, service.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "RESP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
+    let cfg = service.config().clone();
+    let limits = Limits {
+        max_bulk_len: cfg.max_value_bytes.max(cfg.max_key_bytes),
+        ..Limits::default()
+    };
+    let mut state = ConnState::new();
+    let mut parser = RequestParser::new();
+    let mut input = BytesMut::with_capacity(16 * 1024);
+    let mut output = BytesMut::with_capacity(16 * 1024);
+    let mut answers: Vec<Answer> = Vec::new();
+    loop {
+        match stream.read_buf(&mut input).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut fatal = None;
+        loop {
+            match parser.parse(&mut input, &limits) {
+                Ok(Some(args)) => {
+                    let answer = crate::cmd_connection::dispatch(&*service, &mut state, &mut answers, args).await;
+                    answers.push(answer);
+                    if state.quit {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // As Redis does: answer the protocol error, then close the connection.
+                    fatal = Some(Frame::Error(e.to_string()));
+                    break;
+                }
+            }
+        }
+        flush_answers(&mut state, &mut answers, &mut output).await;
+        if let Some(f) = &fatal {
+            encode(f, state.proto, &mut output);
+        }
+        if stream.write_all(&output).await.is_err() {
+            return;
+        }
+        output.clear();
+        if fatal.is_some() || state.quit {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        // Do not keep a huge buffer alive after one big request.
+        if input.capacity() > 4 << 20 && input.is_empty() {
+            input = BytesMut::with_capacity(16 * 1024);
+        }
+    }
+}
+
+/// Resolves every queued answer in order and encodes it.
+pub(crate) async fn flush_answers(state: &mut ConnState, answers: &mut Vec<Answer>, out: &mut BytesMut) {
+    settle(state, answers).await;
+    for a in answers.drain(..) {
+        if let Answer::Now(f) = a {
+            encode(&f, state.proto, out);
+        }
+    }
+}
+
+/// Waits for the connection's queued writes (keeping their answers in place), so that what
+/// follows observes them.
+pub(crate) async fn settle(state: &mut ConnState, answers: &mut [Answer]) {
+    for a in answers.iter_mut() {
+        if let Answer::Later(fut) = a {
+            let (f, tokens) = fut.await;
+            for (p, offset) in tokens {
+                let e = state.session.entry(p).or_insert(0);
+                *e = (*e).max(offset);
+            }
+            *a = Answer::Now(f);
+        }
+    }
+}
+
+/// The arguments of one command, with Redis's error messages for bad ones.
+pub(crate) struct Args {
+    pub name: String,
+    pub args: Vec<Bytes>,
+}
+
+impl Args {
+    pub fn len(&self) -> usize {
+        self.args.len()
+    }
+
+    pub fn arity_error(&self) -> Frame {
+        Frame::Error(format!(
+            "ERR wrong number of arguments for '{}' command",
+            self.name.to_ascii_lowercase()
+        ))
+    }
+
+    pub fn int(&self, i: usize) -> Result<i64, Frame> {
+        std::str::from_utf8(&self.args[i])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| Frame::Error("ERR value is not an integer or out of range".into()))
+    }
+
+    pub fn float(&self, i: usize) -> Result<f64, Frame> {
+        std::str::from_utf8(&self.args[i])
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|f| !f.is_nan())
+            .ok_or_else(|| Frame::Error("ERR value is not a valid float".into()))
+    }
+
+    pub fn upper(&self, i: usize) -> String {
+        String::from_utf8_lossy(&self.args[i]).to_ascii_uppercase()
+    }
+
+    pub fn text(&self, i: usize) -> String {
+        String::from_utf8_lossy(&self.args[i]).into_owned()
+    }
+}
+
+pub(crate) fn syntax_error() -> Frame {
+    Frame::Error("ERR syntax error".into())
+}
+
+pub(crate) fn ok() -> Frame {
+    Frame::Simple("OK".into())
+}
+
+pub(crate) fn reply_frame(r: replikv_types::Reply) -> Frame {
+    use replikv_types::Reply;
+    match r {
+        Reply::Ok => ok(),
+        Reply::Nil => Frame::Null,
+        Reply::Bulk(b) => Frame::Bulk(b),
+        Reply::Int(i) => Frame::Integer(i),
+        Reply::Array(a) => Frame::Array(a.into_iter().map(reply_frame).collect()),
+        Reply::Error(e) => Frame::Error(e),
+    }
+}

@@ -1,0 +1,72 @@
+//! What the RESP front end needs from the rest of replikv. The binary implements it over
+//! the cluster node; the protocol code knows nothing of Raft or storage.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use replikv_types::{Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome};
+
+/// One slot range and the nodes serving it, leader first: `(node id, host, resp port)`.
+#[derive(Clone, Debug)]
+pub struct SlotRange {
+    pub start: u16,
+    pub end: u16,
+    pub nodes: Vec<(u64, String, u16)>,
+}
+
+/// Facts `INFO`, `ROLE` and `REPLIKV.STATUS` report.
+#[derive(Clone, Debug, Default)]
+pub struct NodeFacts {
+    pub node_id: u64,
+    pub partitions_led: usize,
+    pub partitions_hosted: usize,
+    pub connected_peers: usize,
+    /// Per hosted partition: (partition, role, leader, applied offset, staleness ms).
+    pub partitions: Vec<(u32, String, Option<u64>, u64, Option<u64>)>,
+    /// Per replica of partitions this node leads: (partition, node, matched offset, lag ops).
+    pub replicas: Vec<(u32, u64, u64, u64)>,
+    pub keys_hint: Option<u64>,
+}
+
+/// Limits and defaults a connection applies.
+#[derive(Clone, Debug)]
+pub struct FrontConfig {
+    pub consistency: Consistency,
+    pub read_preference: ReadPreference,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// Answer `-MOVED` instead of forwarding when this node does not lead the key's partition.
+    pub redirect: bool,
+}
+
+pub trait Service: Send + Sync + 'static {
+    fn config(&self) -> &FrontConfig;
+
+    /// Queues the write toward its leader (the connection's writes keep their order), then
+    /// returns the future of its acknowledgement.
+    fn submit_write(&self, op: KvOp, level: Consistency) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>>;
+
+    fn get(&self, key: Bytes, read: ReadPreference, min_offset: Option<Offset>) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>>;
+
+    fn partition_of(&self, key: &[u8]) -> PartitionId;
+
+    fn partition_count(&self) -> u32;
+
+    /// Keys of partition `p` from `start`, at most `count`, matching `pattern`; and where to resume.
+    fn scan_partition(
+        &self,
+        p: PartitionId,
+        start: Bytes,
+        count: usize,
+        pattern: Option<Bytes>,
+    ) -> BoxFuture<'_, Result<(Vec<Bytes>, Option<Bytes>), Error>>;
+
+    /// `WAIT`: replicas other than the leader that hold `offset` of `p`.
+    fn wait_replicas(&self, p: PartitionId, offset: Offset, wanted: usize, timeout_ms: u64) -> BoxFuture<'_, Result<u64, Error>>;
+
+    /// `-MOVED` target when `redirect` is on and this node does not lead `key`'s partition.
+    fn redirect_for(&self, key: &[u8]) -> Option<Error>;
+
+    fn slots(&self) -> Vec<SlotRange>;
+
+    fn facts(&self) -> NodeFacts;
+}

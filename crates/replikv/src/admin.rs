@@ -1,0 +1,100 @@
+//! `replikv admin`: status and promote through a node's HTTP API. Tables for people,
+//! `--json` for scripts.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Any node's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
+    addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// This node's partitions, leaders, offsets and replica lag.
+    Status,
+    /// Move leadership of a partition to a chosen replica.
+    Promote {
+        #[arg(long)]
+        partition: u32,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Members and their endpoints.
+    Members,
+    /// Keyspaces and their policies.
+    Keyspaces,
+}
+
+pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run_async(args))
+}
+
+fn url(addr: &str, path: &str) -> String {
+    if addr.starts_with("http") {
+        format!("{addr}{path}")
+    } else {
+        format!("http://{addr}{path}")
+    }
+}
+
+async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let (path, body) = match &args.command {
+        AdminCommand::Status => ("/v1/_replication/state", None),
+        AdminCommand::Promote { partition, node } => {
+            ("/v1/_replication/promote", Some(serde_json::json!({"partition": partition, "node": node})))
+        }
+        AdminCommand::Members => ("/v1/cluster", None),
+        AdminCommand::Keyspaces => ("/v1/keyspaces", None),
+    };
+    let req = match &body {
+        Some(b) => client.post(url(&args.addr, path)).json(b),
+        None => client.get(url(&args.addr, path)),
+    };
+    let resp = req.send().await.with_context(|| format!("contacting {}", args.addr))?;
+    let status = resp.status();
+    let value: Value = resp.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        bail!("{}: {}", status, value["message"].as_str().unwrap_or(&value.to_string()));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    match args.command {
+        AdminCommand::Status => print_status(&value),
+        AdminCommand::Promote { partition, node } => println!("partition {partition}: leadership moved to node {node}"),
+        _ => println!("{}", serde_json::to_string_pretty(&value)?),
+    }
+    Ok(())
+}
+
+fn print_status(v: &Value) {
+    println!("node {}  resp {}  http {}", v["node_id"], v["resp_addr"].as_str().unwrap_or(""), v["http_addr"].as_str().unwrap_or(""));
+    println!("{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}", "partition", "role", "leader", "preferred", "term", "last", "applied", "stale_ms");
+    let empty = vec![];
+    for p in v["partitions"].as_array().unwrap_or(&empty) {
+        println!(
+            "{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}",
+            p["partition"], p["role"].as_str().unwrap_or(""), p["leader"], p["preferred_leader"], p["term"],
+            p["last_offset"], p["applied_offset"], p["staleness_ms"]
+        );
+        for r in p["replicas"].as_array().unwrap_or(&empty) {
+            println!(
+                "{:>9}    replica {:>3}: matched {:>10}  lag {:>6} ops {:>6} ms  {:<8} {:<9} heartbeat {} ms ago",
+                "", r["node_id"], r["matched_offset"], r["lag_ops"], r["lag_ms"],
+                r["state"].as_str().unwrap_or(""), r["health"].as_str().unwrap_or(""), r["last_heartbeat_ms_ago"]
+            );
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `replikv bench`: a RESP load generator. Each client sends `--pipeline` commands, waits
+//! for their replies, and records the batch's latency for each command in it. Keys are
+//! `key:<n>` with n uniform (or zipfian with `--zipf`) over `--keys`, from a fixed seed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::BytesMut;
+use clap::Args;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use replikv_resp::codec::{encode, parse_frame, Frame, Limits, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "127.0.0.1:6380")]
+    addr: String,
+    #[arg(long, default_value_t = 50)]
+    clients: usize,
+    #[arg(long, default_value_t = 100_000)]
+    requests: u64,
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// set, get, or a read percentage for a mixed workload (ycsb-a = 50, ycsb-b = 95, ycsb-c = 100).
+    #[arg(long, default_value = "set")]
+    workload: String,
+    /// Write level sent with REPLIKV.CONSISTENCY (omit for the server default).
+    #[arg(long)]
+    consistency: Option<String>,
+    /// Read preference sent with REPLIKV.READ.
+    #[arg(long)]
+    read: Option<String>,
+    /// Zipfian key choice with this exponent (YCSB uses 0.99).
+    #[arg(long)]
+    zipf: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let read_pct: u32 = match args.workload.as_str() {
+        "set" => 0,
+        "get" => 100,
+        "ycsb-a" => 50,
+        "ycsb-b" => 95,
+        "ycsb-c" => 100,
+        other => other.parse().ok().filter(|p| *p <= 100).with_context(|| format!("--workload {other:?}: use set, get, ycsb-a|b|c or a read percentage 0-100"))?,
+    };
+    if args.clients == 0 || args.pipeline == 0 {
+        bail!("--clients and --pipeline must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(drive(args, read_pct))
+}
+
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: u64, s: f64) -> Zipf {
+        let n = n.min(1_000_000) as usize;
+        let mut cdf = Vec::with_capacity(n);
+        let mut sum = 0.0;
+        for i in 1..=n {
+            sum += 1.0 / (i as f64).powf(s);
+            cdf.push(sum);
+        }
+        cdf.iter_mut().for_each(|c| *c /= sum);
+        Zipf { cdf }
+    }
+    fn sample(&self, r: f64) -> u64 {
+        self.cdf.partition_point(|c| *c < r) as u64
+    }
+}
+
+async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
+    let zipf = args.zipf.map(|s| Arc::new(Zipf::new(args.keys, s)));
+    let issued = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let (args, zipf, issued, errors) = (args.clone(), zipf.clone(), issued.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move { client(c as u64, args, read_pct, zipf, issued, errors).await }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for t in tasks {
+        hist.add(t.await??).expect("same bounds");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let done = hist.len();
+    let ops = done as f64 / secs;
+    let (p50, p99, p999) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999));
+    let errs = errors.load(Ordering::Relaxed);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"workload": args.workload, "clients": args.clients, "pipeline": args.pipeline,
+                "value_size": args.value_size, "consistency": args.consistency, "read": args.read,
+                "requests": done, "errors": errs, "seconds": secs, "ops_per_sec": ops,
+                "p50_us": p50, "p99_us": p99, "p999_us": p999})
+        );
+    } else {
+        println!(
+            "{}: {done} requests ({errs} errors) in {secs:.2} s = {ops:.0} ops/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
+            args.workload, p50 as f64 / 1000.0, p99 as f64 / 1000.0, p999 as f64 / 1000.0
+        );
+    }
+    Ok(())
+}
+
+fn command(parts: &[&[u8]], out: &mut BytesMut) {
+    let frame = Frame::Array(parts.iter().map(|p| Frame::Bulk(bytes::Bytes::copy_from_slice(p))).collect());
+    encode(&frame, Protocol::Resp2, out);
+}
+
+async fn client(
+    id: u64,
+    args: BenchArgs,
+    read_pct: u32,
+    zipf: Option<Arc<Zipf>>,
+    issued: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut stream = TcpStream::connect(&args.addr).await.with_context(|| format!("connecting to {}", args.addr))?;
+    stream.set_nodelay(true)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
+    let value = vec![b'x'; args.value_size];
+    let mut out = BytesMut::new();
+    let mut input = BytesMut::with_capacity(64 * 1024);
+    let limits = Limits::default();
+    let mut setup = 0;
+    if let Some(c) = &args.consistency {
+        command(&[b"REPLIKV.CONSISTENCY", c.as_bytes()], &mut out);
+        setup += 1;
+    }
+    if let Some(r) = &args.read {
+        command(&[b"REPLIKV.READ", r.as_bytes()], &mut out);
+        setup += 1;
+    }
+    if setup > 0 {
+        stream.write_all(&out).await?;
+        out.clear();
+        for _ in 0..setup {
+            if let Frame::Error(e) = read_frame(&mut stream, &mut input, &limits).await? {
+                bail!("setup refused: {e}");
+            }
+        }
+    }
+    loop {
+        let claimed = issued.fetch_add(args.pipeline as u64, Ordering::Relaxed);
+        if claimed >= args.requests {
+            return Ok(hist);
+        }
+        let batch = (args.requests - claimed).min(args.pipeline as u64) as usize;
+        for _ in 0..batch {
+            let k = match &zipf {
+                Some(z) => z.sample(rng.random::<f64>()),
+                None => rng.random_range(0..args.keys),
+            };
+            let key = format!("key:{k:012}");
+            if rng.random_range(0..100) < read_pct {
+                command(&[b"GET", key.as_bytes()], &mut out);
+            } else {
+                command(&[b"SET", key.as_bytes(), &value], &mut out);
+            }
+        }
+        let t = Instant::now();
+        stream.write_all(&out).await?;
+        out.clear();
+        for _ in 0..batch {
+            if let Frame::Error(_) = read_frame(&mut stream, &mut input, &limits).await? {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let us = t.elapsed().as_micros().max(1) as u64;
+        for _ in 0..batch {
+            hist.record(us.min(60_000_000)).expect("in bounds");
+        }
+    }
+}
+
+async fn read_frame(stream: &mut TcpStream, input: &mut BytesMut, limits: &Limits) -> anyhow::Result<Frame> {
+    loop {
+        if let Some(f) = parse_frame(input, limits).map_err(|e| anyhow::anyhow!("{e}"))? {
+            return Ok(f);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read_buf(input)).await.context("reply timed out")??;
+        if n == 0 {
+            bail!("server closed the connection");
+        }
+    }
+}

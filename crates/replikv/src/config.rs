@@ -1,0 +1,291 @@
+//! Configuration: YAML file, then `REPLIKV_*` environment, then flags (each wins over the one
+//! before). Every field is documented in `docs/CONFIG.md`; validation names the field and
+//! the allowed values.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use replikv_storage::FsyncPolicy;
+use replikv_types::{Consistency, ReadPreference};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+    /// Initial members by peer address (as etcd's `--initial-cluster`).
+    pub peers: BTreeMap<u64, String>,
+    pub replication: Replication,
+    pub storage: Storage,
+    pub limits: Limits,
+    pub resp: Resp,
+    pub debug: Debug,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub resp: String,
+    pub http: String,
+    /// Defaults to this node's address in `peers`.
+    pub peer: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replication {
+    pub factor: usize,
+    pub partitions: u32,
+    pub consistency: Consistency,
+    pub read_preference: ReadPreference,
+    pub max_lag_ms: u64,
+    pub write_timeout_ms: u64,
+    pub replica_timeout_ms: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub backlog_entries: u64,
+    pub snapshot_every_entries: u64,
+    pub rebalance_leaders: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    pub fsync: FsyncPolicy,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resp {
+    /// Answer `-MOVED` (Redis Cluster style) instead of forwarding to the leader.
+    pub redirect: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Debug {
+    /// Expose `/debug/faults`, which cuts peer links. For tests only.
+    pub fault_injection: bool,
+}
+
+/// Largest value accepted: must fit a peer frame with room to spare.
+pub const MAX_VALUE_BYTES_CAP: usize = 32 << 20;
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut peers = BTreeMap::new();
+        peers.insert(1, "127.0.0.1:7380".to_string());
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./data"),
+            listen: Listen::default(),
+            peers,
+            replication: Replication::default(),
+            storage: Storage::default(),
+            limits: Limits::default(),
+            resp: Resp::default(),
+            debug: Debug::default(),
+        }
+    }
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen { resp: "127.0.0.1:6380".into(), http: "127.0.0.1:8080".into(), peer: None }
+    }
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        let d = replikv_cluster::NodeConfig::new(1, BTreeMap::new());
+        Replication {
+            factor: d.factor,
+            partitions: d.partitions,
+            consistency: d.consistency,
+            read_preference: d.read_preference,
+            max_lag_ms: d.max_lag_ms,
+            write_timeout_ms: d.write_timeout_ms,
+            replica_timeout_ms: d.replica_timeout_ms,
+            heartbeat_ms: d.heartbeat_ms,
+            election_timeout_min_ms: d.election_timeout_min_ms,
+            election_timeout_max_ms: d.election_timeout_max_ms,
+            backlog_entries: d.backlog_entries,
+            snapshot_every_entries: d.snapshot_every_entries,
+            rebalance_leaders: d.rebalance_leaders,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_key_bytes: 64 * 1024, max_value_bytes: 16 << 20 }
+    }
+}
+
+impl Config {
+    pub fn from_yaml(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| format!("config: {e}"))
+    }
+
+    /// Checks every field; the error names the field and what is allowed.
+    pub fn validate(&self) -> Result<(), String> {
+        let r = &self.replication;
+        let fail = |field: &str, msg: String| Err(format!("config field `{field}`: {msg}"));
+        if self.node_id == 0 {
+            return fail("node_id", "must be a positive integer".into());
+        }
+        if !self.peers.contains_key(&self.node_id) {
+            return fail("peers", format!("must include this node ({}); got ids {:?}", self.node_id, self.peers.keys().collect::<Vec<_>>()));
+        }
+        for (id, addr) in &self.peers {
+            if addr.parse::<SocketAddr>().is_err() {
+                return fail(&format!("peers.{id}"), format!("{addr:?} is not an IP:port address"));
+            }
+        }
+        for (field, addr) in [("listen.resp", &self.listen.resp), ("listen.http", &self.listen.http)] {
+            if addr.parse::<SocketAddr>().is_err() {
+                return fail(field, format!("{addr:?} is not an IP:port address"));
+            }
+        }
+        if let Some(p) = &self.listen.peer {
+            if p.parse::<SocketAddr>().is_err() {
+                return fail("listen.peer", format!("{p:?} is not an IP:port address"));
+            }
+        }
+        if r.factor == 0 {
+            return fail("replication.factor", "must be at least 1".into());
+        }
+        if r.partitions == 0 || r.partitions > replikv_placement::SLOT_COUNT as u32 {
+            return fail("replication.partitions", format!("{} is out of range; allowed: 1 to 16384", r.partitions));
+        }
+        if let Consistency::AtLeast(n) = r.consistency {
+            let f = r.factor.min(self.peers.len());
+            if n as usize > f {
+                return fail("replication.consistency", format!("at_least:{n} exceeds the replication factor {f}"));
+            }
+        }
+        if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.election_timeout_min_ms {
+            return fail("replication.heartbeat_ms", format!("{} must be positive and at most half of election_timeout_min_ms ({})", r.heartbeat_ms, r.election_timeout_min_ms));
+        }
+        if r.election_timeout_min_ms >= r.election_timeout_max_ms {
+            return fail("replication.election_timeout_min_ms", "must be less than election_timeout_max_ms".into());
+        }
+        if r.write_timeout_ms == 0 {
+            return fail("replication.write_timeout_ms", "must be positive".into());
+        }
+        if r.snapshot_every_entries == 0 {
+            return fail("replication.snapshot_every_entries", "must be positive".into());
+        }
+        if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > MAX_VALUE_BYTES_CAP {
+            return fail("limits.max_value_bytes", format!("{} is out of range; allowed: 1 to {MAX_VALUE_BYTES_CAP}", self.limits.max_value_bytes));
+        }
+        if self.limits.max_key_bytes == 0 || self.limits.max_key_bytes > 1 << 20 {
+            return fail("limits.max_key_bytes", format!("{} is out of range; allowed: 1 to 1048576", self.limits.max_key_bytes));
+        }
+        Ok(())
+    }
+
+    /// The address peers reach this node at.
+    pub fn advertised_peer(&self) -> String {
+        self.peers[&self.node_id].clone()
+    }
+
+    pub fn node_config(&self) -> replikv_cluster::NodeConfig {
+        let r = &self.replication;
+        let mut c = replikv_cluster::NodeConfig::new(self.node_id, self.peers.clone());
+        c.partitions = r.partitions;
+        c.factor = r.factor;
+        c.consistency = r.consistency;
+        c.read_preference = r.read_preference;
+        c.max_lag_ms = r.max_lag_ms;
+        c.write_timeout_ms = r.write_timeout_ms;
+        c.replica_timeout_ms = r.replica_timeout_ms;
+        c.heartbeat_ms = r.heartbeat_ms;
+        c.election_timeout_min_ms = r.election_timeout_min_ms;
+        c.election_timeout_max_ms = r.election_timeout_max_ms;
+        c.backlog_entries = r.backlog_entries;
+        c.snapshot_every_entries = r.snapshot_every_entries;
+        c.rebalance_leaders = r.rebalance_leaders;
+        c
+    }
+}
+
+/// Parses `1=127.0.0.1:7380,2=...` (the `--peers` form).
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--peers: {part:?} is not ID=ADDR"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("--peers: {id:?} is not a node id"))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("--peers: node {id} is listed twice"));
+        }
+    }
+    if out.is_empty() {
+        return Err("--peers: no members given".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_valid_single_node() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.replication.consistency, Consistency::Quorum);
+        assert_eq!(c.storage.fsync, FsyncPolicy::Always);
+        assert!(c.listen.resp.starts_with("127.0.0.1"));
+    }
+
+    #[test]
+    fn the_documented_yaml_parses() {
+        let yaml = r#"
+node_id: 1
+data_dir: ./data
+listen: { resp: 127.0.0.1:6380, http: 127.0.0.1:8080, peer: 127.0.0.1:7380 }
+peers: { 1: 127.0.0.1:7380, 2: 127.0.0.1:7381, 3: 127.0.0.1:7382 }
+replication: { factor: 3, consistency: quorum, read_preference: primary,
+               max_lag_ms: 10000, write_timeout_ms: 5000 }
+storage: { fsync: always }
+"#;
+        let c = Config::from_yaml(yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.peers.len(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_allowed_values() {
+        let e = Config::from_yaml("storage: { fsync: sometimes }").unwrap_err();
+        assert!(e.contains("always") && e.contains("everysec"), "{e}");
+        let e = Config::from_yaml("replication: { consistency: fast }").unwrap_err();
+        assert!(e.contains("allowed: eventual"), "{e}");
+        let e = Config::from_yaml("replicaton: {}").unwrap_err();
+        assert!(e.contains("unknown field `replicaton`"), "{e}");
+        let mut c = Config::default();
+        c.replication.partitions = 0;
+        assert!(c.validate().unwrap_err().contains("replication.partitions"));
+        let mut c = Config::default();
+        c.replication.consistency = Consistency::AtLeast(2);
+        assert!(c.validate().unwrap_err().contains("replication.consistency"));
+        assert!(parse_peers("1=a,1=b").is_err());
+        assert!(parse_peers("x").is_err());
+    }
+}

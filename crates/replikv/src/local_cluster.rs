@@ -1,0 +1,86 @@
+//! `replikv cluster --nodes N`: a local cluster for trying replikv out. Starts N
+//! `replikv server` child processes on loopback, prints their endpoints, and stops them all
+//! on Ctrl-C (or when one of them exits).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf>) -> anyhow::Result<()> {
+    if nodes == 0 || nodes > 7 {
+        bail!("--nodes must be between 1 and 7 (got {nodes})");
+    }
+    if base_port as u64 + 2000 + nodes > 65535 {
+        bail!("--base-port {base_port} leaves no room for {nodes} nodes (peer and HTTP ports are base+1000 and base+2000)");
+    }
+    let port = |offset: u16, i: u64| base_port + offset + (i as u16 - 1);
+    let peers = (1..=nodes)
+        .map(|i| format!("{i}=127.0.0.1:{}", port(1000, i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe().context("locating the replikv binary")?;
+    let mut children: Vec<(u64, Child)> = Vec::new();
+    for i in 1..=nodes {
+        let dir = data_dir.join(format!("node{i}"));
+        let mut cmd = Command::new(&exe);
+        cmd.arg("server")
+            .args(["--node-id", &i.to_string()])
+            .args(["--peers", &peers])
+            .args(["--resp-listen", &format!("127.0.0.1:{}", port(0, i))])
+            .args(["--peer-listen", &format!("127.0.0.1:{}", port(1000, i))])
+            .args(["--http-listen", &format!("127.0.0.1:{}", port(2000, i))])
+            .arg("--data-dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stdin(Stdio::null());
+        if let Some(c) = &config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting node {i}"))?;
+        children.push((i, child));
+    }
+    println!("replikv: local cluster of {nodes} node(s) (Ctrl-C stops them all)");
+    for i in 1..=nodes {
+        println!(
+            "  node {i}: redis-cli -p {}   http://127.0.0.1:{}   peer 127.0.0.1:{}   data {}",
+            port(0, i),
+            port(2000, i),
+            port(1000, i),
+            data_dir.join(format!("node{i}")).display()
+        );
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let exited = loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            break None;
+        }
+        if let Some((i, status)) = children.iter_mut().find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (*i, s))) {
+            break Some((i, status));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if let Some((i, status)) = exited {
+        eprintln!("replikv: node {i} exited ({status}); stopping the others");
+    }
+    for (_, c) in &mut children {
+        // SIGTERM lets each node shut down cleanly.
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+    }
+    for (i, c) in &mut children {
+        let _ = c.wait();
+        println!("  node {i} stopped");
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `replikv server`: load configuration, open storage, bind listeners, start the partition
+//! groups, serve RESP, HTTP and peers until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use replikv_cluster::messages::Hello;
+use replikv_cluster::transport::Transport;
+use replikv_cluster::Node;
+use replikv_storage::{FsyncPolicy, Store};
+use replikv_types::{Consistency, ReadPreference};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{parse_peers, Config};
+
+#[derive(Args, Debug, Default)]
+pub struct ServerArgs {
+    /// YAML configuration file.
+    #[arg(long, env = "REPLIKV_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "REPLIKV_NODE_ID")]
+    pub node_id: Option<u64>,
+    #[arg(long, env = "REPLIKV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "REPLIKV_RESP_LISTEN")]
+    pub resp_listen: Option<String>,
+    #[arg(long, env = "REPLIKV_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    #[arg(long, env = "REPLIKV_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// Initial members: ID=ADDR,... by peer address (every initial node gets the same list).
+    #[arg(long, env = "REPLIKV_PEERS")]
+    pub peers: Option<String>,
+    /// Add this node to a running cluster through any member.
+    #[arg(long, env = "REPLIKV_JOIN")]
+    pub join: Option<String>,
+    /// voter (default) or replica (a learner that serves reads only).
+    #[arg(long, env = "REPLIKV_ROLE")]
+    pub role: Option<String>,
+    #[arg(long, env = "REPLIKV_PARTITIONS")]
+    pub partitions: Option<u32>,
+    #[arg(long, env = "REPLIKV_FACTOR")]
+    pub factor: Option<usize>,
+    /// Default write level: eventual, at_least:N, quorum, all.
+    #[arg(long, env = "REPLIKV_CONSISTENCY")]
+    pub consistency: Option<String>,
+    /// Default read preference: primary, secondary, nearest, any.
+    #[arg(long, env = "REPLIKV_READ_PREFERENCE")]
+    pub read_preference: Option<String>,
+    #[arg(long, env = "REPLIKV_MAX_LAG_MS")]
+    pub max_lag_ms: Option<u64>,
+    #[arg(long, env = "REPLIKV_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// always, everysec or never.
+    #[arg(long, env = "REPLIKV_FSYNC")]
+    pub fsync: Option<String>,
+}
+
+/// File, then environment and flags (clap resolves those two: a flag wins).
+pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Config::from_yaml(&text).map_err(anyhow::Error::msg)?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = args.node_id {
+        cfg.node_id = v;
+    }
+    if let Some(v) = &args.data_dir {
+        cfg.data_dir = v.clone();
+    }
+    if let Some(v) = &args.resp_listen {
+        cfg.listen.resp = v.clone();
+    }
+    if let Some(v) = &args.http_listen {
+        cfg.listen.http = v.clone();
+    }
+    if let Some(v) = &args.peer_listen {
+        cfg.listen.peer = Some(v.clone());
+    }
+    if let Some(v) = &args.peers {
+        cfg.peers = parse_peers(v).map_err(anyhow::Error::msg)?;
+    } else if args.config.is_none() && cfg.node_id != 1 {
+        // A lone node that is not node 1 still needs a peer entry for itself.
+        let addr = cfg.listen.peer.clone().unwrap_or_else(|| "127.0.0.1:7380".into());
+        cfg.peers = [(cfg.node_id, addr)].into_iter().collect();
+    }
+    if let Some(v) = args.partitions {
+        cfg.replication.partitions = v;
+    }
+    if let Some(v) = args.factor {
+        cfg.replication.factor = v;
+    }
+    if let Some(v) = &args.consistency {
+        cfg.replication.consistency = v.parse::<Consistency>().map_err(|e| anyhow::anyhow!("--consistency: {e}"))?;
+    }
+    if let Some(v) = &args.read_preference {
+        cfg.replication.read_preference = v.parse::<ReadPreference>().map_err(|e| anyhow::anyhow!("--read-preference: {e}"))?;
+    }
+    if let Some(v) = args.max_lag_ms {
+        cfg.replication.max_lag_ms = v;
+    }
+    if let Some(v) = args.write_timeout_ms {
+        cfg.replication.write_timeout_ms = v;
+    }
+    if let Some(v) = &args.fsync {
+        cfg.storage.fsync = v.parse::<FsyncPolicy>().map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
+    }
+    if args.join.is_some() || args.role.as_deref().is_some_and(|r| r != "voter") {
+        bail!("--join and --role replica (adding nodes and read replicas to a running cluster) are not available in this version; start every node with the same --peers");
+    }
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+pub fn run(args: ServerArgs) -> anyhow::Result<()> {
+    init_logging();
+    let cfg = load(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve(cfg))
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPLIKV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    // 1. Storage.
+    let store = Store::open(&cfg.data_dir, cfg.storage.fsync)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
+    // 2. Listeners (port 0 is allowed; the bound addresses are printed).
+    let peer_bind = cfg.listen.peer.clone().unwrap_or_else(|| cfg.advertised_peer());
+    let peer = TcpListener::bind(&peer_bind).await.with_context(|| format!("binding peer listener {peer_bind}"))?;
+    let resp = TcpListener::bind(&cfg.listen.resp).await.with_context(|| format!("binding RESP listener {}", cfg.listen.resp))?;
+    let http = TcpListener::bind(&cfg.listen.http).await.with_context(|| format!("binding HTTP listener {}", cfg.listen.http))?;
+    let (resp_addr, http_addr, peer_addr) = (resp.local_addr()?, http.local_addr()?, peer.local_addr()?);
+    // 3. Partition groups.
+    let transport = Transport::new(Hello { node_id: cfg.node_id, resp_addr: resp_addr.to_string(), http_addr: http_addr.to_string() });
+    let node = Node::start(cfg.node_config(), store, transport.clone()).await.map_err(anyhow::Error::msg)?;
+    // 4. Serve.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
+    let peers = tokio::spawn(transport.serve(peer, handler, stop_rx.clone()));
+    let service = Arc::new(crate::service::NodeService::new(node.clone(), &cfg));
+    let resp_task = tokio::spawn(replikv_resp::serve(resp, service, stop_rx.clone()));
+    let http_cfg = replikv_http::HttpConfig {
+        max_key_bytes: cfg.limits.max_key_bytes,
+        max_value_bytes: cfg.limits.max_value_bytes,
+        fault_injection: cfg.debug.fault_injection,
+    };
+    let http_task = tokio::spawn(replikv_http::serve(http, node.clone(), http_cfg, stop_rx));
+    // The line tests and `replikv cluster` read to learn the bound addresses.
+    println!("replikv node {} ready: resp={resp_addr} http={http_addr} peer={peer_addr} data={}", cfg.node_id, cfg.data_dir.display());
+    tracing::info!(node = cfg.node_id, %resp_addr, %http_addr, %peer_addr, partitions = cfg.replication.partitions, "serving");
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    node.shutdown().await;
+    let _ = tokio::join!(peers, resp_task, http_task);
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
