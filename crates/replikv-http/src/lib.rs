@@ -6,6 +6,7 @@
 //! | `GET/PUT/DELETE /v1/kv/{keyspace}/{key}` | a value; `?consistency=`, `?read=`, session header |
 //! | `GET /v1/cluster`, `GET /v1/keyspaces` | members, placement, keyspace policies |
 //! | `GET /v1/_replication/state` | this node's partitions and replicas |
+//! | `GET /v1/_replication/digest` | per local replica: key count and CRC32C of its contents |
 //! | `POST /v1/_replication/promote`, `POST /api/replication/promote` | move a partition's leadership |
 //! | `GET /api/replication/stats` | per replica: offset, lag (ops, ms), state, health, heartbeat |
 //! | `GET /health`, `GET /ready`, `GET /metrics` | liveness, readiness, Prometheus text |
@@ -53,6 +54,7 @@ pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
         .route("/v1/keyspaces", get(keyspaces))
         .route("/v1/_replication/state", get(replication_state))
         .route("/v1/_replication/promote", post(promote))
+        .route("/v1/_replication/digest", get(digest))
         .route("/api/replication/promote", post(promote))
         .route("/api/replication/stats", get(replication_stats))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -257,6 +259,16 @@ async fn keyspaces(State(state): State<AppState>) -> Json<serde_json::Value> {
 
 async fn replication_state(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::to_value(state.node.status()).unwrap_or_default())
+}
+
+/// Contents digest of every local replica, to check that replicas converged.
+async fn digest(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut out = Vec::new();
+    for g in state.node.groups() {
+        let (keys, crc) = g.view.digest().map_err(Error::Internal)?;
+        out.push(json!({"partition": g.partition, "keys": keys, "crc32c": crc, "applied_offset": g.applied()}));
+    }
+    Ok(Json(json!({"node_id": state.node.id(), "partitions": out})))
 }
 
 async fn replication_stats(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -1,1 +1,364 @@
-//! replikv-testkit
+//! Dev-only helpers for replikv's tests: a cluster of real `replikv server` processes on
+//! loopback, faults applied to them (kill -9, SIGSTOP/SIGCONT, cut peer links, restart
+//! from disk), and waits on conditions.
+//!
+//! Ports: each node's three listeners get ports the kernel picked for a socket bound to port
+//! 0, released just before the node starts (a peer must know every address up front, as
+//! with etcd's `--initial-cluster`).
+//!
+//! Every wait polls a condition with a deadline; nothing sleeps for a fixed time to let
+//! something happen.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Options of a test cluster; YAML-level settings every node gets.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: u64,
+    pub partitions: u32,
+    pub fsync: &'static str,
+    pub consistency: &'static str,
+    pub snapshot_every_entries: u64,
+    pub backlog_entries: u64,
+    pub write_timeout_ms: u64,
+    pub max_lag_ms: u64,
+    pub rebalance_leaders: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 3,
+            partitions: 4,
+            fsync: "always",
+            consistency: "quorum",
+            snapshot_every_entries: 20_000,
+            backlog_entries: 10_000,
+            write_timeout_ms: 5_000,
+            max_lag_ms: 10_000,
+            rebalance_leaders: true,
+        }
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub resp: SocketAddr,
+    pub http: SocketAddr,
+    pub peer: SocketAddr,
+    pub data_dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}/", self.resp)
+    }
+
+    /// The node's log so far (stderr), for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+pub struct Cluster {
+    bin: PathBuf,
+    pub opts: Options,
+    _dir: tempfile::TempDir,
+    pub nodes: BTreeMap<u64, Node>,
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
+    l.local_addr().expect("local addr")
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    /// Starts `opts.nodes` nodes and waits until every partition has a leader.
+    pub fn start(bin: &Path, opts: Options) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut nodes = BTreeMap::new();
+        for id in 1..=opts.nodes {
+            let data_dir = dir.path().join(format!("node{id}"));
+            fs::create_dir_all(&data_dir).expect("data dir");
+            nodes.insert(
+                id,
+                Node {
+                    id,
+                    resp: free_port(),
+                    http: free_port(),
+                    peer: free_port(),
+                    config: dir.path().join(format!("node{id}.yaml")),
+                    log: dir.path().join(format!("node{id}.log")),
+                    data_dir,
+                    child: None,
+                },
+            );
+        }
+        let peers: String = nodes.values().map(|n| format!("{}: {}", n.id, n.peer)).collect::<Vec<_>>().join(", ");
+        for n in nodes.values() {
+            let yaml = format!(
+                "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
+                 replication: {{ partitions: {parts}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
+                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
+                 storage: {{ fsync: {fsync} }}\ndebug: {{ fault_injection: true }}\n",
+                id = n.id,
+                dir = n.data_dir.display(),
+                resp = n.resp,
+                http = n.http,
+                peer = n.peer,
+                parts = opts.partitions,
+                cons = opts.consistency,
+                snap = opts.snapshot_every_entries,
+                backlog = opts.backlog_entries,
+                wt = opts.write_timeout_ms,
+                lag = opts.max_lag_ms,
+                rebal = opts.rebalance_leaders,
+                fsync = opts.fsync,
+            );
+            fs::write(&n.config, yaml).expect("writing node config");
+        }
+        let mut c = Cluster { bin: bin.to_path_buf(), opts, _dir: dir, nodes };
+        let ids: Vec<u64> = c.nodes.keys().copied().collect();
+        for id in &ids {
+            c.spawn(*id);
+        }
+        c.wait_ready(Duration::from_secs(30));
+        c
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let bin = self.bin.clone();
+        let n = self.nodes.get_mut(&id).expect("known node");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
+        let mut cmd = Command::new(bin);
+        cmd.arg("server")
+            .arg("--config")
+            .arg(&n.config)
+            .env("REPLIKV_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        n.child = Some(cmd.spawn().expect("starting replikv server"));
+        let http = n.http;
+        wait_until(Duration::from_secs(20), &format!("node {id} answers /health"), || {
+            ureq::get(&format!("http://{http}/health")).timeout(Duration::from_millis(500)).call().is_ok()
+        });
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        &self.nodes[&id]
+    }
+
+    pub fn live(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill(&mut self, id: u64) {
+        let n = self.nodes.get_mut(&id).expect("known node");
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed node again from its data directory.
+    pub fn restart(&mut self, id: u64) {
+        assert!(!self.nodes[&id].is_running(), "node {id} is still running");
+        self.spawn(id);
+    }
+
+    fn signal(&self, id: u64, sig: i32) {
+        let pid = self.nodes[&id].pid().expect("node is running");
+        let rc = unsafe { libc::kill(pid as i32, sig) };
+        assert_eq!(rc, 0, "signal {sig} to node {id}");
+    }
+
+    /// SIGSTOP: the process freezes with its sockets open.
+    pub fn pause(&self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    pub fn redis(&self, id: u64) -> redis::Connection {
+        let client = redis::Client::open(self.nodes[&id].redis_url()).expect("redis url");
+        let conn = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connecting to node {id}: {e}"));
+        conn.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
+        conn
+    }
+
+    pub fn http_get(&self, id: u64, path: &str) -> Result<Value, String> {
+        let url = format!("http://{}{path}", self.nodes[&id].http);
+        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn http_post(&self, id: u64, path: &str, body: Value) -> Result<Value, String> {
+        let url = format!("http://{}{path}", self.nodes[&id].http);
+        match ureq::post(&url).timeout(Duration::from_secs(30)).send_json(body) {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Waits until every running node reports a leader for each of its partitions.
+    pub fn wait_ready(&self, timeout: Duration) {
+        for id in self.live() {
+            let http = self.nodes[&id].http;
+            wait_until(timeout, &format!("node {id} ready"), || {
+                ureq::get(&format!("http://{http}/ready")).timeout(Duration::from_secs(1)).call().is_ok()
+            });
+        }
+    }
+
+    /// The leader of `partition` as node `asking` sees it.
+    pub fn leader_seen_by(&self, asking: u64, partition: u64) -> Option<u64> {
+        let state = self.http_get(asking, "/v1/_replication/state").ok()?;
+        state["partitions"]
+            .as_array()?
+            .iter()
+            .find(|p| p["partition"].as_u64() == Some(partition))
+            .and_then(|p| p["leader"].as_u64())
+    }
+
+    /// Partitions node `id` leads right now.
+    pub fn led_by(&self, id: u64) -> Vec<u64> {
+        let Ok(state) = self.http_get(id, "/v1/_replication/state") else { return Vec::new() };
+        state["partitions"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .filter(|p| p["role"] == "leader")
+                    .filter_map(|p| p["partition"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until a live node other than `not` leads `partition`, as every live node agrees.
+    pub fn wait_new_leader(&self, partition: u64, not: u64, timeout: Duration) -> u64 {
+        let mut found = 0;
+        wait_until(timeout, &format!("a new leader of partition {partition}"), || {
+            let live = self.live();
+            let seen: Vec<Option<u64>> = live.iter().map(|id| self.leader_seen_by(*id, partition)).collect();
+            match seen.first().copied().flatten() {
+                Some(l) if l != not && live.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
+                    found = l;
+                    true
+                }
+                _ => false,
+            }
+        });
+        found
+    }
+
+    /// Cuts the peer links between `id` and every node in `others`, both directions.
+    pub fn cut(&self, id: u64, others: &[u64]) {
+        self.http_post(id, "/debug/faults", serde_json::json!({"blocked": others})).expect("cutting links");
+        for o in others {
+            let mut blocked: Vec<u64> = self
+                .http_get(*o, "/debug/faults")
+                .ok()
+                .and_then(|v| v["blocked"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()))
+                .unwrap_or_default();
+            blocked.push(id);
+            self.http_post(*o, "/debug/faults", serde_json::json!({"blocked": blocked})).expect("cutting links");
+        }
+    }
+
+    /// Restores every peer link.
+    pub fn heal(&self) {
+        for id in self.live() {
+            self.http_post(id, "/debug/faults", serde_json::json!({"blocked": []})).expect("healing links");
+        }
+    }
+
+    /// Per partition: (keys, crc32c, applied offset) of node `id`'s replica.
+    pub fn digests(&self, id: u64) -> BTreeMap<u64, (u64, u64, u64)> {
+        let v = self.http_get(id, "/v1/_replication/digest").unwrap_or_else(|e| panic!("digest of node {id}: {e}"));
+        v["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .map(|p| {
+                (
+                    p["partition"].as_u64().expect("partition"),
+                    (p["keys"].as_u64().expect("keys"), p["crc32c"].as_u64().expect("crc"), p["applied_offset"].as_u64().expect("applied")),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every live replica of every partition holds identical contents.
+    pub fn wait_converged(&self, timeout: Duration) {
+        let mut last = String::new();
+        wait_until(timeout, "replicas converge to identical contents", || {
+            let all: Vec<BTreeMap<u64, (u64, u64, u64)>> = self.live().iter().map(|id| self.digests(*id)).collect();
+            let contents = |d: &BTreeMap<u64, (u64, u64, u64)>| d.iter().map(|(p, (k, c, _))| (*p, *k, *c)).collect::<Vec<_>>();
+            last = format!("{all:?}");
+            all.windows(2).all(|w| contents(&w[0]) == contents(&w[1]))
+        });
+        let _ = last;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self.nodes.values_mut() {
+            if let Some(mut c) = n.child.take() {
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGCONT);
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -35,6 +35,14 @@ pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf
             .arg(&dir)
             .stdout(Stdio::null())
             .stdin(Stdio::null());
+        // Children stop with the launcher, even if it is killed.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         if let Some(c) = &config {
             cmd.arg("--config").arg(c);
         }
@@ -56,7 +64,12 @@ pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::spawn(move || {
         rt.block_on(async {
-            let _ = tokio::signal::ctrl_c().await;
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         });
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
     });
