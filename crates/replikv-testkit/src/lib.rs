@@ -248,6 +248,16 @@ impl Cluster {
         }
     }
 
+    /// PUTs raw bytes (a value) and returns the JSON answer.
+    pub fn http_put(&self, id: u64, path: &str, body: &str) -> Result<Value, String> {
+        let url = format!("http://{}{path}", self.nodes[&id].http);
+        match ureq::put(&url).timeout(Duration::from_secs(30)).send_string(body) {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Waits until every running node reports a leader for each of its partitions.
     pub fn wait_ready(&self, timeout: Duration) {
         for id in self.live() {
@@ -290,6 +300,22 @@ impl Cluster {
             let seen: Vec<Option<u64>> = live.iter().map(|id| self.leader_seen_by(*id, partition)).collect();
             match seen.first().copied().flatten() {
                 Some(l) if l != not && live.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
+                    found = l;
+                    true
+                }
+                _ => false,
+            }
+        });
+        found
+    }
+
+    /// Waits until one of `among` leads `partition`, as every node in `among` agrees.
+    pub fn wait_new_leader_among(&self, partition: u64, among: &[u64], timeout: Duration) -> u64 {
+        let mut found = 0;
+        wait_until(timeout, &format!("a leader of partition {partition} among {among:?}"), || {
+            let seen: Vec<Option<u64>> = among.iter().map(|id| self.leader_seen_by(*id, partition)).collect();
+            match seen.first().copied().flatten() {
+                Some(l) if among.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
                     found = l;
                     true
                 }
