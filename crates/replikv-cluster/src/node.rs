@@ -231,7 +231,8 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
         max_payload_entries: 1_024,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
         max_in_snapshot_log_to_keep: cfg.backlog_entries,
-        purge_batch_size: 1_024,
+        // Purge in steps small enough that a short backlog is honoured.
+        purge_batch_size: cfg.backlog_entries.clamp(1, 1_024),
         snapshot_max_chunk_size: 1 << 20,
         ..Default::default()
     };

@@ -122,8 +122,28 @@ impl LogStore {
             reason = %why,
             "cutting the log tail that fails its checksum; the leader will send it again"
         );
+        // The saved commit point must not lie beyond the log any more: openraft would try
+        // to apply entries that are gone. Entries before the cut keep their commit status.
+        let committed: Option<LogId> = self.read_meta::<Option<LogId>>(COMMITTED)?.flatten();
+        let clamp = match committed {
+            Some(c) if c.index >= bad => {
+                let before = records
+                    .iter()
+                    .rev()
+                    .find(|(i, _)| *i < bad)
+                    .and_then(|(_, raw)| decode_record(raw).ok())
+                    .map(|e| e.log_id);
+                Some(bincode::serialize(&before).map_err(storage_error)?)
+            }
+            _ => None,
+        };
         let p = self.partition;
-        block_on_write(&self.store, move |w| w.log_remove(p, bad..u64::MAX))
+        block_on_write(&self.store, move |w| {
+            if let Some(c) = &clamp {
+                w.meta_put(p, COMMITTED, c)?;
+            }
+            w.log_remove(p, bad..u64::MAX)
+        })
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(

@@ -72,6 +72,7 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     policy: FsyncPolicy,
     stopped: Arc<AtomicBool>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Store {
@@ -91,7 +92,7 @@ impl Store {
         let (jobs, rx) = mpsc::channel::<Job>();
         let stopped = Arc::new(AtomicBool::new(false));
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("replikv-storage-writer".into())
             .spawn(move || writer_loop(writer_db, rx, policy))
             .map_err(err)?;
@@ -100,6 +101,7 @@ impl Store {
             jobs,
             policy,
             stopped,
+            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
         };
         if policy == FsyncPolicy::Everysec {
             store.start_flusher();
@@ -168,6 +170,19 @@ impl Store {
     /// Stops the background flusher (the writer stops when the last `Store` is dropped).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Closes this handle and, when it is the last one, waits until the writer has made
+    /// everything durable and released the database file (another process may open it next).
+    pub fn close(self) {
+        self.stop();
+        let writer = self.writer.clone();
+        drop(self);
+        if Arc::strong_count(&writer) == 1 {
+            if let Some(handle) = writer.lock().expect("writer handle").take() {
+                let _ = handle.join();
+            }
+        }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Options {
     pub write_timeout_ms: u64,
     pub max_lag_ms: u64,
     pub rebalance_leaders: bool,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
 }
 
 impl Default for Options {
@@ -44,6 +46,8 @@ impl Default for Options {
             write_timeout_ms: 5_000,
             max_lag_ms: 10_000,
             rebalance_leaders: true,
+            max_key_bytes: 64 * 1024,
+            max_value_bytes: 16 << 20,
         }
     }
 }
@@ -73,6 +77,10 @@ impl Node {
     }
 
     /// The node's log so far (stderr), for failure messages.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -131,7 +139,8 @@ impl Cluster {
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
-                 storage: {{ fsync: {fsync} }}\ndebug: {{ fault_injection: true }}\n",
+                 storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
+                 debug: {{ fault_injection: true }}\n",
                 id = n.id,
                 dir = n.data_dir.display(),
                 resp = n.resp,
@@ -145,6 +154,8 @@ impl Cluster {
                 lag = opts.max_lag_ms,
                 rebal = opts.rebalance_leaders,
                 fsync = opts.fsync,
+                maxk = opts.max_key_bytes,
+                maxv = opts.max_value_bytes,
             );
             fs::write(&n.config, yaml).expect("writing node config");
         }
@@ -178,9 +189,17 @@ impl Cluster {
         }
         n.child = Some(cmd.spawn().expect("starting replikv server"));
         let http = n.http;
-        wait_until(Duration::from_secs(20), &format!("node {id} answers /health"), || {
-            ureq::get(&format!("http://{http}/health")).timeout(Duration::from_millis(500)).call().is_ok()
-        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if ureq::get(&format!("http://{http}/health")).timeout(Duration::from_millis(500)).call().is_ok() {
+                return;
+            }
+            let exited = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                panic!("node {id} did not come up ({exited:?}); its log:\n{}", n.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn node(&self, id: u64) -> &Node {
