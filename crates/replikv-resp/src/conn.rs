@@ -76,8 +76,10 @@ pub async fn serve<S: Service>(listener: TcpListener, service: Arc<S>, mut shutd
 
 async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
     let cfg = service.config().clone();
+    // Arguments somewhat over the value limit are read and refused with a clear error on a
+    // connection that stays open; far larger ones are a protocol error that closes it.
     let limits = Limits {
-        max_bulk_len: cfg.max_value_bytes.max(cfg.max_key_bytes),
+        max_bulk_len: (cfg.max_value_bytes.max(cfg.max_key_bytes) * 2).max(1 << 20),
         ..Limits::default()
     };
     let mut state = ConnState::new();
