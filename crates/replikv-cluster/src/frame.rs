@@ -41,7 +41,9 @@ impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FrameError::TooLarge(n) => write!(f, "peer frame of {n} bytes exceeds the limit"),
-            FrameError::TooShort(n) => write!(f, "peer frame of {n} bytes is shorter than its header"),
+            FrameError::TooShort(n) => {
+                write!(f, "peer frame of {n} bytes is shorter than its header")
+            }
             FrameError::Checksum => f.write_str("peer frame checksum mismatch"),
             FrameError::Version(v) => write!(f, "unknown peer frame version {v}"),
             FrameError::Kind(k) => write!(f, "unknown peer frame kind {k}"),
@@ -115,7 +117,10 @@ mod tests {
         encode(Kind::Response, 8, b"", &mut wire);
         let all = wire.clone();
         let first = decode(&mut wire).unwrap().unwrap();
-        assert_eq!((first.kind, first.id, &first.payload[..]), (Kind::Request, 7, &b"hello"[..]));
+        assert_eq!(
+            (first.kind, first.id, &first.payload[..]),
+            (Kind::Request, 7, &b"hello"[..])
+        );
         assert_eq!(decode(&mut wire).unwrap().unwrap().id, 8);
         assert_eq!(decode(&mut wire).unwrap(), None);
 

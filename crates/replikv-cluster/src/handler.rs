@@ -14,17 +14,32 @@ use crate::transport::Handler;
 use crate::write::ready;
 
 impl Handler for Node {
-    fn accept(self: Arc<Self>, from: u64, req: PeerRequest) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
+    // Two phases on purpose: the outer future submits (the ordering point), the inner one
+    // waits for the acknowledgement.
+    #[allow(clippy::async_yields_async)]
+    fn accept(
+        self: Arc<Self>,
+        from: u64,
+        req: PeerRequest,
+    ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
         async move {
             match req {
-                PeerRequest::Client(ClientRequest::Write { partition, op, level }) => {
+                PeerRequest::Client(ClientRequest::Write {
+                    partition,
+                    op,
+                    level,
+                }) => {
                     // Proposed here, in arrival order; only the wait is left to the future.
                     let pending = if self.group(partition).is_some() {
                         self.propose_local(partition, op, level).await
                     } else {
-                        ready(Err(Error::NotLeader { partition, leader: self.leader_of(partition) }))
+                        ready(Err(Error::NotLeader {
+                            partition,
+                            leader: self.leader_of(partition),
+                        }))
                     };
-                    async move { PeerResponse::Client(pending.await.map(ClientResponse::Written)) }.boxed()
+                    async move { PeerResponse::Client(pending.await.map(ClientResponse::Written)) }
+                        .boxed()
                 }
                 other => self.serve(from, other).boxed(),
             }
@@ -33,10 +48,10 @@ impl Handler for Node {
     }
 
     fn hello(&self, hello: &Hello) {
-        self.endpoints
-            .write()
-            .expect("endpoints")
-            .insert(hello.node_id, (hello.resp_addr.clone(), hello.http_addr.clone()));
+        self.endpoints.write().expect("endpoints").insert(
+            hello.node_id,
+            (hello.resp_addr.clone(), hello.http_addr.clone()),
+        );
     }
 }
 
@@ -44,14 +59,17 @@ impl Node {
     async fn serve(self: Arc<Self>, _from: u64, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::AppendEntries(p, rpc) => {
-                let Some(g) = self.group(p).cloned() else { return PeerResponse::NoSuchPartition(p) };
+                let Some(g) = self.group(p).cloned() else {
+                    return PeerResponse::NoSuchPartition(p);
+                };
                 if let Some(c) = rpc.leader_commit {
                     g.lag.lock().expect("lag").record(c.index);
                 }
                 let entries = rpc.entries.len();
                 let started = Instant::now();
                 let r = g.raft.append_entries(rpc).await;
-                self.metrics.synced(p, entries, started.elapsed(), r.is_ok());
+                self.metrics
+                    .synced(p, entries, started.elapsed(), r.is_ok());
                 PeerResponse::AppendEntries(r)
             }
             PeerRequest::Vote(p, rpc) => match self.group(p) {
@@ -75,11 +93,20 @@ impl Node {
 
     async fn serve_client(self: &Arc<Self>, req: ClientRequest) -> Result<ClientResponse, Error> {
         match req {
-            ClientRequest::Write { partition, op, level } => {
+            ClientRequest::Write {
+                partition,
+                op,
+                level,
+            } => {
                 let pending = self.propose_local(partition, op, level).await;
                 pending.await.map(ClientResponse::Written)
             }
-            ClientRequest::Get { partition, key, read, min_offset } => {
+            ClientRequest::Get {
+                partition,
+                key,
+                read,
+                min_offset,
+            } => {
                 let v = if read == ReadPreference::Primary {
                     self.linearizable_get(partition, &key, min_offset).await?
                 } else {
@@ -87,18 +114,38 @@ impl Node {
                 };
                 Ok(ClientResponse::Value(v))
             }
-            ClientRequest::Scan { partition, start, count, pattern } => {
+            ClientRequest::Scan {
+                partition,
+                start,
+                count,
+                pattern,
+            } => {
                 if self.leader_of(partition) != Some(self.id()) {
-                    return Err(Error::NotLeader { partition, leader: self.leader_of(partition) });
+                    return Err(Error::NotLeader {
+                        partition,
+                        leader: self.leader_of(partition),
+                    });
                 }
-                let (keys, next) = self.scan_partition(partition, start, count, pattern).await?;
+                let (keys, next) = self
+                    .scan_partition(partition, start, count, pattern)
+                    .await?;
                 Ok(ClientResponse::Keys { keys, next })
             }
-            ClientRequest::WaitReplicas { partition, offset, wanted, timeout_ms } => {
+            ClientRequest::WaitReplicas {
+                partition,
+                offset,
+                wanted,
+                timeout_ms,
+            } => {
                 let Some(g) = self.group(partition).cloned() else {
-                    return Err(Error::NotLeader { partition, leader: self.leader_of(partition) });
+                    return Err(Error::NotLeader {
+                        partition,
+                        leader: self.leader_of(partition),
+                    });
                 };
-                Ok(ClientResponse::Count(self.count_replicas(&g, offset, wanted, timeout_ms).await))
+                Ok(ClientResponse::Count(
+                    self.count_replicas(&g, offset, wanted, timeout_ms).await,
+                ))
             }
             ClientRequest::Transfer { partition, to } => {
                 self.transfer_leadership(partition, to).await?;
@@ -108,8 +155,12 @@ impl Node {
                 self.hold_elections(partition, Duration::from_millis(for_ms));
                 Ok(ClientResponse::Done)
             }
-            ClientRequest::Campaign { partition, after_ms } => {
-                self.campaign(partition, Duration::from_millis(after_ms)).await?;
+            ClientRequest::Campaign {
+                partition,
+                after_ms,
+            } => {
+                self.campaign(partition, Duration::from_millis(after_ms))
+                    .await?;
                 Ok(ClientResponse::Done)
             }
             ClientRequest::Status => Ok(ClientResponse::Status(Box::new(self.status()))),

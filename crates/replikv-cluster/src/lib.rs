@@ -26,7 +26,10 @@ mod transfer;
 pub mod transport;
 mod write;
 
-pub use frame::{decode as decode_frame, encode as encode_frame, Frame as PeerFrame, FrameError, Kind as FrameKind};
+pub use frame::{
+    decode as decode_frame, encode as encode_frame, Frame as PeerFrame, FrameError,
+    Kind as FrameKind,
+};
 pub use metrics::Metrics;
 pub use node::{Group, Node, NodeConfig};
 pub use write::WriteFuture;

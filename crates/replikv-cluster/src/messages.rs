@@ -9,8 +9,8 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use replikv_raft::TypeConfig;
-pub use replikv_types::{ValueWithTtl, WriteOutcome};
 use replikv_types::{Consistency, Error, KvOp, NodeId, Offset, PartitionId, ReadPreference};
+pub use replikv_types::{ValueWithTtl, WriteOutcome};
 use serde::{Deserialize, Serialize};
 
 /// The first frame on a connection: who is calling and where its clients connect.
@@ -69,11 +69,20 @@ pub enum ClientRequest {
         timeout_ms: u64,
     },
     /// Move leadership of `partition` to `to`.
-    Transfer { partition: PartitionId, to: NodeId },
+    Transfer {
+        partition: PartitionId,
+        to: NodeId,
+    },
     /// Sent by a transferring leader: hold elections off on this replica for `for_ms`.
-    HoldElections { partition: PartitionId, for_ms: u64 },
+    HoldElections {
+        partition: PartitionId,
+        for_ms: u64,
+    },
     /// Sent to a transfer's target: campaign once the old leader's lease has run out.
-    Campaign { partition: PartitionId, after_ms: u64 },
+    Campaign {
+        partition: PartitionId,
+        after_ms: u64,
+    },
     Status,
 }
 
@@ -81,7 +90,10 @@ pub enum ClientRequest {
 pub enum ClientResponse {
     Written(WriteOutcome),
     Value(Option<ValueWithTtl>),
-    Keys { keys: Vec<Bytes>, next: Option<Bytes> },
+    Keys {
+        keys: Vec<Bytes>,
+        next: Option<Bytes>,
+    },
     Count(u64),
     Done,
     Status(Box<crate::status::NodeStatus>),

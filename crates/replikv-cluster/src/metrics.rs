@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::status::NodeStatus;
@@ -59,8 +60,11 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["keyspace", "partition", "node"])
-        .expect("valid metric");
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["keyspace", "partition", "node"],
+    )
+    .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
@@ -73,24 +77,114 @@ impl Metrics {
         let r = Registry::new();
         Metrics {
             node: node.to_string(),
-            lag_seconds: gauge(&r, "replikv_replication_lag_seconds", "Age of the oldest entry a replica lacks, as its leader sees it", R),
-            lag_ops: igauge(&r, "replikv_replication_lag_ops", "Entries a replica lacks behind its leader's last offset", R),
-            applied: counter(&r, "replikv_changes_applied_total", "Log entries applied to this replica's state machine", P),
-            replicated: counter(&r, "replikv_writes_replicated_total", "Entries a replica acknowledged to this leader", R),
-            pending: igauge(&r, "replikv_changes_pending", "Entries in this replica's log not yet applied", P),
-            follower_connected: igauge(&r, "replikv_follower_connected", "1 when the peer link to the node is up", &["node", "peer"]),
-            active_followers: igauge(&r, "replikv_active_followers", "Healthy followers of a partition this node leads", P),
-            is_leader: igauge(&r, "replikv_partition_leader", "1 when this node leads the partition", P),
-            writes: counter(&r, "replikv_writes_primary_total", "Writes acknowledged by this node as leader", P),
-            writes_failed: counter(&r, "replikv_writes_failed_total", "Writes this leader refused or could not complete", P),
-            reads: counter(&r, "replikv_reads_total", "Reads served here, by who served them (leader or replica)", &["keyspace", "partition", "node", "served_by"]),
-            elections: counter(&r, "replikv_elections_total", "Terms started in a partition, as this node saw them", P),
-            failovers: counter(&r, "replikv_failovers_total", "Leader changes in a partition, as this node saw them", P),
-            snapshots: counter(&r, "replikv_snapshot_transfers_total", "Snapshots installed on this replica (full syncs)", P),
-            sync_errors: counter(&r, "replikv_sync_errors_total", "Replication requests from a leader that failed here", P),
-            last_sync: gauge(&r, "replikv_last_sync_timestamp_seconds", "Unix time of the last replication request applied here", P),
-            sync_duration: histogram(&r, "replikv_sync_duration_seconds", "Time to handle one replication request", prometheus::exponential_buckets(0.0001, 2.0, 16).expect("buckets")),
-            sync_batch: histogram(&r, "replikv_sync_batch_size", "Entries per replication request", prometheus::exponential_buckets(1.0, 2.0, 12).expect("buckets")),
+            lag_seconds: gauge(
+                &r,
+                "replikv_replication_lag_seconds",
+                "Age of the oldest entry a replica lacks, as its leader sees it",
+                R,
+            ),
+            lag_ops: igauge(
+                &r,
+                "replikv_replication_lag_ops",
+                "Entries a replica lacks behind its leader's last offset",
+                R,
+            ),
+            applied: counter(
+                &r,
+                "replikv_changes_applied_total",
+                "Log entries applied to this replica's state machine",
+                P,
+            ),
+            replicated: counter(
+                &r,
+                "replikv_writes_replicated_total",
+                "Entries a replica acknowledged to this leader",
+                R,
+            ),
+            pending: igauge(
+                &r,
+                "replikv_changes_pending",
+                "Entries in this replica's log not yet applied",
+                P,
+            ),
+            follower_connected: igauge(
+                &r,
+                "replikv_follower_connected",
+                "1 when the peer link to the node is up",
+                &["node", "peer"],
+            ),
+            active_followers: igauge(
+                &r,
+                "replikv_active_followers",
+                "Healthy followers of a partition this node leads",
+                P,
+            ),
+            is_leader: igauge(
+                &r,
+                "replikv_partition_leader",
+                "1 when this node leads the partition",
+                P,
+            ),
+            writes: counter(
+                &r,
+                "replikv_writes_primary_total",
+                "Writes acknowledged by this node as leader",
+                P,
+            ),
+            writes_failed: counter(
+                &r,
+                "replikv_writes_failed_total",
+                "Writes this leader refused or could not complete",
+                P,
+            ),
+            reads: counter(
+                &r,
+                "replikv_reads_total",
+                "Reads served here, by who served them (leader or replica)",
+                &["keyspace", "partition", "node", "served_by"],
+            ),
+            elections: counter(
+                &r,
+                "replikv_elections_total",
+                "Terms started in a partition, as this node saw them",
+                P,
+            ),
+            failovers: counter(
+                &r,
+                "replikv_failovers_total",
+                "Leader changes in a partition, as this node saw them",
+                P,
+            ),
+            snapshots: counter(
+                &r,
+                "replikv_snapshot_transfers_total",
+                "Snapshots installed on this replica (full syncs)",
+                P,
+            ),
+            sync_errors: counter(
+                &r,
+                "replikv_sync_errors_total",
+                "Replication requests from a leader that failed here",
+                P,
+            ),
+            last_sync: gauge(
+                &r,
+                "replikv_last_sync_timestamp_seconds",
+                "Unix time of the last replication request applied here",
+                P,
+            ),
+            sync_duration: histogram(
+                &r,
+                "replikv_sync_duration_seconds",
+                "Time to handle one replication request",
+                prometheus::exponential_buckets(0.0001, 2.0, 16).expect("buckets"),
+            ),
+            sync_batch: histogram(
+                &r,
+                "replikv_sync_batch_size",
+                "Entries per replication request",
+                prometheus::exponential_buckets(1.0, 2.0, 12).expect("buckets"),
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -107,27 +201,37 @@ impl Metrics {
 
     pub fn write_failed(&self, p: u32) {
         let l = self.p(p);
-        self.writes_failed.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
+        self.writes_failed
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc();
     }
 
     pub fn read_served(&self, p: u32, by: &str) {
         let l = self.p(p);
-        self.reads.with_label_values(&[&l[0], &l[1], &l[2], by]).inc();
+        self.reads
+            .with_label_values(&[&l[0], &l[1], &l[2], by])
+            .inc();
     }
 
     pub fn election(&self, p: u32) {
         let l = self.p(p);
-        self.elections.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
+        self.elections
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc();
     }
 
     pub fn failover(&self, p: u32) {
         let l = self.p(p);
-        self.failovers.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
+        self.failovers
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc();
     }
 
     pub fn snapshot_received(&self, p: u32) {
         let l = self.p(p);
-        self.snapshots.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
+        self.snapshots
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc();
     }
 
     pub fn synced(&self, p: u32, entries: usize, took: Duration, ok: bool) {
@@ -137,16 +241,29 @@ impl Metrics {
             self.sync_errors.with_label_values(&labels).inc();
             return;
         }
-        self.sync_duration.with_label_values(&labels).observe(took.as_secs_f64());
+        self.sync_duration
+            .with_label_values(&labels)
+            .observe(took.as_secs_f64());
         if entries > 0 {
-            self.sync_batch.with_label_values(&labels).observe(entries as f64);
+            self.sync_batch
+                .with_label_values(&labels)
+                .observe(entries as f64);
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.last_sync.with_label_values(&labels).set(now);
     }
 
     /// Adds to `counter` what `value` grew by since the last call for the same key.
-    fn advance(&self, counter: &IntCounterVec, labels: &[&str], key: (String, u32, u64), value: u64) {
+    fn advance(
+        &self,
+        counter: &IntCounterVec,
+        labels: &[&str],
+        key: (String, u32, u64),
+        value: u64,
+    ) {
         let mut seen = self.seen.lock().expect("metrics");
         let prev = seen.insert(key, value).unwrap_or(0);
         if value > prev {
@@ -164,23 +281,41 @@ impl Metrics {
         for part in &status.partitions {
             let ps = part.partition.to_string();
             let labels = [KS, ps.as_str(), self.node.as_str()];
-            self.advance(&self.applied, &labels, ("applied".into(), part.partition, 0), part.applied_offset);
+            self.advance(
+                &self.applied,
+                &labels,
+                ("applied".into(), part.partition, 0),
+                part.applied_offset,
+            );
             self.pending
                 .with_label_values(&labels)
                 .set(part.last_offset.saturating_sub(part.applied_offset) as i64);
-            self.is_leader.with_label_values(&labels).set((part.role == "leader") as i64);
+            self.is_leader
+                .with_label_values(&labels)
+                .set((part.role == "leader") as i64);
             let mut healthy = 0;
             for rep in part.replicas.iter().filter(|r| r.node_id != status.node_id) {
                 let rs = rep.node_id.to_string();
                 let rl = [KS, ps.as_str(), self.node.as_str(), rs.as_str()];
-                self.lag_ops.with_label_values(&rl).set(rep.lag_ops.unwrap_or(0) as i64);
-                self.lag_seconds.with_label_values(&rl).set(rep.lag_ms.unwrap_or(0) as f64 / 1000.0);
+                self.lag_ops
+                    .with_label_values(&rl)
+                    .set(rep.lag_ops.unwrap_or(0) as i64);
+                self.lag_seconds
+                    .with_label_values(&rl)
+                    .set(rep.lag_ms.unwrap_or(0) as f64 / 1000.0);
                 if let Some(m) = rep.matched_offset {
-                    self.advance(&self.replicated, &rl, ("replicated".into(), part.partition, rep.node_id), m);
+                    self.advance(
+                        &self.replicated,
+                        &rl,
+                        ("replicated".into(), part.partition, rep.node_id),
+                        m,
+                    );
                 }
                 healthy += (rep.health == "HEALTHY") as i64;
             }
-            self.active_followers.with_label_values(&labels).set(healthy);
+            self.active_followers
+                .with_label_values(&labels)
+                .set(healthy);
         }
         let mut out = Vec::new();
         TextEncoder::new()

@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
-use openraft::error::{InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -43,7 +46,9 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftErro
 
 fn transport_err<E: std::error::Error>(e: TransportError) -> RPCError<u64, BasicNode, E> {
     match e {
-        TransportError::Unreachable(_) | TransportError::NotSent(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        TransportError::Unreachable(_) | TransportError::NotSent(_) => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
         _ => RPCError::Network(NetworkError::new(&e)),
     }
 }
@@ -54,7 +59,11 @@ fn unexpected<E: std::error::Error>(resp: &PeerResponse) -> RPCError<u64, BasicN
 }
 
 impl GroupClient {
-    async fn call(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, TransportError> {
+    async fn call(
+        &self,
+        req: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, TransportError> {
         self.peer.request(&req, option.hard_ttl()).await
     }
 }
@@ -71,7 +80,9 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         if n > 1 {
             let size = bincode::serialized_size(&rpc).unwrap_or(0) as usize;
             if size > crate::frame::MAX_FRAME_BYTES / 2 {
-                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(n / 2)));
+                return Err(RPCError::PayloadTooLarge(
+                    PayloadTooLarge::new_entries_hint(n / 2),
+                ));
             }
         }
         let resp = self
@@ -79,7 +90,9 @@ impl RaftNetwork<TypeConfig> for GroupClient {
             .await
             .map_err(transport_err)?;
         match resp {
-            PeerResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            PeerResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(unexpected(&other)),
         }
     }
@@ -101,13 +114,19 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcErr> {
         let resp = self
             .call(PeerRequest::Vote(self.partition, rpc), &option)
             .await
             .map_err(transport_err)?;
         match resp {
-            PeerResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            PeerResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             other => Err(unexpected(&other)),
         }
     }

@@ -114,7 +114,11 @@ pub struct Node {
 
 impl Node {
     /// Starts every partition group this node hosts.
-    pub async fn start(cfg: NodeConfig, store: Store, transport: Arc<Transport>) -> Result<Arc<Node>, String> {
+    pub async fn start(
+        cfg: NodeConfig,
+        store: Store,
+        transport: Arc<Transport>,
+    ) -> Result<Arc<Node>, String> {
         let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
         let factor = cfg.factor.min(members.len());
         let placement = place(&members, cfg.partitions, factor, 1).map_err(|e| e.to_string())?;
@@ -129,7 +133,14 @@ impl Node {
             if !part.replicas.contains(&cfg.node_id) {
                 continue;
             }
-            let group = start_group(&cfg, part, store.clone(), transport.clone(), raft_config.clone()).await?;
+            let group = start_group(
+                &cfg,
+                part,
+                store.clone(),
+                transport.clone(),
+                raft_config.clone(),
+            )
+            .await?;
             groups.insert(part.partition, Arc::new(group));
         }
         let me = transport.me().clone();
@@ -197,7 +208,11 @@ impl Node {
 
     /// Client endpoints (RESP, HTTP) of `node`, if it has been heard from.
     pub fn endpoints(&self, node: NodeId) -> Option<(String, String)> {
-        self.endpoints.read().expect("endpoints").get(&node).cloned()
+        self.endpoints
+            .read()
+            .expect("endpoints")
+            .get(&node)
+            .cloned()
     }
 
     /// Whether every local partition has a leader (the `/ready` check).
@@ -247,7 +262,8 @@ async fn start_group(
     raft_config: Arc<openraft::Config>,
 ) -> Result<Group, String> {
     let p = part.partition;
-    let (log, sm) = replikv_raft::open_partition(store, p).map_err(|e| format!("partition {p}: {e}"))?;
+    let (log, sm) =
+        replikv_raft::open_partition(store, p).map_err(|e| format!("partition {p}: {e}"))?;
     let waiters = log.waiters();
     let view = sm.view();
     let network = GroupNetwork {

@@ -49,15 +49,24 @@ impl Node {
             let result = if leader == self.id() {
                 self.linearizable_get(p, &key, min_offset).await
             } else {
-                let req = ClientRequest::Get { partition: p, key: key.clone(), read: ReadPreference::Primary, min_offset };
+                let req = ClientRequest::Get {
+                    partition: p,
+                    key: key.clone(),
+                    read: ReadPreference::Primary,
+                    min_offset,
+                };
                 match self.ask(leader, req, deadline).await {
                     Ok(ClientResponse::Value(v)) => Ok(v),
-                    Ok(other) => Err(Error::Internal(format!("unexpected answer to a read: {other:?}"))),
+                    Ok(other) => Err(Error::Internal(format!(
+                        "unexpected answer to a read: {other:?}"
+                    ))),
                     Err(e) => Err(e),
                 }
             };
             match result {
-                Err(Error::NotLeader { leader, .. }) if redirects < 4 && Instant::now() < deadline => {
+                Err(Error::NotLeader { leader, .. })
+                    if redirects < 4 && Instant::now() < deadline =>
+                {
                     redirects += 1;
                     match leader {
                         Some(l) => self.note_leader(p, l),
@@ -85,7 +94,8 @@ impl Node {
                 }
             }
         }
-        self.staleness(g).is_some_and(|s| s <= Duration::from_millis(self.cfg.max_lag_ms))
+        self.staleness(g)
+            .is_some_and(|s| s <= Duration::from_millis(self.cfg.max_lag_ms))
     }
 
     /// How far behind the leader this replica's applied state may be.
@@ -93,7 +103,10 @@ impl Node {
         let (is_leader, quorum_age) = {
             let m = g.raft.metrics();
             let m = m.borrow();
-            (m.state == openraft::ServerState::Leader, m.millis_since_quorum_ack)
+            (
+                m.state == openraft::ServerState::Leader,
+                m.millis_since_quorum_ack,
+            )
         };
         if is_leader {
             // A leader is current as of its last quorum acknowledgement.
@@ -104,28 +117,47 @@ impl Node {
 
     pub(crate) fn local_value(&self, g: &Group, key: &[u8]) -> Result<Option<ValueWithTtl>, Error> {
         let v = g.view.get(key, now_ms()).map_err(Error::Internal)?;
-        Ok(v.map(|v| ValueWithTtl { data: v.data, expire_at_ms: v.expire_at_ms }))
+        Ok(v.map(|v| ValueWithTtl {
+            data: v.data,
+            expire_at_ms: v.expire_at_ms,
+        }))
     }
 
     /// Confirms leadership with a quorum and waits for the read index to be applied.
-    pub(crate) async fn read_index(&self, p: PartitionId, min_offset: Option<Offset>) -> Result<Arc<Group>, Error> {
+    pub(crate) async fn read_index(
+        &self,
+        p: PartitionId,
+        min_offset: Option<Offset>,
+    ) -> Result<Arc<Group>, Error> {
         let Some(g) = self.group(p).cloned() else {
-            return Err(Error::NotLeader { partition: p, leader: self.leader_of(p) });
+            return Err(Error::NotLeader {
+                partition: p,
+                leader: self.leader_of(p),
+            });
         };
-        let confirmed = tokio::time::timeout(self.write_timeout(), g.raft.ensure_linearizable()).await;
+        let confirmed =
+            tokio::time::timeout(self.write_timeout(), g.raft.ensure_linearizable()).await;
         match confirmed {
             Ok(Ok(_)) => {}
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                return Err(Error::NotLeader { partition: p, leader: f.leader_id })
+                return Err(Error::NotLeader {
+                    partition: p,
+                    leader: f.leader_id,
+                })
             }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                return Err(Error::NoQuorum { committed: Commit::No, detail: format!("read of partition {p}: {q}") })
+                return Err(Error::NoQuorum {
+                    committed: Commit::No,
+                    detail: format!("read of partition {p}: {q}"),
+                })
             }
             Ok(Err(e)) => return Err(Error::Internal(e.to_string())),
             Err(_) => {
                 return Err(Error::Timeout {
                     committed: Commit::No,
-                    detail: format!("the leader of partition {p} could not confirm leadership in time"),
+                    detail: format!(
+                        "the leader of partition {p} could not confirm leadership in time"
+                    ),
                 })
             }
         }
@@ -164,29 +196,49 @@ impl Node {
             None => self.await_leader(p, deadline).await?,
         };
         if leader != self.id() {
-            let req = ClientRequest::Scan { partition: p, start, count, pattern };
+            let req = ClientRequest::Scan {
+                partition: p,
+                start,
+                count,
+                pattern,
+            };
             return match self.ask(leader, req, deadline).await? {
                 ClientResponse::Keys { keys, next } => Ok((keys, next)),
-                other => Err(Error::Internal(format!("unexpected answer to a scan: {other:?}"))),
+                other => Err(Error::Internal(format!(
+                    "unexpected answer to a scan: {other:?}"
+                ))),
             };
         }
         let g = self.read_index(p, None).await?;
         let (keys, next) = g
             .view
-            .scan(&start, count, now_ms(), |k| pattern.as_ref().is_none_or(|pat| replikv_types::glob_match(pat, k)))
+            .scan(&start, count, now_ms(), |k| {
+                pattern
+                    .as_ref()
+                    .is_none_or(|pat| replikv_types::glob_match(pat, k))
+            })
             .map_err(Error::Internal)?;
         Ok((keys, next.map(Bytes::from)))
     }
 
     /// Sends a client request to `node` and returns its answer.
-    pub(crate) async fn ask(&self, node: u64, req: ClientRequest, deadline: Instant) -> Result<ClientResponse, Error> {
+    pub(crate) async fn ask(
+        &self,
+        node: u64,
+        req: ClientRequest,
+        deadline: Instant,
+    ) -> Result<ClientResponse, Error> {
         let Some(peer) = self.transport.peer(node) else {
             return Err(Error::Internal(format!("node {node} is not a known peer")));
         };
-        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
+        let timeout =
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
         match peer.request(&PeerRequest::Client(req), timeout).await {
             Ok(PeerResponse::Client(r)) => r,
-            Ok(PeerResponse::NoSuchPartition(p)) => Err(Error::NotLeader { partition: p, leader: None }),
+            Ok(PeerResponse::NoSuchPartition(p)) => Err(Error::NotLeader {
+                partition: p,
+                leader: None,
+            }),
             Ok(other) => Err(Error::Internal(format!("unexpected peer answer {other:?}"))),
             Err(e) => Err(Error::NoQuorum {
                 committed: Commit::No,

@@ -93,7 +93,11 @@ impl Node {
             node_id: self.id(),
             resp_addr: me.resp_addr.clone(),
             http_addr: me.http_addr.clone(),
-            partitions: self.groups.values().map(|g| self.partition_status(g)).collect(),
+            partitions: self
+                .groups
+                .values()
+                .map(|g| self.partition_status(g))
+                .collect(),
             links,
         }
     }
@@ -107,7 +111,14 @@ impl Node {
                 .placement
                 .replicas
                 .iter()
-                .map(|id| self.replica_status(g, *id, rep.get(id).copied().flatten().map(|l| l.index), last))
+                .map(|id| {
+                    self.replica_status(
+                        g,
+                        *id,
+                        rep.get(id).copied().flatten().map(|l| l.index),
+                        last,
+                    )
+                })
                 .collect(),
             None => Vec::new(),
         };
@@ -136,7 +147,12 @@ impl Node {
 
     fn replica_status(&self, g: &Group, id: u64, matched: Option<u64>, last: u64) -> ReplicaStatus {
         let lag_ops = matched.map(|m| last.saturating_sub(m)).or(Some(last));
-        let lag_ms = matched.map(|m| g.waiters.age_of_first_after(m).map(|d| d.as_millis() as u64).unwrap_or(0));
+        let lag_ms = matched.map(|m| {
+            g.waiters
+                .age_of_first_after(m)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        });
         let (heard, connected) = if id == self.id() {
             (Some(Duration::ZERO), true)
         } else {
@@ -153,14 +169,20 @@ impl Node {
         let purged = g.raft.metrics().borrow().purged.map(|l| l.index);
         let state = if health == "UNHEALTHY" || health == "UNKNOWN" {
             "FAILED"
-        } else if matched.unwrap_or(0) < purged.unwrap_or(0) || lag_ops.unwrap_or(0) > self.cfg.backlog_entries {
+        } else if matched.unwrap_or(0) < purged.unwrap_or(0)
+            || lag_ops.unwrap_or(0) > self.cfg.backlog_entries
+        {
             "SYNCING"
         } else {
             "ACTIVE"
         };
         ReplicaStatus {
             node_id: id,
-            role: if Some(id) == g.leader() { "leader".into() } else { "follower".into() },
+            role: if Some(id) == g.leader() {
+                "leader".into()
+            } else {
+                "follower".into()
+            },
             matched_offset: matched,
             lag_ops,
             lag_ms,

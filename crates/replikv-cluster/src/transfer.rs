@@ -39,7 +39,8 @@ impl Node {
                 pl.replicas
             )));
         }
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 6 + 3_000);
+        let deadline =
+            Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 6 + 3_000);
         let leader = match self.leader_of(p) {
             Some(l) => l,
             None => self.await_leader(p, deadline).await?,
@@ -47,24 +48,45 @@ impl Node {
         if leader == self.id() {
             return self.transfer_leadership(p, to).await;
         }
-        match self.ask(leader, ClientRequest::Transfer { partition: p, to }, deadline).await? {
+        match self
+            .ask(
+                leader,
+                ClientRequest::Transfer { partition: p, to },
+                deadline,
+            )
+            .await?
+        {
             ClientResponse::Done => Ok(()),
-            other => Err(Error::Internal(format!("unexpected answer to a transfer: {other:?}"))),
+            other => Err(Error::Internal(format!(
+                "unexpected answer to a transfer: {other:?}"
+            ))),
         }
     }
 
-    pub(crate) async fn transfer_leadership(self: &Arc<Self>, p: PartitionId, to: u64) -> Result<(), Error> {
+    pub(crate) async fn transfer_leadership(
+        self: &Arc<Self>,
+        p: PartitionId,
+        to: u64,
+    ) -> Result<(), Error> {
         let Some(g) = self.group(p).cloned() else {
-            return Err(Error::NotLeader { partition: p, leader: self.leader_of(p) });
+            return Err(Error::NotLeader {
+                partition: p,
+                leader: self.leader_of(p),
+            });
         };
         if !g.is_leader() {
-            return Err(Error::NotLeader { partition: p, leader: g.leader() });
+            return Err(Error::NotLeader {
+                partition: p,
+                leader: g.leader(),
+            });
         }
         if to == self.id() {
             return Ok(());
         }
         if g.transferring.swap(true, Ordering::SeqCst) {
-            return Err(Error::TryAgain(format!("a transfer of partition {p} is already under way")));
+            return Err(Error::TryAgain(format!(
+                "a transfer of partition {p} is already under way"
+            )));
         }
         let result = self.run_transfer(&g, to).await;
         g.raft.runtime_config().heartbeat(true);
@@ -95,31 +117,48 @@ impl Node {
             )
             .await;
         if catch_up.is_err() {
-            return Err(Error::TryAgain(format!("node {to} has not caught up with partition {p}; retry")));
+            return Err(Error::TryAgain(format!(
+                "node {to} has not caught up with partition {p}; retry"
+            )));
         }
         let hold = lease * 4;
         let deadline = Instant::now() + hold;
-        for other in g.placement.replicas.iter().filter(|id| **id != to && **id != self.id()) {
-            let req = ClientRequest::HoldElections { partition: p, for_ms: hold.as_millis() as u64 };
+        for other in g
+            .placement
+            .replicas
+            .iter()
+            .filter(|id| **id != to && **id != self.id())
+        {
+            let req = ClientRequest::HoldElections {
+                partition: p,
+                for_ms: hold.as_millis() as u64,
+            };
             if let Err(e) = self.ask(*other, req, Instant::now() + lease).await {
                 tracing::debug!(partition = p, node = other, error = %e, "could not hold elections");
             }
         }
         self.hold_elections(p, hold);
         g.raft.runtime_config().heartbeat(false);
-        let req = ClientRequest::Campaign { partition: p, after_ms: lease.as_millis() as u64 + 50 };
+        let req = ClientRequest::Campaign {
+            partition: p,
+            after_ms: lease.as_millis() as u64 + 50,
+        };
         self.ask(to, req, deadline).await?;
         let moved = g
             .raft
             .wait(Some(lease * 2))
             .metrics(move |m| m.current_leader == Some(to), "leader moved")
             .await;
-        moved.map(|_| ()).map_err(|_| Error::TryAgain(format!("node {to} did not take over partition {p}; retry")))
+        moved.map(|_| ()).map_err(|_| {
+            Error::TryAgain(format!("node {to} did not take over partition {p}; retry"))
+        })
     }
 
     /// Keeps this replica of `p` from starting elections for `dur`.
     pub(crate) fn hold_elections(&self, p: PartitionId, dur: Duration) {
-        let Some(g) = self.group(p).cloned() else { return };
+        let Some(g) = self.group(p).cloned() else {
+            return;
+        };
         g.raft.runtime_config().elect(false);
         tokio::spawn(async move {
             tokio::time::sleep(dur).await;
@@ -130,19 +169,28 @@ impl Node {
     /// Campaigns for leadership of `p` once the old leader's lease has run out.
     pub(crate) async fn campaign(&self, p: PartitionId, after: Duration) -> Result<(), Error> {
         let Some(g) = self.group(p).cloned() else {
-            return Err(Error::NotLeader { partition: p, leader: None });
+            return Err(Error::NotLeader {
+                partition: p,
+                leader: None,
+            });
         };
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
         let term_wait = Duration::from_millis(self.cfg.election_timeout_max_ms);
         for _ in 0..3 {
             let _ = g.raft.trigger().elect().await;
-            let won = g.raft.wait(Some(term_wait)).state(ServerState::Leader, "campaign").await;
+            let won = g
+                .raft
+                .wait(Some(term_wait))
+                .state(ServerState::Leader, "campaign")
+                .await;
             if won.is_ok() {
                 return Ok(());
             }
         }
-        Err(Error::TryAgain(format!("campaign for partition {p} did not win")))
+        Err(Error::TryAgain(format!(
+            "campaign for partition {p} did not win"
+        )))
     }
 }
 
@@ -168,7 +216,12 @@ pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
                     node.metrics.failover(g.partition);
                 }
                 if let Some(l) = l {
-                    tracing::info!(partition = g.partition, leader = l, term = t, "leader known");
+                    tracing::info!(
+                        partition = g.partition,
+                        leader = l,
+                        term = t,
+                        "leader known"
+                    );
                 }
                 leader = l;
             }
@@ -189,7 +242,9 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
                 let count = stable.entry(p).or_default();
                 let wants = g.placement.preferred_leader == node.id()
                     && g.leader().is_some_and(|l| l != node.id())
-                    && node.staleness(g).is_some_and(|s| s < Duration::from_millis(node.cfg.election_timeout_min_ms));
+                    && node.staleness(g).is_some_and(|s| {
+                        s < Duration::from_millis(node.cfg.election_timeout_min_ms)
+                    });
                 *count = if wants { *count + 1 } else { 0 };
                 if *count >= STABLE_CHECKS {
                     *count = 0;

@@ -83,7 +83,13 @@ impl Faults {
         self.blocked.read().expect("faults").contains(&peer)
     }
     pub fn blocked(&self) -> Vec<NodeId> {
-        let mut v: Vec<_> = self.blocked.read().expect("faults").iter().copied().collect();
+        let mut v: Vec<_> = self
+            .blocked
+            .read()
+            .expect("faults")
+            .iter()
+            .copied()
+            .collect();
         v.sort_unstable();
         v
     }
@@ -160,7 +166,11 @@ impl PeerClient {
         }
     }
 
-    pub async fn request(&self, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
+    pub async fn request(
+        &self,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, TransportError> {
         self.start(req, timeout).await
     }
 
@@ -170,19 +180,29 @@ impl PeerClient {
         req: &PeerRequest,
     ) -> Result<(u64, oneshot::Receiver<Result<Bytes, TransportError>>), TransportError> {
         if self.faults.is_blocked(self.target) {
-            return Err(TransportError::NotSent(format!("link to node {} is cut", self.target)));
+            return Err(TransportError::NotSent(format!(
+                "link to node {} is cut",
+                self.target
+            )));
         }
         if let Some(until) = *self.down_until.lock().expect("down_until") {
             if Instant::now() < until {
-                return Err(TransportError::NotSent(format!("node {} is down", self.target)));
+                return Err(TransportError::NotSent(format!(
+                    "node {} is down",
+                    self.target
+                )));
             }
         }
-        let payload = bincode::serialize(req).map_err(|e| TransportError::Protocol(e.to_string()))?;
+        let payload =
+            bincode::serialize(req).map_err(|e| TransportError::Protocol(e.to_string()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut buf = BytesMut::new();
         frame::encode(Kind::Request, id, &payload, &mut buf);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(id, (Instant::now(), tx));
+        self.pending
+            .lock()
+            .expect("pending")
+            .insert(id, (Instant::now(), tx));
         if self.queue.send(buf.freeze()).is_err() {
             self.pending.lock().expect("pending").remove(&id);
             return Err(TransportError::NotSent("transport stopped".into()));
@@ -202,17 +222,18 @@ struct Connection {
 impl Connection {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
         while let Some(first) = rx.recv().await {
-            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    self.dial_failed(&mut rx, &e.to_string());
-                    continue;
-                }
-                Err(_) => {
-                    self.dial_failed(&mut rx, "connect timed out");
-                    continue;
-                }
-            };
+            let stream =
+                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        self.dial_failed(&mut rx, &e.to_string());
+                        continue;
+                    }
+                    Err(_) => {
+                        self.dial_failed(&mut rx, "connect timed out");
+                        continue;
+                    }
+                };
             *self.down_until.lock().expect("down_until") = None;
             let _ = stream.set_nodelay(true);
             self.stats.lock().expect("stats").connected = true;
@@ -226,11 +247,19 @@ impl Connection {
     fn dial_failed(&self, rx: &mut mpsc::UnboundedReceiver<Bytes>, why: &str) {
         *self.down_until.lock().expect("down_until") = Some(Instant::now() + REDIAL_BACKOFF);
         while rx.try_recv().is_ok() {}
-        fail_all(&self.pending, TransportError::NotSent(format!("dial {}: {why}", self.addr)));
+        fail_all(
+            &self.pending,
+            TransportError::NotSent(format!("dial {}: {why}", self.addr)),
+        );
     }
 
     /// Moves frames both ways until the connection breaks; returns why it did.
-    async fn pump(&self, stream: TcpStream, first: Bytes, rx: &mut mpsc::UnboundedReceiver<Bytes>) -> String {
+    async fn pump(
+        &self,
+        stream: TcpStream,
+        first: Bytes,
+        rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    ) -> String {
         let (mut rd, mut wr) = stream.into_split();
         let mut out = BytesMut::new();
         let hello = bincode::serialize(&self.me).expect("hello serialises");
@@ -338,7 +367,9 @@ impl Transport {
         let mut peers = self.peers.write().expect("peers");
         peers
             .entry(peer)
-            .or_insert_with(|| PeerClient::spawn(peer, addr.to_string(), self.me.clone(), self.faults.clone()))
+            .or_insert_with(|| {
+                PeerClient::spawn(peer, addr.to_string(), self.me.clone(), self.faults.clone())
+            })
             .clone()
     }
 

@@ -49,15 +49,24 @@ impl Node {
     }
 
     fn check_level(&self, p: PartitionId, level: Consistency) -> Result<(), Error> {
-        let replicas = self.placement.get(p).map(|pl| pl.replicas.len()).unwrap_or(1);
+        let replicas = self
+            .placement
+            .get(p)
+            .map(|pl| pl.replicas.len())
+            .unwrap_or(1);
         match level {
-            Consistency::AtLeast(n) if n as usize > replicas => Err(Error::InvalidArgument(format!(
+            Consistency::AtLeast(n) if n as usize > replicas => {
+                Err(Error::InvalidArgument(format!(
                 "at_least:{n} asks for more copies than the {replicas} replicas of partition {p}"
-            ))),
+            )))
+            }
             _ => Ok(()),
         }
     }
 
+    // Two phases on purpose: the outer future queues the write toward the leader (the
+    // ordering point), the inner one waits for its acknowledgement.
+    #[allow(clippy::async_yields_async)]
     fn route_write(
         self: &Arc<Self>,
         p: PartitionId,
@@ -82,13 +91,17 @@ impl Node {
             let node = self.clone();
             async move {
                 match pending.await {
-                    Err(Error::NotLeader { leader, .. }) if redirects < MAX_REDIRECTS && Instant::now() < deadline => {
+                    Err(Error::NotLeader { leader, .. })
+                        if redirects < MAX_REDIRECTS && Instant::now() < deadline =>
+                    {
                         if let Some(l) = leader {
                             node.note_leader(p, l);
                         } else {
                             node.await_leader(p, deadline).await?;
                         }
-                        node.route_write(p, op, level, deadline, redirects + 1).await.await
+                        node.route_write(p, op, level, deadline, redirects + 1)
+                            .await
+                            .await
                     }
                     other => other,
                 }
@@ -99,7 +112,11 @@ impl Node {
     }
 
     /// Waits (bounded) for the partition to elect a leader; fails fast with CLUSTERDOWN.
-    pub(crate) async fn await_leader(&self, p: PartitionId, deadline: Instant) -> Result<u64, Error> {
+    pub(crate) async fn await_leader(
+        &self,
+        p: PartitionId,
+        deadline: Instant,
+    ) -> Result<u64, Error> {
         let election = Duration::from_millis(self.cfg.election_timeout_max_ms * 2);
         let limit = deadline.min(Instant::now() + election);
         if let Some(g) = self.group(p) {
@@ -117,7 +134,8 @@ impl Node {
         }
         Err(Error::ClusterDown {
             partition: p,
-            detail: "no leader elected (election under way, or a majority of its replicas is down)".into(),
+            detail: "no leader elected (election under way, or a majority of its replicas is down)"
+                .into(),
         })
     }
 
@@ -130,17 +148,30 @@ impl Node {
         deadline: Instant,
     ) -> WriteFuture {
         let Some(peer) = self.transport.peer(leader) else {
-            return ready(Err(Error::NotLeader { partition: p, leader: None }));
+            return ready(Err(Error::NotLeader {
+                partition: p,
+                leader: None,
+            }));
         };
-        let req = PeerRequest::Client(ClientRequest::Write { partition: p, op, level });
-        let timeout = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
+        let req = PeerRequest::Client(ClientRequest::Write {
+            partition: p,
+            op,
+            level,
+        });
+        let timeout =
+            deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
         let answer = peer.start(&req, timeout);
         async move {
             match answer.await {
                 Ok(PeerResponse::Client(Ok(ClientResponse::Written(w)))) => Ok(w),
                 Ok(PeerResponse::Client(Err(e))) => Err(e),
-                Ok(PeerResponse::NoSuchPartition(_)) => Err(Error::NotLeader { partition: p, leader: None }),
-                Ok(other) => Err(Error::Internal(format!("unexpected answer to a write: {other:?}"))),
+                Ok(PeerResponse::NoSuchPartition(_)) => Err(Error::NotLeader {
+                    partition: p,
+                    leader: None,
+                }),
+                Ok(other) => Err(Error::Internal(format!(
+                    "unexpected answer to a write: {other:?}"
+                ))),
                 // The leader may have taken the write before the link failed.
                 Err(crate::transport::TransportError::NotSent(m)) => Err(Error::NoQuorum {
                     committed: Commit::No,
@@ -156,9 +187,17 @@ impl Node {
     }
 
     /// Proposes on this node, which leads `p`. Returns once the entry is queued in Raft.
-    pub(crate) async fn propose_local(self: &Arc<Self>, p: PartitionId, op: KvOp, level: Consistency) -> WriteFuture {
+    pub(crate) async fn propose_local(
+        self: &Arc<Self>,
+        p: PartitionId,
+        op: KvOp,
+        level: Consistency,
+    ) -> WriteFuture {
         let Some(group) = self.group(p).cloned() else {
-            return ready(Err(Error::NotLeader { partition: p, leader: self.leader_of(p) }));
+            return ready(Err(Error::NotLeader {
+                partition: p,
+                leader: self.leader_of(p),
+            }));
         };
         if let Err(e) = self.can_accept(&group, level) {
             self.metrics.write_failed(p);
@@ -172,7 +211,11 @@ impl Node {
                 Consistency::AtLeast(n) => (n as usize) < majority,
                 _ => false,
             };
-        let req = WriteRequest { req_id: self.next_req_id(), now_ms: now_ms(), op };
+        let req = WriteRequest {
+            req_id: self.next_req_id(),
+            now_ms: now_ms(),
+            op,
+        };
         let req_id = req.req_id;
         let appended = early.then(|| group.waiters.register(req_id));
         let applied = match group.raft.client_write_ff(req).await {
@@ -193,14 +236,20 @@ impl Node {
                         group.waiters.forget(req_id);
                         return Err(Error::Timeout {
                             committed: Commit::Unknown,
-                            detail: format!("the leader did not append the write within {} ms", timeout.as_millis()),
+                            detail: format!(
+                                "the leader did not append the write within {} ms",
+                                timeout.as_millis()
+                            ),
                         });
                     }
                 },
                 None => match tokio::time::timeout(timeout, applied).await {
                     Ok(Ok(Ok(resp))) => (resp.log_id.index, resp.data),
                     Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                        return Err(Error::NotLeader { partition: p, leader: f.leader_id })
+                        return Err(Error::NotLeader {
+                            partition: p,
+                            leader: f.leader_id,
+                        })
                     }
                     Ok(Ok(Err(e))) => return Err(Error::Internal(e.to_string())),
                     Ok(Err(_)) => {
@@ -224,10 +273,15 @@ impl Node {
             };
             if copies > 1 {
                 let remaining = timeout.saturating_sub(started.elapsed());
-                node.await_copies(&group, offset, copies, remaining, !early).await?;
+                node.await_copies(&group, offset, copies, remaining, !early)
+                    .await?;
             }
             node.metrics.write_ok(p);
-            Ok(WriteOutcome { reply, partition: p, offset })
+            Ok(WriteOutcome {
+                reply,
+                partition: p,
+                offset,
+            })
         }
         .boxed()
     }
@@ -241,16 +295,23 @@ impl Node {
             (m.state, m.current_leader, m.millis_since_quorum_ack)
         };
         if state != ServerState::Leader {
-            return Err(Error::NotLeader { partition: p, leader });
+            return Err(Error::NotLeader {
+                partition: p,
+                leader,
+            });
         }
         if group.transferring.load(Ordering::Relaxed) {
-            return Err(Error::TryAgain(format!("leadership of partition {p} is moving; retry")));
+            return Err(Error::TryAgain(format!(
+                "leadership of partition {p} is moving; retry"
+            )));
         }
         if let Some(age) = quorum_age {
             if group.placement.replicas.len() > 1 && age > self.cfg.election_timeout_max_ms {
                 return Err(Error::NoQuorum {
                     committed: Commit::No,
-                    detail: format!("the leader of partition {p} has not heard from a majority for {age} ms"),
+                    detail: format!(
+                        "the leader of partition {p} has not heard from a majority for {age} ms"
+                    ),
                 });
             }
         }
@@ -301,7 +362,11 @@ impl Node {
         let count = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
             m.replication
                 .as_ref()
-                .map(|r| r.values().filter(|l| l.is_some_and(|l| l.index >= offset)).count())
+                .map(|r| {
+                    r.values()
+                        .filter(|l| l.is_some_and(|l| l.index >= offset))
+                        .count()
+                })
                 .unwrap_or(0)
         };
         let waited = group
@@ -326,7 +391,13 @@ impl Node {
     }
 
     /// `WAIT`: replicas other than the leader that hold `offset`, waiting for `wanted`.
-    pub(crate) async fn count_replicas(&self, group: &Group, offset: u64, wanted: usize, timeout_ms: u64) -> u64 {
+    pub(crate) async fn count_replicas(
+        &self,
+        group: &Group,
+        offset: u64,
+        wanted: usize,
+        timeout_ms: u64,
+    ) -> u64 {
         let me = self.id();
         let count = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
             m.replication
@@ -338,8 +409,16 @@ impl Node {
                 })
                 .unwrap_or(0)
         };
-        let timeout = if timeout_ms == 0 { None } else { Some(Duration::from_millis(timeout_ms)) };
-        let _ = group.raft.wait(timeout).metrics(move |m| count(m) >= wanted, "wait replicas").await;
+        let timeout = if timeout_ms == 0 {
+            None
+        } else {
+            Some(Duration::from_millis(timeout_ms))
+        };
+        let _ = group
+            .raft
+            .wait(timeout)
+            .metrics(move |m| count(m) >= wanted, "wait replicas")
+            .await;
         count(&group.raft.metrics().borrow()) as u64
     }
 }
@@ -358,20 +437,34 @@ impl Node {
         wanted: usize,
         timeout_ms: u64,
     ) -> Result<u64, Error> {
-        let limit = if timeout_ms == 0 { Duration::from_secs(365 * 24 * 3600) } else { Duration::from_millis(timeout_ms) };
+        let limit = if timeout_ms == 0 {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            Duration::from_millis(timeout_ms)
+        };
         let deadline = Instant::now() + limit;
         let leader = match self.leader_of(p) {
             Some(l) => l,
             None => self.await_leader(p, deadline).await?,
         };
         if leader == self.id() {
-            let g = self.group(p).cloned().ok_or(Error::NotLeader { partition: p, leader: None })?;
+            let g = self.group(p).cloned().ok_or(Error::NotLeader {
+                partition: p,
+                leader: None,
+            })?;
             return Ok(self.count_replicas(&g, offset, wanted, timeout_ms).await);
         }
-        let req = ClientRequest::WaitReplicas { partition: p, offset, wanted, timeout_ms };
+        let req = ClientRequest::WaitReplicas {
+            partition: p,
+            offset,
+            wanted,
+            timeout_ms,
+        };
         match self.ask(leader, req, deadline).await? {
             ClientResponse::Count(n) => Ok(n),
-            other => Err(Error::Internal(format!("unexpected answer to WAIT: {other:?}"))),
+            other => Err(Error::Internal(format!(
+                "unexpected answer to WAIT: {other:?}"
+            ))),
         }
     }
 }

@@ -49,7 +49,10 @@ pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
     let faults = cfg.fault_injection;
     let body_limit = cfg.max_value_bytes + 1;
     let mut r = Router::new()
-        .route("/v1/kv/{keyspace}/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route(
+            "/v1/kv/{keyspace}/{*key}",
+            get(kv_get).put(kv_put).delete(kv_delete),
+        )
         .route("/v1/cluster", get(cluster))
         .route("/v1/keyspaces", get(keyspaces))
         .route("/v1/_replication/state", get(replication_state))
@@ -68,12 +71,20 @@ pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, node: Arc<Node>, cfg: HttpConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    cfg: HttpConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = router(node, cfg);
     let stop = async move {
         let _ = shutdown.changed().await;
     };
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+    {
         tracing::error!(error = %e, "HTTP server stopped");
     }
 }
@@ -83,7 +94,8 @@ struct ApiError(Error);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = json!({
             "error": self.0.to_resp().split_whitespace().next().unwrap_or("ERR"),
             "message": self.0.to_string(),
@@ -134,15 +146,21 @@ fn check_key(state: &AppState, key: &str) -> Result<(), ApiError> {
 
 /// Parses `partition:offset` from the query or the session header.
 fn session(q: &KvQuery, headers: &HeaderMap) -> Result<Option<(u32, u64)>, ApiError> {
-    let raw = q
-        .session
-        .clone()
-        .or_else(|| headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string));
+    let raw = q.session.clone().or_else(|| {
+        headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
     let Some(raw) = raw else { return Ok(None) };
-    let parsed = raw.split_once(':').and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)));
-    parsed
-        .map(Some)
-        .ok_or_else(|| bad(format!("session token {raw:?} is not of the form <partition>:<offset>")))
+    let parsed = raw
+        .split_once(':')
+        .and_then(|(p, o)| Some((p.trim().parse().ok()?, o.trim().parse().ok()?)));
+    parsed.map(Some).ok_or_else(|| {
+        bad(format!(
+            "session token {raw:?} is not of the form <partition>:<offset>"
+        ))
+    })
 }
 
 async fn kv_get(
@@ -158,10 +176,16 @@ async fn kv_get(
         None => state.node.cfg.read_preference,
     };
     let p = state.node.partition_of(key.as_bytes());
-    let min = session(&q, &headers)?.filter(|(sp, _)| *sp == p).map(|(_, o)| o);
+    let min = session(&q, &headers)?
+        .filter(|(sp, _)| *sp == p)
+        .map(|(_, o)| o);
     let value = state.node.get(Bytes::from(key.clone()), read, min).await?;
     match value {
-        None => Ok((StatusCode::NOT_FOUND, Json(json!({"error": "NOT_FOUND", "key": key}))).into_response()),
+        None => Ok((
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "NOT_FOUND", "key": key})),
+        )
+            .into_response()),
         Some(v) => {
             let ct = if serde_json::from_slice::<serde_json::Value>(&v.data).is_ok() {
                 "application/json"
@@ -209,7 +233,14 @@ async fn kv_delete(
 ) -> Result<Response, ApiError> {
     check_keyspace(&ks)?;
     check_key(&state, &key)?;
-    write(&state, KvOp::Del { keys: vec![Bytes::from(key)] }, &q).await
+    write(
+        &state,
+        KvOp::Del {
+            keys: vec![Bytes::from(key)],
+        },
+        &q,
+    )
+    .await
 }
 
 async fn write(state: &AppState, op: KvOp, q: &KvQuery) -> Result<Response, ApiError> {
@@ -299,10 +330,21 @@ struct PromoteBody {
     node: u64,
 }
 
-async fn promote(State(state): State<AppState>, body: Result<Json<PromoteBody>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
-    let Json(b) = body.map_err(|e| bad(format!("expected {{\"partition\": P, \"node\": N}}: {}", e.body_text())))?;
+async fn promote(
+    State(state): State<AppState>,
+    body: Result<Json<PromoteBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body.map_err(|e| {
+        bad(format!(
+            "expected {{\"partition\": P, \"node\": N}}: {}",
+            e.body_text()
+        ))
+    })?;
     if b.partition >= state.node.cfg.partitions {
-        return Err(bad(format!("no partition {} (there are {})", b.partition, state.node.cfg.partitions)));
+        return Err(bad(format!(
+            "no partition {} (there are {})",
+            b.partition, state.node.cfg.partitions
+        )));
     }
     state.node.promote(b.partition, b.node).await?;
     Ok(Json(json!({"ok": true, "partition": b.partition, "leader": b.node})).into_response())
@@ -312,7 +354,11 @@ async fn ready(State(state): State<AppState>) -> Response {
     if state.node.ready() {
         (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false, "reason": "a partition has no leader"}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "a partition has no leader"})),
+        )
+            .into_response()
     }
 }
 
@@ -330,8 +376,16 @@ async fn faults_get(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({"blocked": state.node.transport.faults.blocked()}))
 }
 
-async fn faults_set(State(state): State<AppState>, body: Result<Json<FaultsBody>, axum::extract::rejection::JsonRejection>) -> Result<Response, ApiError> {
-    let Json(b) = body.map_err(|e| bad(format!("expected {{\"blocked\": [node ids]}}: {}", e.body_text())))?;
+async fn faults_set(
+    State(state): State<AppState>,
+    body: Result<Json<FaultsBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body.map_err(|e| {
+        bad(format!(
+            "expected {{\"blocked\": [node ids]}}: {}",
+            e.body_text()
+        ))
+    })?;
     tracing::warn!(blocked = ?b.blocked, "fault injection: peer links cut");
     state.node.transport.faults.set_blocked(b.blocked.clone());
     Ok(Json(json!({"blocked": b.blocked})).into_response())

@@ -40,7 +40,10 @@ impl AppendWaiters {
     /// Returns a receiver of the offset at which request `req_id` was durably appended.
     pub fn register(&self, req_id: u64) -> oneshot::Receiver<u64> {
         let (tx, rx) = oneshot::channel();
-        self.waiting.lock().expect("append waiters").insert(req_id, tx);
+        self.waiting
+            .lock()
+            .expect("append waiters")
+            .insert(req_id, tx);
         rx
     }
 
@@ -189,9 +192,7 @@ fn block_on_write(
             let _ = tx.send(res);
         }),
     );
-    rx.recv()
-        .map_err(storage_error)?
-        .map_err(storage_error)
+    rx.recv().map_err(storage_error)?.map_err(storage_error)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -268,7 +269,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -19,7 +19,10 @@ impl std::fmt::Display for RecordError {
             RecordError::Truncated => f.write_str("record shorter than its header"),
             RecordError::UnknownVersion(v) => write!(f, "unknown record version {v}"),
             RecordError::Checksum { stored, computed } => {
-                write!(f, "checksum mismatch: stored {stored:08x}, computed {computed:08x}")
+                write!(
+                    f,
+                    "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+                )
             }
             RecordError::Decode(e) => write!(f, "undecodable record: {e}"),
         }
@@ -66,7 +69,10 @@ mod tests {
         assert_eq!(decode_record(&raw).unwrap().log_id.index, 42);
         let last = raw.len() - 1;
         raw[last] ^= 0x40;
-        assert!(matches!(decode_record(&raw), Err(RecordError::Checksum { .. })));
+        assert!(matches!(
+            decode_record(&raw),
+            Err(RecordError::Checksum { .. })
+        ));
         assert_eq!(decode_record(&raw[..3]), Err(RecordError::Truncated));
     }
 }

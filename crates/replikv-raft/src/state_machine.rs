@@ -16,7 +16,9 @@ use replikv_storage::{Store, WriteTx};
 use replikv_types::{apply_one, Change, KvOp, Reply, StoredValue, WriteRequest};
 
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
-use crate::{read_error, storage_error, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig};
+use crate::{
+    read_error, storage_error, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig,
+};
 
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
@@ -46,15 +48,24 @@ impl StateMachine {
 }
 
 /// Applies one write request inside the writer's transaction.
-fn apply_request(w: &mut WriteTx<'_>, p: u32, req: &WriteRequest) -> Result<Reply, replikv_storage::StorageError> {
+fn apply_request(
+    w: &mut WriteTx<'_>,
+    p: u32,
+    req: &WriteRequest,
+) -> Result<Reply, replikv_storage::StorageError> {
     let now = req.now_ms;
-    let live = |w: &WriteTx<'_>, key: &[u8]| -> Result<Option<StoredValue>, replikv_storage::StorageError> {
+    let live = |w: &WriteTx<'_>,
+                key: &[u8]|
+     -> Result<Option<StoredValue>, replikv_storage::StorageError> {
         Ok(w.kv_get(p, key)?
             .and_then(|raw| StoredValue::decode(&raw))
             .filter(|v| v.is_live(now)))
     };
     match &req.op {
-        KvOp::MSet { pairs, if_none_exist } => {
+        KvOp::MSet {
+            pairs,
+            if_none_exist,
+        } => {
             if *if_none_exist {
                 for (k, _) in pairs {
                     if live(w, k)?.is_some() {
@@ -63,10 +74,17 @@ fn apply_request(w: &mut WriteTx<'_>, p: u32, req: &WriteRequest) -> Result<Repl
                 }
             }
             for (k, v) in pairs {
-                let stored = StoredValue { data: v.clone(), expire_at_ms: None };
+                let stored = StoredValue {
+                    data: v.clone(),
+                    expire_at_ms: None,
+                };
                 w.kv_put(p, k, &stored.encode())?;
             }
-            Ok(if *if_none_exist { Reply::Int(1) } else { Reply::Ok })
+            Ok(if *if_none_exist {
+                Reply::Int(1)
+            } else {
+                Reply::Ok
+            })
         }
         KvOp::Del { keys } => {
             let mut n = 0;
@@ -222,7 +240,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .unwrap_or_default();
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_log_id {
-            Some(id) => format!("{}-{}-{}-{seq}", id.leader_id.term, id.leader_id.node_id, id.index),
+            Some(id) => format!(
+                "{}-{}-{}-{seq}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            ),
             None => format!("0-0-0-{seq}"),
         };
         let meta = SnapshotMeta {

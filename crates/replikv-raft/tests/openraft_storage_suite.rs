@@ -17,6 +17,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
-fn replikv_storage_passes_the_openraft_suite() -> Result<(), StorageError> {
-    Suite::test_all(Builder)
+fn replikv_storage_passes_the_openraft_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("openraft storage suite failed: {e}");
+    }
 }

@@ -8,11 +8,15 @@ use bytes::Bytes;
 
 use crate::codec::Frame;
 use crate::conn::Args;
-use crate::service::Service;
+use crate::service::{PartitionFact, Service};
 
 pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
     let f = service.facts();
-    let section = if args.len() > 1 { args.text(1).to_ascii_lowercase() } else { "default".into() };
+    let section = if args.len() > 1 {
+        args.text(1).to_ascii_lowercase()
+    } else {
+        "default".into()
+    };
     let all = matches!(section.as_str(), "default" | "all" | "everything");
     let mut out = String::new();
     if all || section == "server" {
@@ -26,29 +30,55 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
     }
     if all || section == "replication" {
         out.push_str("# Replication\r\n");
-        let role = if f.partitions_led > 0 { "master" } else { "slave" };
+        let role = if f.partitions_led > 0 {
+            "master"
+        } else {
+            "slave"
+        };
         out.push_str(&format!("role:{role}\r\n"));
-        let replicas: std::collections::BTreeMap<u64, (u64, u64)> = f.replicas.iter().fold(Default::default(), |mut m, r| {
-            let e = m.entry(r.1).or_insert((0, 0));
-            e.0 += r.2;
-            e.1 += r.3;
-            m
-        });
+        let replicas: std::collections::BTreeMap<u64, (u64, u64)> =
+            f.replicas.iter().fold(Default::default(), |mut m, r| {
+                let e = m.entry(r.node).or_insert((0, 0));
+                e.0 += r.matched_offset;
+                e.1 += r.lag_ops;
+                m
+            });
         out.push_str(&format!("connected_slaves:{}\r\n", replicas.len()));
         for (i, (node, (offset, lag))) in replicas.iter().enumerate() {
-            out.push_str(&format!("slave{i}:node={node},state=online,offset={offset},lag_ops={lag}\r\n"));
+            out.push_str(&format!(
+                "slave{i}:node={node},state=online,offset={offset},lag_ops={lag}\r\n"
+            ));
         }
-        let offset: u64 = f.partitions.iter().filter(|p| p.1 == "leader").map(|p| p.3).sum();
-        out.push_str(&format!("master_replid:{:040x}\r\nmaster_repl_offset:{offset}\r\n", f.node_id));
+        let offset: u64 = f
+            .partitions
+            .iter()
+            .filter(|p| p.role == "leader")
+            .map(|p| p.applied_offset)
+            .sum();
+        out.push_str(&format!(
+            "master_replid:{:040x}\r\nmaster_repl_offset:{offset}\r\n",
+            f.node_id
+        ));
         out.push_str(&format!(
             "replikv_partitions_hosted:{}\r\nreplikv_partitions_led:{}\r\nreplikv_connected_peers:{}\r\n",
             f.partitions_hosted, f.partitions_led, f.connected_peers
         ));
-        for (p, role, leader, applied, stale) in &f.partitions {
+        for PartitionFact {
+            partition: p,
+            role,
+            leader,
+            applied_offset: applied,
+            staleness_ms: stale,
+        } in &f.partitions
+        {
             out.push_str(&format!(
                 "partition{p}:role={role},leader={},applied_offset={applied},staleness_ms={}\r\n",
-                leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
-                stale.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into())
+                leader
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                stale
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "unknown".into())
             ));
         }
         out.push_str("\r\n");
@@ -65,15 +95,24 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
 
 pub(crate) fn role<S: Service>(service: &S) -> Frame {
     let f = service.facts();
-    let offset: u64 = f.partitions.iter().filter(|p| p.1 == "leader").map(|p| p.3).sum();
+    let offset: u64 = f
+        .partitions
+        .iter()
+        .filter(|p| p.role == "leader")
+        .map(|p| p.applied_offset)
+        .sum();
     if f.partitions_led > 0 {
         let mut replicas = std::collections::BTreeMap::<u64, u64>::new();
         for r in &f.replicas {
-            *replicas.entry(r.1).or_default() += r.2;
+            *replicas.entry(r.node).or_default() += r.matched_offset;
         }
         let slots = service.slots();
         let addr_of = |id: u64| {
-            slots.iter().flat_map(|s| s.nodes.iter()).find(|n| n.0 == id).map(|n| (n.1.clone(), n.2))
+            slots
+                .iter()
+                .flat_map(|s| s.nodes.iter())
+                .find(|n| n.0 == id)
+                .map(|n| (n.1.clone(), n.2))
         };
         Frame::Array(vec![
             Frame::Bulk(Bytes::from_static(b"master")),
@@ -98,7 +137,7 @@ pub(crate) fn role<S: Service>(service: &S) -> Frame {
             Frame::Bulk(Bytes::new()),
             Frame::Integer(0),
             Frame::Bulk(Bytes::from_static(b"connected")),
-            Frame::Integer(f.partitions.iter().map(|p| p.3).sum::<u64>() as i64),
+            Frame::Integer(f.partitions.iter().map(|p| p.applied_offset).sum::<u64>() as i64),
         ])
     }
 }
@@ -108,13 +147,25 @@ pub(crate) fn status<S: Service>(service: &S) -> Frame {
     Frame::Array(
         f.partitions
             .iter()
-            .map(|(p, role, leader, applied, stale)| {
-                Frame::Bulk(Bytes::from(format!(
+            .map(
+                |PartitionFact {
+                     partition: p,
+                     role,
+                     leader,
+                     applied_offset: applied,
+                     staleness_ms: stale,
+                 }| {
+                    Frame::Bulk(Bytes::from(format!(
                     "partition={p} role={role} leader={} applied_offset={applied} staleness_ms={}",
-                    leader.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
-                    stale.map(|s| s.to_string()).unwrap_or_else(|| "unknown".into())
+                    leader
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    stale
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "unknown".into())
                 )))
-            })
+                },
+            )
             .collect(),
     )
 }
@@ -122,12 +173,17 @@ pub(crate) fn status<S: Service>(service: &S) -> Frame {
 pub(crate) fn cluster<S: Service>(service: &S, args: &Args) -> Frame {
     let node_name = |id: u64| format!("{id:040x}");
     match args.upper(1).as_str() {
-        "KEYSLOT" if args.len() == 3 => Frame::Integer(replikv_placement_slot(&args.args[2]) as i64),
+        "KEYSLOT" if args.len() == 3 => {
+            Frame::Integer(replikv_placement_slot(&args.args[2]) as i64)
+        }
         "MYID" => Frame::Bulk(Bytes::from(node_name(service.facts().node_id))),
         "INFO" => {
             let slots = service.slots();
             let ok = slots.iter().all(|s| !s.nodes.is_empty());
-            let nodes: std::collections::BTreeSet<u64> = slots.iter().flat_map(|s| s.nodes.iter().map(|n| n.0)).collect();
+            let nodes: std::collections::BTreeSet<u64> = slots
+                .iter()
+                .flat_map(|s| s.nodes.iter().map(|n| n.0))
+                .collect();
             Frame::Bulk(Bytes::from(format!(
                 "cluster_enabled:1\r\ncluster_state:{}\r\ncluster_slots_assigned:16384\r\ncluster_slots_ok:{}\r\ncluster_known_nodes:{}\r\ncluster_size:{}\r\n",
                 if ok { "ok" } else { "fail" },
@@ -163,19 +219,31 @@ pub(crate) fn cluster<S: Service>(service: &S, args: &Args) -> Frame {
                         .iter()
                         .enumerate()
                         .map(|(i, (id, host, port))| {
-                            let kv = |k: &str, v: Frame| [Frame::Bulk(Bytes::copy_from_slice(k.as_bytes())), v];
+                            let kv = |k: &str, v: Frame| {
+                                [Frame::Bulk(Bytes::copy_from_slice(k.as_bytes())), v]
+                            };
                             let mut m = Vec::new();
                             m.extend(kv("id", Frame::Bulk(Bytes::from(node_name(*id)))));
                             m.extend(kv("port", Frame::Integer(*port as i64)));
                             m.extend(kv("ip", Frame::Bulk(Bytes::from(host.clone()))));
-                            m.extend(kv("role", Frame::Bulk(Bytes::from_static(if i == 0 { b"master" } else { b"replica" }))));
+                            m.extend(kv(
+                                "role",
+                                Frame::Bulk(Bytes::from_static(if i == 0 {
+                                    b"master"
+                                } else {
+                                    b"replica"
+                                })),
+                            ));
                             m.extend(kv("health", Frame::Bulk(Bytes::from_static(b"online"))));
                             Frame::Array(m)
                         })
                         .collect();
                     Frame::Array(vec![
                         Frame::Bulk(Bytes::from_static(b"slots")),
-                        Frame::Array(vec![Frame::Integer(s.start as i64), Frame::Integer(s.end as i64)]),
+                        Frame::Array(vec![
+                            Frame::Integer(s.start as i64),
+                            Frame::Integer(s.end as i64),
+                        ]),
                         Frame::Bulk(Bytes::from_static(b"nodes")),
                         Frame::Array(nodes),
                     ])
@@ -187,7 +255,9 @@ pub(crate) fn cluster<S: Service>(service: &S, args: &Args) -> Frame {
             let mut lines = std::collections::BTreeMap::<u64, (String, u16, Vec<String>)>::new();
             for s in service.slots() {
                 for (i, (id, host, port)) in s.nodes.iter().enumerate() {
-                    let e = lines.entry(*id).or_insert((host.clone(), *port, Vec::new()));
+                    let e = lines
+                        .entry(*id)
+                        .or_insert((host.clone(), *port, Vec::new()));
                     if i == 0 {
                         e.2.push(format!("{}-{}", s.start, s.end));
                     }
@@ -204,7 +274,10 @@ pub(crate) fn cluster<S: Service>(service: &S, args: &Args) -> Frame {
             }
             Frame::Bulk(Bytes::from(out))
         }
-        _ => Frame::Error(format!("ERR unknown subcommand '{}'. Try CLUSTER HELP.", args.text(1))),
+        _ => Frame::Error(format!(
+            "ERR unknown subcommand '{}'. Try CLUSTER HELP.",
+            args.text(1)
+        )),
     }
 }
 

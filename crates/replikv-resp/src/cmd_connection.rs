@@ -11,19 +11,57 @@ use replikv_types::{Consistency, ReadPreference};
 
 /// Name, arity (Redis's convention: n exact, -n at least n, counting the name), is a write.
 pub(crate) const COMMANDS: &[(&str, i64, bool)] = &[
-    ("GET", 2, false), ("SET", -3, true), ("SETNX", 3, true), ("SETEX", 4, true), ("PSETEX", 4, true),
-    ("GETSET", 3, true), ("MGET", -2, false), ("MSET", -3, true), ("MSETNX", -3, true),
-    ("INCR", 2, true), ("DECR", 2, true), ("INCRBY", 3, true), ("DECRBY", 3, true),
-    ("INCRBYFLOAT", 3, true), ("APPEND", 3, true), ("STRLEN", 2, false), ("GETDEL", 2, true),
-    ("DEL", -2, true), ("UNLINK", -2, true), ("EXISTS", -2, false), ("TYPE", 2, false),
-    ("EXPIRE", -3, true), ("PEXPIRE", -3, true), ("EXPIREAT", -3, true), ("PEXPIREAT", -3, true),
-    ("PERSIST", 2, true), ("TTL", 2, false), ("PTTL", 2, false), ("EXPIRETIME", 2, false),
-    ("PEXPIRETIME", 2, false), ("SCAN", -2, false), ("KEYS", 2, false), ("DBSIZE", 1, false),
-    ("PING", -1, false), ("ECHO", 2, false), ("HELLO", -1, false), ("AUTH", -2, false),
-    ("SELECT", 2, false), ("CLIENT", -2, false), ("COMMAND", -1, false), ("CONFIG", -2, false),
-    ("QUIT", -1, false), ("INFO", -1, false), ("ROLE", 1, false), ("WAIT", 3, false),
-    ("READONLY", 1, false), ("READWRITE", 1, false), ("CLUSTER", -2, false),
-    ("REPLIKV.CONSISTENCY", -1, false), ("REPLIKV.READ", -1, false), ("REPLIKV.STATUS", 1, false),
+    ("GET", 2, false),
+    ("SET", -3, true),
+    ("SETNX", 3, true),
+    ("SETEX", 4, true),
+    ("PSETEX", 4, true),
+    ("GETSET", 3, true),
+    ("MGET", -2, false),
+    ("MSET", -3, true),
+    ("MSETNX", -3, true),
+    ("INCR", 2, true),
+    ("DECR", 2, true),
+    ("INCRBY", 3, true),
+    ("DECRBY", 3, true),
+    ("INCRBYFLOAT", 3, true),
+    ("APPEND", 3, true),
+    ("STRLEN", 2, false),
+    ("GETDEL", 2, true),
+    ("DEL", -2, true),
+    ("UNLINK", -2, true),
+    ("EXISTS", -2, false),
+    ("TYPE", 2, false),
+    ("EXPIRE", -3, true),
+    ("PEXPIRE", -3, true),
+    ("EXPIREAT", -3, true),
+    ("PEXPIREAT", -3, true),
+    ("PERSIST", 2, true),
+    ("TTL", 2, false),
+    ("PTTL", 2, false),
+    ("EXPIRETIME", 2, false),
+    ("PEXPIRETIME", 2, false),
+    ("SCAN", -2, false),
+    ("KEYS", 2, false),
+    ("DBSIZE", 1, false),
+    ("PING", -1, false),
+    ("ECHO", 2, false),
+    ("HELLO", -1, false),
+    ("AUTH", -2, false),
+    ("SELECT", 2, false),
+    ("CLIENT", -2, false),
+    ("COMMAND", -1, false),
+    ("CONFIG", -2, false),
+    ("QUIT", -1, false),
+    ("INFO", -1, false),
+    ("ROLE", 1, false),
+    ("WAIT", 3, false),
+    ("READONLY", 1, false),
+    ("READWRITE", 1, false),
+    ("CLUSTER", -2, false),
+    ("REPLIKV.CONSISTENCY", -1, false),
+    ("REPLIKV.READ", -1, false),
+    ("REPLIKV.STATUS", 1, false),
 ];
 
 pub(crate) async fn dispatch<S: Service>(
@@ -48,9 +86,8 @@ pub(crate) async fn dispatch<S: Service>(
     settle(state, answers).await;
     let frame = match args.name.as_str() {
         "GET" | "MGET" | "STRLEN" => crate::cmd_strings::read_command(service, state, &args).await,
-        "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" | "SCAN" | "KEYS" | "DBSIZE" => {
-            crate::cmd_keys::read_command(service, state, &args).await
-        }
+        "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" | "SCAN" | "KEYS"
+        | "DBSIZE" => crate::cmd_keys::read_command(service, state, &args).await,
         "CLUSTER" => crate::cmd_cluster::cluster(service, &args),
         _ => connection_command(service, state, &args).await,
     };
@@ -58,7 +95,10 @@ pub(crate) async fn dispatch<S: Service>(
 }
 
 fn unknown_command(args: &Args) -> Frame {
-    let mut msg = format!("ERR unknown command '{}', with args beginning with:", args.text(0));
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with:",
+        args.text(0)
+    );
     for a in args.args.iter().skip(1).take(8) {
         msg.push_str(&format!(" '{}'", String::from_utf8_lossy(a)));
     }
@@ -143,13 +183,23 @@ fn hello<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Frame {
     let field = |k: &str, v: Frame| (Frame::Bulk(Bytes::copy_from_slice(k.as_bytes())), v);
     Frame::Map(vec![
         field("server", Frame::Bulk(Bytes::from_static(b"replikv"))),
-        field("version", Frame::Bulk(Bytes::from_static(env!("CARGO_PKG_VERSION").as_bytes()))),
-        field("proto", Frame::Integer(if state.proto == Protocol::Resp3 { 3 } else { 2 })),
+        field(
+            "version",
+            Frame::Bulk(Bytes::from_static(env!("CARGO_PKG_VERSION").as_bytes())),
+        ),
+        field(
+            "proto",
+            Frame::Integer(if state.proto == Protocol::Resp3 { 3 } else { 2 }),
+        ),
         field("id", Frame::Integer(state.id as i64)),
         field("mode", Frame::Bulk(Bytes::from_static(b"cluster"))),
         field(
             "role",
-            Frame::Bulk(Bytes::from_static(if facts.partitions_led > 0 { b"master" } else { b"replica" })),
+            Frame::Bulk(Bytes::from_static(if facts.partitions_led > 0 {
+                b"master"
+            } else {
+                b"replica"
+            })),
         ),
         field("modules", Frame::Array(Vec::new())),
     ])
@@ -159,7 +209,10 @@ fn client(state: &mut ConnState, args: &Args) -> Frame {
     match args.upper(1).as_str() {
         "SETNAME" if args.len() == 3 => {
             if args.args[2].iter().any(|b| *b == b' ' || *b == b'\n') {
-                return Frame::Error("ERR Client names cannot contain spaces, newlines or special characters.".into());
+                return Frame::Error(
+                    "ERR Client names cannot contain spaces, newlines or special characters."
+                        .into(),
+                );
             }
             state.name = Some(args.args[2].clone());
             ok()
@@ -168,10 +221,22 @@ fn client(state: &mut ConnState, args: &Args) -> Frame {
         "ID" => Frame::Integer(state.id as i64),
         "SETINFO" => ok(),
         "INFO" | "LIST" => {
-            let name = state.name.as_ref().map(|n| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-            Frame::Bulk(Bytes::from(format!("id={} name={} db=0 resp={}\n", state.id, name, if state.proto == Protocol::Resp3 { 3 } else { 2 })))
+            let name = state
+                .name
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .unwrap_or_default();
+            Frame::Bulk(Bytes::from(format!(
+                "id={} name={} db=0 resp={}\n",
+                state.id,
+                name,
+                if state.proto == Protocol::Resp3 { 3 } else { 2 }
+            )))
         }
-        _ => Frame::Error(format!("ERR unknown subcommand '{}'. Try CLIENT HELP.", args.text(1))),
+        _ => Frame::Error(format!(
+            "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+            args.text(1)
+        )),
     }
 }
 
@@ -198,11 +263,18 @@ fn command(args: &Args) -> Frame {
                 .iter()
                 .map(|n| {
                     let n = String::from_utf8_lossy(n).to_ascii_uppercase();
-                    COMMANDS.iter().find(|c| c.0 == n).map(info).unwrap_or(Frame::Null)
+                    COMMANDS
+                        .iter()
+                        .find(|c| c.0 == n)
+                        .map(info)
+                        .unwrap_or(Frame::Null)
                 })
                 .collect(),
         ),
-        _ => Frame::Error(format!("ERR unknown subcommand '{}'. Try COMMAND HELP.", args.text(1))),
+        _ => Frame::Error(format!(
+            "ERR unknown subcommand '{}'. Try COMMAND HELP.",
+            args.text(1)
+        )),
     }
 }
 
@@ -214,7 +286,13 @@ async fn wait<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Fr
     };
     if state.session.is_empty() {
         // Nothing written on this connection: every replica trivially holds it.
-        let others = service.facts().replicas.iter().map(|r| r.1).collect::<std::collections::BTreeSet<_>>().len();
+        let others = service
+            .facts()
+            .replicas
+            .iter()
+            .map(|r| r.node)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         return Frame::Integer(others as i64);
     }
     let mut least: Option<u64> = None;

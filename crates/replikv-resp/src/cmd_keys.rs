@@ -16,19 +16,35 @@ use crate::conn::{err, syntax_error, Args, ConnState};
 use crate::service::Service;
 
 /// Parses DEL/UNLINK and the EXPIRE family into per-partition ops.
-pub(crate) fn build_write<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), Frame> {
+pub(crate) fn build_write<S: Service>(
+    service: &S,
+    args: &Args,
+) -> Result<(Vec<KvOp>, Combine), Frame> {
     let a = &args.args;
     if args.name == "DEL" || args.name == "UNLINK" {
         let mut by_partition: BTreeMap<PartitionId, Vec<Bytes>> = BTreeMap::new();
         for k in &a[1..] {
-            by_partition.entry(service.partition_of(k)).or_default().push(k.clone());
+            by_partition
+                .entry(service.partition_of(k))
+                .or_default()
+                .push(k.clone());
         }
-        let ops = by_partition.into_values().map(|keys| KvOp::Del { keys }).collect();
+        let ops = by_partition
+            .into_values()
+            .map(|keys| KvOp::Del { keys })
+            .collect();
         return Ok((ops, Combine::Sum));
     }
     let key = a[1].clone();
     if args.name == "PERSIST" {
-        return Ok((vec![KvOp::Expire { key, at_ms: None, cond: replikv_types::ExpireCond::Always }], Combine::One));
+        return Ok((
+            vec![KvOp::Expire {
+                key,
+                at_ms: None,
+                cond: replikv_types::ExpireCond::Always,
+            }],
+            Combine::One,
+        ));
     }
     let n = args.int(2)?;
     let at_ms = match args.name.as_str() {
@@ -39,14 +55,29 @@ pub(crate) fn build_write<S: Service>(service: &S, args: &Args) -> Result<(Vec<K
     };
     let cond = expire_cond(args, 3)?;
     // A time in the past deletes the key when applied, as in Redis.
-    Ok((vec![KvOp::Expire { key, at_ms: Some(at_ms.max(0) as u64), cond }], Combine::One))
+    Ok((
+        vec![KvOp::Expire {
+            key,
+            at_ms: Some(at_ms.max(0) as u64),
+            cond,
+        }],
+        Combine::One,
+    ))
 }
 
-pub(crate) async fn read_command<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Frame {
+pub(crate) async fn read_command<S: Service>(
+    service: &S,
+    state: &mut ConnState,
+    args: &Args,
+) -> Frame {
     let read = state.read.unwrap_or(service.config().read_preference);
     match args.name.as_str() {
         "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" => {
-            let keys: &[Bytes] = if args.name == "EXISTS" { &args.args[1..] } else { &args.args[1..2] };
+            let keys: &[Bytes] = if args.name == "EXISTS" {
+                &args.args[1..]
+            } else {
+                &args.args[1..2]
+            };
             let mut values = Vec::with_capacity(keys.len());
             for k in keys {
                 let min = state.session.get(&service.partition_of(k)).copied();
@@ -120,7 +151,11 @@ static CURSORS: Mutex<Option<Cursors>> = Mutex::new(None);
 
 fn remember(p: PartitionId, key: Bytes) -> u64 {
     let mut guard = CURSORS.lock().expect("cursors");
-    let c = guard.get_or_insert_with(|| Cursors { next: TOKEN_BASE, by_token: HashMap::new(), order: VecDeque::new() });
+    let c = guard.get_or_insert_with(|| Cursors {
+        next: TOKEN_BASE,
+        by_token: HashMap::new(),
+        order: VecDeque::new(),
+    });
     let token = c.next;
     c.next += 1;
     c.by_token.insert(token, (p, key));
@@ -134,11 +169,18 @@ fn remember(p: PartitionId, key: Bytes) -> u64 {
 }
 
 fn recall(token: u64) -> Option<(PartitionId, Bytes)> {
-    CURSORS.lock().expect("cursors").as_ref().and_then(|c| c.by_token.get(&token).cloned())
+    CURSORS
+        .lock()
+        .expect("cursors")
+        .as_ref()
+        .and_then(|c| c.by_token.get(&token).cloned())
 }
 
 async fn scan<S: Service>(service: &S, args: &Args) -> Frame {
-    let Ok(cursor) = std::str::from_utf8(&args.args[1]).unwrap_or("").parse::<u64>() else {
+    let Ok(cursor) = std::str::from_utf8(&args.args[1])
+        .unwrap_or("")
+        .parse::<u64>()
+    else {
         return Frame::Error("ERR invalid cursor".into());
     };
     let (mut count, mut pattern) = (10usize, None);
@@ -153,7 +195,10 @@ async fn scan<S: Service>(service: &S, args: &Args) -> Frame {
             "MATCH" if i + 1 < args.len() => pattern = Some(args.args[i + 1].clone()),
             "TYPE" if i + 1 < args.len() => {
                 if args.upper(i + 1) != "STRING" {
-                    return Frame::Array(vec![Frame::Bulk(Bytes::from_static(b"0")), Frame::Array(Vec::new())]);
+                    return Frame::Array(vec![
+                        Frame::Bulk(Bytes::from_static(b"0")),
+                        Frame::Array(Vec::new()),
+                    ]);
                 }
             }
             _ => return syntax_error(),
@@ -163,7 +208,9 @@ async fn scan<S: Service>(service: &S, args: &Args) -> Frame {
     let (p, start) = if cursor >= TOKEN_BASE {
         match recall(cursor) {
             Some(pos) => pos,
-            None => return Frame::Error("ERR invalid cursor (expired or from another node)".into()),
+            None => {
+                return Frame::Error("ERR invalid cursor (expired or from another node)".into())
+            }
         }
     } else {
         (cursor as PartitionId, Bytes::new())

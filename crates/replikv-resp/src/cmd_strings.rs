@@ -13,7 +13,10 @@ use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
 use crate::service::Service;
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// How the replies of a write split over partitions combine into one.
@@ -27,13 +30,20 @@ pub(crate) enum Combine {
     OkAsOne,
 }
 
-pub(crate) async fn write_command<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Answer {
+pub(crate) async fn write_command<S: Service>(
+    service: &S,
+    state: &mut ConnState,
+    args: &Args,
+) -> Answer {
     let (ops, combine) = match build(service, args) {
         Ok(plan) => plan,
         Err(frame) => return Answer::Now(frame),
     };
     if service.config().redirect {
-        if let Some(e) = ops.first().and_then(|op| service.redirect_for(op.keys()[0])) {
+        if let Some(e) = ops
+            .first()
+            .and_then(|op| service.redirect_for(op.keys()[0]))
+        {
             return Answer::Now(err(&e));
         }
     }
@@ -72,7 +82,12 @@ fn combine_replies(combine: Combine, replies: Vec<Reply>) -> Frame {
     match combine {
         Combine::One => reply_frame(replies.into_iter().next().unwrap_or(Reply::Nil)),
         Combine::AllOk => Frame::Simple("OK".into()),
-        Combine::Sum => Frame::Integer(replies.iter().map(|r| if let Reply::Int(n) = r { *n } else { 0 }).sum()),
+        Combine::Sum => Frame::Integer(
+            replies
+                .iter()
+                .map(|r| if let Reply::Int(n) = r { *n } else { 0 })
+                .sum(),
+        ),
         Combine::OkAsOne => Frame::Integer(matches!(replies.first(), Some(Reply::Ok)) as i64),
     }
 }
@@ -80,7 +95,10 @@ fn combine_replies(combine: Combine, replies: Vec<Reply>) -> Frame {
 fn check_key<S: Service>(service: &S, key: &[u8]) -> Result<(), Frame> {
     let max = service.config().max_key_bytes;
     if key.len() > max {
-        return Err(Frame::Error(format!("ERR key of {} bytes exceeds the limit of {max} bytes", key.len())));
+        return Err(Frame::Error(format!(
+            "ERR key of {} bytes exceeds the limit of {max} bytes",
+            key.len()
+        )));
     }
     Ok(())
 }
@@ -97,7 +115,14 @@ fn check_value<S: Service>(service: &S, value: &[u8]) -> Result<(), Frame> {
 }
 
 fn set_op(key: &Bytes, value: &Bytes, expire_at_ms: Option<u64>, cond: SetCond, get: bool) -> KvOp {
-    KvOp::Set { key: key.clone(), value: value.clone(), expire_at_ms, keep_ttl: false, cond, get }
+    KvOp::Set {
+        key: key.clone(),
+        value: value.clone(),
+        expire_at_ms,
+        keep_ttl: false,
+        cond,
+        get,
+    }
 }
 
 /// Parses a write command into per-partition ops.
@@ -119,39 +144,77 @@ fn build<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), F
         }
         "SETNX" => {
             check_value(service, &a[2])?;
-            return Ok((vec![set_op(key, &a[2], None, SetCond::IfAbsent, false)], Combine::OkAsOne));
+            return Ok((
+                vec![set_op(key, &a[2], None, SetCond::IfAbsent, false)],
+                Combine::OkAsOne,
+            ));
         }
         "SETEX" | "PSETEX" => {
             check_value(service, &a[3])?;
             let n = args.int(2)?;
             if n <= 0 {
-                return Err(Frame::Error(format!("ERR invalid expire time in '{}' command", args.name.to_ascii_lowercase())));
+                return Err(Frame::Error(format!(
+                    "ERR invalid expire time in '{}' command",
+                    args.name.to_ascii_lowercase()
+                )));
             }
-            let ms = if args.name == "SETEX" { n.saturating_mul(1000) } else { n };
-            set_op(key, &a[3], Some(now_ms().saturating_add(ms as u64)), SetCond::Always, false)
+            let ms = if args.name == "SETEX" {
+                n.saturating_mul(1000)
+            } else {
+                n
+            };
+            set_op(
+                key,
+                &a[3],
+                Some(now_ms().saturating_add(ms as u64)),
+                SetCond::Always,
+                false,
+            )
         }
         "GETSET" => {
             check_value(service, &a[2])?;
             set_op(key, &a[2], None, SetCond::Always, true)
         }
-        "INCR" => KvOp::IncrBy { key: key.clone(), delta: 1 },
-        "DECR" => KvOp::IncrBy { key: key.clone(), delta: -1 },
-        "INCRBY" => KvOp::IncrBy { key: key.clone(), delta: args.int(2)? },
+        "INCR" => KvOp::IncrBy {
+            key: key.clone(),
+            delta: 1,
+        },
+        "DECR" => KvOp::IncrBy {
+            key: key.clone(),
+            delta: -1,
+        },
+        "INCRBY" => KvOp::IncrBy {
+            key: key.clone(),
+            delta: args.int(2)?,
+        },
         "DECRBY" => {
             let d = args.int(2)?;
-            let delta = d.checked_neg().ok_or_else(|| Frame::Error("ERR decrement would overflow".into()))?;
-            KvOp::IncrBy { key: key.clone(), delta }
+            let delta = d
+                .checked_neg()
+                .ok_or_else(|| Frame::Error("ERR decrement would overflow".into()))?;
+            KvOp::IncrBy {
+                key: key.clone(),
+                delta,
+            }
         }
         "INCRBYFLOAT" => {
             let delta = args.float(2)?;
             if !delta.is_finite() {
-                return Err(Frame::Error("ERR increment would produce NaN or Infinity".into()));
+                return Err(Frame::Error(
+                    "ERR increment would produce NaN or Infinity".into(),
+                ));
             }
-            KvOp::IncrByFloat { key: key.clone(), delta }
+            KvOp::IncrByFloat {
+                key: key.clone(),
+                delta,
+            }
         }
         "APPEND" => {
             check_value(service, &a[2])?;
-            KvOp::Append { key: key.clone(), value: a[2].clone() }
+            KvOp::Append {
+                key: key.clone(),
+                value: a[2].clone(),
+            }
         }
         "GETDEL" => KvOp::GetDel { key: key.clone() },
         other => return Err(Frame::Error(format!("ERR '{other}' is not a write"))),
@@ -166,14 +229,22 @@ fn parse_set(args: &Args) -> Result<KvOp, Frame> {
         let opt = args.upper(i);
         match opt.as_str() {
             "NX" | "XX" if cond == SetCond::Always => {
-                cond = if opt == "NX" { SetCond::IfAbsent } else { SetCond::IfPresent };
+                cond = if opt == "NX" {
+                    SetCond::IfAbsent
+                } else {
+                    SetCond::IfPresent
+                };
             }
             "GET" => get = true,
             "KEEPTTL" if expire.is_none() => keep_ttl = true,
-            "EX" | "PX" | "EXAT" | "PXAT" if expire.is_none() && !keep_ttl && i + 1 < args.len() => {
+            "EX" | "PX" | "EXAT" | "PXAT"
+                if expire.is_none() && !keep_ttl && i + 1 < args.len() =>
+            {
                 let n = args.int(i + 1)?;
                 if n <= 0 {
-                    return Err(Frame::Error("ERR invalid expire time in 'set' command".into()));
+                    return Err(Frame::Error(
+                        "ERR invalid expire time in 'set' command".into(),
+                    ));
                 }
                 let n = n as u64;
                 expire = Some(match opt.as_str() {
@@ -188,7 +259,14 @@ fn parse_set(args: &Args) -> Result<KvOp, Frame> {
         }
         i += 1;
     }
-    Ok(KvOp::Set { key: args.args[1].clone(), value: args.args[2].clone(), expire_at_ms: expire, keep_ttl, cond, get })
+    Ok(KvOp::Set {
+        key: args.args[1].clone(),
+        value: args.args[2].clone(),
+        expire_at_ms: expire,
+        keep_ttl,
+        cond,
+        get,
+    })
 }
 
 fn build_mset<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), Frame> {
@@ -200,12 +278,21 @@ fn build_mset<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combin
     for pair in args.args[1..].chunks(2) {
         check_key(service, &pair[0])?;
         check_value(service, &pair[1])?;
-        by_partition.entry(service.partition_of(&pair[0])).or_default().push((pair[0].clone(), pair[1].clone()));
+        by_partition
+            .entry(service.partition_of(&pair[0]))
+            .or_default()
+            .push((pair[0].clone(), pair[1].clone()));
     }
     if nx && by_partition.len() > 1 {
         return Err(Frame::Error("CROSSSLOT Keys in request don't hash to the same partition (MSETNX is atomic only within one; use {hash tags})".into()));
     }
-    let ops = by_partition.into_values().map(|pairs| KvOp::MSet { pairs, if_none_exist: nx }).collect();
+    let ops = by_partition
+        .into_values()
+        .map(|pairs| KvOp::MSet {
+            pairs,
+            if_none_exist: nx,
+        })
+        .collect();
     Ok((ops, if nx { Combine::One } else { Combine::AllOk }))
 }
 
@@ -220,7 +307,9 @@ pub(crate) fn expire_cond(args: &Args, from: usize) -> Result<ExpireCond, Frame>
             other => return Err(Frame::Error(format!("ERR Unsupported option {other}"))),
         };
         if cond != ExpireCond::Always {
-            return Err(Frame::Error("ERR NX and XX, GT or LT options at the same time are not compatible".into()));
+            return Err(Frame::Error(
+                "ERR NX and XX, GT or LT options at the same time are not compatible".into(),
+            ));
         }
         cond = next;
     }
@@ -228,9 +317,17 @@ pub(crate) fn expire_cond(args: &Args, from: usize) -> Result<ExpireCond, Frame>
 }
 
 /// GET, MGET, STRLEN.
-pub(crate) async fn read_command<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Frame {
+pub(crate) async fn read_command<S: Service>(
+    service: &S,
+    state: &mut ConnState,
+    args: &Args,
+) -> Frame {
     let read = state.read.unwrap_or(service.config().read_preference);
-    let keys: &[Bytes] = if args.name == "MGET" { &args.args[1..] } else { &args.args[1..2] };
+    let keys: &[Bytes] = if args.name == "MGET" {
+        &args.args[1..]
+    } else {
+        &args.args[1..2]
+    };
     let reads = keys.iter().map(|k| {
         let min = state.session.get(&service.partition_of(k)).copied();
         service.get(k.clone(), read, min)
@@ -244,8 +341,18 @@ pub(crate) async fn read_command<S: Service>(service: &S, state: &mut ConnState,
         }
     }
     match args.name.as_str() {
-        "MGET" => Frame::Array(values.into_iter().map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null)).collect()),
+        "MGET" => Frame::Array(
+            values
+                .into_iter()
+                .map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null))
+                .collect(),
+        ),
         "STRLEN" => Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0)),
-        _ => values.into_iter().next().flatten().map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null),
+        _ => values
+            .into_iter()
+            .next()
+            .flatten()
+            .map(|v| Frame::Bulk(v.data))
+            .unwrap_or(Frame::Null),
     }
 }

@@ -56,7 +56,11 @@ pub(crate) fn err(e: &Error) -> Frame {
 }
 
 /// Serves RESP clients on `listener` until `shutdown` turns true.
-pub async fn serve<S: Service>(listener: TcpListener, service: Arc<S>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve<S: Service>(
+    listener: TcpListener,
+    service: Arc<S>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -96,7 +100,9 @@ async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
         loop {
             match parser.parse(&mut input, &limits) {
                 Ok(Some(args)) => {
-                    let answer = crate::cmd_connection::dispatch(&*service, &mut state, &mut answers, args).await;
+                    let answer =
+                        crate::cmd_connection::dispatch(&*service, &mut state, &mut answers, args)
+                            .await;
                     answers.push(answer);
                     if state.quit {
                         break;
@@ -130,7 +136,11 @@ async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
 }
 
 /// Resolves every queued answer in order and encodes it.
-pub(crate) async fn flush_answers(state: &mut ConnState, answers: &mut Vec<Answer>, out: &mut BytesMut) {
+pub(crate) async fn flush_answers(
+    state: &mut ConnState,
+    answers: &mut Vec<Answer>,
+    out: &mut BytesMut,
+) {
     settle(state, answers).await;
     for a in answers.drain(..) {
         if let Answer::Now(f) = a {

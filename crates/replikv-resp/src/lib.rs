@@ -8,13 +8,15 @@
 //! Pipelined writes are queued in order and awaited together; any other command first waits
 //! for the connection's earlier writes, so a client always reads its own writes.
 
-pub mod codec;
 mod cmd_cluster;
 mod cmd_connection;
 mod cmd_keys;
 mod cmd_strings;
+pub mod codec;
 mod conn;
 mod service;
 
 pub use conn::{serve, ConnState};
-pub use service::{FrontConfig, NodeFacts, Service, SlotRange};
+pub use service::{
+    FrontConfig, NodeFacts, PartitionFact, ReplicaFact, ScanPage, Service, SlotRange,
+};

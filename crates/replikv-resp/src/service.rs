@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use replikv_types::{Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome};
+use replikv_types::{
+    Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome,
+};
 
 /// One slot range and the nodes serving it, leader first: `(node id, host, resp port)`.
 #[derive(Clone, Debug)]
@@ -20,12 +22,33 @@ pub struct NodeFacts {
     pub partitions_led: usize,
     pub partitions_hosted: usize,
     pub connected_peers: usize,
-    /// Per hosted partition: (partition, role, leader, applied offset, staleness ms).
-    pub partitions: Vec<(u32, String, Option<u64>, u64, Option<u64>)>,
-    /// Per replica of partitions this node leads: (partition, node, matched offset, lag ops).
-    pub replicas: Vec<(u32, u64, u64, u64)>,
+    pub partitions: Vec<PartitionFact>,
+    /// Replicas of the partitions this node leads.
+    pub replicas: Vec<ReplicaFact>,
     pub keys_hint: Option<u64>,
 }
+
+/// One hosted partition as this node sees it.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionFact {
+    pub partition: u32,
+    pub role: String,
+    pub leader: Option<u64>,
+    pub applied_offset: u64,
+    pub staleness_ms: Option<u64>,
+}
+
+/// One replica of a partition this node leads.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicaFact {
+    pub partition: u32,
+    pub node: u64,
+    pub matched_offset: u64,
+    pub lag_ops: u64,
+}
+
+/// One page of a partition's keys, and the key to resume from.
+pub type ScanPage = (Vec<Bytes>, Option<Bytes>);
 
 /// Limits and defaults a connection applies.
 #[derive(Clone, Debug)]
@@ -43,9 +66,18 @@ pub trait Service: Send + Sync + 'static {
 
     /// Queues the write toward its leader (the connection's writes keep their order), then
     /// returns the future of its acknowledgement.
-    fn submit_write(&self, op: KvOp, level: Consistency) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>>;
+    fn submit_write(
+        &self,
+        op: KvOp,
+        level: Consistency,
+    ) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>>;
 
-    fn get(&self, key: Bytes, read: ReadPreference, min_offset: Option<Offset>) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>>;
+    fn get(
+        &self,
+        key: Bytes,
+        read: ReadPreference,
+        min_offset: Option<Offset>,
+    ) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>>;
 
     fn partition_of(&self, key: &[u8]) -> PartitionId;
 
@@ -58,10 +90,16 @@ pub trait Service: Send + Sync + 'static {
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
-    ) -> BoxFuture<'_, Result<(Vec<Bytes>, Option<Bytes>), Error>>;
+    ) -> BoxFuture<'_, Result<ScanPage, Error>>;
 
     /// `WAIT`: replicas other than the leader that hold `offset` of `p`.
-    fn wait_replicas(&self, p: PartitionId, offset: Offset, wanted: usize, timeout_ms: u64) -> BoxFuture<'_, Result<u64, Error>>;
+    fn wait_replicas(
+        &self,
+        p: PartitionId,
+        offset: Offset,
+        wanted: usize,
+        timeout_ms: u64,
+    ) -> BoxFuture<'_, Result<u64, Error>>;
 
     /// `-MOVED` target when `redirect` is on and this node does not lead `key`'s partition.
     fn redirect_for(&self, key: &[u8]) -> Option<Error>;

@@ -17,4 +17,4 @@
 
 mod store;
 
-pub use store::{FsyncPolicy, ReadTx, Store, StorageError, WriteTx};
+pub use store::{FsyncPolicy, ReadTx, StorageError, Store, WriteTx};

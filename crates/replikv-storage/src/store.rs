@@ -289,9 +289,7 @@ impl WriteTx<'_> {
 
     /// Removes every key of partition `p` (before installing a snapshot).
     pub fn kv_clear(&mut self, p: u32) -> Result<(), StorageError> {
-        self.kv
-            .retain(|(part, _), _| part != p)
-            .map_err(err)
+        self.kv.retain(|(part, _), _| part != p).map_err(err)
     }
 
     pub fn snapshot_put(&mut self, p: u32, bytes: &[u8]) -> Result<(), StorageError> {
@@ -312,7 +310,11 @@ impl ReadTx {
     }
 
     /// Records of partition `p` with index in `range`, in order.
-    pub fn log_range(&self, p: u32, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    pub fn log_range(
+        &self,
+        p: u32,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let t = self.tx.open_table(LOG).map_err(err)?;
         let mut out = Vec::new();
         for item in t.range((p, range.start)..(p, range.end)).map_err(err)? {
@@ -445,7 +447,10 @@ mod tests {
             .await
             .unwrap();
         let r = store.read().unwrap();
-        assert_eq!(r.log_range(1, 0..100).unwrap().first().map(|e| e.0), Some(6));
+        assert_eq!(
+            r.log_range(1, 0..100).unwrap().first().map(|e| e.0),
+            Some(6)
+        );
         assert_eq!(r.log_len(2).unwrap(), 10);
         assert_eq!(r.kv_get(1, b"a").unwrap(), None);
         assert_eq!(r.kv_get(2, b"a").unwrap(), Some(b"2".to_vec()));

@@ -105,7 +105,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -133,7 +136,11 @@ impl Cluster {
                 },
             );
         }
-        let peers: String = nodes.values().map(|n| format!("{}: {}", n.id, n.peer)).collect::<Vec<_>>().join(", ");
+        let peers: String = nodes
+            .values()
+            .map(|n| format!("{}: {}", n.id, n.peer))
+            .collect::<Vec<_>>()
+            .join(", ");
         for n in nodes.values() {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
@@ -159,7 +166,12 @@ impl Cluster {
             );
             fs::write(&n.config, yaml).expect("writing node config");
         }
-        let mut c = Cluster { bin: bin.to_path_buf(), opts, _dir: dir, nodes };
+        let mut c = Cluster {
+            bin: bin.to_path_buf(),
+            opts,
+            _dir: dir,
+            nodes,
+        };
         let ids: Vec<u64> = c.nodes.keys().copied().collect();
         for id in &ids {
             c.spawn(*id);
@@ -171,7 +183,11 @@ impl Cluster {
     fn spawn(&mut self, id: u64) {
         let bin = self.bin.clone();
         let n = self.nodes.get_mut(&id).expect("known node");
-        let log = fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("log file");
         let mut cmd = Command::new(bin);
         cmd.arg("server")
             .arg("--config")
@@ -191,12 +207,19 @@ impl Cluster {
         let http = n.http;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if ureq::get(&format!("http://{http}/health")).timeout(Duration::from_millis(500)).call().is_ok() {
+            if ureq::get(&format!("http://{http}/health"))
+                .timeout(Duration::from_millis(500))
+                .call()
+                .is_ok()
+            {
                 return;
             }
             let exited = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                panic!("node {id} did not come up ({exited:?}); its log:\n{}", n.log_tail());
+                panic!(
+                    "node {id} did not come up ({exited:?}); its log:\n{}",
+                    n.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -207,7 +230,11 @@ impl Cluster {
     }
 
     pub fn live(&self) -> Vec<u64> {
-        self.nodes.values().filter(|n| n.is_running()).map(|n| n.id).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.is_running())
+            .map(|n| n.id)
+            .collect()
     }
 
     /// `kill -9`: no shutdown, no flush.
@@ -245,7 +272,8 @@ impl Cluster {
         let conn = client
             .get_connection_with_timeout(Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connecting to node {id}: {e}"));
-        conn.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
+        conn.set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("read timeout");
         conn
     }
 
@@ -253,16 +281,23 @@ impl Cluster {
         let url = format!("http://{}{path}", self.nodes[&id].http);
         match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
             Ok(r) => r.into_json().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
 
     pub fn http_post(&self, id: u64, path: &str, body: Value) -> Result<Value, String> {
         let url = format!("http://{}{path}", self.nodes[&id].http);
-        match ureq::post(&url).timeout(Duration::from_secs(30)).send_json(body) {
+        match ureq::post(&url)
+            .timeout(Duration::from_secs(30))
+            .send_json(body)
+        {
             Ok(r) => r.into_json().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -270,9 +305,14 @@ impl Cluster {
     /// PUTs raw bytes (a value) and returns the JSON answer.
     pub fn http_put(&self, id: u64, path: &str, body: &str) -> Result<Value, String> {
         let url = format!("http://{}{path}", self.nodes[&id].http);
-        match ureq::put(&url).timeout(Duration::from_secs(30)).send_string(body) {
+        match ureq::put(&url)
+            .timeout(Duration::from_secs(30))
+            .send_string(body)
+        {
             Ok(r) => r.into_json().map_err(|e| e.to_string()),
-            Err(ureq::Error::Status(code, r)) => Err(format!("{code}: {}", r.into_string().unwrap_or_default())),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -282,7 +322,10 @@ impl Cluster {
         for id in self.live() {
             let http = self.nodes[&id].http;
             wait_until(timeout, &format!("node {id} ready"), || {
-                ureq::get(&format!("http://{http}/ready")).timeout(Duration::from_secs(1)).call().is_ok()
+                ureq::get(&format!("http://{http}/ready"))
+                    .timeout(Duration::from_secs(1))
+                    .call()
+                    .is_ok()
             });
         }
     }
@@ -299,7 +342,9 @@ impl Cluster {
 
     /// Partitions node `id` leads right now.
     pub fn led_by(&self, id: u64) -> Vec<u64> {
-        let Ok(state) = self.http_get(id, "/v1/_replication/state") else { return Vec::new() };
+        let Ok(state) = self.http_get(id, "/v1/_replication/state") else {
+            return Vec::new();
+        };
         state["partitions"]
             .as_array()
             .map(|ps| {
@@ -314,60 +359,85 @@ impl Cluster {
     /// Waits until a live node other than `not` leads `partition`, as every live node agrees.
     pub fn wait_new_leader(&self, partition: u64, not: u64, timeout: Duration) -> u64 {
         let mut found = 0;
-        wait_until(timeout, &format!("a new leader of partition {partition}"), || {
-            let live = self.live();
-            let seen: Vec<Option<u64>> = live.iter().map(|id| self.leader_seen_by(*id, partition)).collect();
-            match seen.first().copied().flatten() {
-                Some(l) if l != not && live.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
-                    found = l;
-                    true
+        wait_until(
+            timeout,
+            &format!("a new leader of partition {partition}"),
+            || {
+                let live = self.live();
+                let seen: Vec<Option<u64>> = live
+                    .iter()
+                    .map(|id| self.leader_seen_by(*id, partition))
+                    .collect();
+                match seen.first().copied().flatten() {
+                    Some(l)
+                        if l != not && live.contains(&l) && seen.iter().all(|s| *s == Some(l)) =>
+                    {
+                        found = l;
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
-            }
-        });
+            },
+        );
         found
     }
 
     /// Waits until one of `among` leads `partition`, as every node in `among` agrees.
     pub fn wait_new_leader_among(&self, partition: u64, among: &[u64], timeout: Duration) -> u64 {
         let mut found = 0;
-        wait_until(timeout, &format!("a leader of partition {partition} among {among:?}"), || {
-            let seen: Vec<Option<u64>> = among.iter().map(|id| self.leader_seen_by(*id, partition)).collect();
-            match seen.first().copied().flatten() {
-                Some(l) if among.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
-                    found = l;
-                    true
+        wait_until(
+            timeout,
+            &format!("a leader of partition {partition} among {among:?}"),
+            || {
+                let seen: Vec<Option<u64>> = among
+                    .iter()
+                    .map(|id| self.leader_seen_by(*id, partition))
+                    .collect();
+                match seen.first().copied().flatten() {
+                    Some(l) if among.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
+                        found = l;
+                        true
+                    }
+                    _ => false,
                 }
-                _ => false,
-            }
-        });
+            },
+        );
         found
     }
 
     /// Cuts the peer links between `id` and every node in `others`, both directions.
     pub fn cut(&self, id: u64, others: &[u64]) {
-        self.http_post(id, "/debug/faults", serde_json::json!({"blocked": others})).expect("cutting links");
+        self.http_post(id, "/debug/faults", serde_json::json!({"blocked": others}))
+            .expect("cutting links");
         for o in others {
             let mut blocked: Vec<u64> = self
                 .http_get(*o, "/debug/faults")
                 .ok()
-                .and_then(|v| v["blocked"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()))
+                .and_then(|v| {
+                    v["blocked"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                })
                 .unwrap_or_default();
             blocked.push(id);
-            self.http_post(*o, "/debug/faults", serde_json::json!({"blocked": blocked})).expect("cutting links");
+            self.http_post(*o, "/debug/faults", serde_json::json!({"blocked": blocked}))
+                .expect("cutting links");
         }
     }
 
     /// Restores every peer link.
     pub fn heal(&self) {
         for id in self.live() {
-            self.http_post(id, "/debug/faults", serde_json::json!({"blocked": []})).expect("healing links");
+            self.http_post(id, "/debug/faults", serde_json::json!({"blocked": []}))
+                .expect("healing links");
         }
     }
 
     /// Per partition: (keys, crc32c, applied offset) of node `id`'s replica.
     pub fn digests(&self, id: u64) -> BTreeMap<u64, (u64, u64, u64)> {
-        let v = self.http_get(id, "/v1/_replication/digest").unwrap_or_else(|e| panic!("digest of node {id}: {e}"));
+        let v = self
+            .http_get(id, "/v1/_replication/digest")
+            .unwrap_or_else(|e| panic!("digest of node {id}: {e}"));
         v["partitions"]
             .as_array()
             .expect("partitions")
@@ -375,7 +445,11 @@ impl Cluster {
             .map(|p| {
                 (
                     p["partition"].as_u64().expect("partition"),
-                    (p["keys"].as_u64().expect("keys"), p["crc32c"].as_u64().expect("crc"), p["applied_offset"].as_u64().expect("applied")),
+                    (
+                        p["keys"].as_u64().expect("keys"),
+                        p["crc32c"].as_u64().expect("crc"),
+                        p["applied_offset"].as_u64().expect("applied"),
+                    ),
                 )
             })
             .collect()
@@ -385,8 +459,13 @@ impl Cluster {
     pub fn wait_converged(&self, timeout: Duration) {
         let mut last = String::new();
         wait_until(timeout, "replicas converge to identical contents", || {
-            let all: Vec<BTreeMap<u64, (u64, u64, u64)>> = self.live().iter().map(|id| self.digests(*id)).collect();
-            let contents = |d: &BTreeMap<u64, (u64, u64, u64)>| d.iter().map(|(p, (k, c, _))| (*p, *k, *c)).collect::<Vec<_>>();
+            let all: Vec<BTreeMap<u64, (u64, u64, u64)>> =
+                self.live().iter().map(|id| self.digests(*id)).collect();
+            let contents = |d: &BTreeMap<u64, (u64, u64, u64)>| {
+                d.iter()
+                    .map(|(p, (k, c, _))| (*p, *k, *c))
+                    .collect::<Vec<_>>()
+            };
             last = format!("{all:?}");
             all.windows(2).all(|w| contents(&w[0]) == contents(&w[1]))
         });

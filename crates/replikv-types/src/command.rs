@@ -375,9 +375,18 @@ mod tests {
     #[test]
     fn set_conditions_follow_redis() {
         let old = val("old");
-        assert_eq!(apply_one(&set(SetCond::IfAbsent, false), Some(&old), 0).1, Reply::Nil);
-        assert_eq!(apply_one(&set(SetCond::IfAbsent, false), None, 0).1, Reply::Ok);
-        assert_eq!(apply_one(&set(SetCond::IfPresent, false), None, 0).0, Change::Keep);
+        assert_eq!(
+            apply_one(&set(SetCond::IfAbsent, false), Some(&old), 0).1,
+            Reply::Nil
+        );
+        assert_eq!(
+            apply_one(&set(SetCond::IfAbsent, false), None, 0).1,
+            Reply::Ok
+        );
+        assert_eq!(
+            apply_one(&set(SetCond::IfPresent, false), None, 0).0,
+            Change::Keep
+        );
         let (change, reply) = apply_one(&set(SetCond::Always, true), Some(&old), 0);
         assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"old")));
         assert_eq!(change, Change::Put(val("new")));
@@ -391,9 +400,15 @@ mod tests {
         };
         assert_eq!(apply_one(&op, None, 0).1, Reply::Int(1));
         assert_eq!(apply_one(&op, Some(&val("41")), 0).1, Reply::Int(42));
-        assert!(matches!(apply_one(&op, Some(&val("x")), 0), (Change::Keep, Reply::Error(_))));
+        assert!(matches!(
+            apply_one(&op, Some(&val("x")), 0),
+            (Change::Keep, Reply::Error(_))
+        ));
         let max = val(&i64::MAX.to_string());
-        assert!(matches!(apply_one(&op, Some(&max), 0), (Change::Keep, Reply::Error(_))));
+        assert!(matches!(
+            apply_one(&op, Some(&max), 0),
+            (Change::Keep, Reply::Error(_))
+        ));
     }
 
     #[test]

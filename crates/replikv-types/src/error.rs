@@ -123,9 +123,15 @@ mod tests {
             committed: Commit::No,
             detail: "2 of 3 replicas unreachable".into(),
         };
-        assert_eq!(e.to_resp(), "NOQUORUM 2 of 3 replicas unreachable (not committed)");
+        assert_eq!(
+            e.to_resp(),
+            "NOQUORUM 2 of 3 replicas unreachable (not committed)"
+        );
         let e = Error::InvalidArgument("wrong number of arguments for 'get' command".into());
-        assert_eq!(e.to_resp(), "ERR wrong number of arguments for 'get' command");
+        assert_eq!(
+            e.to_resp(),
+            "ERR wrong number of arguments for 'get' command"
+        );
         assert_eq!(Error::TryAgain("x".into()).http_status(), 503);
     }
 }

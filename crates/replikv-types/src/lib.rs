@@ -10,7 +10,10 @@ mod consistency;
 mod error;
 mod glob;
 
-pub use command::{apply_one, format_float, Change, ExpireCond, KvOp, Reply, SetCond, StoredValue, ValueWithTtl, WriteOutcome, WriteRequest};
+pub use command::{
+    apply_one, format_float, Change, ExpireCond, KvOp, Reply, SetCond, StoredValue, ValueWithTtl,
+    WriteOutcome, WriteRequest,
+};
 pub use consistency::{Consistency, ReadPreference};
 pub use error::{Commit, Error};
 pub use glob::glob_match;

@@ -35,7 +35,9 @@ enum AdminCommand {
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(args))
 }
 
@@ -51,9 +53,10 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let (path, body) = match &args.command {
         AdminCommand::Status => ("/v1/_replication/state", None),
-        AdminCommand::Promote { partition, node } => {
-            ("/v1/_replication/promote", Some(serde_json::json!({"partition": partition, "node": node})))
-        }
+        AdminCommand::Promote { partition, node } => (
+            "/v1/_replication/promote",
+            Some(serde_json::json!({"partition": partition, "node": node})),
+        ),
         AdminCommand::Members => ("/v1/cluster", None),
         AdminCommand::Keyspaces => ("/v1/keyspaces", None),
     };
@@ -61,11 +64,18 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
         Some(b) => client.post(url(&args.addr, path)).json(b),
         None => client.get(url(&args.addr, path)),
     };
-    let resp = req.send().await.with_context(|| format!("contacting {}", args.addr))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("contacting {}", args.addr))?;
     let status = resp.status();
     let value: Value = resp.json().await.context("reading the answer")?;
     if !status.is_success() {
-        bail!("{}: {}", status, value["message"].as_str().unwrap_or(&value.to_string()));
+        bail!(
+            "{}: {}",
+            status,
+            value["message"].as_str().unwrap_or(&value.to_string())
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -73,21 +83,37 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
     }
     match args.command {
         AdminCommand::Status => print_status(&value),
-        AdminCommand::Promote { partition, node } => println!("partition {partition}: leadership moved to node {node}"),
+        AdminCommand::Promote { partition, node } => {
+            println!("partition {partition}: leadership moved to node {node}")
+        }
         _ => println!("{}", serde_json::to_string_pretty(&value)?),
     }
     Ok(())
 }
 
 fn print_status(v: &Value) {
-    println!("node {}  resp {}  http {}", v["node_id"], v["resp_addr"].as_str().unwrap_or(""), v["http_addr"].as_str().unwrap_or(""));
-    println!("{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}", "partition", "role", "leader", "preferred", "term", "last", "applied", "stale_ms");
+    println!(
+        "node {}  resp {}  http {}",
+        v["node_id"],
+        v["resp_addr"].as_str().unwrap_or(""),
+        v["http_addr"].as_str().unwrap_or("")
+    );
+    println!(
+        "{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}",
+        "partition", "role", "leader", "preferred", "term", "last", "applied", "stale_ms"
+    );
     let empty = vec![];
     for p in v["partitions"].as_array().unwrap_or(&empty) {
         println!(
             "{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}",
-            p["partition"], p["role"].as_str().unwrap_or(""), p["leader"], p["preferred_leader"], p["term"],
-            p["last_offset"], p["applied_offset"], p["staleness_ms"]
+            p["partition"],
+            p["role"].as_str().unwrap_or(""),
+            p["leader"],
+            p["preferred_leader"],
+            p["term"],
+            p["last_offset"],
+            p["applied_offset"],
+            p["staleness_ms"]
         );
         for r in p["replicas"].as_array().unwrap_or(&empty) {
             println!(

@@ -55,12 +55,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "ycsb-a" => 50,
         "ycsb-b" => 95,
         "ycsb-c" => 100,
-        other => other.parse().ok().filter(|p| *p <= 100).with_context(|| format!("--workload {other:?}: use set, get, ycsb-a|b|c or a read percentage 0-100"))?,
+        other => other.parse().ok().filter(|p| *p <= 100).with_context(|| {
+            format!("--workload {other:?}: use set, get, ycsb-a|b|c or a read percentage 0-100")
+        })?,
     };
     if args.clients == 0 || args.pipeline == 0 {
         bail!("--clients and --pipeline must be at least 1");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(drive(args, read_pct))
 }
 
@@ -92,8 +96,11 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let (args, zipf, issued, errors) = (args.clone(), zipf.clone(), issued.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move { client(c as u64, args, read_pct, zipf, issued, errors).await }));
+        let (args, zipf, issued, errors) =
+            (args.clone(), zipf.clone(), issued.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            client(c as u64, args, read_pct, zipf, issued, errors).await
+        }));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     for t in tasks {
@@ -102,7 +109,11 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let done = hist.len();
     let ops = done as f64 / secs;
-    let (p50, p99, p999) = (hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999));
+    let (p50, p99, p999) = (
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+    );
     let errs = errors.load(Ordering::Relaxed);
     if args.json {
         println!(
@@ -122,7 +133,12 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
 }
 
 fn command(parts: &[&[u8]], out: &mut BytesMut) {
-    let frame = Frame::Array(parts.iter().map(|p| Frame::Bulk(bytes::Bytes::copy_from_slice(p))).collect());
+    let frame = Frame::Array(
+        parts
+            .iter()
+            .map(|p| Frame::Bulk(bytes::Bytes::copy_from_slice(p)))
+            .collect(),
+    );
     encode(&frame, Protocol::Resp2, out);
 }
 
@@ -135,9 +151,12 @@ async fn client(
     errors: Arc<AtomicU64>,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let mut stream = TcpStream::connect(&args.addr).await.with_context(|| format!("connecting to {}", args.addr))?;
+    let mut stream = TcpStream::connect(&args.addr)
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
     stream.set_nodelay(true)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
     let value = vec![b'x'; args.value_size];
     let mut out = BytesMut::new();
     let mut input = BytesMut::with_capacity(64 * 1024);
@@ -193,12 +212,18 @@ async fn client(
     }
 }
 
-async fn read_frame(stream: &mut TcpStream, input: &mut BytesMut, limits: &Limits) -> anyhow::Result<Frame> {
+async fn read_frame(
+    stream: &mut TcpStream,
+    input: &mut BytesMut,
+    limits: &Limits,
+) -> anyhow::Result<Frame> {
     loop {
         if let Some(f) = parse_frame(input, limits).map_err(|e| anyhow::anyhow!("{e}"))? {
             return Ok(f);
         }
-        let n = tokio::time::timeout(Duration::from_secs(30), stream.read_buf(input)).await.context("reply timed out")??;
+        let n = tokio::time::timeout(Duration::from_secs(30), stream.read_buf(input))
+            .await
+            .context("reply timed out")??;
         if n == 0 {
             bail!("server closed the connection");
         }

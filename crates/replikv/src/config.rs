@@ -102,7 +102,11 @@ impl Default for Config {
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen { resp: "127.0.0.1:6380".into(), http: "127.0.0.1:8080".into(), peer: None }
+        Listen {
+            resp: "127.0.0.1:6380".into(),
+            http: "127.0.0.1:8080".into(),
+            peer: None,
+        }
     }
 }
 
@@ -129,7 +133,10 @@ impl Default for Replication {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_key_bytes: 64 * 1024, max_value_bytes: 16 << 20 }
+        Limits {
+            max_key_bytes: 64 * 1024,
+            max_value_bytes: 16 << 20,
+        }
     }
 }
 
@@ -149,14 +156,27 @@ impl Config {
             return fail("node_id", "must be a positive integer".into());
         }
         if !self.peers.contains_key(&self.node_id) {
-            return fail("peers", format!("must include this node ({}); got ids {:?}", self.node_id, self.peers.keys().collect::<Vec<_>>()));
+            return fail(
+                "peers",
+                format!(
+                    "must include this node ({}); got ids {:?}",
+                    self.node_id,
+                    self.peers.keys().collect::<Vec<_>>()
+                ),
+            );
         }
         for (id, addr) in &self.peers {
             if addr.parse::<SocketAddr>().is_err() {
-                return fail(&format!("peers.{id}"), format!("{addr:?} is not an IP:port address"));
+                return fail(
+                    &format!("peers.{id}"),
+                    format!("{addr:?} is not an IP:port address"),
+                );
             }
         }
-        for (field, addr) in [("listen.resp", &self.listen.resp), ("listen.http", &self.listen.http)] {
+        for (field, addr) in [
+            ("listen.resp", &self.listen.resp),
+            ("listen.http", &self.listen.http),
+        ] {
             if addr.parse::<SocketAddr>().is_err() {
                 return fail(field, format!("{addr:?} is not an IP:port address"));
             }
@@ -170,31 +190,61 @@ impl Config {
             return fail("replication.factor", "must be at least 1".into());
         }
         if r.partitions == 0 || r.partitions > replikv_placement::SLOT_COUNT as u32 {
-            return fail("replication.partitions", format!("{} is out of range; allowed: 1 to 16384", r.partitions));
+            return fail(
+                "replication.partitions",
+                format!("{} is out of range; allowed: 1 to 16384", r.partitions),
+            );
         }
         if let Consistency::AtLeast(n) = r.consistency {
             let f = r.factor.min(self.peers.len());
             if n as usize > f {
-                return fail("replication.consistency", format!("at_least:{n} exceeds the replication factor {f}"));
+                return fail(
+                    "replication.consistency",
+                    format!("at_least:{n} exceeds the replication factor {f}"),
+                );
             }
         }
         if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.election_timeout_min_ms {
-            return fail("replication.heartbeat_ms", format!("{} must be positive and at most half of election_timeout_min_ms ({})", r.heartbeat_ms, r.election_timeout_min_ms));
+            return fail(
+                "replication.heartbeat_ms",
+                format!(
+                    "{} must be positive and at most half of election_timeout_min_ms ({})",
+                    r.heartbeat_ms, r.election_timeout_min_ms
+                ),
+            );
         }
         if r.election_timeout_min_ms >= r.election_timeout_max_ms {
-            return fail("replication.election_timeout_min_ms", "must be less than election_timeout_max_ms".into());
+            return fail(
+                "replication.election_timeout_min_ms",
+                "must be less than election_timeout_max_ms".into(),
+            );
         }
         if r.write_timeout_ms == 0 {
             return fail("replication.write_timeout_ms", "must be positive".into());
         }
         if r.snapshot_every_entries == 0 {
-            return fail("replication.snapshot_every_entries", "must be positive".into());
+            return fail(
+                "replication.snapshot_every_entries",
+                "must be positive".into(),
+            );
         }
         if self.limits.max_value_bytes == 0 || self.limits.max_value_bytes > MAX_VALUE_BYTES_CAP {
-            return fail("limits.max_value_bytes", format!("{} is out of range; allowed: 1 to {MAX_VALUE_BYTES_CAP}", self.limits.max_value_bytes));
+            return fail(
+                "limits.max_value_bytes",
+                format!(
+                    "{} is out of range; allowed: 1 to {MAX_VALUE_BYTES_CAP}",
+                    self.limits.max_value_bytes
+                ),
+            );
         }
         if self.limits.max_key_bytes == 0 || self.limits.max_key_bytes > 1 << 20 {
-            return fail("limits.max_key_bytes", format!("{} is out of range; allowed: 1 to 1048576", self.limits.max_key_bytes));
+            return fail(
+                "limits.max_key_bytes",
+                format!(
+                    "{} is out of range; allowed: 1 to 1048576",
+                    self.limits.max_key_bytes
+                ),
+            );
         }
         Ok(())
     }
@@ -231,7 +281,10 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| format!("--peers: {part:?} is not ID=ADDR"))?;
-        let id: u64 = id.trim().parse().map_err(|_| format!("--peers: {id:?} is not a node id"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("--peers: {id:?} is not a node id"))?;
         if out.insert(id, addr.trim().to_string()).is_some() {
             return Err(format!("--peers: node {id} is listed twice"));
         }
@@ -284,7 +337,10 @@ storage: { fsync: always }
         assert!(c.validate().unwrap_err().contains("replication.partitions"));
         let mut c = Config::default();
         c.replication.consistency = Consistency::AtLeast(2);
-        assert!(c.validate().unwrap_err().contains("replication.consistency"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("replication.consistency"));
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
     }

@@ -8,7 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf>) -> anyhow::Result<()> {
+pub fn run(
+    nodes: u64,
+    base_port: u16,
+    data_dir: PathBuf,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 7 {
         bail!("--nodes must be between 1 and 7 (got {nodes})");
     }
@@ -61,7 +66,9 @@ pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::spawn(move || {
         rt.block_on(async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -77,7 +84,10 @@ pub fn run(nodes: u64, base_port: u16, data_dir: PathBuf, config: Option<PathBuf
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             break None;
         }
-        if let Some((i, status)) = children.iter_mut().find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (*i, s))) {
+        if let Some((i, status)) = children
+            .iter_mut()
+            .find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (*i, s)))
+        {
             break Some((i, status));
         }
         std::thread::sleep(Duration::from_millis(200));

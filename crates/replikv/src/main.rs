@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "replikv", version, about = "A replicated, sharded key-value store that speaks the Redis protocol")]
+#[command(
+    name = "replikv",
+    version,
+    about = "A replicated, sharded key-value store that speaks the Redis protocol"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,7 +51,12 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Server(args) => server::run(args),
-        Command::Cluster { nodes, base_port, data_dir, config } => local_cluster::run(nodes, base_port, data_dir, config),
+        Command::Cluster {
+            nodes,
+            base_port,
+            data_dir,
+            config,
+        } => local_cluster::run(nodes, base_port, data_dir, config),
         Command::Admin(args) => admin::run(args),
         Command::Bench(args) => bench::run(args),
     };

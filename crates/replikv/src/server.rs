@@ -63,7 +63,8 @@ pub struct ServerArgs {
 pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     let mut cfg = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             Config::from_yaml(&text).map_err(anyhow::Error::msg)?
         }
         None => Config::default(),
@@ -87,7 +88,11 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
         cfg.peers = parse_peers(v).map_err(anyhow::Error::msg)?;
     } else if args.config.is_none() && cfg.node_id != 1 {
         // A lone node that is not node 1 still needs a peer entry for itself.
-        let addr = cfg.listen.peer.clone().unwrap_or_else(|| "127.0.0.1:7380".into());
+        let addr = cfg
+            .listen
+            .peer
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1:7380".into());
         cfg.peers = [(cfg.node_id, addr)].into_iter().collect();
     }
     if let Some(v) = args.partitions {
@@ -97,10 +102,14 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
         cfg.replication.factor = v;
     }
     if let Some(v) = &args.consistency {
-        cfg.replication.consistency = v.parse::<Consistency>().map_err(|e| anyhow::anyhow!("--consistency: {e}"))?;
+        cfg.replication.consistency = v
+            .parse::<Consistency>()
+            .map_err(|e| anyhow::anyhow!("--consistency: {e}"))?;
     }
     if let Some(v) = &args.read_preference {
-        cfg.replication.read_preference = v.parse::<ReadPreference>().map_err(|e| anyhow::anyhow!("--read-preference: {e}"))?;
+        cfg.replication.read_preference = v
+            .parse::<ReadPreference>()
+            .map_err(|e| anyhow::anyhow!("--read-preference: {e}"))?;
     }
     if let Some(v) = args.max_lag_ms {
         cfg.replication.max_lag_ms = v;
@@ -109,7 +118,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
         cfg.replication.write_timeout_ms = v;
     }
     if let Some(v) = &args.fsync {
-        cfg.storage.fsync = v.parse::<FsyncPolicy>().map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
+        cfg.storage.fsync = v
+            .parse::<FsyncPolicy>()
+            .map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
     }
     if args.join.is_some() || args.role.as_deref().is_some_and(|r| r != "voter") {
         bail!("--join and --role replica (adding nodes and read replicas to a running cluster) are not available in this version; start every node with the same --peers");
@@ -121,14 +132,19 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging();
     let cfg = load(&args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(cfg))
 }
 
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPLIKV_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -136,14 +152,31 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let store = Store::open(&cfg.data_dir, cfg.storage.fsync)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
     // 2. Listeners (port 0 is allowed; the bound addresses are printed).
-    let peer_bind = cfg.listen.peer.clone().unwrap_or_else(|| cfg.advertised_peer());
-    let peer = TcpListener::bind(&peer_bind).await.with_context(|| format!("binding peer listener {peer_bind}"))?;
-    let resp = TcpListener::bind(&cfg.listen.resp).await.with_context(|| format!("binding RESP listener {}", cfg.listen.resp))?;
-    let http = TcpListener::bind(&cfg.listen.http).await.with_context(|| format!("binding HTTP listener {}", cfg.listen.http))?;
-    let (resp_addr, http_addr, peer_addr) = (resp.local_addr()?, http.local_addr()?, peer.local_addr()?);
+    let peer_bind = cfg
+        .listen
+        .peer
+        .clone()
+        .unwrap_or_else(|| cfg.advertised_peer());
+    let peer = TcpListener::bind(&peer_bind)
+        .await
+        .with_context(|| format!("binding peer listener {peer_bind}"))?;
+    let resp = TcpListener::bind(&cfg.listen.resp)
+        .await
+        .with_context(|| format!("binding RESP listener {}", cfg.listen.resp))?;
+    let http = TcpListener::bind(&cfg.listen.http)
+        .await
+        .with_context(|| format!("binding HTTP listener {}", cfg.listen.http))?;
+    let (resp_addr, http_addr, peer_addr) =
+        (resp.local_addr()?, http.local_addr()?, peer.local_addr()?);
     // 3. Partition groups.
-    let transport = Transport::new(Hello { node_id: cfg.node_id, resp_addr: resp_addr.to_string(), http_addr: http_addr.to_string() });
-    let node = Node::start(cfg.node_config(), store, transport.clone()).await.map_err(anyhow::Error::msg)?;
+    let transport = Transport::new(Hello {
+        node_id: cfg.node_id,
+        resp_addr: resp_addr.to_string(),
+        http_addr: http_addr.to_string(),
+    });
+    let node = Node::start(cfg.node_config(), store, transport.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
     // 4. Serve.
     let (stop_tx, stop_rx) = watch::channel(false);
     let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
@@ -157,7 +190,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     };
     let http_task = tokio::spawn(replikv_http::serve(http, node.clone(), http_cfg, stop_rx));
     // The line tests and `replikv cluster` read to learn the bound addresses.
-    println!("replikv node {} ready: resp={resp_addr} http={http_addr} peer={peer_addr} data={}", cfg.node_id, cfg.data_dir.display());
+    println!(
+        "replikv node {} ready: resp={resp_addr} http={http_addr} peer={peer_addr} data={}",
+        cfg.node_id,
+        cfg.data_dir.display()
+    );
     tracing::info!(node = cfg.node_id, %resp_addr, %http_addr, %peer_addr, partitions = cfg.replication.partitions, "serving");
     wait_for_signal().await;
     tracing::info!("shutting down");

@@ -6,8 +6,12 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use replikv_cluster::Node;
-use replikv_resp::{FrontConfig, NodeFacts, Service, SlotRange};
-use replikv_types::{Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome};
+use replikv_resp::{
+    FrontConfig, NodeFacts, PartitionFact, ReplicaFact, ScanPage, Service, SlotRange,
+};
+use replikv_types::{
+    Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome,
+};
 
 use crate::config::Config;
 
@@ -43,11 +47,20 @@ impl Service for NodeService {
         &self.front
     }
 
-    fn submit_write(&self, op: KvOp, level: Consistency) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>> {
-        async move { self.node.submit_write(op, level).await }.boxed()
+    fn submit_write(
+        &self,
+        op: KvOp,
+        level: Consistency,
+    ) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>> {
+        Box::pin(self.node.submit_write(op, level))
     }
 
-    fn get(&self, key: Bytes, read: ReadPreference, min_offset: Option<Offset>) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>> {
+    fn get(
+        &self,
+        key: Bytes,
+        read: ReadPreference,
+        min_offset: Option<Offset>,
+    ) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>> {
         async move { self.node.get(key, read, min_offset).await }.boxed()
     }
 
@@ -65,11 +78,17 @@ impl Service for NodeService {
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
-    ) -> BoxFuture<'_, Result<(Vec<Bytes>, Option<Bytes>), Error>> {
+    ) -> BoxFuture<'_, Result<ScanPage, Error>> {
         async move { self.node.scan_partition(p, start, count, pattern).await }.boxed()
     }
 
-    fn wait_replicas(&self, p: PartitionId, offset: Offset, wanted: usize, timeout_ms: u64) -> BoxFuture<'_, Result<u64, Error>> {
+    fn wait_replicas(
+        &self,
+        p: PartitionId,
+        offset: Offset,
+        wanted: usize,
+        timeout_ms: u64,
+    ) -> BoxFuture<'_, Result<u64, Error>> {
         async move { self.node.wait_replicas(p, offset, wanted, timeout_ms).await }.boxed()
     }
 
@@ -80,7 +99,10 @@ impl Service for NodeService {
             return None;
         }
         let (resp, _) = self.node.endpoints(leader)?;
-        Some(Error::Moved { slot: replikv_placement::key_slot(key), addr: resp })
+        Some(Error::Moved {
+            slot: replikv_placement::key_slot(key),
+            addr: resp,
+        })
     }
 
     fn slots(&self) -> Vec<SlotRange> {
@@ -91,7 +113,10 @@ impl Service for NodeService {
             .iter()
             .map(|pl| {
                 let r = replikv_placement::partition_slots(pl.partition, n);
-                let leader = self.node.leader_of(pl.partition).unwrap_or(pl.preferred_leader);
+                let leader = self
+                    .node
+                    .leader_of(pl.partition)
+                    .unwrap_or(pl.preferred_leader);
                 let mut ids = vec![leader];
                 ids.extend(pl.replicas.iter().copied().filter(|id| *id != leader));
                 let nodes = ids
@@ -102,7 +127,11 @@ impl Service for NodeService {
                         Some((id, host, port))
                     })
                     .collect();
-                SlotRange { start: r.start, end: r.end - 1, nodes }
+                SlotRange {
+                    start: r.start,
+                    end: r.end - 1,
+                    nodes,
+                }
             })
             .collect()
     }
@@ -112,14 +141,29 @@ impl Service for NodeService {
         let mut facts = NodeFacts {
             node_id: status.node_id,
             partitions_hosted: status.partitions.len(),
-            partitions_led: status.partitions.iter().filter(|p| p.role == "leader").count(),
+            partitions_led: status
+                .partitions
+                .iter()
+                .filter(|p| p.role == "leader")
+                .count(),
             connected_peers: status.links.iter().filter(|l| l.connected).count(),
             ..Default::default()
         };
         for p in &status.partitions {
-            facts.partitions.push((p.partition, p.role.clone(), p.leader, p.applied_offset, p.staleness_ms));
+            facts.partitions.push(PartitionFact {
+                partition: p.partition,
+                role: p.role.clone(),
+                leader: p.leader,
+                applied_offset: p.applied_offset,
+                staleness_ms: p.staleness_ms,
+            });
             for r in p.replicas.iter().filter(|r| r.node_id != status.node_id) {
-                facts.replicas.push((p.partition, r.node_id, r.matched_offset.unwrap_or(0), r.lag_ops.unwrap_or(0)));
+                facts.replicas.push(ReplicaFact {
+                    partition: p.partition,
+                    node: r.node_id,
+                    matched_offset: r.matched_offset.unwrap_or(0),
+                    lag_ops: r.lag_ops.unwrap_or(0),
+                });
             }
         }
         facts

@@ -44,16 +44,48 @@ fn still_serving(c: &Cluster) {
 
 #[test]
 fn malformed_resp_is_refused_and_the_server_survives() {
-    let c = Cluster::start(bin(), Options { partitions: 2, max_value_bytes: 1024, max_key_bytes: 64, ..Options::default() });
+    let c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 2,
+            max_value_bytes: 1024,
+            max_key_bytes: 64,
+            ..Options::default()
+        },
+    );
     let _: () = c.redis(1).set("guard", "unchanged").unwrap();
     let cases: &[(&str, &[u8], &str)] = &[
-        ("huge multibulk length", b"*99999999999\r\n", "invalid multibulk length"),
-        ("huge bulk length", b"*1\r\n$4000000000\r\n", "invalid bulk length"),
-        ("negative bulk length", b"*1\r\n$-5\r\n", "invalid bulk length"),
-        ("wrong type inside a request", b"*1\r\n:12\r\n", "expected '$'"),
-        ("unbalanced quotes", b"SET \"guard oops\r\n", "unbalanced quotes"),
+        (
+            "huge multibulk length",
+            b"*99999999999\r\n",
+            "invalid multibulk length",
+        ),
+        (
+            "huge bulk length",
+            b"*1\r\n$4000000000\r\n",
+            "invalid bulk length",
+        ),
+        (
+            "negative bulk length",
+            b"*1\r\n$-5\r\n",
+            "invalid bulk length",
+        ),
+        (
+            "wrong type inside a request",
+            b"*1\r\n:12\r\n",
+            "expected '$'",
+        ),
+        (
+            "unbalanced quotes",
+            b"SET \"guard oops\r\n",
+            "unbalanced quotes",
+        ),
         ("binary garbage", b"*\x00\xff\xfe\r\n", "Protocol error"),
-        ("bulk far over the value limit", b"*3\r\n$3\r\nSET\r\n$5\r\nguard\r\n$9999999\r\n", "invalid bulk length"),
+        (
+            "bulk far over the value limit",
+            b"*3\r\n$3\r\nSET\r\n$5\r\nguard\r\n$9999999\r\n",
+            "invalid bulk length",
+        ),
     ];
     for (what, bytes, want) in cases {
         let answer = raw(&c, bytes);
@@ -70,7 +102,15 @@ fn malformed_resp_is_refused_and_the_server_survives() {
 
 #[test]
 fn command_errors_are_clear_and_change_nothing() {
-    let c = Cluster::start(bin(), Options { partitions: 2, max_value_bytes: 1024, max_key_bytes: 64, ..Options::default() });
+    let c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 2,
+            max_value_bytes: 1024,
+            max_key_bytes: 64,
+            ..Options::default()
+        },
+    );
     let mut conn = c.redis(2);
     let _: () = conn.set("guard", "unchanged").unwrap();
     let err = |conn: &mut redis::Connection, args: &[&str]| -> String {
@@ -91,9 +131,15 @@ fn command_errors_are_clear_and_change_nothing() {
     assert!(err(&mut conn, &["SELECT", "3"]).contains("out of range"));
     assert!(err(&mut conn, &["REPLIKV.READ", "closest"]).contains("allowed: primary"));
     let big_value = "v".repeat(2_000);
-    assert!(err(&mut conn, &["SET", "k", &big_value]).contains("exceeds"), "value over the limit");
+    assert!(
+        err(&mut conn, &["SET", "k", &big_value]).contains("exceeds"),
+        "value over the limit"
+    );
     let big_key = "k".repeat(100);
-    assert!(err(&mut conn, &["SET", &big_key, "v"]).contains("exceeds"), "key over the limit");
+    assert!(
+        err(&mut conn, &["SET", &big_key, "v"]).contains("exceeds"),
+        "key over the limit"
+    );
     let _: () = conn.set("n", i64::MAX).unwrap();
     assert!(err(&mut conn, &["INCR", "n"]).contains("overflow"));
     let n: i64 = conn.get("n").unwrap();
@@ -106,21 +152,56 @@ fn command_errors_are_clear_and_change_nothing() {
 
 #[test]
 fn malformed_http_is_refused_with_4xx() {
-    let c = Cluster::start(bin(), Options { partitions: 2, max_value_bytes: 1024, ..Options::default() });
+    let c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 2,
+            max_value_bytes: 1024,
+            ..Options::default()
+        },
+    );
     let put = |path: &str, body: &str, ct: &str| -> u16 {
         let out = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", &format!("content-type: {ct}"), "--data-binary", body])
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "PUT",
+                "-H",
+                &format!("content-type: {ct}"),
+                "--data-binary",
+                body,
+            ])
             .arg(format!("http://{}{path}", c.node(1).http))
             .output()
             .expect("curl");
         String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
     };
-    assert_eq!(put("/v1/kv/default/doc", "{\"a\": 1}", "application/json"), 200);
-    assert_eq!(put("/v1/kv/default/doc", "{not json", "application/json"), 400);
+    assert_eq!(
+        put("/v1/kv/default/doc", "{\"a\": 1}", "application/json"),
+        200
+    );
+    assert_eq!(
+        put("/v1/kv/default/doc", "{not json", "application/json"),
+        400
+    );
     assert_eq!(put("/v1/kv/nosuch/doc", "x", "text/plain"), 404);
-    assert_eq!(put("/v1/kv/default/doc?consistency=fast", "x", "text/plain"), 400);
-    assert_eq!(put("/v1/kv/default/big", &"x".repeat(5000), "text/plain"), 413);
-    let bad_promote = c.http_post(1, "/v1/_replication/promote", serde_json::json!({"partition": "zero"}));
+    assert_eq!(
+        put("/v1/kv/default/doc?consistency=fast", "x", "text/plain"),
+        400
+    );
+    assert_eq!(
+        put("/v1/kv/default/big", &"x".repeat(5000), "text/plain"),
+        413
+    );
+    let bad_promote = c.http_post(
+        1,
+        "/v1/_replication/promote",
+        serde_json::json!({"partition": "zero"}),
+    );
     assert!(bad_promote.unwrap_err().starts_with("400"));
     let bad_session = c.http_get(1, "/v1/kv/default/doc?session=abc");
     assert!(bad_session.unwrap_err().starts_with("400"));
@@ -142,13 +223,27 @@ fn bad_configuration_names_the_field_and_exits() {
     for (yaml, want) in cases {
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, yaml).unwrap();
-        let out = Command::new(bin()).arg("server").arg("--config").arg(&path).output().unwrap();
+        let out = Command::new(bin())
+            .arg("server")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
-        assert!(stderr.contains(want), "{yaml}: expected {want:?} in {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{yaml}: expected {want:?} in {stderr}"
+        );
     }
-    let out = Command::new(bin()).args(["server", "--consistency", "fast"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["server", "--consistency", "fast"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--consistency"));
-    let out = Command::new(bin()).args(["server", "--peers", "1=x,1=y"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["server", "--peers", "1=x,1=y"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("listed twice"));
 }

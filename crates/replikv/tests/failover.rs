@@ -17,7 +17,12 @@ fn bin() -> &'static std::path::Path {
 
 /// Writes unique keys through `nodes` until `stop`, reconnecting when a node dies; returns
 /// the acknowledged (key, value) pairs.
-fn writer(c: &Cluster, id: usize, nodes: Vec<u64>, stop: Arc<AtomicBool>) -> thread::JoinHandle<Vec<(String, String)>> {
+fn writer(
+    c: &Cluster,
+    id: usize,
+    nodes: Vec<u64>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Vec<(String, String)>> {
     let urls: Vec<String> = nodes.iter().map(|n| c.node(*n).redis_url()).collect();
     thread::spawn(move || {
         let mut acked = Vec::new();
@@ -28,7 +33,9 @@ fn writer(c: &Cluster, id: usize, nodes: Vec<u64>, stop: Arc<AtomicBool>) -> thr
             if conn.is_none() {
                 which += 1;
                 let client = redis::Client::open(urls[which % urls.len()].as_str()).unwrap();
-                conn = client.get_connection_with_timeout(Duration::from_millis(500)).ok();
+                conn = client
+                    .get_connection_with_timeout(Duration::from_millis(500))
+                    .ok();
                 if let Some(c) = &conn {
                     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
                 }
@@ -40,7 +47,9 @@ fn writer(c: &Cluster, id: usize, nodes: Vec<u64>, stop: Arc<AtomicBool>) -> thr
             let r: redis::RedisResult<()> = conn.as_mut().unwrap().set(&key, &value);
             match r {
                 Ok(()) => acked.push((key, value)),
-                Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => conn = None,
+                Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() => {
+                    conn = None
+                }
                 Err(_) => {} // refused (TRYAGAIN, NOQUORUM, CLUSTERDOWN): not acknowledged
             }
         }
@@ -57,14 +66,22 @@ fn assert_all_present(c: &Cluster, via: u64, acked: &[(String, String)]) {
             missing.push((k.clone(), v.clone(), got));
         }
     }
-    assert!(missing.is_empty(), "{} of {} acknowledged writes lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
 }
 
 #[test]
 fn quorum_writes_survive_leader_kill_under_load_and_replicas_converge() {
     let mut c = Cluster::start(bin(), Options::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..4).map(|i| writer(&c, i, vec![1, 2, 3], stop.clone())).collect();
+    let writers: Vec<_> = (0..4)
+        .map(|i| writer(&c, i, vec![1, 2, 3], stop.clone()))
+        .collect();
 
     // Phase 1: load is flowing.
     let mut probe = c.redis(1);
@@ -78,19 +95,31 @@ fn quorum_writes_survive_leader_kill_under_load_and_replicas_converge() {
     c.kill(victim);
     let survivor = *c.live().first().unwrap();
     let new_leader = c.wait_new_leader(0, victim, Duration::from_secs(10));
-    eprintln!("partition 0: leader {victim} killed; node {new_leader} leads after {:?}", killed_at.elapsed());
+    eprintln!(
+        "partition 0: leader {victim} killed; node {new_leader} leads after {:?}",
+        killed_at.elapsed()
+    );
 
     // Phase 3: writes continue on the survivors, then the victim comes back from disk.
     let mut probe = c.redis(survivor);
     let before: i64 = redis::cmd("DBSIZE").query(&mut probe).unwrap();
-    wait_until(Duration::from_secs(20), "writes continue after failover", || {
-        redis::cmd("DBSIZE").query::<i64>(&mut probe).unwrap_or(0) > before + 100
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "writes continue after failover",
+        || redis::cmd("DBSIZE").query::<i64>(&mut probe).unwrap_or(0) > before + 100,
+    );
     c.restart(victim);
     c.wait_ready(Duration::from_secs(20));
     stop.store(true, Ordering::Relaxed);
-    let acked: Vec<(String, String)> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
-    assert!(acked.len() > 300, "only {} writes acknowledged", acked.len());
+    let acked: Vec<(String, String)> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        acked.len() > 300,
+        "only {} writes acknowledged",
+        acked.len()
+    );
 
     // Phase 4: nothing acknowledged is lost, and all replicas hold identical contents.
     assert_all_present(&c, victim, &acked);
@@ -99,7 +128,13 @@ fn quorum_writes_survive_leader_kill_under_load_and_replicas_converge() {
 
 #[test]
 fn minority_side_refuses_writes_while_majority_serves_then_converges() {
-    let c = Cluster::start(bin(), Options { rebalance_leaders: false, ..Options::default() });
+    let c = Cluster::start(
+        bin(),
+        Options {
+            rebalance_leaders: false,
+            ..Options::default()
+        },
+    );
     let mut minority = c.redis(3);
     let _: () = minority.set("before", "1").unwrap();
 
@@ -121,7 +156,10 @@ fn minority_side_refuses_writes_while_majority_serves_then_converges() {
     });
     let err = minority.set::<_, _, ()>("minority-x", "1").unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("NOQUORUM") || text.contains("CLUSTERDOWN") || text.contains("TRYAGAIN"), "{text}");
+    assert!(
+        text.contains("NOQUORUM") || text.contains("CLUSTERDOWN") || text.contains("TRYAGAIN"),
+        "{text}"
+    );
 
     // Phase 4: after healing, node 3 catches up and every replica is identical.
     c.heal();
@@ -146,12 +184,19 @@ fn promote_moves_leadership_and_preferred_leaders_return_after_restart() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["partition"].as_u64().unwrap(), p["preferred_leader"].as_u64().unwrap()))
+        .map(|p| {
+            (
+                p["partition"].as_u64().unwrap(),
+                p["preferred_leader"].as_u64().unwrap(),
+            )
+        })
         .collect();
 
     // Phase 1: leaders settle on their preferred replicas.
     wait_until(Duration::from_secs(20), "preferred leaders lead", || {
-        preferred.iter().all(|(p, l)| c.leader_seen_by(1, *p) == Some(*l))
+        preferred
+            .iter()
+            .all(|(p, l)| c.leader_seen_by(1, *p) == Some(*l))
     });
 
     // Phase 2: promote another replica of partition 0 through any node's API.
@@ -159,12 +204,20 @@ fn promote_moves_leadership_and_preferred_leaders_return_after_restart() {
     let target = [1, 2, 3].into_iter().find(|n| *n != current).unwrap();
     let mut conn = c.redis(1);
     let _: () = conn.set("x", "before-promote").unwrap();
-    c.http_post(2, "/v1/_replication/promote", serde_json::json!({"partition": 0, "node": target}))
-        .unwrap_or_else(|e| panic!("promote failed: {e}"));
+    c.http_post(
+        2,
+        "/v1/_replication/promote",
+        serde_json::json!({"partition": 0, "node": target}),
+    )
+    .unwrap_or_else(|e| panic!("promote failed: {e}"));
     assert_eq!(c.leader_seen_by(target, 0), Some(target));
     let v: String = conn.get("x").unwrap();
     assert_eq!(v, "before-promote");
-    let bad = c.http_post(1, "/v1/_replication/promote", serde_json::json!({"partition": 0, "node": 99}));
+    let bad = c.http_post(
+        1,
+        "/v1/_replication/promote",
+        serde_json::json!({"partition": 0, "node": 99}),
+    );
     assert!(bad.unwrap_err().starts_with("400"));
 
     // Phase 3: kill a preferred leader; after it restarts, its partitions come back to it.
@@ -172,7 +225,14 @@ fn promote_moves_leadership_and_preferred_leaders_return_after_restart() {
     c.kill(victim);
     c.wait_new_leader(1, victim, Duration::from_secs(10));
     c.restart(victim);
-    wait_until(Duration::from_secs(30), "leadership returns to the preferred leader", || {
-        preferred.iter().filter(|(_, l)| **l == victim).all(|(p, _)| c.leader_seen_by(victim, *p) == Some(victim))
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "leadership returns to the preferred leader",
+        || {
+            preferred
+                .iter()
+                .filter(|(_, l)| **l == victim)
+                .all(|(p, _)| c.leader_seen_by(victim, *p) == Some(victim))
+        },
+    );
 }

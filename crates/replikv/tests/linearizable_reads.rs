@@ -42,7 +42,9 @@ fn client(
             if conn.is_none() {
                 which += 1;
                 let c = redis::Client::open(urls[which % urls.len()].as_str()).unwrap();
-                conn = c.get_connection_with_timeout(Duration::from_millis(500)).ok();
+                conn = c
+                    .get_connection_with_timeout(Duration::from_millis(500))
+                    .ok();
                 if let Some(c) = &conn {
                     c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
                 }
@@ -57,7 +59,10 @@ fn client(
             } else if roll < 90 {
                 OpKind::Write(value.clone())
             } else {
-                OpKind::Cas { expected: None, new: value.clone() }
+                OpKind::Cas {
+                    expected: None,
+                    new: value.clone(),
+                }
             };
             let c = conn.as_mut().unwrap();
             let invoke_ns = origin.elapsed().as_nanos() as u64;
@@ -70,7 +75,12 @@ fn client(
                     Ok(()) => Outcome::Written,
                     Err(e) => classify(&e),
                 },
-                OpKind::Cas { new, .. } => match redis::cmd("SET").arg(&key).arg(new).arg("NX").query::<Option<String>>(c) {
+                OpKind::Cas { new, .. } => match redis::cmd("SET")
+                    .arg(&key)
+                    .arg(new)
+                    .arg("NX")
+                    .query::<Option<String>>(c)
+                {
                     Ok(r) => Outcome::CasResult(r.is_some()),
                     Err(e) => classify(&e),
                 },
@@ -80,7 +90,14 @@ fn client(
                 conn = None;
             }
             let complete_ns = (!matches!(outcome, Outcome::Unknown)).then_some(complete_ns);
-            history.lock().unwrap().push(Op { client: id, key, kind, invoke_ns, complete_ns, outcome });
+            history.lock().unwrap().push(Op {
+                client: id,
+                key,
+                kind,
+                invoke_ns,
+                complete_ns,
+                outcome,
+            });
         }
     })
 }
@@ -92,7 +109,9 @@ fn primary_reads_stay_linearizable_across_paused_and_killed_leaders() {
     let origin = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let history = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..6).map(|i| client(i, urls.clone(), origin, stop.clone(), history.clone())).collect();
+    let clients: Vec<_> = (0..6)
+        .map(|i| client(i, urls.clone(), origin, stop.clone(), history.clone()))
+        .collect();
     let ops = || history.lock().unwrap().len();
 
     // Phase 1: load, then freeze the leader of partition 0 until the others elect another.
@@ -102,31 +121,61 @@ fn primary_reads_stay_linearizable_across_paused_and_killed_leaders() {
     c.pause(frozen);
     c.wait_new_leader_among(0, &others, Duration::from_secs(15));
     let before = ops();
-    wait_until(Duration::from_secs(20), "operations continue while the old leader is frozen", || ops() > before + 100);
+    wait_until(
+        Duration::from_secs(20),
+        "operations continue while the old leader is frozen",
+        || ops() > before + 100,
+    );
 
     // Phase 2: the old leader wakes up still believing it leads; it must not serve stale reads.
     c.resume(frozen);
     let before = ops();
-    wait_until(Duration::from_secs(20), "operations after the resume", || ops() > before + 200);
+    wait_until(
+        Duration::from_secs(20),
+        "operations after the resume",
+        || ops() > before + 200,
+    );
 
     // Phase 3: kill -9 the current leader of partition 1 and bring it back.
     let victim = c.wait_new_leader(1, 0, Duration::from_secs(15));
     c.kill(victim);
     c.wait_new_leader(1, victim, Duration::from_secs(15));
     let before = ops();
-    wait_until(Duration::from_secs(20), "operations after the kill", || ops() > before + 100);
+    wait_until(Duration::from_secs(20), "operations after the kill", || {
+        ops() > before + 100
+    });
     c.restart(victim);
     let before = ops();
-    wait_until(Duration::from_secs(20), "operations after the restart", || ops() > before + 100);
+    wait_until(
+        Duration::from_secs(20),
+        "operations after the restart",
+        || ops() > before + 100,
+    );
 
     stop.store(true, Ordering::Relaxed);
     for t in clients {
         t.join().unwrap();
     }
-    let history = History { ops: std::mem::take(&mut *history.lock().unwrap()) };
+    let history = History {
+        ops: std::mem::take(&mut *history.lock().unwrap()),
+    };
     let report = check_linearizable(&history, 2_000_000);
-    eprintln!("{} operations on {} keys checked", report.ops_checked, report.keys_checked);
-    assert!(report.keys_timed_out.is_empty(), "checker budget exhausted for {:?}", report.keys_timed_out);
-    assert!(report.violations.is_empty(), "linearizability violations:\n{report}");
-    assert!(report.ops_checked > 500, "only {} operations checked", report.ops_checked);
+    eprintln!(
+        "{} operations on {} keys checked",
+        report.ops_checked, report.keys_checked
+    );
+    assert!(
+        report.keys_timed_out.is_empty(),
+        "checker budget exhausted for {:?}",
+        report.keys_timed_out
+    );
+    assert!(
+        report.violations.is_empty(),
+        "linearizability violations:\n{report}"
+    );
+    assert!(
+        report.ops_checked > 500,
+        "only {} operations checked",
+        report.ops_checked
+    );
 }

@@ -36,12 +36,23 @@ fn redis_crate_strings_keys_and_expiry_on_any_node() {
     assert_eq!(n1.append::<_, _, i64>("s", "ab").unwrap(), 2);
     assert_eq!(n2.append::<_, _, i64>("s", "cd").unwrap(), 4);
     assert_eq!(n3.strlen::<_, i64>("s").unwrap(), 4);
-    let _: () = redis::cmd("MSET").arg("m1").arg("a").arg("m2").arg("b").query(&mut n1).unwrap();
+    let _: () = redis::cmd("MSET")
+        .arg("m1")
+        .arg("a")
+        .arg("m2")
+        .arg("b")
+        .query(&mut n1)
+        .unwrap();
     let got: Vec<Option<String>> = n2.mget(&["m1", "m2", "missing"]).unwrap();
     assert_eq!(got, vec![Some("a".into()), Some("b".into()), None]);
     let nx: bool = n1.set_nx("m1", "z").unwrap();
     assert!(!nx);
-    let old: Option<String> = redis::cmd("SET").arg("m1").arg("c").arg("GET").query(&mut n3).unwrap();
+    let old: Option<String> = redis::cmd("SET")
+        .arg("m1")
+        .arg("c")
+        .arg("GET")
+        .query(&mut n3)
+        .unwrap();
     assert_eq!(old.as_deref(), Some("a"));
     let deleted: i64 = n2.del(&["m1", "m2", "missing"]).unwrap();
     assert_eq!(deleted, 2);
@@ -50,10 +61,20 @@ fn redis_crate_strings_keys_and_expiry_on_any_node() {
     assert!(!n1.exists::<_, bool>("s").unwrap());
 
     // Phase 3: expiry.
-    let _: () = redis::cmd("SET").arg("ttl").arg("v").arg("EX").arg(100).query(&mut n1).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("ttl")
+        .arg("v")
+        .arg("EX")
+        .arg(100)
+        .query(&mut n1)
+        .unwrap();
     let ttl: i64 = n2.ttl("ttl").unwrap();
     assert!((98..=100).contains(&ttl), "ttl {ttl}");
-    let _: () = redis::cmd("PEXPIRE").arg("ttl").arg(1).query(&mut n3).unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg("ttl")
+        .arg(1)
+        .query(&mut n3)
+        .unwrap();
     replikv_testkit::wait_until(Duration::from_secs(5), "key expires", || {
         !n1.exists::<_, bool>("ttl").unwrap()
     });
@@ -70,14 +91,22 @@ fn redis_crate_strings_keys_and_expiry_on_any_node() {
 #[test]
 fn redis_cli_talks_to_every_node() {
     if Command::new("redis-cli").arg("--version").output().is_err() {
-        assert!(std::env::var("CI").is_err(), "redis-cli must be installed in CI (.ci/run installs redis-tools)");
+        assert!(
+            std::env::var("CI").is_err(),
+            "redis-cli must be installed in CI (.ci/run installs redis-tools)"
+        );
         eprintln!("redis-cli is not installed; skipping");
         return;
     }
     let c = cluster();
     let cli = |node: u64, args: &[&str]| -> String {
         let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &c.node(node).resp.port().to_string()])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &c.node(node).resp.port().to_string(),
+            ])
             .args(args)
             .output()
             .expect("running redis-cli");

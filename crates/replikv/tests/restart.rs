@@ -26,7 +26,9 @@ fn metric(c: &Cluster, node: u64, name: &str) -> f64 {
 }
 
 fn ureq_get(url: &str) -> String {
-    let out = std::process::Command::new("curl").args(["-s", url]).output();
+    let out = std::process::Command::new("curl")
+        .args(["-s", url])
+        .output();
     match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         _ => panic!("GET {url} failed (is curl installed?)"),
@@ -48,20 +50,35 @@ fn fill(c: &Cluster, via: u64, prefix: &str, n: usize) {
 
 #[test]
 fn replica_within_the_backlog_catches_up_from_the_log() {
-    let mut c = Cluster::start(bin(), Options { rebalance_leaders: false, ..Options::default() });
+    let mut c = Cluster::start(
+        bin(),
+        Options {
+            rebalance_leaders: false,
+            ..Options::default()
+        },
+    );
     fill(&c, 1, "a", 100);
     c.kill(3);
     fill(&c, 1, "b", 500);
     c.restart(3);
     c.wait_converged(Duration::from_secs(30));
-    assert_eq!(metric(&c, 3, "replikv_snapshot_transfers_total"), 0.0, "a snapshot was sent within the backlog");
+    assert_eq!(
+        metric(&c, 3, "replikv_snapshot_transfers_total"),
+        0.0,
+        "a snapshot was sent within the backlog"
+    );
     let v: i64 = c.redis(3).get("b499").unwrap();
     assert_eq!(v, 499);
 }
 
 #[test]
 fn replica_beyond_the_backlog_receives_a_snapshot() {
-    let opts = Options { rebalance_leaders: false, snapshot_every_entries: 50, backlog_entries: 20, ..Options::default() };
+    let opts = Options {
+        rebalance_leaders: false,
+        snapshot_every_entries: 50,
+        backlog_entries: 20,
+        ..Options::default()
+    };
     let mut c = Cluster::start(bin(), opts);
     fill(&c, 1, "a", 100);
     c.kill(3);
@@ -69,9 +86,15 @@ fn replica_beyond_the_backlog_receives_a_snapshot() {
     fill(&c, 1, "b", 2_000);
     c.restart(3);
     c.wait_converged(Duration::from_secs(60));
-    assert!(metric(&c, 3, "replikv_snapshot_transfers_total") >= 1.0, "node 3 was not sent a snapshot");
+    assert!(
+        metric(&c, 3, "replikv_snapshot_transfers_total") >= 1.0,
+        "node 3 was not sent a snapshot"
+    );
     let mut conn = c.redis(3);
-    let _: () = redis::cmd("REPLIKV.READ").arg("any").query(&mut conn).unwrap();
+    let _: () = redis::cmd("REPLIKV.READ")
+        .arg("any")
+        .query(&mut conn)
+        .unwrap();
     let v: i64 = conn.get("b1999").unwrap();
     assert_eq!(v, 1999);
     let v: i64 = conn.get("a42").unwrap();
@@ -80,14 +103,23 @@ fn replica_beyond_the_backlog_receives_a_snapshot() {
 
 #[test]
 fn kill_9_of_every_node_with_fsync_always_loses_no_acknowledged_write() {
-    let mut c = Cluster::start(bin(), Options { fsync: "always", ..Options::default() });
+    let mut c = Cluster::start(
+        bin(),
+        Options {
+            fsync: "always",
+            ..Options::default()
+        },
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let handles: Vec<_> = (1..=3u64)
         .map(|n| {
             let url = c.node(n).redis_url();
             let stop = stop.clone();
             thread::spawn(move || {
-                let mut conn = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+                let mut conn = redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
                 let mut acked = Vec::new();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -104,13 +136,18 @@ fn kill_9_of_every_node_with_fsync_always_loses_no_acknowledged_write() {
         })
         .collect();
     let mut probe = c.redis(1);
-    wait_until(Duration::from_secs(20), "writes flowing", || redis::cmd("DBSIZE").query::<i64>(&mut probe).unwrap_or(0) > 300);
+    wait_until(Duration::from_secs(20), "writes flowing", || {
+        redis::cmd("DBSIZE").query::<i64>(&mut probe).unwrap_or(0) > 300
+    });
     // Every node dies at once, mid-write.
     for n in [1, 2, 3] {
         c.kill(n);
     }
     stop.store(true, Ordering::Relaxed);
-    let acked: Vec<(String, i64)> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let acked: Vec<(String, i64)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     for n in [1, 2, 3] {
         c.restart(n);
     }
@@ -120,13 +157,25 @@ fn kill_9_of_every_node_with_fsync_always_loses_no_acknowledged_write() {
         .iter()
         .filter(|(k, v)| conn.get::<_, Option<i64>>(k).unwrap() != Some(*v))
         .collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged writes lost, e.g. {:?}", lost.len(), acked.len(), &lost[..lost.len().min(5)]);
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
     c.wait_converged(Duration::from_secs(30));
 }
 
 #[test]
 fn corrupt_log_tail_is_cut_on_restart_and_the_replica_recovers() {
-    let mut c = Cluster::start(bin(), Options { rebalance_leaders: false, ..Options::default() });
+    let mut c = Cluster::start(
+        bin(),
+        Options {
+            rebalance_leaders: false,
+            ..Options::default()
+        },
+    );
     fill(&c, 1, "k", 200);
     c.wait_converged(Duration::from_secs(20));
     let victim = 3;
@@ -137,16 +186,29 @@ fn corrupt_log_tail_is_cut_on_restart_and_the_replica_recovers() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = Store::open(&dir, FsyncPolicy::Always).unwrap();
     for p in 0..c.opts.partitions {
-        let (index, mut raw) = store.read().unwrap().log_last(p).unwrap().expect("a log record");
+        let (index, mut raw) = store
+            .read()
+            .unwrap()
+            .log_last(p)
+            .unwrap()
+            .expect("a log record");
         let last = raw.len() - 1;
         raw[last] ^= 0xff;
-        rt.block_on(store.write(true, move |w| w.log_put(p, index, &raw))).unwrap();
-        assert!(replikv_raft::decode_record(&store.read().unwrap().log_get(p, index).unwrap().unwrap()).is_err());
+        rt.block_on(store.write(true, move |w| w.log_put(p, index, &raw)))
+            .unwrap();
+        assert!(replikv_raft::decode_record(
+            &store.read().unwrap().log_get(p, index).unwrap().unwrap()
+        )
+        .is_err());
     }
     store.close();
 
     c.restart(victim);
-    assert!(c.node(victim).log_text().contains("cutting the log tail"), "{}", c.node(victim).log_tail());
+    assert!(
+        c.node(victim).log_text().contains("cutting the log tail"),
+        "{}",
+        c.node(victim).log_tail()
+    );
     fill(&c, 1, "after", 50);
     c.wait_converged(Duration::from_secs(30));
     let v: i64 = c.redis(victim).get("k199").unwrap();
