@@ -302,6 +302,46 @@ impl Cluster {
         }
     }
 
+    /// GETs a text resource (e.g. `/metrics`).
+    pub fn http_text(&self, id: u64, path: &str) -> Result<String, String> {
+        let url = format!("http://{}{path}", self.nodes[&id].http);
+        match ureq::get(&url).timeout(Duration::from_secs(10)).call() {
+            Ok(r) => r.into_string().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Sends `body` with `method` and `content_type`; returns the HTTP status.
+    pub fn http_status(
+        &self,
+        id: u64,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> u16 {
+        let url = format!("http://{}{path}", self.nodes[&id].http);
+        let req = ureq::request(method, &url)
+            .timeout(Duration::from_secs(30))
+            .set("content-type", content_type);
+        match req.send_bytes(body) {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    }
+
+    /// The sum of a Prometheus metric's samples on node `id`.
+    pub fn metric(&self, id: u64, name: &str) -> f64 {
+        let text = self
+            .http_text(id, "/metrics")
+            .unwrap_or_else(|e| panic!("metrics of node {id}: {e}"));
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// PUTs raw bytes (a value) and returns the JSON answer.
     pub fn http_put(&self, id: u64, path: &str, body: &str) -> Result<Value, String> {
         let url = format!("http://{}{path}", self.nodes[&id].http);
@@ -457,7 +497,6 @@ impl Cluster {
 
     /// Waits until every live replica of every partition holds identical contents.
     pub fn wait_converged(&self, timeout: Duration) {
-        let mut last = String::new();
         wait_until(timeout, "replicas converge to identical contents", || {
             let all: Vec<BTreeMap<u64, (u64, u64, u64)>> =
                 self.live().iter().map(|id| self.digests(*id)).collect();
@@ -466,10 +505,8 @@ impl Cluster {
                     .map(|(p, (k, c, _))| (*p, *k, *c))
                     .collect::<Vec<_>>()
             };
-            last = format!("{all:?}");
             all.windows(2).all(|w| contents(&w[0]) == contents(&w[1]))
         });
-        let _ = last;
     }
 }
 

@@ -161,24 +161,7 @@ fn malformed_http_is_refused_with_4xx() {
         },
     );
     let put = |path: &str, body: &str, ct: &str| -> u16 {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-X",
-                "PUT",
-                "-H",
-                &format!("content-type: {ct}"),
-                "--data-binary",
-                body,
-            ])
-            .arg(format!("http://{}{path}", c.node(1).http))
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+        c.http_status(1, "PUT", path, ct, body.as_bytes())
     };
     assert_eq!(
         put("/v1/kv/default/doc", "{\"a\": 1}", "application/json"),

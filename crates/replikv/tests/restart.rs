@@ -16,25 +16,6 @@ fn bin() -> &'static std::path::Path {
     env!("CARGO_BIN_EXE_replikv").as_ref()
 }
 
-fn metric(c: &Cluster, node: u64, name: &str) -> f64 {
-    let url = format!("http://{}/metrics", c.node(node).http);
-    let text = ureq_get(&url);
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn ureq_get(url: &str) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-s", url])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-        _ => panic!("GET {url} failed (is curl installed?)"),
-    }
-}
-
 fn fill(c: &Cluster, via: u64, prefix: &str, n: usize) {
     let mut conn = c.redis(via);
     let mut pipe = redis::pipe();
@@ -63,7 +44,7 @@ fn replica_within_the_backlog_catches_up_from_the_log() {
     c.restart(3);
     c.wait_converged(Duration::from_secs(30));
     assert_eq!(
-        metric(&c, 3, "replikv_snapshot_transfers_total"),
+        c.metric(3, "replikv_snapshot_transfers_total"),
         0.0,
         "a snapshot was sent within the backlog"
     );
@@ -87,7 +68,7 @@ fn replica_beyond_the_backlog_receives_a_snapshot() {
     c.restart(3);
     c.wait_converged(Duration::from_secs(60));
     assert!(
-        metric(&c, 3, "replikv_snapshot_transfers_total") >= 1.0,
+        c.metric(3, "replikv_snapshot_transfers_total") >= 1.0,
         "node 3 was not sent a snapshot"
     );
     let mut conn = c.redis(3);
