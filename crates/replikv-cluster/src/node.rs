@@ -286,6 +286,16 @@ async fn start_group(
         }
         if part.preferred_leader == cfg.node_id {
             let _ = raft.trigger().elect().await;
+        } else {
+            // A new cluster: give the preferred leader the first chance to win, so leaders
+            // start spread out instead of being moved right after start-up. If it is not up,
+            // the others campaign once this hold expires.
+            raft.runtime_config().elect(false);
+            let (r, hold) = (raft.clone(), Duration::from_millis(cfg.election_timeout_max_ms * 2));
+            tokio::spawn(async move {
+                tokio::time::sleep(hold).await;
+                r.runtime_config().elect(true);
+            });
         }
     }
     Ok(Group {

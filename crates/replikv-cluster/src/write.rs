@@ -28,7 +28,9 @@ use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, 
 use crate::node::{now_ms, Group, Node};
 
 /// How many times a write follows "not the leader" answers before giving up.
-const MAX_REDIRECTS: usize = 4;
+const MAX_REDIRECTS: usize = 8;
+/// Pause before routing again a write that met a leadership transfer.
+const TRY_AGAIN_PAUSE: Duration = Duration::from_millis(50);
 
 pub type WriteFuture = BoxFuture<'static, Result<WriteOutcome, Error>>;
 
@@ -102,6 +104,12 @@ impl Node {
                         node.route_write(p, op, level, deadline, redirects + 1)
                             .await
                             .await
+                    }
+                    // Leadership is moving (a transfer): the write was not proposed. Wait a
+                    // little and route again, rather than hand the client a retry.
+                    Err(Error::TryAgain(_)) if Instant::now() + TRY_AGAIN_PAUSE < deadline => {
+                        tokio::time::sleep(TRY_AGAIN_PAUSE).await;
+                        node.route_write(p, op, level, deadline, redirects).await.await
                     }
                     other => other,
                 }

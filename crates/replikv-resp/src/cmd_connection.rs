@@ -285,15 +285,8 @@ async fn wait<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Fr
         (Err(e), _) | (_, Err(e)) => return e,
     };
     if state.session.is_empty() {
-        // Nothing written on this connection: every replica trivially holds it.
-        let others = service
-            .facts()
-            .replicas
-            .iter()
-            .map(|r| r.node)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len();
-        return Frame::Integer(others as i64);
+        // Nothing written on this connection: every connected replica trivially holds it.
+        return Frame::Integer(service.facts().connected_peers as i64);
     }
     let mut least: Option<u64> = None;
     for (p, offset) in state.session.clone() {
