@@ -291,7 +291,10 @@ async fn start_group(
             // start spread out instead of being moved right after start-up. If it is not up,
             // the others campaign once this hold expires.
             raft.runtime_config().elect(false);
-            let (r, hold) = (raft.clone(), Duration::from_millis(cfg.election_timeout_max_ms * 2));
+            let (r, hold) = (
+                raft.clone(),
+                Duration::from_millis(cfg.election_timeout_max_ms * 2),
+            );
             tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
                 r.runtime_config().elect(true);

@@ -109,7 +109,9 @@ impl Node {
                     // little and route again, rather than hand the client a retry.
                     Err(Error::TryAgain(_)) if Instant::now() + TRY_AGAIN_PAUSE < deadline => {
                         tokio::time::sleep(TRY_AGAIN_PAUSE).await;
-                        node.route_write(p, op, level, deadline, redirects).await.await
+                        node.route_write(p, op, level, deadline, redirects)
+                            .await
+                            .await
                     }
                     other => other,
                 }

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
@@ -37,7 +37,7 @@ pub enum FsyncPolicy {
     Always,
     /// Writes are acknowledged once written; a background flush fsyncs once a second.
     Everysec,
-    /// Never fsync; the OS writes back when it likes. A crash may lose recent writes.
+    /// No fsync on the write path; a checkpoint every 10 s. A crash may lose recent writes.
     Never,
 }
 
@@ -103,8 +103,12 @@ impl Store {
             stopped,
             writer: Arc::new(std::sync::Mutex::new(Some(writer))),
         };
-        if policy == FsyncPolicy::Everysec {
-            store.start_flusher();
+        match policy {
+            FsyncPolicy::Always => {}
+            FsyncPolicy::Everysec => store.start_flusher(Duration::from_secs(1)),
+            // redb frees pages only at durable commits, so even `never` checkpoints now and
+            // then; nothing on the write path waits for it.
+            FsyncPolicy::Never => store.start_flusher(Duration::from_secs(10)),
         }
         Ok(store)
     }
@@ -113,13 +117,13 @@ impl Store {
         self.policy
     }
 
-    fn start_flusher(&self) {
+    fn start_flusher(&self, every: Duration) {
         let store = self.clone();
         std::thread::Builder::new()
             .name("replikv-storage-flusher".into())
             .spawn(move || {
                 while !store.stopped.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(every);
                     store.submit(true, Box::new(|_| Ok(())), Box::new(|_| {}));
                 }
             })
@@ -207,8 +211,9 @@ fn writer_loop(db: Arc<Database>, rx: mpsc::Receiver<Job>, policy: FsyncPolicy) 
     }
     // Every sender is gone: make whatever the OS holds durable before the process ends.
     if let Ok(mut tx) = db.begin_write() {
-        tx.set_durability(Durability::Immediate);
-        let _ = tx.commit();
+        if tx.set_durability(Durability::Immediate).is_ok() {
+            let _ = tx.commit();
+        }
     }
 }
 
@@ -217,7 +222,8 @@ fn durability(policy: FsyncPolicy, durable: bool) -> Durability {
         (FsyncPolicy::Always, true) => Durability::Immediate,
         // A periodic flush job is the only durable job `everysec` submits.
         (FsyncPolicy::Everysec, true) => Durability::Immediate,
-        (FsyncPolicy::Never, _) => Durability::Eventual,
+        // `never`: only the checkpoint flusher's jobs are durable (see `start_flusher`).
+        (FsyncPolicy::Never, true) => Durability::Immediate,
         (_, false) => Durability::None,
     }
 }
@@ -228,7 +234,7 @@ fn commit_batch(
     durability: Durability,
 ) -> Result<(), StorageError> {
     let mut tx = db.begin_write().map_err(err)?;
-    tx.set_durability(durability);
+    tx.set_durability(durability).map_err(err)?;
     {
         let mut w = WriteTx {
             log: tx.open_table(LOG).map_err(err)?,

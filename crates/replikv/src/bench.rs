@@ -43,6 +43,9 @@ pub struct BenchArgs {
     zipf: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Stop after this many seconds even if --requests are not all sent.
+    #[arg(long)]
+    duration_secs: Option<f64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -92,14 +95,14 @@ impl Zipf {
 async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
     let zipf = args.zipf.map(|s| Arc::new(Zipf::new(args.keys, s)));
     let issued = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(ErrorWindow::default());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let (args, zipf, issued, errors) =
             (args.clone(), zipf.clone(), issued.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            client(c as u64, args, read_pct, zipf, issued, errors).await
+            client(c as u64, args, read_pct, zipf, issued, errors, started).await
         }));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -114,13 +117,15 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
         hist.value_at_quantile(0.99),
         hist.value_at_quantile(0.999),
     );
-    let errs = errors.load(Ordering::Relaxed);
+    let errs = errors.count.load(Ordering::Relaxed);
+    let (first_err, last_err) = errors.window_ms();
     if args.json {
         println!(
             "{}",
             serde_json::json!({"workload": args.workload, "clients": args.clients, "pipeline": args.pipeline,
                 "value_size": args.value_size, "consistency": args.consistency, "read": args.read,
                 "requests": done, "errors": errs, "seconds": secs, "ops_per_sec": ops,
+                "first_error_ms": first_err, "last_error_ms": last_err,
                 "p50_us": p50, "p99_us": p99, "p999_us": p999})
         );
     } else {
@@ -128,8 +133,46 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
             "{}: {done} requests ({errs} errors) in {secs:.2} s = {ops:.0} ops/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms",
             args.workload, p50 as f64 / 1000.0, p99 as f64 / 1000.0, p999 as f64 / 1000.0
         );
+        if let (Some(a), Some(b)) = (first_err, last_err) {
+            println!(
+                "errors between {a} ms and {b} ms after the start (window {} ms)",
+                b - a
+            );
+        }
     }
     Ok(())
+}
+
+/// When errors happened, in ms since the run started.
+#[derive(Default)]
+struct ErrorWindow {
+    count: AtomicU64,
+    first: AtomicU64,
+    last: AtomicU64,
+}
+
+impl ErrorWindow {
+    fn record(&self, at: Duration) {
+        let ms = at.as_millis() as u64 + 1;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .first
+            .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+        self.first.fetch_min(ms, Ordering::Relaxed);
+        self.last.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn window_ms(&self) -> (Option<u64>, Option<u64>) {
+        let (a, b) = (
+            self.first.load(Ordering::Relaxed),
+            self.last.load(Ordering::Relaxed),
+        );
+        if a == 0 {
+            (None, None)
+        } else {
+            (Some(a - 1), Some(b - 1))
+        }
+    }
 }
 
 fn command(parts: &[&[u8]], out: &mut BytesMut) {
@@ -148,7 +191,8 @@ async fn client(
     read_pct: u32,
     zipf: Option<Arc<Zipf>>,
     issued: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
+    errors: Arc<ErrorWindow>,
+    started: Instant,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut stream = TcpStream::connect(&args.addr)
@@ -181,7 +225,10 @@ async fn client(
     }
     loop {
         let claimed = issued.fetch_add(args.pipeline as u64, Ordering::Relaxed);
-        if claimed >= args.requests {
+        let out_of_time = args
+            .duration_secs
+            .is_some_and(|d| started.elapsed().as_secs_f64() >= d);
+        if claimed >= args.requests || out_of_time {
             return Ok(hist);
         }
         let batch = (args.requests - claimed).min(args.pipeline as u64) as usize;
@@ -202,7 +249,7 @@ async fn client(
         out.clear();
         for _ in 0..batch {
             if let Frame::Error(_) = read_frame(&mut stream, &mut input, &limits).await? {
-                errors.fetch_add(1, Ordering::Relaxed);
+                errors.record(started.elapsed());
             }
         }
         let us = t.elapsed().as_micros().max(1) as u64;

@@ -1,6 +1,6 @@
 //! `replikv cluster --nodes N`: a local cluster for trying replikv out. Starts N
 //! `replikv server` child processes on loopback, prints their endpoints, and stops them all
-//! on Ctrl-C (or when one of them exits).
+//! on Ctrl-C or SIGTERM. A node that dies is reported with the command that restarts it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -27,6 +27,7 @@ pub fn run(
         .join(",");
     let exe = std::env::current_exe().context("locating the replikv binary")?;
     let mut children: Vec<(u64, Child)> = Vec::new();
+    let mut restart_args: Vec<Vec<String>> = Vec::new();
     for i in 1..=nodes {
         let dir = data_dir.join(format!("node{i}"));
         let mut cmd = Command::new(&exe);
@@ -51,6 +52,11 @@ pub fn run(
         if let Some(c) = &config {
             cmd.arg("--config").arg(c);
         }
+        restart_args.push(
+            cmd.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        );
         let child = cmd.spawn().with_context(|| format!("starting node {i}"))?;
         children.push((i, child));
     }
@@ -80,20 +86,28 @@ pub fn run(
         });
         flag.store(true, std::sync::atomic::Ordering::SeqCst);
     });
-    let exited = loop {
+    // A node that dies (kill -9 to watch failover, say) is reported; the others keep running.
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            break None;
+            break;
         }
-        if let Some((i, status)) = children
-            .iter_mut()
-            .find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (*i, s)))
-        {
-            break Some((i, status));
+        for (i, c) in children.iter_mut() {
+            if let Some(status) = c.try_wait().ok().flatten() {
+                if reported.insert(*i) {
+                    eprintln!("replikv: node {i} exited ({status}); the others keep running. Restart it with:");
+                    eprintln!(
+                        "  {} {}",
+                        exe.display(),
+                        restart_args[(*i - 1) as usize].join(" ")
+                    );
+                }
+            }
+        }
+        if reported.len() == children.len() {
+            break;
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
-    if let Some((i, status)) = exited {
-        eprintln!("replikv: node {i} exited ({status}); stopping the others");
     }
     for (_, c) in &mut children {
         // SIGTERM lets each node shut down cleanly.
