@@ -88,10 +88,14 @@ impl Node {
                 None => PeerResponse::NoSuchPartition(p),
             },
             PeerRequest::Client(req) => PeerResponse::Client(self.serve_client(req).await),
+            PeerRequest::Ping => PeerResponse::Pong,
         }
     }
 
-    async fn serve_client(self: &Arc<Self>, req: ClientRequest) -> Result<ClientResponse, Error> {
+    pub(crate) async fn serve_client(
+        self: &Arc<Self>,
+        req: ClientRequest,
+    ) -> Result<ClientResponse, Error> {
         match req {
             ClientRequest::Write {
                 partition,
@@ -120,15 +124,7 @@ impl Node {
                 count,
                 pattern,
             } => {
-                if self.leader_of(partition) != Some(self.id()) {
-                    return Err(Error::NotLeader {
-                        partition,
-                        leader: self.leader_of(partition),
-                    });
-                }
-                let (keys, next) = self
-                    .scan_partition(partition, start, count, pattern)
-                    .await?;
+                let (keys, next) = self.local_scan(partition, start, count, pattern).await?;
                 Ok(ClientResponse::Keys { keys, next })
             }
             ClientRequest::WaitReplicas {
@@ -143,6 +139,12 @@ impl Node {
                         leader: self.leader_of(partition),
                     });
                 };
+                if !g.is_leader() {
+                    return Err(Error::NotLeader {
+                        partition,
+                        leader: g.leader(),
+                    });
+                }
                 Ok(ClientResponse::Count(
                     self.count_replicas(&g, offset, wanted, timeout_ms).await,
                 ))

@@ -13,6 +13,7 @@
 //! a `primary` read is served only after a read index confirmed by a quorum (read.rs);
 //! replica staleness is measured from the leader's commit offsets (lag.rs).
 
+mod elections;
 mod frame;
 mod handler;
 mod lag;

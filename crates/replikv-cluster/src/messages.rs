@@ -27,6 +27,8 @@ pub enum PeerRequest {
     Vote(PartitionId, VoteRequest<u64>),
     InstallSnapshot(PartitionId, InstallSnapshotRequest<TypeConfig>),
     Client(ClientRequest),
+    /// Liveness: answered at once, so a node knows which peers it can reach.
+    Ping,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,6 +39,7 @@ pub enum PeerResponse {
     Client(Result<ClientResponse, Error>),
     /// The partition is not hosted by the receiving node.
     NoSuchPartition(PartitionId),
+    Pong,
 }
 
 /// Requests a node serves for another node (forwarding) or for operators.

@@ -77,6 +77,11 @@ pub struct Group {
     pub(crate) lag: Mutex<FollowerLag>,
     /// Set while leadership is being handed to another replica: writes get TRYAGAIN.
     pub(crate) transferring: AtomicBool,
+    /// Proposals hold it shared while they check and submit; a transfer takes it exclusively
+    /// to set `transferring`, so no proposal slips in after the transfer began.
+    pub(crate) propose_gate: tokio::sync::RwLock<()>,
+    /// Whether this replica's election timer may run (see `elections.rs`).
+    pub(crate) elections: crate::elections::ElectionGate,
 }
 
 impl Group {
@@ -161,6 +166,7 @@ impl Node {
         for group in node.groups.values() {
             crate::transfer::watch_leadership(node.clone(), group.clone());
         }
+        crate::elections::spawn(node.clone());
         if node.cfg.rebalance_leaders {
             crate::transfer::spawn_rebalancer(node.clone());
         }
@@ -273,31 +279,34 @@ async fn start_group(
     let raft = Raft::new(cfg.node_id, raft_config, network, log, sm)
         .await
         .map_err(|e| format!("partition {p}: {e}"))?;
+    let elections = crate::elections::ElectionGate::new();
     if !raft.is_initialized().await.map_err(|e| e.to_string())? {
         let members: BTreeMap<u64, BasicNode> = part
             .replicas
             .iter()
             .map(|id| (*id, BasicNode::new(cfg.peers[id].clone())))
             .collect();
-        // Every initial node proposes the same membership, which is safe (openraft docs);
-        // a node restarted with its data directory is already initialized and skips this.
-        if let Err(e) = raft.initialize(members).await {
-            tracing::debug!(partition = p, error = %e, "initialize skipped");
-        }
+        // A new cluster: the preferred leader initializes the group and campaigns at once,
+        // so leaders start spread out. The other replicas learn the membership from it; if
+        // it is not up, they initialize with the same membership (safe, as openraft
+        // documents) once a hold of two election timeouts has passed.
+        let hold = Duration::from_millis(cfg.election_timeout_max_ms * 2);
         if part.preferred_leader == cfg.node_id {
-            let _ = raft.trigger().elect().await;
+            if let Err(e) = raft.initialize(members).await {
+                tracing::debug!(partition = p, error = %e, "initialize skipped");
+            }
         } else {
-            // A new cluster: give the preferred leader the first chance to win, so leaders
-            // start spread out instead of being moved right after start-up. If it is not up,
-            // the others campaign once this hold expires.
-            raft.runtime_config().elect(false);
-            let (r, hold) = (
-                raft.clone(),
-                Duration::from_millis(cfg.election_timeout_max_ms * 2),
-            );
+            elections.hold_for_startup(hold);
+            let r = raft.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(hold).await;
-                r.runtime_config().elect(true);
+                if !r.is_initialized().await.unwrap_or(true) {
+                    tracing::info!(
+                        partition = p,
+                        "preferred leader absent; initializing the group here"
+                    );
+                    let _ = r.initialize(members).await;
+                }
             });
         }
     }
@@ -309,5 +318,7 @@ async fn start_group(
         waiters,
         lag: Mutex::default(),
         transferring: AtomicBool::new(false),
+        propose_gate: tokio::sync::RwLock::new(()),
+        elections,
     })
 }

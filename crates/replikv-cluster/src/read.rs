@@ -16,9 +16,12 @@ use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
 use crate::node::{now_ms, Group, Node};
+use crate::transport::TransportError;
 
 /// How long a replica waits to apply a reader's own last write before sending the read on.
 const SESSION_WAIT: Duration = Duration::from_millis(500);
+/// Pause before asking again when the leader could not be reached.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 impl Node {
     /// Reads `key` with the given preference; `min_offset` is the reader's last write offset
@@ -40,40 +43,54 @@ impl Node {
             }
         }
         let deadline = Instant::now() + self.write_timeout();
+        let req = ClientRequest::Get {
+            partition: p,
+            key,
+            read: ReadPreference::Primary,
+            min_offset,
+        };
+        match self.at_leader(p, req, deadline).await? {
+            ClientResponse::Value(v) => Ok(v),
+            other => Err(Error::Internal(format!(
+                "unexpected answer to a read: {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs `req` at the leader of `p`: here when this node leads it, otherwise forwarded.
+    /// Follows "not the leader" answers, and waits out an election or a leader that cannot
+    /// be reached, until `deadline`.
+    pub(crate) async fn at_leader(
+        self: &Arc<Self>,
+        p: PartitionId,
+        req: ClientRequest,
+        deadline: Instant,
+    ) -> Result<ClientResponse, Error> {
         let mut redirects = 0;
         loop {
             let leader = match self.leader_of(p) {
                 Some(l) => l,
-                None => self.await_leader(p, deadline).await?,
+                None => self.await_leader(p, None, deadline).await?,
             };
             let result = if leader == self.id() {
-                self.linearizable_get(p, &key, min_offset).await
+                Box::pin(self.serve_client(req.clone())).await
             } else {
-                let req = ClientRequest::Get {
-                    partition: p,
-                    key: key.clone(),
-                    read: ReadPreference::Primary,
-                    min_offset,
-                };
-                match self.ask(leader, req, deadline).await {
-                    Ok(ClientResponse::Value(v)) => Ok(v),
-                    Ok(other) => Err(Error::Internal(format!(
-                        "unexpected answer to a read: {other:?}"
-                    ))),
-                    Err(e) => Err(e),
-                }
+                self.ask(leader, req.clone(), deadline).await
             };
             match result {
-                Err(Error::NotLeader { leader, .. })
-                    if redirects < 4 && Instant::now() < deadline =>
+                Err(Error::NotLeader { leader: hint, .. })
+                    if redirects < 8 && Instant::now() < deadline =>
                 {
                     redirects += 1;
-                    match leader {
-                        Some(l) => self.note_leader(p, l),
-                        None => {
-                            self.await_leader(p, deadline).await?;
+                    match hint {
+                        Some(l) if l != leader => self.note_leader(p, l),
+                        _ => {
+                            self.await_leader(p, Some(leader), deadline).await?;
                         }
                     }
+                }
+                Err(Error::TryAgain(_)) if Instant::now() + RETRY_PAUSE < deadline => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 other => return other,
             }
@@ -191,32 +208,37 @@ impl Node {
         pattern: Option<Bytes>,
     ) -> Result<(Vec<Bytes>, Option<Bytes>), Error> {
         let deadline = Instant::now() + self.write_timeout();
-        let leader = match self.leader_of(p) {
-            Some(l) => l,
-            None => self.await_leader(p, deadline).await?,
+        let req = ClientRequest::Scan {
+            partition: p,
+            start,
+            count,
+            pattern,
         };
-        if leader != self.id() {
-            let req = ClientRequest::Scan {
-                partition: p,
-                start,
-                count,
-                pattern,
-            };
-            return match self.ask(leader, req, deadline).await? {
-                ClientResponse::Keys { keys, next } => Ok((keys, next)),
-                other => Err(Error::Internal(format!(
-                    "unexpected answer to a scan: {other:?}"
-                ))),
-            };
+        match self.at_leader(p, req, deadline).await? {
+            ClientResponse::Keys { keys, next } => Ok((keys, next)),
+            other => Err(Error::Internal(format!(
+                "unexpected answer to a scan: {other:?}"
+            ))),
         }
+    }
+
+    /// A scan of this node's replica of `p`, after a read index (this node must lead `p`).
+    pub(crate) async fn local_scan(
+        &self,
+        p: PartitionId,
+        start: Bytes,
+        count: usize,
+        pattern: Option<Bytes>,
+    ) -> Result<(Vec<Bytes>, Option<Bytes>), Error> {
         let g = self.read_index(p, None).await?;
+        let keep = |k: &[u8]| {
+            pattern
+                .as_ref()
+                .is_none_or(|pat| replikv_types::glob_match(pat, k))
+        };
         let (keys, next) = g
             .view
-            .scan(&start, count, now_ms(), |k| {
-                pattern
-                    .as_ref()
-                    .is_none_or(|pat| replikv_types::glob_match(pat, k))
-            })
+            .scan(&start, count, now_ms(), keep)
             .map_err(Error::Internal)?;
         Ok((keys, next.map(Bytes::from)))
     }
@@ -240,6 +262,10 @@ impl Node {
                 leader: None,
             }),
             Ok(other) => Err(Error::Internal(format!("unexpected peer answer {other:?}"))),
+            // Never delivered: safe to retry once the partition has a reachable leader.
+            Err(TransportError::NotSent(m)) => {
+                Err(Error::TryAgain(format!("node {node} is unreachable: {m}")))
+            }
             Err(e) => Err(Error::NoQuorum {
                 committed: Commit::No,
                 detail: format!("node {node} did not answer: {e}"),

@@ -43,7 +43,7 @@ impl Node {
             Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 6 + 3_000);
         let leader = match self.leader_of(p) {
             Some(l) => l,
-            None => self.await_leader(p, deadline).await?,
+            None => self.await_leader(p, None, deadline).await?,
         };
         if leader == self.id() {
             return self.transfer_leadership(p, to).await;
@@ -83,14 +83,18 @@ impl Node {
         if to == self.id() {
             return Ok(());
         }
-        if g.transferring.swap(true, Ordering::SeqCst) {
+        let already = {
+            let _exclusive = g.propose_gate.write().await;
+            g.transferring.swap(true, Ordering::SeqCst)
+        };
+        if already {
             return Err(Error::TryAgain(format!(
                 "a transfer of partition {p} is already under way"
             )));
         }
         let result = self.run_transfer(&g, to).await;
+        // Elections come back on when this node's hold ends (`elections.rs`).
         g.raft.runtime_config().heartbeat(true);
-        g.raft.runtime_config().elect(true);
         g.transferring.store(false, Ordering::SeqCst);
         match &result {
             Ok(()) => tracing::info!(partition = p, to, "leadership transferred"),
@@ -107,11 +111,15 @@ impl Node {
             .wait(Some(Duration::from_secs(3)))
             .metrics(
                 move |m| {
+                    // Every entry proposed before the transfer began is applied (its client
+                    // has its answer) and the target holds all of them.
                     let last = m.last_log_index.unwrap_or(0);
-                    m.replication
-                        .as_ref()
-                        .and_then(|r| r.get(&to).copied().flatten())
-                        .is_some_and(|l| l.index >= last)
+                    let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+                    applied >= last
+                        && m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(&to).copied().flatten())
+                            .is_some_and(|l| l.index >= last)
                 },
                 "target caught up",
             )
@@ -156,14 +164,10 @@ impl Node {
 
     /// Keeps this replica of `p` from starting elections for `dur`.
     pub(crate) fn hold_elections(&self, p: PartitionId, dur: Duration) {
-        let Some(g) = self.group(p).cloned() else {
-            return;
-        };
-        g.raft.runtime_config().elect(false);
-        tokio::spawn(async move {
-            tokio::time::sleep(dur).await;
-            g.raft.runtime_config().elect(true);
-        });
+        if let Some(g) = self.group(p) {
+            g.elections.hold(dur);
+            g.raft.runtime_config().elect(false);
+        }
     }
 
     /// Campaigns for leadership of `p` once the old leader's lease has run out.

@@ -377,6 +377,28 @@ impl Transport {
         self.peers.read().expect("peers").get(&peer).cloned()
     }
 
+    /// Pings every known peer every `every`, so link stats show who is reachable even when
+    /// no other traffic flows.
+    pub fn start_pinger(self: Arc<Self>, every: Duration) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let peers: Vec<Arc<PeerClient>> = self
+                    .peers
+                    .read()
+                    .expect("peers")
+                    .values()
+                    .cloned()
+                    .collect();
+                for peer in peers {
+                    let answer = peer.start(&PeerRequest::Ping, every * 10);
+                    tokio::spawn(answer);
+                }
+            }
+        });
+    }
+
     pub fn link_stats(&self, peer: NodeId) -> Option<LinkStats> {
         self.peer(peer).map(|p| p.stats())
     }

@@ -80,7 +80,7 @@ impl Node {
         async move {
             let leader = match self.leader_of(p) {
                 Some(l) => l,
-                None => match self.await_leader(p, deadline).await {
+                None => match self.await_leader(p, None, deadline).await {
                     Ok(l) => l,
                     Err(e) => return ready(Err(e)),
                 },
@@ -93,13 +93,15 @@ impl Node {
             let node = self.clone();
             async move {
                 match pending.await {
-                    Err(Error::NotLeader { leader, .. })
+                    Err(Error::NotLeader { leader: hint, .. })
                         if redirects < MAX_REDIRECTS && Instant::now() < deadline =>
                     {
-                        if let Some(l) = leader {
-                            node.note_leader(p, l);
-                        } else {
-                            node.await_leader(p, deadline).await?;
+                        match hint {
+                            Some(l) if l != leader => node.note_leader(p, l),
+                            // The node we asked no longer leads and knows no successor yet.
+                            _ => {
+                                node.await_leader(p, Some(leader), deadline).await?;
+                            }
                         }
                         node.route_write(p, op, level, deadline, redirects + 1)
                             .await
@@ -121,26 +123,39 @@ impl Node {
         .boxed()
     }
 
-    /// Waits (bounded) for the partition to elect a leader; fails fast with CLUSTERDOWN.
+    /// Waits (bounded) until the partition has a leader other than `not`; fails fast with
+    /// CLUSTERDOWN when none appears within about one failover.
     pub(crate) async fn await_leader(
         &self,
         p: PartitionId,
+        not: Option<u64>,
         deadline: Instant,
     ) -> Result<u64, Error> {
-        let election = Duration::from_millis(self.cfg.election_timeout_max_ms * 2);
+        // A dead leader's lease runs out, then one election: about two maximum timeouts.
+        let election = Duration::from_millis(self.cfg.election_timeout_max_ms * 3);
         let limit = deadline.min(Instant::now() + election);
         if let Some(g) = self.group(p) {
             let wait = limit.saturating_duration_since(Instant::now());
             if let Ok(m) = g
                 .raft
                 .wait(Some(wait))
-                .metrics(|m| m.current_leader.is_some(), "leader elected")
+                .metrics(
+                    move |m| m.current_leader.is_some() && m.current_leader != not,
+                    "leader elected",
+                )
                 .await
             {
                 return Ok(m.current_leader.expect("waited for a leader"));
             }
-        } else if let Some(l) = self.leader_of(p) {
-            return Ok(l);
+        } else {
+            // Not hosted here: forget a hint that failed, then follow the next answer's hint.
+            if not.is_some() {
+                self.leader_hints.lock().expect("hints").remove(&p);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if let Some(l) = self.leader_of(p) {
+                return Ok(l);
+            }
         }
         Err(Error::ClusterDown {
             partition: p,
@@ -182,11 +197,11 @@ impl Node {
                 Ok(other) => Err(Error::Internal(format!(
                     "unexpected answer to a write: {other:?}"
                 ))),
+                // Never delivered: route again once the partition has a reachable leader.
+                Err(crate::transport::TransportError::NotSent(m)) => Err(Error::TryAgain(format!(
+                    "leader node {leader} of partition {p} is unreachable: {m}"
+                ))),
                 // The leader may have taken the write before the link failed.
-                Err(crate::transport::TransportError::NotSent(m)) => Err(Error::NoQuorum {
-                    committed: Commit::No,
-                    detail: format!("leader node {leader} of partition {p} is unreachable: {m}"),
-                }),
                 Err(e) => Err(Error::Timeout {
                     committed: Commit::Unknown,
                     detail: format!("lost the answer from leader node {leader}: {e}"),
@@ -209,6 +224,7 @@ impl Node {
                 leader: self.leader_of(p),
             }));
         };
+        let gate = group.propose_gate.read().await;
         if let Err(e) = self.can_accept(&group, level) {
             self.metrics.write_failed(p);
             return ready(Err(e));
@@ -235,6 +251,7 @@ impl Node {
                 return ready(Err(Error::Internal(format!("partition {p} stopped: {e}"))));
             }
         };
+        drop(gate);
         let timeout = self.write_timeout();
         let node = self.clone();
         async move {
@@ -453,24 +470,13 @@ impl Node {
             Duration::from_millis(timeout_ms)
         };
         let deadline = Instant::now() + limit;
-        let leader = match self.leader_of(p) {
-            Some(l) => l,
-            None => self.await_leader(p, deadline).await?,
-        };
-        if leader == self.id() {
-            let g = self.group(p).cloned().ok_or(Error::NotLeader {
-                partition: p,
-                leader: None,
-            })?;
-            return Ok(self.count_replicas(&g, offset, wanted, timeout_ms).await);
-        }
         let req = ClientRequest::WaitReplicas {
             partition: p,
             offset,
             wanted,
             timeout_ms,
         };
-        match self.ask(leader, req, deadline).await? {
+        match self.at_leader(p, req, deadline).await? {
             ClientResponse::Count(n) => Ok(n),
             other => Err(Error::Internal(format!(
                 "unexpected answer to WAIT: {other:?}"

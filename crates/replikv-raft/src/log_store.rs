@@ -140,10 +140,28 @@ impl LogStore {
             }
             _ => None,
         };
+        // A node that led before the crash would restart as leader (openraft restores a
+        // committed vote of its own) with a log now shorter than what it committed. Keep the
+        // vote but drop its "committed" mark: it must win a new election, which a shorter
+        // log cannot, so a replica with the full log leads instead.
+        let vote: Option<Vote> = self.read_meta(VOTE)?;
+        let demoted = match vote {
+            Some(v) if v.committed => Some(
+                bincode::serialize(&Vote {
+                    committed: false,
+                    ..v
+                })
+                .map_err(storage_error)?,
+            ),
+            _ => None,
+        };
         let p = self.partition;
         block_on_write(&self.store, move |w| {
             if let Some(c) = &clamp {
                 w.meta_put(p, COMMITTED, c)?;
+            }
+            if let Some(v) = &demoted {
+                w.meta_put(p, VOTE, v)?;
             }
             w.log_remove(p, bad..u64::MAX)
         })

@@ -95,9 +95,19 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, Node>,
 }
 
+/// A free port below Linux's ephemeral range (32768 and up): ports the kernel hands out for
+/// outgoing connections, which nodes open all the time, cannot take it before the node binds.
 fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    l.local_addr().expect("local addr")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let spread = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(spread);
+        let port = 20_000 + (n % 12_000) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().expect("local addr");
+        }
+    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
@@ -512,6 +522,17 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in self.nodes.values() {
+                eprintln!("---- node {} log (last lines) ----\n{}", n.id, n.log_tail());
+            }
+            if std::env::var_os("REPLIKV_TEST_KEEP").is_some() {
+                let kept =
+                    std::mem::replace(&mut self._dir, tempfile::tempdir().expect("temp dir"))
+                        .keep();
+                eprintln!("test cluster files kept in {}", kept.display());
+            }
+        }
         for n in self.nodes.values_mut() {
             if let Some(mut c) = n.child.take() {
                 unsafe {

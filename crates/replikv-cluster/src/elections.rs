@@ -1,0 +1,102 @@
+//! When a replica may start an election.
+//!
+//! openraft 0.9 has no pre-vote: a replica cut off from its peers campaigns again and again,
+//! raising its term, and when the link heals that term deposes a healthy leader. replikv
+//! closes the gap from outside: a replica's election timer runs only while it has heard from
+//! a majority of its group within the election timeout (every peer answers a ping every
+//! [`PING_EVERY`]), and not while a hold is on (a new cluster waiting for its preferred
+//! leader, or a leadership transfer). Explicit campaigns (`trigger().elect()`, used by
+//! transfers) are not affected.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::node::{Group, Node};
+
+pub(crate) const PING_EVERY: Duration = Duration::from_millis(100);
+
+/// One group's election permission.
+pub(crate) struct ElectionGate {
+    hold_until: Mutex<Instant>,
+    /// The start-up hold: lifted as soon as the group has a leader.
+    startup: AtomicBool,
+    allowed: AtomicBool,
+}
+
+impl ElectionGate {
+    /// Starts open; the first check closes it unless a majority is reachable.
+    pub(crate) fn new() -> ElectionGate {
+        ElectionGate {
+            hold_until: Mutex::new(Instant::now()),
+            startup: AtomicBool::new(false),
+            allowed: AtomicBool::new(true),
+        }
+    }
+
+    /// A new cluster's hold for non-preferred replicas, so the preferred leader wins first;
+    /// it ends after `dur` or as soon as any leader is elected.
+    pub(crate) fn hold_for_startup(&self, dur: Duration) {
+        self.startup.store(true, Ordering::Relaxed);
+        self.hold(dur);
+    }
+
+    /// Keeps elections off for at least `dur` from now.
+    pub(crate) fn hold(&self, dur: Duration) {
+        let mut until = self.hold_until.lock().expect("election hold");
+        *until = (*until).max(Instant::now() + dur);
+    }
+
+    fn held(&self) -> bool {
+        Instant::now() < *self.hold_until.lock().expect("election hold")
+    }
+}
+
+impl Node {
+    /// Replicas of `g` (this node included) heard from within the election timeout.
+    fn reachable_replicas(&self, g: &Group) -> usize {
+        let window = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        g.placement
+            .replicas
+            .iter()
+            .filter(|id| {
+                **id == self.id()
+                    || self
+                        .transport
+                        .link_stats(**id)
+                        .and_then(|s| s.last_ok)
+                        .is_some_and(|t| t.elapsed() <= window)
+            })
+            .count()
+    }
+
+    fn update_election_gate(&self, g: &Group) {
+        if g.elections.startup.load(Ordering::Relaxed) && g.leader().is_some() {
+            g.elections.startup.store(false, Ordering::Relaxed);
+            *g.elections.hold_until.lock().expect("election hold") = Instant::now();
+        }
+        let majority = g.placement.replicas.len() / 2 + 1;
+        let allowed = !g.elections.held() && self.reachable_replicas(g) >= majority;
+        if g.elections.allowed.swap(allowed, Ordering::Relaxed) != allowed {
+            g.raft.runtime_config().elect(allowed);
+            tracing::debug!(partition = g.partition, allowed, "election timer");
+        }
+    }
+}
+
+/// Pings every peer and re-evaluates every group's gate, forever.
+pub(crate) fn spawn(node: Arc<Node>) {
+    node.transport.clone().start_pinger(PING_EVERY);
+    for g in node.groups.values() {
+        node.update_election_gate(g);
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PING_EVERY);
+        loop {
+            tick.tick().await;
+            for g in node.groups.values() {
+                node.update_election_gate(g);
+            }
+        }
+    });
+}

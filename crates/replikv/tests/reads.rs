@@ -1,0 +1,121 @@
+//! Read preferences (DESIGN.md section 3, reads): a follower serves `secondary` reads while
+//! its measured staleness is within `max_lag_ms` and refuses (or sends to the leader) once
+//! it is not; a session token gives read-your-writes on a follower; RESP3 via HELLO 3.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use redis::Commands;
+use replikv_testkit::{wait_until, Cluster, Options};
+
+fn bin() -> &'static std::path::Path {
+    env!("CARGO_BIN_EXE_replikv").as_ref()
+}
+
+fn replica_reads(c: &Cluster, node: u64) -> f64 {
+    let text = c.http_text(node, "/metrics").unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("replikv_reads_total{") && l.contains("served_by=\"replica\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn follower_serves_fresh_reads_refuses_stale_ones_and_reads_its_own_writes() {
+    let opts = Options {
+        partitions: 1,
+        max_lag_ms: 400,
+        rebalance_leaders: false,
+        ..Options::default()
+    };
+    let c = Cluster::start(bin(), opts);
+    let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let follower = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != follower).collect();
+    let mut conn = c.redis(follower);
+    let _: () = redis::cmd("REPLIKV.READ")
+        .arg("secondary")
+        .query(&mut conn)
+        .unwrap();
+
+    // Phase 1: read-your-writes. The write goes to the leader; the read right after it is
+    // served by this follower, which first applies the connection's own write.
+    let before = replica_reads(&c, follower);
+    for i in 0..20 {
+        let _: () = conn.set("k", i).unwrap();
+        let v: i64 = conn.get("k").unwrap();
+        assert_eq!(v, i, "a follower read missed the connection's own write");
+    }
+    assert!(
+        replica_reads(&c, follower) >= before + 20.0,
+        "reads were not served by the follower"
+    );
+
+    // Phase 2: HTTP session token: written on the leader, read on the follower.
+    let w = c
+        .http_put(
+            leader,
+            "/v1/kv/default/doc?consistency=quorum",
+            "{\"v\": 7}",
+        )
+        .unwrap();
+    let token = format!("{}:{}", w["partition"], w["offset"]);
+    let doc = c
+        .http_get(
+            follower,
+            &format!("/v1/kv/default/doc?read=secondary&session={token}"),
+        )
+        .unwrap();
+    assert_eq!(doc["v"], 7);
+
+    // Phase 3: cut off, the follower's staleness passes max_lag_ms and it stops serving.
+    c.cut(follower, &others);
+    wait_until(
+        Duration::from_secs(10),
+        "the follower refuses stale reads",
+        || conn.get::<_, Option<i64>>("k").is_err(),
+    );
+    let status = c.http_get(follower, "/v1/_replication/state").unwrap();
+    let stale = status["partitions"][0]["staleness_ms"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(stale > 400, "staleness {stale} ms reported while refusing");
+
+    // Phase 4: healed, it serves again.
+    c.heal();
+    wait_until(Duration::from_secs(10), "the follower serves again", || {
+        conn.get::<_, Option<i64>>("k").ok().flatten() == Some(19)
+    });
+}
+
+#[test]
+fn hello_3_switches_the_connection_to_resp3() {
+    let c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 1,
+            ..Options::default()
+        },
+    );
+    let mut s = TcpStream::connect(c.node(1).resp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"HELLO 3\r\nGET missing\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"_\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with('%'), "HELLO 3 answers a map: {text}");
+    assert!(
+        text.contains("proto") && text.ends_with("_\r\n"),
+        "RESP3 null for a missing key: {text}"
+    );
+}
