@@ -53,11 +53,23 @@ impl ElectionGate {
 }
 
 impl Node {
+    /// Whether this node has heard from a majority of partition `p`'s replicas within the
+    /// election timeout. When it has not, it knows no write or read can succeed through it.
+    pub(crate) fn reaches_majority(&self, p: replikv_types::PartitionId) -> bool {
+        let Some(pl) = self.placement.get(p) else {
+            return false;
+        };
+        self.reachable(&pl.replicas) > pl.replicas.len() / 2
+    }
+
     /// Replicas of `g` (this node included) heard from within the election timeout.
     fn reachable_replicas(&self, g: &Group) -> usize {
+        self.reachable(&g.placement.replicas)
+    }
+
+    fn reachable(&self, replicas: &[u64]) -> usize {
         let window = Duration::from_millis(self.cfg.election_timeout_max_ms);
-        g.placement
-            .replicas
+        replicas
             .iter()
             .filter(|id| {
                 **id == self.id()

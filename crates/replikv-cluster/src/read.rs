@@ -89,6 +89,14 @@ impl Node {
                         }
                     }
                 }
+                Err(Error::TryAgain(m)) if !self.reaches_majority(p) => {
+                    return Err(Error::NoQuorum {
+                        committed: Commit::No,
+                        detail: format!(
+                            "this node cannot reach a majority of partition {p}'s replicas ({m})"
+                        ),
+                    })
+                }
                 Err(Error::TryAgain(_)) if Instant::now() + RETRY_PAUSE < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }

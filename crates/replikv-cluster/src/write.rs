@@ -109,6 +109,14 @@ impl Node {
                     }
                     // Leadership is moving (a transfer): the write was not proposed. Wait a
                     // little and route again, rather than hand the client a retry.
+                    // The leader is unreachable and so is a majority: nothing can succeed
+                    // from this side of the network, so say so at once.
+                    Err(Error::TryAgain(m)) if !node.reaches_majority(p) => Err(Error::NoQuorum {
+                        committed: Commit::No,
+                        detail: format!(
+                            "this node cannot reach a majority of partition {p}'s replicas ({m})"
+                        ),
+                    }),
                     Err(Error::TryAgain(_)) if Instant::now() + TRY_AGAIN_PAUSE < deadline => {
                         tokio::time::sleep(TRY_AGAIN_PAUSE).await;
                         node.route_write(p, op, level, deadline, redirects)

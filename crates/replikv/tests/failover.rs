@@ -155,9 +155,9 @@ fn minority_side_refuses_writes_while_majority_serves_then_converges() {
         (0..20).all(|i| majority_refused(&mut minority, &format!("minority{i}")))
     });
     let err = minority.set::<_, _, ()>("minority-x", "1").unwrap_err();
-    let text = err.to_string();
+    let text = err.to_string().to_lowercase();
     assert!(
-        text.contains("NOQUORUM") || text.contains("CLUSTERDOWN") || text.contains("TRYAGAIN"),
+        text.contains("noquorum") || text.contains("clusterdown"),
         "{text}"
     );
 
