@@ -96,6 +96,13 @@ impl Node {
                     Err(Error::NotLeader { leader: hint, .. })
                         if redirects < MAX_REDIRECTS && Instant::now() < deadline =>
                     {
+                        tracing::debug!(
+                            partition = p,
+                            asked = leader,
+                            ?hint,
+                            redirects,
+                            "write redirected"
+                        );
                         match hint {
                             Some(l) if l != leader => node.note_leader(p, l),
                             // The node we asked no longer leads and knows no successor yet.
@@ -144,11 +151,17 @@ impl Node {
         let limit = deadline.min(Instant::now() + election);
         if let Some(g) = self.group(p) {
             let wait = limit.saturating_duration_since(Instant::now());
+            // `not` said it does not lead: accept a leader of a later term (it may win
+            // again) or another node.
+            let term = g.raft.metrics().borrow().current_term;
             if let Ok(m) = g
                 .raft
                 .wait(Some(wait))
                 .metrics(
-                    move |m| m.current_leader.is_some() && m.current_leader != not,
+                    move |m| {
+                        m.current_leader.is_some()
+                            && (not.is_none() || m.current_leader != not || m.current_term > term)
+                    },
                     "leader elected",
                 )
                 .await
@@ -165,6 +178,7 @@ impl Node {
                 return Ok(l);
             }
         }
+        tracing::debug!(partition = p, ?not, "no leader within the failover wait");
         Err(Error::ClusterDown {
             partition: p,
             detail: "no leader elected (election under way, or a majority of its replicas is down)"

@@ -152,15 +152,30 @@ pub(crate) async fn flush_answers(
 /// Waits for the connection's queued writes (keeping their answers in place), so that what
 /// follows observes them.
 pub(crate) async fn settle(state: &mut ConnState, answers: &mut [Answer]) {
-    for a in answers.iter_mut() {
-        if let Answer::Later(fut) = a {
-            let (f, tokens) = fut.await;
-            for (p, offset) in tokens {
-                let e = state.session.entry(p).or_insert(0);
-                *e = (*e).max(offset);
+    // Drive every queued write at once: each has its own deadline, and one waiting out a
+    // failover must not use up the time of those queued behind it.
+    let mut slots = Vec::new();
+    let mut pending = Vec::new();
+    for (i, a) in answers.iter_mut().enumerate() {
+        if matches!(a, Answer::Later(_)) {
+            if let Answer::Later(fut) = std::mem::replace(a, Answer::Now(Frame::Null)) {
+                slots.push(i);
+                pending.push(fut);
             }
-            *a = Answer::Now(f);
         }
+    }
+    if pending.is_empty() {
+        return;
+    }
+    for (i, (frame, tokens)) in slots
+        .into_iter()
+        .zip(futures::future::join_all(pending).await)
+    {
+        for (p, offset) in tokens {
+            let e = state.session.entry(p).or_insert(0);
+            *e = (*e).max(offset);
+        }
+        answers[i] = Answer::Now(frame);
     }
 }
 

@@ -202,7 +202,10 @@ impl Cluster {
         cmd.arg("server")
             .arg("--config")
             .arg(&n.config)
-            .env("REPLIKV_LOG", "info,openraft=warn")
+            .env(
+                "REPLIKV_LOG",
+                std::env::var("REPLIKV_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
