@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+trap stop_cluster EXIT
 N=${N:-200000}
 build
 machine_facts
@@ -15,8 +16,10 @@ start_cluster /tmp/replikv-bench-catchup
 args=$(ps -o args= -p "$(pgrep -f -- '--node-id 3 --peers')")
 pkill -9 -f -- "--node-id 3 --peers"
 "$BIN" bench --addr "127.0.0.1:$BASE" --workload set --clients 32 --pipeline 16 --requests "$N" --keys "$N" --consistency quorum
-behind=$(curl -s "http://127.0.0.1:$((BASE + 2000))/v1/_replication/state" | python3 -c "
-import json,sys; d=json.load(sys.stdin); print(sum(r['lag_ops'] or 0 for p in d['partitions'] for r in p['replicas'] if r['node_id']==3))")
+# Entries node 3 lacks, summed over the partitions' leaders (nodes 1 and 2).
+behind=$(for i in 0 1; do curl -s "http://127.0.0.1:$((BASE + 2000 + i))/v1/_replication/state"; echo; done | python3 -c "
+import json,sys
+print(sum(r['lag_ops'] or 0 for line in sys.stdin if line.strip() for p in json.loads(line)['partitions'] for r in p['replicas'] if r['node_id']==3))")
 start=$(date +%s.%N)
 $args >/dev/null 2>/tmp/replikv-catchup-node3.log &
 node3=$!

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
+trap stop_cluster EXIT
 N=${N:-100000} C=${C:-50} D=${D:-100}
 build
 machine_facts
@@ -12,8 +13,10 @@ echo "level,pipeline,test,rps,avg_ms,p50_ms,p99_ms"
 for level in eventual at_least:2 quorum all; do
   for P in 1 16; do
     REPLIKV_CONSISTENCY=$level start_cluster /tmp/replikv-bench-levels
-    redis-benchmark -p "$BASE" -t set,get -n "$N" -c "$C" -P "$P" -r 100000 -d "$D" --csv 2>/dev/null |
-      tail -n +2 | tr -d '"' | awk -F, -v l="$level" -v p="$P" '{print l "," p "," $1 "," $2 "," $3 "," $5 "," $7}'
+    if ! redis-benchmark -p "$BASE" -t set,get -n "$N" -c "$C" -P "$P" -r 100000 -d "$D" --csv 2>/tmp/replikv-bench-err |
+      tail -n +2 | tr -d '"' | awk -F, -v l="$level" -v p="$P" '{print l "," p "," $1 "," $2 "," $3 "," $5 "," $7}'; then
+      echo "$level,$P,failed: $(grep -v WARNING /tmp/replikv-bench-err | head -1)"
+    fi
     stop_cluster
   done
 done

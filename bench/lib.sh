@@ -24,8 +24,10 @@ start_cluster() {
 }
 
 stop_cluster() {
+  [ -n "${CLUSTER_PID:-}" ] || return 0
   kill "$CLUSTER_PID" 2>/dev/null || true
   wait "$CLUSTER_PID" 2>/dev/null || true
+  CLUSTER_PID=
 }
 
 # leader_of PARTITION: node id of the partition's leader, as node 1 sees it

@@ -3,7 +3,7 @@
 //!
 //! | level        | acknowledged when                                                    |
 //! |--------------|----------------------------------------------------------------------|
-//! | eventual     | the leader's log store flushed the entry (blind writes); else applied |
+//! | eventual     | the leader's log store took the entry (blind writes); else applied    |
 //! | at_least(n)  | n replicas, leader included, report the entry durably matched        |
 //! | quorum       | openraft committed and applied it on the leader                      |
 //! | all          | committed, and every voter reports it durably matched                |
@@ -265,7 +265,12 @@ impl Node {
             op,
         };
         let req_id = req.req_id;
-        let appended = early.then(|| group.waiters.register(req_id));
+        // `eventual` needs the write in the leader's log; `at_least(n)` needs it on disk.
+        let appended = early.then(|| {
+            group
+                .waiters
+                .register(req_id, level != Consistency::Eventual)
+        });
         let applied = match group.raft.client_write_ff(req).await {
             Ok(rx) => rx,
             Err(e) => {
@@ -338,10 +343,10 @@ impl Node {
     /// Fails fast when this leader cannot meet `level` now.
     fn can_accept(&self, group: &Group, level: Consistency) -> Result<(), Error> {
         let p = group.partition;
-        let (state, leader, quorum_age) = {
+        let (state, leader) = {
             let m = group.raft.metrics();
             let m = m.borrow();
-            (m.state, m.current_leader, m.millis_since_quorum_ack)
+            (m.state, m.current_leader)
         };
         if state != ServerState::Leader {
             return Err(Error::NotLeader {
@@ -354,15 +359,17 @@ impl Node {
                 "leadership of partition {p} is moving; retry"
             )));
         }
-        if let Some(age) = quorum_age {
-            if group.placement.replicas.len() > 1 && age > self.cfg.election_timeout_max_ms {
-                return Err(Error::NoQuorum {
-                    committed: Commit::No,
-                    detail: format!(
-                        "the leader of partition {p} has not heard from a majority for {age} ms"
-                    ),
-                });
-            }
+        // Reachability comes from the peers' ping answers, not from openraft's last quorum
+        // acknowledgement: under a heavy write load acknowledgements queue behind fsyncs and
+        // would make a healthy leader look cut off.
+        if !self.reaches_majority(p) {
+            return Err(Error::NoQuorum {
+                committed: Commit::No,
+                detail: format!(
+                    "the leader of partition {p} has not heard from a majority of its replicas within {} ms",
+                    self.cfg.election_timeout_max_ms
+                ),
+            });
         }
         let wanted = match level {
             Consistency::All => group.placement.replicas.len(),

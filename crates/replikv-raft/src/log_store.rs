@@ -31,19 +31,22 @@ const APPEND_CLOCK_BATCHES: usize = 4096;
 /// recent entries were appended here, so a leader can tell how old a replica's lag is.
 #[derive(Default)]
 pub struct AppendWaiters {
-    waiting: Mutex<HashMap<u64, oneshot::Sender<u64>>>,
+    /// req_id → (wait for the fsync?, who to tell the offset).
+    waiting: Mutex<HashMap<u64, (bool, oneshot::Sender<u64>)>>,
     /// (last offset of a flushed batch, when it flushed), oldest first.
     clock: Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>,
 }
 
 impl AppendWaiters {
-    /// Returns a receiver of the offset at which request `req_id` was durably appended.
-    pub fn register(&self, req_id: u64) -> oneshot::Receiver<u64> {
+    /// Returns a receiver of the offset at which request `req_id` was appended here: once
+    /// written to the log (`durable == false`), or once that write reached the disk under the
+    /// fsync policy (`durable == true`).
+    pub fn register(&self, req_id: u64, durable: bool) -> oneshot::Receiver<u64> {
         let (tx, rx) = oneshot::channel();
         self.waiting
             .lock()
             .expect("append waiters")
-            .insert(req_id, tx);
+            .insert(req_id, (durable, tx));
         rx
     }
 
@@ -69,14 +72,20 @@ impl AppendWaiters {
         }
     }
 
-    fn appended(&self, flushed: &[(u64, u64)]) {
+    /// Tells the waiters of `entries` (req_id, offset) that asked for `durable` or less.
+    fn appended(&self, entries: &[(u64, u64)], durable: bool) {
         let mut waiting = self.waiting.lock().expect("append waiters");
         if waiting.is_empty() {
             return;
         }
-        for (req_id, index) in flushed {
-            if let Some(tx) = waiting.remove(req_id) {
-                let _ = tx.send(*index);
+        for (req_id, index) in entries {
+            if waiting
+                .get(req_id)
+                .is_some_and(|(needs_disk, _)| durable || !needs_disk)
+            {
+                if let Some((_, tx)) = waiting.remove(req_id) {
+                    let _ = tx.send(*index);
+                }
             }
         }
     }
@@ -306,6 +315,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let p = self.partition;
         let waiters = self.waiters.clone();
+        // Written to this node's log now (the writer commits it in order); `eventual` writes
+        // are acknowledged here, the others once the commit is durable.
+        waiters.appended(&proposed, false);
         let last = records.last().map(|(i, _)| *i);
         self.store.submit(
             true,
@@ -320,7 +332,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     if let Some(last) = last {
                         waiters.flushed(last);
                     }
-                    waiters.appended(&proposed);
+                    waiters.appended(&proposed, true);
                     callback.log_io_completed(Ok(()));
                 }
                 Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),

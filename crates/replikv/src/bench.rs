@@ -112,6 +112,7 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let done = hist.len();
     let ops = done as f64 / secs;
+    let max = hist.max();
     let (p50, p99, p999) = (
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),
@@ -126,7 +127,7 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
                 "value_size": args.value_size, "consistency": args.consistency, "read": args.read,
                 "requests": done, "errors": errs, "seconds": secs, "ops_per_sec": ops,
                 "first_error_ms": first_err, "last_error_ms": last_err,
-                "p50_us": p50, "p99_us": p99, "p999_us": p999})
+                "p50_us": p50, "p99_us": p99, "p999_us": p999, "max_us": max})
         );
     } else {
         println!(
