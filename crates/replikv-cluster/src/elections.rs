@@ -68,7 +68,7 @@ impl Node {
     }
 
     fn reachable(&self, replicas: &[u64]) -> usize {
-        let window = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        let window = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
         replicas
             .iter()
             .filter(|id| {

@@ -32,5 +32,5 @@ pub use frame::{
     Kind as FrameKind,
 };
 pub use metrics::Metrics;
-pub use node::{Group, Node, NodeConfig};
+pub use node::{Group, Node, NodeConfig, Replication};
 pub use write::WriteFuture;

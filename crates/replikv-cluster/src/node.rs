@@ -25,6 +25,14 @@ pub struct NodeConfig {
     pub node_id: NodeId,
     /// Initial members by peer address, this node included.
     pub peers: BTreeMap<NodeId, String>,
+    pub replication: Replication,
+}
+
+/// The `replication:` section of the configuration (docs/CONFIG.md), read as YAML by the
+/// binary and used as is here.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Replication {
     pub partitions: u32,
     pub factor: usize,
     pub consistency: Consistency,
@@ -44,12 +52,10 @@ pub struct NodeConfig {
     pub rebalance_leaders: bool,
 }
 
-impl NodeConfig {
+impl Default for Replication {
     /// Defaults for a LAN, as DESIGN.md section 4 lists them.
-    pub fn new(node_id: NodeId, peers: BTreeMap<NodeId, String>) -> NodeConfig {
-        NodeConfig {
-            node_id,
-            peers,
+    fn default() -> Self {
+        Replication {
             partitions: 8,
             factor: 3,
             consistency: Consistency::Quorum,
@@ -58,11 +64,21 @@ impl NodeConfig {
             write_timeout_ms: 5_000,
             replica_timeout_ms: 2_000,
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1_000,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             backlog_entries: 10_000,
             snapshot_every_entries: 20_000,
             rebalance_leaders: true,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn new(node_id: NodeId, peers: BTreeMap<NodeId, String>) -> NodeConfig {
+        NodeConfig {
+            node_id,
+            peers,
+            replication: Replication::default(),
         }
     }
 }
@@ -125,8 +141,9 @@ impl Node {
         transport: Arc<Transport>,
     ) -> Result<Arc<Node>, String> {
         let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
-        let factor = cfg.factor.min(members.len());
-        let placement = place(&members, cfg.partitions, factor, 1).map_err(|e| e.to_string())?;
+        let factor = cfg.replication.factor.min(members.len());
+        let placement =
+            place(&members, cfg.replication.partitions, factor, 1).map_err(|e| e.to_string())?;
         for (id, addr) in &cfg.peers {
             if *id != cfg.node_id {
                 transport.add_peer(*id, addr);
@@ -167,7 +184,7 @@ impl Node {
             crate::transfer::watch_leadership(node.clone(), group.clone());
         }
         crate::elections::spawn(node.clone());
-        if node.cfg.rebalance_leaders {
+        if node.cfg.replication.rebalance_leaders {
             crate::transfer::spawn_rebalancer(node.clone());
         }
         Ok(node)
@@ -194,7 +211,7 @@ impl Node {
     }
 
     pub fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.write_timeout_ms)
+        Duration::from_millis(self.cfg.replication.write_timeout_ms)
     }
 
     /// Who leads `p`, as far as this node knows.
@@ -245,15 +262,15 @@ pub(crate) fn now_ms() -> u64 {
 fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
     let config = openraft::Config {
         cluster_name: "replikv".into(),
-        heartbeat_interval: cfg.heartbeat_ms,
-        election_timeout_min: cfg.election_timeout_min_ms,
-        election_timeout_max: cfg.election_timeout_max_ms,
+        heartbeat_interval: cfg.replication.heartbeat_ms,
+        election_timeout_min: cfg.replication.election_timeout_min_ms,
+        election_timeout_max: cfg.replication.election_timeout_max_ms,
         install_snapshot_timeout: 5_000,
         max_payload_entries: 1_024,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every_entries),
-        max_in_snapshot_log_to_keep: cfg.backlog_entries,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.replication.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: cfg.replication.backlog_entries,
         // Purge in steps small enough that a short backlog is honoured.
-        purge_batch_size: cfg.backlog_entries.clamp(1, 1_024),
+        purge_batch_size: cfg.replication.backlog_entries.clamp(1, 1_024),
         snapshot_max_chunk_size: 1 << 20,
         ..Default::default()
     };
@@ -290,7 +307,7 @@ async fn start_group(
         // so leaders start spread out. The other replicas learn the membership from it; if
         // it is not up, they initialize with the same membership (safe, as openraft
         // documents) once a hold of two election timeouts has passed.
-        let hold = Duration::from_millis(cfg.election_timeout_max_ms * 2);
+        let hold = Duration::from_millis(cfg.replication.election_timeout_max_ms * 2);
         if part.preferred_leader == cfg.node_id {
             if let Err(e) = raft.initialize(members).await {
                 tracing::debug!(partition = p, error = %e, "initialize skipped");

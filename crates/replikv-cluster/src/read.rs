@@ -120,7 +120,7 @@ impl Node {
             }
         }
         self.staleness(g)
-            .is_some_and(|s| s <= Duration::from_millis(self.cfg.max_lag_ms))
+            .is_some_and(|s| s <= Duration::from_millis(self.cfg.replication.max_lag_ms))
     }
 
     /// How far behind the leader this replica's applied state may be.

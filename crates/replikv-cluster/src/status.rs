@@ -159,18 +159,18 @@ impl Node {
             let s = self.transport.link_stats(id).unwrap_or_default();
             (s.last_ok.map(|t| t.elapsed()), s.connected)
         };
-        let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
+        let timeout = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
         let health = match heard {
             None => "UNKNOWN",
             Some(h) if h > timeout || !connected => "UNHEALTHY",
-            Some(_) if lag_ms.unwrap_or(u64::MAX) > self.cfg.max_lag_ms => "DEGRADED",
+            Some(_) if lag_ms.unwrap_or(u64::MAX) > self.cfg.replication.max_lag_ms => "DEGRADED",
             Some(_) => "HEALTHY",
         };
         let purged = g.raft.metrics().borrow().purged.map(|l| l.index);
         let state = if health == "UNHEALTHY" || health == "UNKNOWN" {
             "FAILED"
         } else if matched.unwrap_or(0) < purged.unwrap_or(0)
-            || lag_ops.unwrap_or(0) > self.cfg.backlog_entries
+            || lag_ops.unwrap_or(0) > self.cfg.replication.backlog_entries
         {
             "SYNCING"
         } else {

@@ -39,8 +39,8 @@ impl Node {
                 pl.replicas
             )));
         }
-        let deadline =
-            Instant::now() + Duration::from_millis(self.cfg.election_timeout_max_ms * 6 + 3_000);
+        let deadline = Instant::now()
+            + Duration::from_millis(self.cfg.replication.election_timeout_max_ms * 6 + 3_000);
         let leader = match self.leader_of(p) {
             Some(l) => l,
             None => self.await_leader(p, None, deadline).await?,
@@ -105,7 +105,7 @@ impl Node {
 
     async fn run_transfer(self: &Arc<Self>, g: &Arc<Group>, to: u64) -> Result<(), Error> {
         let p = g.partition;
-        let lease = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        let lease = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
         let catch_up = g
             .raft
             .wait(Some(Duration::from_secs(3)))
@@ -180,7 +180,7 @@ impl Node {
         };
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
-        let term_wait = Duration::from_millis(self.cfg.election_timeout_max_ms);
+        let term_wait = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
         for _ in 0..3 {
             let _ = g.raft.trigger().elect().await;
             let won = g
@@ -247,7 +247,7 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
                 let wants = g.placement.preferred_leader == node.id()
                     && g.leader().is_some_and(|l| l != node.id())
                     && node.staleness(g).is_some_and(|s| {
-                        s < Duration::from_millis(node.cfg.election_timeout_min_ms)
+                        s < Duration::from_millis(node.cfg.replication.election_timeout_min_ms)
                     });
                 *count = if wants { *count + 1 } else { 0 };
                 if *count >= STABLE_CHECKS {

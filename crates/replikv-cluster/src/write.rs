@@ -147,7 +147,7 @@ impl Node {
         deadline: Instant,
     ) -> Result<u64, Error> {
         // A dead leader's lease runs out, then one election: about two maximum timeouts.
-        let election = Duration::from_millis(self.cfg.election_timeout_max_ms * 3);
+        let election = Duration::from_millis(self.cfg.replication.election_timeout_max_ms * 3);
         let limit = deadline.min(Instant::now() + election);
         if let Some(g) = self.group(p) {
             let wait = limit.saturating_duration_since(Instant::now());
@@ -367,7 +367,7 @@ impl Node {
                 committed: Commit::No,
                 detail: format!(
                     "the leader of partition {p} has not heard from a majority of its replicas within {} ms",
-                    self.cfg.election_timeout_max_ms
+                    self.cfg.replication.election_timeout_max_ms
                 ),
             });
         }
@@ -390,7 +390,7 @@ impl Node {
 
     /// Replicas of `group` (this node included) heard from within `replica_timeout_ms`.
     pub(crate) fn healthy_replicas(&self, group: &Group) -> usize {
-        let timeout = Duration::from_millis(self.cfg.replica_timeout_ms);
+        let timeout = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
         group
             .placement
             .replicas

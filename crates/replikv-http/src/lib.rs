@@ -173,7 +173,7 @@ async fn kv_get(
     check_key(&state, &key)?;
     let read = match &q.read {
         Some(r) => r.parse::<ReadPreference>().map_err(bad)?,
-        None => state.node.cfg.read_preference,
+        None => state.node.cfg.replication.read_preference,
     };
     let p = state.node.partition_of(key.as_bytes());
     let min = session(&q, &headers)?
@@ -246,7 +246,7 @@ async fn kv_delete(
 async fn write(state: &AppState, op: KvOp, q: &KvQuery) -> Result<Response, ApiError> {
     let level = match &q.consistency {
         Some(c) => c.parse::<Consistency>().map_err(bad)?,
-        None => state.node.cfg.consistency,
+        None => state.node.cfg.replication.consistency,
     };
     let pending = state.node.submit_write(op, level).await;
     let w = pending.await?;
@@ -276,10 +276,10 @@ async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn keyspaces(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let c = &state.node.cfg;
+    let c = &state.node.cfg.replication;
     Json(json!([{
         "name": DEFAULT_KEYSPACE,
-        "factor": c.factor.min(c.peers.len()),
+        "factor": c.factor.min(state.node.cfg.peers.len()),
         "partitions": c.partitions,
         "consistency": c.consistency.to_string(),
         "read_preference": c.read_preference.to_string(),
@@ -340,10 +340,10 @@ async fn promote(
             e.body_text()
         ))
     })?;
-    if b.partition >= state.node.cfg.partitions {
+    if b.partition >= state.node.cfg.replication.partitions {
         return Err(bad(format!(
             "no partition {} (there are {})",
-            b.partition, state.node.cfg.partitions
+            b.partition, state.node.cfg.replication.partitions
         )));
     }
     state.node.promote(b.partition, b.node).await?;

@@ -411,43 +411,36 @@ impl Cluster {
 
     /// Waits until a live node other than `not` leads `partition`, as every live node agrees.
     pub fn wait_new_leader(&self, partition: u64, not: u64, timeout: Duration) -> u64 {
-        let mut found = 0;
-        wait_until(
-            timeout,
-            &format!("a new leader of partition {partition}"),
-            || {
-                let live = self.live();
-                let seen: Vec<Option<u64>> = live
-                    .iter()
-                    .map(|id| self.leader_seen_by(*id, partition))
-                    .collect();
-                match seen.first().copied().flatten() {
-                    Some(l)
-                        if l != not && live.contains(&l) && seen.iter().all(|s| *s == Some(l)) =>
-                    {
-                        found = l;
-                        true
-                    }
-                    _ => false,
-                }
-            },
-        );
-        found
+        let live = self.live();
+        let candidates: Vec<u64> = live.iter().copied().filter(|n| *n != not).collect();
+        self.wait_agreed_leader(partition, &live, &candidates, timeout)
     }
 
     /// Waits until one of `among` leads `partition`, as every node in `among` agrees.
     pub fn wait_new_leader_among(&self, partition: u64, among: &[u64], timeout: Duration) -> u64 {
+        self.wait_agreed_leader(partition, among, among, timeout)
+    }
+
+    /// Waits until every node of `asked` reports the same leader of `partition`, one of
+    /// `candidates`.
+    fn wait_agreed_leader(
+        &self,
+        partition: u64,
+        asked: &[u64],
+        candidates: &[u64],
+        timeout: Duration,
+    ) -> u64 {
         let mut found = 0;
         wait_until(
             timeout,
-            &format!("a leader of partition {partition} among {among:?}"),
+            &format!("a leader of partition {partition} among {candidates:?}"),
             || {
-                let seen: Vec<Option<u64>> = among
+                let seen: Vec<Option<u64>> = asked
                     .iter()
                     .map(|id| self.leader_seen_by(*id, partition))
                     .collect();
                 match seen.first().copied().flatten() {
-                    Some(l) if among.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
+                    Some(l) if candidates.contains(&l) && seen.iter().all(|s| *s == Some(l)) => {
                         found = l;
                         true
                     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use replikv_storage::FsyncPolicy;
-use replikv_types::{Consistency, ReadPreference};
+use replikv_types::Consistency;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -34,23 +34,7 @@ pub struct Listen {
     pub peer: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Replication {
-    pub factor: usize,
-    pub partitions: u32,
-    pub consistency: Consistency,
-    pub read_preference: ReadPreference,
-    pub max_lag_ms: u64,
-    pub write_timeout_ms: u64,
-    pub replica_timeout_ms: u64,
-    pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
-    pub election_timeout_max_ms: u64,
-    pub backlog_entries: u64,
-    pub snapshot_every_entries: u64,
-    pub rebalance_leaders: bool,
-}
+pub use replikv_cluster::Replication;
 
 #[derive(Clone, Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -106,27 +90,6 @@ impl Default for Listen {
             resp: "127.0.0.1:6380".into(),
             http: "127.0.0.1:8080".into(),
             peer: None,
-        }
-    }
-}
-
-impl Default for Replication {
-    fn default() -> Self {
-        let d = replikv_cluster::NodeConfig::new(1, BTreeMap::new());
-        Replication {
-            factor: d.factor,
-            partitions: d.partitions,
-            consistency: d.consistency,
-            read_preference: d.read_preference,
-            max_lag_ms: d.max_lag_ms,
-            write_timeout_ms: d.write_timeout_ms,
-            replica_timeout_ms: d.replica_timeout_ms,
-            heartbeat_ms: d.heartbeat_ms,
-            election_timeout_min_ms: d.election_timeout_min_ms,
-            election_timeout_max_ms: d.election_timeout_max_ms,
-            backlog_entries: d.backlog_entries,
-            snapshot_every_entries: d.snapshot_every_entries,
-            rebalance_leaders: d.rebalance_leaders,
         }
     }
 }
@@ -255,22 +218,11 @@ impl Config {
     }
 
     pub fn node_config(&self) -> replikv_cluster::NodeConfig {
-        let r = &self.replication;
-        let mut c = replikv_cluster::NodeConfig::new(self.node_id, self.peers.clone());
-        c.partitions = r.partitions;
-        c.factor = r.factor;
-        c.consistency = r.consistency;
-        c.read_preference = r.read_preference;
-        c.max_lag_ms = r.max_lag_ms;
-        c.write_timeout_ms = r.write_timeout_ms;
-        c.replica_timeout_ms = r.replica_timeout_ms;
-        c.heartbeat_ms = r.heartbeat_ms;
-        c.election_timeout_min_ms = r.election_timeout_min_ms;
-        c.election_timeout_max_ms = r.election_timeout_max_ms;
-        c.backlog_entries = r.backlog_entries;
-        c.snapshot_every_entries = r.snapshot_every_entries;
-        c.rebalance_leaders = r.rebalance_leaders;
-        c
+        replikv_cluster::NodeConfig {
+            node_id: self.node_id,
+            peers: self.peers.clone(),
+            replication: self.replication.clone(),
+        }
     }
 }
 
