@@ -32,6 +32,8 @@ pub struct Options {
     pub rebalance_leaders: bool,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// `resp.redirect`: answer -MOVED instead of forwarding.
+    pub redirect: bool,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             rebalance_leaders: true,
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
+            redirect: false,
         }
     }
 }
@@ -157,7 +160,7 @@ impl Cluster {
                  replication: {{ partitions: {parts}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
                  storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
-                 debug: {{ fault_injection: true }}\n",
+                 resp: {{ redirect: {redirect} }}\ndebug: {{ fault_injection: true }}\n",
                 id = n.id,
                 dir = n.data_dir.display(),
                 resp = n.resp,
@@ -173,6 +176,7 @@ impl Cluster {
                 fsync = opts.fsync,
                 maxk = opts.max_key_bytes,
                 maxv = opts.max_value_bytes,
+                redirect = opts.redirect,
             );
             fs::write(&n.config, yaml).expect("writing node config");
         }

@@ -120,3 +120,47 @@ fn redis_cli_talks_to_every_node() {
     assert!(cli(1, &["NOSUCHCOMMAND"]).contains("unknown command"));
     assert_eq!(cli(1, &["WAIT", "2", "5000"]), "2");
 }
+
+#[test]
+fn redirect_mode_answers_moved_to_the_leader_like_redis_cluster() {
+    let c = Cluster::start(
+        env!("CARGO_BIN_EXE_replikv").as_ref(),
+        Options {
+            partitions: 2,
+            redirect: true,
+            rebalance_leaders: false,
+            ..Options::default()
+        },
+    );
+    let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let other = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    // A key of partition 0 (slots 0..8191 of 2 partitions).
+    let mut probe = c.redis(leader);
+    let key = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| {
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(k)
+                .query::<u64>(&mut probe)
+                .unwrap()
+                < 8192
+        })
+        .unwrap();
+    let slot: u64 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&key)
+        .query(&mut probe)
+        .unwrap();
+    let err = c.redis(other).set::<_, _, ()>(&key, "v").unwrap_err();
+    assert_eq!(err.kind(), redis::ErrorKind::Moved, "{err}");
+    let (addr, moved_slot) = err.redirect_node().expect("a MOVED target");
+    assert_eq!(moved_slot as u64, slot);
+    assert_eq!(addr, c.node(leader).resp.to_string());
+    let _: () = probe.set(&key, "v").unwrap();
+    let v: String = c.redis(other).get(&key).unwrap();
+    assert_eq!(
+        v, "v",
+        "reads are still served (forwarded) in redirect mode"
+    );
+}
