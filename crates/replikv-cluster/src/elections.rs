@@ -69,6 +69,11 @@ impl Node {
 
     fn reachable(&self, replicas: &[u64]) -> usize {
         let window = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
+        self.replicas_heard_within(replicas, window)
+    }
+
+    /// Of `replicas`, this node and the peers that answered anything within `window`.
+    pub(crate) fn replicas_heard_within(&self, replicas: &[u64], window: Duration) -> usize {
         replicas
             .iter()
             .filter(|id| {

@@ -390,20 +390,8 @@ impl Node {
 
     /// Replicas of `group` (this node included) heard from within `replica_timeout_ms`.
     pub(crate) fn healthy_replicas(&self, group: &Group) -> usize {
-        let timeout = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
-        group
-            .placement
-            .replicas
-            .iter()
-            .filter(|id| {
-                **id == self.id()
-                    || self
-                        .transport
-                        .link_stats(**id)
-                        .and_then(|s| s.last_ok)
-                        .is_some_and(|t| t.elapsed() <= timeout)
-            })
-            .count()
+        let window = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
+        self.replicas_heard_within(&group.placement.replicas, window)
     }
 
     /// Waits until `copies` replicas (leader included) durably hold `offset`.

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::codec::Frame;
 use crate::conn::Args;
-use crate::service::{PartitionFact, Service};
+use crate::service::Service;
 
 pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
     let f = service.facts();
@@ -63,22 +63,11 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
             "replikv_partitions_hosted:{}\r\nreplikv_partitions_led:{}\r\nreplikv_connected_peers:{}\r\n",
             f.partitions_hosted, f.partitions_led, f.connected_peers
         ));
-        for PartitionFact {
-            partition: p,
-            role,
-            leader,
-            applied_offset: applied,
-            staleness_ms: stale,
-        } in &f.partitions
-        {
+        for fact in &f.partitions {
             out.push_str(&format!(
-                "partition{p}:role={role},leader={},applied_offset={applied},staleness_ms={}\r\n",
-                leader
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "none".into()),
-                stale
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "unknown".into())
+                "partition{}:{}\r\n",
+                fact.partition,
+                fact.describe(',')
             ));
         }
         out.push_str("\r\n");
@@ -147,25 +136,13 @@ pub(crate) fn status<S: Service>(service: &S) -> Frame {
     Frame::Array(
         f.partitions
             .iter()
-            .map(
-                |PartitionFact {
-                     partition: p,
-                     role,
-                     leader,
-                     applied_offset: applied,
-                     staleness_ms: stale,
-                 }| {
-                    Frame::Bulk(Bytes::from(format!(
-                    "partition={p} role={role} leader={} applied_offset={applied} staleness_ms={}",
-                    leader
-                        .map(|l| l.to_string())
-                        .unwrap_or_else(|| "none".into()),
-                    stale
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "unknown".into())
+            .map(|fact| {
+                Frame::Bulk(Bytes::from(format!(
+                    "partition={} {}",
+                    fact.partition,
+                    fact.describe(' ')
                 )))
-                },
-            )
+            })
             .collect(),
     )
 }

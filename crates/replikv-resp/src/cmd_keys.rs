@@ -70,7 +70,6 @@ pub(crate) async fn read_command<S: Service>(
     state: &mut ConnState,
     args: &Args,
 ) -> Frame {
-    let read = state.read.unwrap_or(service.config().read_preference);
     match args.name.as_str() {
         "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" => {
             let keys: &[Bytes] = if args.name == "EXISTS" {
@@ -78,14 +77,10 @@ pub(crate) async fn read_command<S: Service>(
             } else {
                 &args.args[1..2]
             };
-            let mut values = Vec::with_capacity(keys.len());
-            for k in keys {
-                let min = state.session.get(&service.partition_of(k)).copied();
-                match service.get(k.clone(), read, min).await {
-                    Ok(v) => values.push(v),
-                    Err(e) => return err(&e),
-                }
-            }
+            let values = match crate::cmd_strings::read_values(service, state, keys).await {
+                Ok(v) => v,
+                Err(f) => return f,
+            };
             let first = values.first().cloned().flatten();
             match args.name.as_str() {
                 "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),

@@ -316,30 +316,39 @@ pub(crate) fn expire_cond(args: &Args, from: usize) -> Result<ExpireCond, Frame>
     Ok(cond)
 }
 
+/// Reads `keys` concurrently with the connection's read preference and session token.
+pub(crate) async fn read_values<S: Service>(
+    service: &S,
+    state: &ConnState,
+    keys: &[Bytes],
+) -> Result<Vec<Option<replikv_types::ValueWithTtl>>, Frame> {
+    let read = state.read.unwrap_or(service.config().read_preference);
+    let reads = keys.iter().map(|k| {
+        let min = state.session.get(&service.partition_of(k)).copied();
+        service.get(k.clone(), read, min)
+    });
+    futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .map(|r| r.map_err(|e| err(&e)))
+        .collect()
+}
+
 /// GET, MGET, STRLEN.
 pub(crate) async fn read_command<S: Service>(
     service: &S,
     state: &mut ConnState,
     args: &Args,
 ) -> Frame {
-    let read = state.read.unwrap_or(service.config().read_preference);
     let keys: &[Bytes] = if args.name == "MGET" {
         &args.args[1..]
     } else {
         &args.args[1..2]
     };
-    let reads = keys.iter().map(|k| {
-        let min = state.session.get(&service.partition_of(k)).copied();
-        service.get(k.clone(), read, min)
-    });
-    let results = futures::future::join_all(reads).await;
-    let mut values = Vec::with_capacity(results.len());
-    for r in results {
-        match r {
-            Ok(v) => values.push(v),
-            Err(e) => return err(&e),
-        }
-    }
+    let values = match read_values(service, state, keys).await {
+        Ok(v) => v,
+        Err(f) => return f,
+    };
     match args.name.as_str() {
         "MGET" => Frame::Array(
             values

@@ -38,6 +38,24 @@ pub struct PartitionFact {
     pub staleness_ms: Option<u64>,
 }
 
+impl PartitionFact {
+    /// `role=...,leader=...,applied_offset=...,staleness_ms=...` joined by `sep`.
+    pub fn describe(&self, sep: char) -> String {
+        let leader = self
+            .leader
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "none".into());
+        let stale = self
+            .staleness_ms
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        format!(
+            "role={}{sep}leader={leader}{sep}applied_offset={}{sep}staleness_ms={stale}",
+            self.role, self.applied_offset
+        )
+    }
+}
+
 /// One replica of a partition this node leads.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicaFact {
