@@ -26,6 +26,9 @@ pub struct NodeConfig {
     /// Initial members by peer address, this node included.
     pub peers: BTreeMap<NodeId, String>,
     pub replication: Replication,
+    /// Test-only injected bug: `primary` reads skip the read index (`debug.skip_read_index`),
+    /// so the history checker can be shown to catch stale reads.
+    pub skip_read_index: bool,
 }
 
 /// The `replication:` section of the configuration (docs/CONFIG.md), read as YAML by the
@@ -79,6 +82,7 @@ impl NodeConfig {
             node_id,
             peers,
             replication: Replication::default(),
+            skip_read_index: false,
         }
     }
 }

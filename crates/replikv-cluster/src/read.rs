@@ -160,6 +160,18 @@ impl Node {
                 leader: self.leader_of(p),
             });
         };
+        if self.cfg.skip_read_index {
+            // A known bug, injected on purpose (`debug.skip_read_index`): serve whatever this
+            // node has applied, as a deposed leader would. Only the checker tests set it.
+            return if g.is_leader() {
+                Ok(g)
+            } else {
+                Err(Error::NotLeader {
+                    partition: p,
+                    leader: g.leader(),
+                })
+            };
+        }
         let confirmed =
             tokio::time::timeout(self.write_timeout(), g.raft.ensure_linearizable()).await;
         match confirmed {

@@ -34,6 +34,8 @@ pub struct Options {
     pub max_value_bytes: usize,
     /// `resp.redirect`: answer -MOVED instead of forwarding.
     pub redirect: bool,
+    /// `debug.skip_read_index`: the injected stale-read bug.
+    pub skip_read_index: bool,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
             redirect: false,
+            skip_read_index: false,
         }
     }
 }
@@ -160,7 +163,7 @@ impl Cluster {
                  replication: {{ partitions: {parts}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
                  storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
-                 resp: {{ redirect: {redirect} }}\ndebug: {{ fault_injection: true }}\n",
+                 resp: {{ redirect: {redirect} }}\ndebug: {{ fault_injection: true, skip_read_index: {skip} }}\n",
                 id = n.id,
                 dir = n.data_dir.display(),
                 resp = n.resp,
@@ -177,6 +180,7 @@ impl Cluster {
                 maxk = opts.max_key_bytes,
                 maxv = opts.max_value_bytes,
                 redirect = opts.redirect,
+                skip = opts.skip_read_index,
             );
             fs::write(&n.config, yaml).expect("writing node config");
         }

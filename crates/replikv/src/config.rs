@@ -61,6 +61,9 @@ pub struct Resp {
 pub struct Debug {
     /// Expose `/debug/faults`, which cuts peer links. For tests only.
     pub fault_injection: bool,
+    /// Serve `primary` reads without a read index: a known bug, injected so tests can show
+    /// that the history checker catches it. Never set it elsewhere.
+    pub skip_read_index: bool,
 }
 
 /// Largest value accepted: must fit a peer frame with room to spare.
@@ -222,6 +225,7 @@ impl Config {
             node_id: self.node_id,
             peers: self.peers.clone(),
             replication: self.replication.clone(),
+            skip_read_index: self.debug.skip_read_index,
         }
     }
 }

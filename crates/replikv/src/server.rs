@@ -126,6 +126,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
         bail!("--join and --role replica (adding nodes and read replicas to a running cluster) are not available in this version; start every node with the same --peers");
     }
     cfg.validate().map_err(anyhow::Error::msg)?;
+    if cfg.debug.skip_read_index {
+        tracing::warn!("debug.skip_read_index is set: primary reads are NOT linearizable (test-only bug injection)");
+    }
     Ok(cfg)
 }
 

@@ -179,3 +179,69 @@ fn primary_reads_stay_linearizable_across_paused_and_killed_leaders() {
         report.ops_checked
     );
 }
+
+/// The checker bites. With the read index skipped (`debug.skip_read_index`, an injected
+/// bug), a leader cut off from its followers keeps serving reads from its own state while
+/// the majority elects a new leader and moves on; the history checker must report it. The
+/// same scenario without the bug is `minority_side_refuses_writes_while_majority_serves...`
+/// and the test above.
+#[test]
+fn checker_catches_stale_reads_when_the_read_index_is_skipped() {
+    let opts = Options {
+        partitions: 1,
+        skip_read_index: true,
+        rebalance_leaders: false,
+        ..Options::default()
+    };
+    let c = Cluster::start(env!("CARGO_BIN_EXE_replikv").as_ref(), opts);
+    let old = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != old).collect();
+    let mut reader = c.redis(old);
+    let mut writer = c.redis(others[0]);
+    let origin = Instant::now();
+    let mut ops = Vec::new();
+    let mut record = |client: u64, kind: OpKind, outcome: Outcome, invoke_ns: u64| {
+        let complete_ns = Some(origin.elapsed().as_nanos() as u64);
+        ops.push(Op {
+            client,
+            key: "reg".into(),
+            kind,
+            invoke_ns,
+            complete_ns,
+            outcome,
+        });
+    };
+
+    // Phase 1: v0 is written and seen.
+    let t = origin.elapsed().as_nanos() as u64;
+    redis::cmd("SET")
+        .arg("reg")
+        .arg("v0")
+        .query::<()>(&mut writer)
+        .unwrap();
+    record(2, OpKind::Write("v0".into()), Outcome::Written, t);
+
+    // Phase 2: the old leader is cut off; the others elect a new one.
+    c.cut(old, &others);
+    c.wait_new_leader_among(0, &others, Duration::from_secs(10));
+
+    // Phase 3: each write completes on the majority before the old leader is read.
+    for i in 1..=10 {
+        let v = format!("v{i}");
+        let t = origin.elapsed().as_nanos() as u64;
+        redis::cmd("SET")
+            .arg("reg")
+            .arg(&v)
+            .query::<()>(&mut writer)
+            .unwrap();
+        record(2, OpKind::Write(v), Outcome::Written, t);
+        let t = origin.elapsed().as_nanos() as u64;
+        let got: Option<String> = redis::cmd("GET").arg("reg").query(&mut reader).unwrap();
+        record(1, OpKind::Read, Outcome::Read(got), t);
+    }
+    let report = check_linearizable(&History { ops }, 1_000_000);
+    assert!(
+        !report.violations.is_empty(),
+        "the checker missed the stale reads:\n{report}"
+    );
+}
