@@ -207,10 +207,23 @@ pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
             (m.current_term, m.current_leader)
         };
         while rx.changed().await.is_ok() {
-            let (t, l) = {
+            let (t, l, running) = {
                 let m = rx.borrow();
-                (m.current_term, m.current_leader)
+                (m.current_term, m.current_leader, m.running_state.clone())
             };
+            // The Raft core stopped: at shutdown, or after a fatal error (storage failure, a
+            // refused corrupt snapshot); openraft's own logs are off by default, so say it.
+            if let Err(e) = running {
+                match e {
+                    openraft::error::Fatal::Stopped => {
+                        tracing::info!(partition = g.partition, "partition group stopped")
+                    }
+                    e => {
+                        tracing::error!(partition = g.partition, error = %e, "partition group stopped on a fatal error")
+                    }
+                }
+                return;
+            }
             if t != term {
                 node.metrics.election(g.partition);
                 term = t;

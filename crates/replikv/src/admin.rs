@@ -91,6 +91,15 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A JSON value as table text (`serde_json::Value` ignores width and alignment).
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
 fn print_status(v: &Value) {
     println!(
         "node {}  resp {}  http {}",
@@ -118,8 +127,8 @@ fn print_status(v: &Value) {
         for r in p["replicas"].as_array().unwrap_or(&empty) {
             println!(
                 "{:>9}    replica {:>3}: matched {:>10}  lag {:>6} ops {:>6} ms  {:<8} {:<9} heartbeat {} ms ago",
-                "", r["node_id"], r["matched_offset"], r["lag_ops"], r["lag_ms"],
-                r["state"].as_str().unwrap_or(""), r["health"].as_str().unwrap_or(""), r["last_heartbeat_ms_ago"]
+                "", cell(&r["node_id"]), cell(&r["matched_offset"]), cell(&r["lag_ops"]), cell(&r["lag_ms"]),
+                cell(&r["state"]), cell(&r["health"]), cell(&r["last_heartbeat_ms_ago"])
             );
         }
     }

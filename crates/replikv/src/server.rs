@@ -143,7 +143,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REPLIKV_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
