@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use replikv_placement::{place, Member, PartitionPlacement, PlacementTable};
 use replikv_raft::{AppendWaiters, KvView, Raft};
-use replikv_storage::Store;
+use replikv_storage::Stores;
 use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
 
 use crate::lag::FollowerLag;
@@ -129,7 +129,7 @@ pub struct Node {
     pub placement: PlacementTable,
     pub metrics: Metrics,
     pub(crate) groups: BTreeMap<PartitionId, Arc<Group>>,
-    pub(crate) store: Store,
+    pub(crate) stores: Stores,
     req_seq: AtomicU64,
     /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
@@ -141,7 +141,7 @@ impl Node {
     /// Starts every partition group this node hosts.
     pub async fn start(
         cfg: NodeConfig,
-        store: Store,
+        stores: Stores,
         transport: Arc<Transport>,
     ) -> Result<Arc<Node>, String> {
         let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
@@ -159,14 +159,8 @@ impl Node {
             if !part.replicas.contains(&cfg.node_id) {
                 continue;
             }
-            let group = start_group(
-                &cfg,
-                part,
-                store.clone(),
-                transport.clone(),
-                raft_config.clone(),
-            )
-            .await?;
+            let group =
+                start_group(&cfg, part, &stores, transport.clone(), raft_config.clone()).await?;
             groups.insert(part.partition, Arc::new(group));
         }
         let me = transport.me().clone();
@@ -179,7 +173,7 @@ impl Node {
             transport,
             placement,
             groups,
-            store,
+            stores,
             req_seq: AtomicU64::new(seed),
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
@@ -252,7 +246,7 @@ impl Node {
         for g in self.groups.values() {
             let _ = g.raft.shutdown().await;
         }
-        self.store.stop();
+        self.stores.stop();
     }
 }
 
@@ -284,13 +278,13 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
 async fn start_group(
     cfg: &NodeConfig,
     part: &PartitionPlacement,
-    store: Store,
+    stores: &Stores,
     transport: Arc<Transport>,
     raft_config: Arc<openraft::Config>,
 ) -> Result<Group, String> {
     let p = part.partition;
     let (log, sm) =
-        replikv_raft::open_partition(store, p).map_err(|e| format!("partition {p}: {e}"))?;
+        replikv_raft::open_partition(stores, p).map_err(|e| format!("partition {p}: {e}"))?;
     let waiters = log.waiters();
     let view = sm.view();
     let network = GroupNetwork {

@@ -52,12 +52,12 @@ pub(crate) fn read_error(e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::<u64>::read(&std::io::Error::other(e.to_string())).into()
 }
 
-/// Opens partition `partition`'s log store and state machine over `store`.
+/// Opens partition `partition`'s log store and state machine.
 pub fn open_partition(
-    store: replikv_storage::Store,
+    stores: &replikv_storage::Stores,
     partition: u32,
 ) -> Result<(LogStore, StateMachine), StorageError> {
-    let log = LogStore::open(store.clone(), partition)?;
-    let sm = StateMachine::open(store, partition)?;
+    let log = LogStore::open(stores.log.clone(), partition)?;
+    let sm = StateMachine::open(stores.state.clone(), partition)?;
     Ok((log, sm))
 }

@@ -3,15 +3,15 @@
 
 use openraft::testing::{StoreBuilder, Suite};
 use replikv_raft::{LogStore, StateMachine, StorageError, TypeConfig};
-use replikv_storage::{FsyncPolicy, Store};
+use replikv_storage::{FsyncPolicy, Stores};
 
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = Store::open(dir.path(), FsyncPolicy::Never).expect("open store");
-        let (log, sm) = replikv_raft::open_partition(store, 7)?;
+        let stores = Stores::open(dir.path(), FsyncPolicy::Never).expect("open stores");
+        let (log, sm) = replikv_raft::open_partition(&stores, 7)?;
         Ok((dir, log, sm))
     }
 }

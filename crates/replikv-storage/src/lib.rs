@@ -1,6 +1,6 @@
 //! The embedded storage engine behind a small interface. It knows nothing of Raft: it stores
-//! byte records in three tables keyed by partition, and commits writes through one writer
-//! thread.
+//! byte records in tables keyed by partition, and commits writes through one writer thread
+//! per database file. A node has two files (`Stores`): the logs, and the state machines.
 //!
 //! ```text
 //!   callers ──submit(job)──► writer thread ──one redb write transaction per batch──► disk
@@ -17,4 +17,4 @@
 
 mod store;
 
-pub use store::{FsyncPolicy, ReadTx, StorageError, Store, WriteTx};
+pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx};

@@ -65,7 +65,38 @@ struct Job {
     done: DoneFn,
 }
 
-/// The node's storage: one redb file shared by every partition.
+/// The node's logs and state machines, in two redb files with a writer thread each, so that
+/// applying committed entries never waits behind the log's fsyncs.
+///
+/// Safe across crashes because the state file's durable point never falls behind what the
+/// log has purged: the log is purged only below a snapshot, and writing a snapshot is a
+/// durable commit of the state file, which makes every earlier apply durable too.
+#[derive(Clone)]
+pub struct Stores {
+    /// Raft logs, votes and commit points.
+    pub log: Store,
+    /// State machines, applied offsets, memberships and snapshots.
+    pub state: Store,
+}
+
+impl Stores {
+    pub const LOG_FILE: &'static str = "log.redb";
+    pub const STATE_FILE: &'static str = "state.redb";
+
+    pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<Stores, StorageError> {
+        Ok(Stores {
+            log: Store::open_file(dir, Stores::LOG_FILE, policy)?,
+            state: Store::open_file(dir, Stores::STATE_FILE, policy)?,
+        })
+    }
+
+    pub fn stop(&self) {
+        self.log.stop();
+        self.state.stop();
+    }
+}
+
+/// One redb file shared by every partition.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
@@ -78,8 +109,13 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `dir` and starts the writer thread.
     pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<Store, StorageError> {
+        Store::open_file(dir, "replikv.redb", policy)
+    }
+
+    /// Opens (or creates) the database file `name` in `dir` and starts its writer thread.
+    pub fn open_file(dir: &Path, name: &str, policy: FsyncPolicy) -> Result<Store, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
-        let db = Database::create(dir.join("replikv.redb")).map_err(err)?;
+        let db = Database::create(dir.join(name)).map_err(err)?;
         let tx = db.begin_write().map_err(err)?;
         {
             tx.open_table(LOG).map_err(err)?;

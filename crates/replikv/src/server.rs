@@ -9,7 +9,7 @@ use clap::Args;
 use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::Transport;
 use replikv_cluster::Node;
-use replikv_storage::{FsyncPolicy, Store};
+use replikv_storage::{FsyncPolicy, Stores};
 use replikv_types::{Consistency, ReadPreference};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -152,7 +152,7 @@ pub fn init_logging() {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     // 1. Storage.
-    let store = Store::open(&cfg.data_dir, cfg.storage.fsync)
+    let stores = Stores::open(&cfg.data_dir, cfg.storage.fsync)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
     // 2. Listeners (port 0 is allowed; the bound addresses are printed).
     let peer_bind = cfg
@@ -177,7 +177,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         resp_addr: resp_addr.to_string(),
         http_addr: http_addr.to_string(),
     });
-    let node = Node::start(cfg.node_config(), store, transport.clone())
+    let node = Node::start(cfg.node_config(), stores, transport.clone())
         .await
         .map_err(anyhow::Error::msg)?;
     // 4. Serve.

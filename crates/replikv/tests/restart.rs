@@ -9,7 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use redis::Commands;
-use replikv_storage::{FsyncPolicy, Store};
+use replikv_storage::{FsyncPolicy, Store, Stores};
 use replikv_testkit::{wait_until, Cluster, Options};
 
 fn bin() -> &'static std::path::Path {
@@ -165,7 +165,7 @@ fn corrupt_log_tail_is_cut_on_restart_and_the_replica_recovers() {
     // Flip a byte in the last log record of every partition on the stopped node's disk.
     let dir = c.node(victim).data_dir.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = Store::open(&dir, FsyncPolicy::Always).unwrap();
+    let store = Store::open_file(&dir, Stores::LOG_FILE, FsyncPolicy::Always).unwrap();
     for p in 0..c.opts.partitions {
         let (index, mut raw) = store
             .read()
