@@ -284,19 +284,41 @@ impl Node {
         async move {
             let started = Instant::now();
             let (offset, reply) = match appended {
-                Some(rx) => match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(offset)) => (offset, Reply::Ok),
-                    _ => {
-                        group.waiters.forget(req_id);
-                        return Err(Error::Timeout {
-                            committed: Commit::Unknown,
-                            detail: format!(
-                                "the leader did not append the write within {} ms",
-                                timeout.as_millis()
-                            ),
-                        });
+                // Acknowledged when the leader's log takes it, or, should that signal be
+                // missed, when it is applied (later, never sooner than it could be).
+                Some(rx) => {
+                    let first = tokio::time::timeout(timeout, async {
+                        tokio::select! {
+                            Ok(offset) = rx => Ok(offset),
+                            r = applied => match r {
+                                Ok(Ok(resp)) => Ok(resp.log_id.index),
+                                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                                    Err(Error::NotLeader { partition: p, leader: f.leader_id })
+                                }
+                                Ok(Err(e)) => Err(Error::Internal(e.to_string())),
+                                Err(_) => Err(Error::Timeout {
+                                    committed: Commit::Unknown,
+                                    detail: format!("partition {p} lost leadership before answering"),
+                                }),
+                            },
+                        }
+                    })
+                    .await;
+                    group.waiters.forget(req_id);
+                    match first {
+                        Ok(Ok(offset)) => (offset, Reply::Ok),
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => {
+                            return Err(Error::Timeout {
+                                committed: Commit::Unknown,
+                                detail: format!(
+                                    "the leader did not append the write within {} ms",
+                                    timeout.as_millis()
+                                ),
+                            })
+                        }
                     }
-                },
+                }
                 None => match tokio::time::timeout(timeout, applied).await {
                     Ok(Ok(Ok(resp))) => (resp.log_id.index, resp.data),
                     Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {

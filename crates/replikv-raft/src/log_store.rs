@@ -288,8 +288,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not durable on purpose: it only speeds up re-applying after a restart.
-        self.write_meta(COMMITTED, &committed, false).await
+        // Neither durable nor awaited, on purpose: it only speeds up re-applying after a
+        // restart, and the Raft core calls it on every commit; waiting here would stall the
+        // core behind the log writer's fsyncs.
+        let bytes = bincode::serialize(&committed).map_err(storage_error)?;
+        let p = self.partition;
+        self.store.submit(
+            false,
+            Box::new(move |w| w.meta_put(p, COMMITTED, &bytes)),
+            Box::new(|res| {
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "saving the commit point failed");
+                }
+            }),
+        );
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
