@@ -22,6 +22,7 @@ mod metrics;
 mod network;
 mod node;
 mod read;
+mod read_rounds;
 pub mod status;
 mod transfer;
 pub mod transport;

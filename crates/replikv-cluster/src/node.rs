@@ -102,6 +102,8 @@ pub struct Group {
     pub(crate) propose_gate: tokio::sync::RwLock<()>,
     /// Whether this replica's election timer may run (see `elections.rs`).
     pub(crate) elections: crate::elections::ElectionGate,
+    /// Read-index rounds shared by concurrent `primary` reads (see `read_rounds.rs`).
+    pub(crate) read_rounds: crate::read_rounds::ReadRounds,
 }
 
 impl Group {
@@ -335,5 +337,6 @@ async fn start_group(
         transferring: AtomicBool::new(false),
         propose_gate: tokio::sync::RwLock::new(()),
         elections,
+        read_rounds: Default::default(),
     })
 }

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use openraft::error::{CheckIsLeaderError, RaftError};
 use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
@@ -172,32 +171,7 @@ impl Node {
                 })
             };
         }
-        let confirmed =
-            tokio::time::timeout(self.write_timeout(), g.raft.ensure_linearizable()).await;
-        match confirmed {
-            Ok(Ok(_)) => {}
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
-                return Err(Error::NotLeader {
-                    partition: p,
-                    leader: f.leader_id,
-                })
-            }
-            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
-                return Err(Error::NoQuorum {
-                    committed: Commit::No,
-                    detail: format!("read of partition {p}: {q}"),
-                })
-            }
-            Ok(Err(e)) => return Err(Error::Internal(e.to_string())),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    committed: Commit::No,
-                    detail: format!(
-                        "the leader of partition {p} could not confirm leadership in time"
-                    ),
-                })
-            }
-        }
+        g.read_rounds.confirm(&g, self.write_timeout()).await?;
         if let Some(want) = min_offset {
             let _ = g
                 .raft
