@@ -229,6 +229,26 @@ impl Node {
         }
     }
 
+    /// For a partition this node does not host, whose believed leader `bad` could not be
+    /// reached: point the hint at the next replica, which forwards or names the new leader.
+    /// (A hosted partition learns its leader from its own Raft group.)
+    pub(crate) fn try_another_replica(&self, p: PartitionId, bad: NodeId) {
+        if self.groups.contains_key(&p) {
+            return;
+        }
+        let Some(pl) = self.placement.get(p) else {
+            return;
+        };
+        let n = pl.replicas.len();
+        let at = pl.replicas.iter().position(|r| *r == bad).unwrap_or(n - 1);
+        let next = (1..=n)
+            .map(|k| pl.replicas[(at + k) % n])
+            .find(|r| *r != bad);
+        if let Some(next) = next {
+            self.leader_hints.lock().expect("hints").insert(p, next);
+        }
+    }
+
     /// Client endpoints (RESP, HTTP) of `node`, if it has been heard from.
     pub fn endpoints(&self, node: NodeId) -> Option<(String, String)> {
         self.endpoints

@@ -97,6 +97,7 @@ impl Node {
                     })
                 }
                 Err(Error::TryAgain(_)) if Instant::now() + RETRY_PAUSE < deadline => {
+                    self.try_another_replica(p, leader);
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 other => return other,

@@ -125,6 +125,7 @@ impl Node {
                         ),
                     }),
                     Err(Error::TryAgain(_)) if Instant::now() + TRY_AGAIN_PAUSE < deadline => {
+                        node.try_another_replica(p, leader);
                         tokio::time::sleep(TRY_AGAIN_PAUSE).await;
                         node.route_write(p, op, level, deadline, redirects)
                             .await
@@ -169,9 +170,9 @@ impl Node {
                 return Ok(m.current_leader.expect("waited for a leader"));
             }
         } else {
-            // Not hosted here: forget a hint that failed, then follow the next answer's hint.
-            if not.is_some() {
-                self.leader_hints.lock().expect("hints").remove(&p);
+            // Not hosted here: ask another replica next; its answer names the new leader.
+            if let Some(bad) = not {
+                self.try_another_replica(p, bad);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if let Some(l) = self.leader_of(p) {

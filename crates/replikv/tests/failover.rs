@@ -236,3 +236,35 @@ fn promote_moves_leadership_and_preferred_leaders_return_after_restart() {
         },
     );
 }
+
+#[test]
+fn five_nodes_reach_partitions_they_do_not_host_across_a_leader_kill() {
+    let mut c = Cluster::start(
+        bin(),
+        Options {
+            nodes: 5,
+            partitions: 8,
+            ..Options::default()
+        },
+    );
+    // Only the three replicas of partition 0 report on it.
+    let victim = (1..=5)
+        .find_map(|n| c.leader_seen_by(n, 0))
+        .expect("partition 0 has a leader");
+    // With factor 3 of 5 nodes, some nodes host no replica of a given partition: they must
+    // find its leader through the replicas they ask.
+    c.kill(victim);
+    let live = c.live();
+    let mut acked = Vec::new();
+    for i in 0..200 {
+        let node = live[i % live.len()];
+        let (k, v) = (format!("five{i}"), format!("v{i}"));
+        c.redis(node)
+            .set::<_, _, ()>(&k, &v)
+            .unwrap_or_else(|e| panic!("SET {k} via node {node}: {e}"));
+        acked.push((k, v));
+    }
+    for node in &live {
+        assert_all_present(&c, *node, &acked);
+    }
+}
