@@ -48,6 +48,10 @@ pub struct PartitionStatus {
     pub staleness_ms: Option<u64>,
     /// Others: committed entries (as of the leader's last message) not yet applied here.
     pub behind_ops: Option<u64>,
+    /// Whether this node heard from a majority of the partition's replicas within the
+    /// election timeout. A "leader" without it is cut off: openraft 0.9 keeps it in the
+    /// Leader state until it sees a higher term, but it refuses writes and reads.
+    pub reaches_majority: bool,
     pub replicas: Vec<ReplicaStatus>,
 }
 
@@ -141,6 +145,7 @@ impl Node {
                 .expect("lag")
                 .leader_commit()
                 .map(|c| c.saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0))),
+            reaches_majority: self.reaches_majority(g.partition),
             replicas,
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! Invariants:
 //! - records of the partition are contiguous from `purged + 1` to the last index;
-//! - `append` answers openraft only after the batch holding it committed durably (under
-//!   `fsync: always`), so a follower never acknowledges an entry it could lose;
+//! - `append` returns only after the batch holding it committed durably (under
+//!   `fsync: always`): openraft 0.9 answers the leader when `append` returns, so this is what
+//!   keeps a follower from acknowledging an entry it could lose;
 //! - at open, any record that fails its checksum is cut together with everything after it
 //!   (a torn or corrupt tail); the leader sends those entries again.
 
@@ -332,6 +333,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // are acknowledged here, the others once the commit is durable.
         waiters.appended(&proposed, false);
         let last = records.last().map(|(i, _)| *i);
+        // Return only once the entries are durable. openraft 0.9 answers a leader's
+        // AppendEntries as soon as `append` returns (it does not wait for the callback), so
+        // returning earlier would let a follower acknowledge entries it could still lose, and
+        // a write committed on such acknowledgements could vanish when every node crashes.
+        // Concurrent appends of other partitions still share one fsync (group commit).
+        let (done_tx, done_rx) = oneshot::channel();
         self.store.submit(
             true,
             Box::new(move |w| {
@@ -340,18 +347,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
                 Ok(())
             }),
-            Box::new(move |res| match res {
-                Ok(()) => {
-                    if let Some(last) = last {
-                        waiters.flushed(last);
-                    }
-                    waiters.appended(&proposed, true);
-                    callback.log_io_completed(Ok(()));
-                }
-                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+            Box::new(move |res| {
+                let _ = done_tx.send(res);
             }),
         );
-        Ok(())
+        match done_rx.await {
+            Ok(Ok(())) => {
+                if let Some(last) = last {
+                    waiters.flushed(last);
+                }
+                waiters.appended(&proposed, true);
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(storage_error(e))
+            }
+            Err(_) => Err(storage_error("the storage writer stopped")),
+        }
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

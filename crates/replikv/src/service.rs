@@ -144,7 +144,7 @@ impl Service for NodeService {
             partitions_led: status
                 .partitions
                 .iter()
-                .filter(|p| p.role == "leader")
+                .filter(|p| p.role == "leader" && p.reaches_majority)
                 .count(),
             connected_peers: status.links.iter().filter(|l| l.connected).count(),
             ..Default::default()

@@ -161,6 +161,16 @@ fn minority_side_refuses_writes_while_majority_serves_then_converges() {
         "{text}"
     );
 
+    // Its status says so: whatever role openraft still reports, no partition reaches a majority.
+    let state = c.http_get(3, "/v1/_replication/state").unwrap();
+    for part in state["partitions"].as_array().unwrap() {
+        assert_eq!(
+            part["reaches_majority"], false,
+            "partition {} on the cut-off node",
+            part["partition"]
+        );
+    }
+
     // Phase 4: after healing, node 3 catches up and every replica is identical.
     c.heal();
     c.wait_converged(Duration::from_secs(20));
