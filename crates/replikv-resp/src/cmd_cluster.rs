@@ -36,25 +36,14 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
             "slave"
         };
         out.push_str(&format!("role:{role}\r\n"));
-        let replicas: std::collections::BTreeMap<u64, (u64, u64)> =
-            f.replicas.iter().fold(Default::default(), |mut m, r| {
-                let e = m.entry(r.node).or_insert((0, 0));
-                e.0 += r.matched_offset;
-                e.1 += r.lag_ops;
-                m
-            });
+        let replicas = f.replica_offsets();
         out.push_str(&format!("connected_slaves:{}\r\n", replicas.len()));
         for (i, (node, (offset, lag))) in replicas.iter().enumerate() {
             out.push_str(&format!(
                 "slave{i}:node={node},state=online,offset={offset},lag_ops={lag}\r\n"
             ));
         }
-        let offset: u64 = f
-            .partitions
-            .iter()
-            .filter(|p| p.role == "leader")
-            .map(|p| p.applied_offset)
-            .sum();
+        let offset = f.led_offset();
         out.push_str(&format!(
             "master_replid:{:040x}\r\nmaster_repl_offset:{offset}\r\n",
             f.node_id
@@ -74,9 +63,6 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
     }
     if all || section == "keyspace" {
         out.push_str("# Keyspace\r\n");
-        if let Some(k) = f.keys_hint {
-            out.push_str(&format!("db0:keys={k},expires=0,avg_ttl=0\r\n"));
-        }
         out.push_str("\r\n");
     }
     Frame::Bulk(Bytes::from(out))
@@ -84,17 +70,9 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
 
 pub(crate) fn role<S: Service>(service: &S) -> Frame {
     let f = service.facts();
-    let offset: u64 = f
-        .partitions
-        .iter()
-        .filter(|p| p.role == "leader")
-        .map(|p| p.applied_offset)
-        .sum();
+    let offset = f.led_offset();
     if f.partitions_led > 0 {
-        let mut replicas = std::collections::BTreeMap::<u64, u64>::new();
-        for r in &f.replicas {
-            *replicas.entry(r.node).or_default() += r.matched_offset;
-        }
+        let replicas = f.replica_offsets();
         let slots = service.slots();
         let addr_of = |id: u64| {
             slots
@@ -109,7 +87,7 @@ pub(crate) fn role<S: Service>(service: &S) -> Frame {
             Frame::Array(
                 replicas
                     .into_iter()
-                    .map(|(id, off)| {
+                    .map(|(id, (off, _))| {
                         let (host, port) = addr_of(id).unwrap_or_default();
                         Frame::Array(vec![
                             Frame::Bulk(Bytes::from(host)),

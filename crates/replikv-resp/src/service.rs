@@ -25,7 +25,6 @@ pub struct NodeFacts {
     pub partitions: Vec<PartitionFact>,
     /// Replicas of the partitions this node leads.
     pub replicas: Vec<ReplicaFact>,
-    pub keys_hint: Option<u64>,
 }
 
 /// One hosted partition as this node sees it.
@@ -36,6 +35,28 @@ pub struct PartitionFact {
     pub leader: Option<u64>,
     pub applied_offset: u64,
     pub staleness_ms: Option<u64>,
+}
+
+impl NodeFacts {
+    /// Sum of the applied offsets of the partitions this node leads (`master_repl_offset`).
+    pub fn led_offset(&self) -> u64 {
+        self.partitions
+            .iter()
+            .filter(|p| p.role == "leader")
+            .map(|p| p.applied_offset)
+            .sum()
+    }
+
+    /// Per replica node, summed over the partitions this node leads: (matched offset, lag ops).
+    pub fn replica_offsets(&self) -> std::collections::BTreeMap<u64, (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for r in &self.replicas {
+            let e = out.entry(r.node).or_insert((0, 0));
+            e.0 += r.matched_offset;
+            e.1 += r.lag_ops;
+        }
+        out
+    }
 }
 
 impl PartitionFact {

@@ -42,17 +42,20 @@ fn still_serving(c: &Cluster) {
     assert_eq!(v, "unchanged", "bad input changed data");
 }
 
+/// Two partitions, and key and value limits small enough to cross in a test.
+fn small_limits_cluster() -> Cluster {
+    let opts = Options {
+        partitions: 2,
+        max_value_bytes: 1024,
+        max_key_bytes: 64,
+        ..Options::default()
+    };
+    Cluster::start(bin(), opts)
+}
+
 #[test]
 fn malformed_resp_is_refused_and_the_server_survives() {
-    let c = Cluster::start(
-        bin(),
-        Options {
-            partitions: 2,
-            max_value_bytes: 1024,
-            max_key_bytes: 64,
-            ..Options::default()
-        },
-    );
+    let c = small_limits_cluster();
     let _: () = c.redis(1).set("guard", "unchanged").unwrap();
     let cases: &[(&str, &[u8], &str)] = &[
         (
@@ -102,15 +105,7 @@ fn malformed_resp_is_refused_and_the_server_survives() {
 
 #[test]
 fn command_errors_are_clear_and_change_nothing() {
-    let c = Cluster::start(
-        bin(),
-        Options {
-            partitions: 2,
-            max_value_bytes: 1024,
-            max_key_bytes: 64,
-            ..Options::default()
-        },
-    );
+    let c = small_limits_cluster();
     let mut conn = c.redis(2);
     let _: () = conn.set("guard", "unchanged").unwrap();
     let err = |conn: &mut redis::Connection, args: &[&str]| -> String {
