@@ -9,6 +9,8 @@
 //! Every wait polls a condition with a deadline; nothing sleeps for a fixed time to let
 //! something happen.
 
+pub mod netem;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -18,11 +20,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+pub use netns::{Netns, Rule};
+
 /// Options of a test cluster; YAML-level settings every node gets.
 #[derive(Clone, Debug)]
 pub struct Options {
     pub nodes: u64,
     pub partitions: u32,
+    /// Replicas per partition (capped at the cluster size by the server).
+    pub factor: usize,
     pub fsync: &'static str,
     pub consistency: &'static str,
     pub snapshot_every_entries: u64,
@@ -36,6 +43,12 @@ pub struct Options {
     pub redirect: bool,
     /// `debug.skip_read_index`: the injected stale-read bug.
     pub skip_read_index: bool,
+    /// `debug.ack_before_commit`: the injected early-acknowledgement bug.
+    pub ack_before_commit: bool,
+    /// Each node in its own network namespace, so [`Cluster::cut`], [`Cluster::partition`]
+    /// and [`Cluster::apply`] drop real packets (needs root). Otherwise every node is on
+    /// loopback and `cut` goes through the transport's test-only fault seam.
+    pub namespaces: bool,
 }
 
 impl Default for Options {
@@ -43,6 +56,7 @@ impl Default for Options {
         Options {
             nodes: 3,
             partitions: 4,
+            factor: 3,
             fsync: "always",
             consistency: "quorum",
             snapshot_every_entries: 20_000,
@@ -54,6 +68,8 @@ impl Default for Options {
             max_value_bytes: 16 << 20,
             redirect: false,
             skip_read_index: false,
+            ack_before_commit: false,
+            namespaces: false,
         }
     }
 }
@@ -99,6 +115,8 @@ pub struct Cluster {
     pub opts: Options,
     _dir: tempfile::TempDir,
     pub nodes: BTreeMap<u64, Node>,
+    /// The namespaces, when `opts.namespaces`; dropped after the nodes are killed.
+    net: Option<Netns>,
 }
 
 /// A free port below Linux's ephemeral range (32768 and up): ports the kernel hands out for
@@ -133,18 +151,35 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 impl Cluster {
     /// Starts `opts.nodes` nodes and waits until every partition has a leader.
     pub fn start(bin: &Path, opts: Options) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::try_start(bin, opts).unwrap_or_else(|e| panic!("starting the cluster: {e}"))
+    }
+
+    /// As [`Cluster::start`], with an error instead of a panic when the namespaces cannot
+    /// be built (for the chaos campaign, which reports it).
+    pub fn try_start(bin: &Path, opts: Options) -> std::io::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let ids: Vec<u64> = (1..=opts.nodes).collect();
+        let net = if opts.namespaces {
+            Some(Netns::create(&ids)?)
+        } else {
+            None
+        };
+        // In a namespace each node has an address of its own, so fixed ports cannot clash.
+        let addr = |id: u64, port: u16| match &net {
+            Some(n) => SocketAddr::new(n.node_ip(id).into(), port),
+            None => free_port(),
+        };
         let mut nodes = BTreeMap::new();
-        for id in 1..=opts.nodes {
+        for id in ids {
             let data_dir = dir.path().join(format!("node{id}"));
-            fs::create_dir_all(&data_dir).expect("data dir");
+            fs::create_dir_all(&data_dir)?;
             nodes.insert(
                 id,
                 Node {
                     id,
-                    resp: free_port(),
-                    http: free_port(),
-                    peer: free_port(),
+                    resp: addr(id, 6379),
+                    http: addr(id, 8080),
+                    peer: addr(id, 7000),
                     config: dir.path().join(format!("node{id}.yaml")),
                     log: dir.path().join(format!("node{id}.log")),
                     data_dir,
@@ -160,16 +195,18 @@ impl Cluster {
         for n in nodes.values() {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
-                 replication: {{ partitions: {parts}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
+                 replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
                  storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
-                 resp: {{ redirect: {redirect} }}\ndebug: {{ fault_injection: true, skip_read_index: {skip} }}\n",
+                 resp: {{ redirect: {redirect} }}\n\
+                 debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
                 id = n.id,
                 dir = n.data_dir.display(),
                 resp = n.resp,
                 http = n.http,
                 peer = n.peer,
                 parts = opts.partitions,
+                factor = opts.factor,
                 cons = opts.consistency,
                 snap = opts.snapshot_every_entries,
                 backlog = opts.backlog_entries,
@@ -181,21 +218,23 @@ impl Cluster {
                 maxv = opts.max_value_bytes,
                 redirect = opts.redirect,
                 skip = opts.skip_read_index,
+                early = opts.ack_before_commit,
             );
-            fs::write(&n.config, yaml).expect("writing node config");
+            fs::write(&n.config, yaml)?;
         }
         let mut c = Cluster {
             bin: bin.to_path_buf(),
             opts,
             _dir: dir,
             nodes,
+            net,
         };
         let ids: Vec<u64> = c.nodes.keys().copied().collect();
         for id in &ids {
             c.spawn(*id);
         }
         c.wait_ready(Duration::from_secs(30));
-        c
+        Ok(c)
     }
 
     fn spawn(&mut self, id: u64) {
@@ -206,7 +245,10 @@ impl Cluster {
             .append(true)
             .open(&n.log)
             .expect("log file");
-        let mut cmd = Command::new(bin);
+        let mut cmd = match &self.net {
+            Some(net) => net.command(id, &bin),
+            None => Command::new(bin),
+        };
         cmd.arg("server")
             .arg("--config")
             .arg(&n.config)
@@ -459,8 +501,26 @@ impl Cluster {
         found
     }
 
-    /// Cuts the peer links between `id` and every node in `others`, both directions.
+    /// The namespaces of a cluster started with `namespaces: true`.
+    pub fn net(&self) -> Option<&Netns> {
+        self.net.as_ref()
+    }
+
+    fn net_or_panic(&self) -> &Netns {
+        self.net
+            .as_ref()
+            .expect("real network faults need a cluster started with `namespaces: true`")
+    }
+
+    /// Cuts the links between `id` and every node in `others`, both directions: with
+    /// namespaces, by dropping their packets; otherwise through the transport's fault seam.
     pub fn cut(&self, id: u64, others: &[u64]) {
+        if let Some(net) = &self.net {
+            for o in others {
+                net.apply(&Rule::Cut(id, *o)).expect("cutting links");
+            }
+            return;
+        }
         self.http_post(id, "/debug/faults", serde_json::json!({"blocked": others}))
             .expect("cutting links");
         for o in others {
@@ -479,8 +539,22 @@ impl Cluster {
         }
     }
 
-    /// Restores every peer link.
+    /// Splits the nodes into groups that cannot reach each other (namespaces only).
+    pub fn partition(&self, groups: &[Vec<u64>]) -> std::io::Result<()> {
+        self.net_or_panic().partition(groups)
+    }
+
+    /// Adds one packet-dropping rule (namespaces only).
+    pub fn apply(&self, rule: &Rule) -> std::io::Result<()> {
+        self.net_or_panic().apply(rule)
+    }
+
+    /// Restores every link.
     pub fn heal(&self) {
+        if let Some(net) = &self.net {
+            net.heal().expect("healing links");
+            return;
+        }
         for id in self.live() {
             self.http_post(id, "/debug/faults", serde_json::json!({"blocked": []}))
                 .expect("healing links");
@@ -509,18 +583,28 @@ impl Cluster {
             .collect()
     }
 
-    /// Waits until every live replica of every partition holds identical contents.
+    /// Waits until every live replica of every partition holds identical contents (nodes
+    /// host different partitions when there are more nodes than the replication factor).
     pub fn wait_converged(&self, timeout: Duration) {
         wait_until(timeout, "replicas converge to identical contents", || {
-            let all: Vec<BTreeMap<u64, (u64, u64, u64)>> =
-                self.live().iter().map(|id| self.digests(*id)).collect();
-            let contents = |d: &BTreeMap<u64, (u64, u64, u64)>| {
-                d.iter()
-                    .map(|(p, (k, c, _))| (*p, *k, *c))
-                    .collect::<Vec<_>>()
-            };
-            all.windows(2).all(|w| contents(&w[0]) == contents(&w[1]))
+            self.divergent_partitions().is_empty()
         });
+    }
+
+    /// Partitions whose live replicas disagree now: partition → (node, keys, crc32c) of each.
+    pub fn divergent_partitions(&self) -> BTreeMap<u64, Vec<(u64, u64, u64)>> {
+        let mut by_partition: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();
+        for id in self.live() {
+            for (p, (keys, crc, _)) in self.digests(id) {
+                by_partition.entry(p).or_default().push((id, keys, crc));
+            }
+        }
+        by_partition.retain(|_, replicas| {
+            replicas
+                .windows(2)
+                .any(|w| (w[0].1, w[0].2) != (w[1].1, w[1].2))
+        });
+        by_partition
     }
 }
 
