@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::messages::PeerResponse;
 use crate::node::{Group, Node};
 
 pub(crate) const PING_EVERY: Duration = Duration::from_millis(100);
@@ -103,7 +104,15 @@ impl Node {
 
 /// Pings every peer and re-evaluates every group's gate, forever.
 pub(crate) fn spawn(node: Arc<Node>) {
-    node.transport.clone().start_pinger(PING_EVERY);
+    let weak = Arc::downgrade(&node);
+    node.transport.clone().start_pinger(
+        PING_EVERY,
+        Arc::new(move |from, sent, answer| {
+            if let (Some(node), PeerResponse::Pong(marks)) = (weak.upgrade(), answer) {
+                node.note_pong(from, sent, &marks);
+            }
+        }),
+    );
     for g in node.groups.values() {
         node.update_election_gate(g);
     }

@@ -8,7 +8,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use replikv_types::{Error, ReadPreference};
 
-use crate::messages::{ClientRequest, ClientResponse, Hello, PeerRequest, PeerResponse};
+use crate::messages::{
+    ClientRequest, ClientResponse, Hello, LeaderMark, PeerRequest, PeerResponse,
+};
 use crate::node::Node;
 use crate::transport::Handler;
 use crate::write::ready;
@@ -56,15 +58,46 @@ impl Handler for Node {
 }
 
 impl Node {
+    /// This node's position in each partition it leads, for a ping's answer.
+    fn leader_marks(&self) -> Vec<LeaderMark> {
+        self.groups
+            .values()
+            .filter_map(|g| {
+                let m = g.raft.metrics();
+                let m = m.borrow();
+                (m.state == openraft::ServerState::Leader).then_some(())?;
+                Some(LeaderMark {
+                    partition: g.partition,
+                    last_offset: m.last_log_index.unwrap_or(0),
+                    quorum_ack_ms: m.millis_since_quorum_ack?,
+                })
+            })
+            .collect()
+    }
+
+    /// A ping sent at `sent` came back from `from` with its leader marks: record them for
+    /// the partitions this node follows `from` in (`lag.rs` says why this bound holds).
+    pub(crate) fn note_pong(&self, from: u64, sent: Instant, marks: &[LeaderMark]) {
+        for mark in marks {
+            let Some(g) = self.group(mark.partition) else {
+                continue;
+            };
+            if g.leader() != Some(from) {
+                continue;
+            }
+            let as_of = sent
+                .checked_sub(Duration::from_millis(mark.quorum_ack_ms))
+                .unwrap_or(sent);
+            g.lag.lock().expect("lag").record(as_of, mark.last_offset);
+        }
+    }
+
     async fn serve(self: Arc<Self>, _from: u64, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::AppendEntries(p, rpc) => {
                 let Some(g) = self.group(p).cloned() else {
                     return PeerResponse::NoSuchPartition(p);
                 };
-                if let Some(c) = rpc.leader_commit {
-                    g.lag.lock().expect("lag").record(c.index);
-                }
                 let entries = rpc.entries.len();
                 let started = Instant::now();
                 let r = g.raft.append_entries(rpc).await;
@@ -88,7 +121,7 @@ impl Node {
                 None => PeerResponse::NoSuchPartition(p),
             },
             PeerRequest::Client(req) => PeerResponse::Client(self.serve_client(req).await),
-            PeerRequest::Ping => PeerResponse::Pong,
+            PeerRequest::Ping => PeerResponse::Pong(self.leader_marks()),
         }
     }
 

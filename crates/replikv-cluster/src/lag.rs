@@ -1,39 +1,45 @@
 //! How stale a replica is, measured honestly from what the leader told it.
 //!
-//! Each AppendEntries (heartbeats included) carries the leader's commit offset. A replica
-//! that has applied offset `a` holds everything the leader had committed at any moment when
-//! the leader's commit was ≤ `a`; the newest such moment bounds the replica's staleness.
+//! A replica learns the leader's position from the answers to its own pings: each ping is
+//! stamped with this node's clock when it is sent, and the leader answers with its last log
+//! offset and how long ago a quorum last acknowledged it (openraft measures that from when
+//! the acknowledged message was *sent*). Every entry committed before that acknowledgement
+//! is in the leader's log, so it is at or below the offset; and the acknowledgement happened
+//! no earlier than `sent - quorum_age` on this node's clock. Hence the sample
+//! `(sent - quorum_age, offset)`: everything committed before that moment has an offset of
+//! at most `offset`. A replica that applied `a` is then current as of the newest sample
+//! whose offset is at most `a`.
+//!
+//! Stamping with this node's send time, never with the time an answer or an AppendEntries
+//! arrives, is what keeps the bound true when messages are delayed: a replica that was paused
+//! (SIGSTOP) or cut off and then handed old messages does not mistake them for news. A
+//! deposed leader that still believes it leads answers with an old quorum acknowledgement,
+//! so its samples date from before the majority moved on.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 const MAX_SAMPLES: usize = 512;
-const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 pub struct FollowerLag {
-    /// (when received, leader's commit offset then), oldest first.
+    /// (moment on this node's clock, leader's last offset then), oldest first.
     samples: VecDeque<(Instant, u64)>,
 }
 
 impl FollowerLag {
-    pub fn record(&mut self, leader_commit: u64) {
-        let now = Instant::now();
-        if let Some((t, c)) = self.samples.back_mut() {
-            if *c == leader_commit && now.duration_since(*t) < SAMPLE_EVERY {
-                // Same commit, recent sample: just refresh its time.
-                *t = now;
-                return;
-            }
-        }
-        self.samples.push_back((now, leader_commit));
+    /// Records that everything committed before `as_of` has an offset of at most `offset`.
+    pub fn record(&mut self, as_of: Instant, offset: u64) {
+        // Answers may come back out of order: keep the samples sorted by time.
+        let at = self.samples.partition_point(|(t, _)| *t <= as_of);
+        self.samples.insert(at, (as_of, offset));
         while self.samples.len() > MAX_SAMPLES {
             self.samples.pop_front();
         }
     }
 
     /// Staleness of a replica that applied up to `applied`: the time since the newest moment
-    /// at which it held everything committed. `None` when nothing bounds it.
+    /// as of which it held everything committed. `None` when nothing bounds it.
     pub fn staleness(&self, applied: u64) -> Option<Duration> {
         self.samples
             .iter()
@@ -42,8 +48,8 @@ impl FollowerLag {
             .map(|(t, _)| t.elapsed())
     }
 
-    /// The leader's newest known commit offset.
-    pub fn leader_commit(&self) -> Option<u64> {
+    /// The newest known leader offset.
+    pub fn leader_offset(&self) -> Option<u64> {
         self.samples.back().map(|(_, c)| *c)
     }
 }
@@ -53,14 +59,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn staleness_is_bounded_by_the_newest_covered_commit() {
+    fn staleness_is_bounded_by_the_newest_covered_sample() {
         let mut lag = FollowerLag::default();
         assert_eq!(lag.staleness(10), None);
-        lag.record(5);
-        lag.record(9);
+        let now = Instant::now();
+        lag.record(now - Duration::from_secs(5), 5);
+        lag.record(now, 9);
         assert!(lag.staleness(9).unwrap() < Duration::from_secs(1));
-        assert!(lag.staleness(5).is_some());
+        assert!(lag.staleness(5).unwrap() >= Duration::from_secs(5));
         assert_eq!(lag.staleness(4), None);
-        assert_eq!(lag.leader_commit(), Some(9));
+        assert_eq!(lag.leader_offset(), Some(9));
+    }
+
+    #[test]
+    fn a_late_answer_about_the_past_does_not_make_a_replica_look_fresh() {
+        let mut lag = FollowerLag::default();
+        let now = Instant::now();
+        lag.record(now - Duration::from_secs(1), 100);
+        // An answer to a ping sent 3 s ago (say, before a SIGSTOP) arrives last.
+        lag.record(now - Duration::from_secs(3), 40);
+        assert_eq!(lag.leader_offset(), Some(100));
+        assert!(lag.staleness(50).unwrap() >= Duration::from_secs(3));
     }
 }

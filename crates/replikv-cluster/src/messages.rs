@@ -39,7 +39,18 @@ pub enum PeerResponse {
     Client(Result<ClientResponse, Error>),
     /// The partition is not hosted by the receiving node.
     NoSuchPartition(PartitionId),
-    Pong,
+    /// The answer to a ping: where this node stands in each partition it leads.
+    Pong(Vec<LeaderMark>),
+}
+
+/// A leader's position, for its followers' staleness bound (`lag.rs`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeaderMark {
+    pub partition: PartitionId,
+    /// The leader's last log offset: every committed entry is at or below it.
+    pub last_offset: Offset,
+    /// How long ago (leader's clock) a quorum acknowledged a message the leader sent then.
+    pub quorum_ack_ms: u64,
 }
 
 /// Requests a node serves for another node (forwarding) or for operators.

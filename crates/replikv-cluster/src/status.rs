@@ -143,7 +143,7 @@ impl Node {
                 .lag
                 .lock()
                 .expect("lag")
-                .leader_commit()
+                .leader_offset()
                 .map(|c| c.saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0))),
             reaches_majority: self.reaches_majority(g.partition),
             replicas,

@@ -378,22 +378,33 @@ impl Transport {
     }
 
     /// Pings every known peer every `every`, so link stats show who is reachable even when
-    /// no other traffic flows.
-    pub fn start_pinger(self: Arc<Self>, every: Duration) {
+    /// no other traffic flows. Each answer goes to `on_answer` with the peer and the moment
+    /// its ping was sent.
+    pub fn start_pinger(
+        self: Arc<Self>,
+        every: Duration,
+        on_answer: Arc<dyn Fn(NodeId, Instant, PeerResponse) + Send + Sync>,
+    ) {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                let peers: Vec<Arc<PeerClient>> = self
+                let peers: Vec<(NodeId, Arc<PeerClient>)> = self
                     .peers
                     .read()
                     .expect("peers")
-                    .values()
-                    .cloned()
+                    .iter()
+                    .map(|(id, p)| (*id, p.clone()))
                     .collect();
-                for peer in peers {
+                for (id, peer) in peers {
+                    let sent = Instant::now();
                     let answer = peer.start(&PeerRequest::Ping, every * 10);
-                    tokio::spawn(answer);
+                    let on_answer = on_answer.clone();
+                    tokio::spawn(async move {
+                        if let Ok(a) = answer.await {
+                            on_answer(id, sent, a);
+                        }
+                    });
                 }
             }
         });
