@@ -29,6 +29,10 @@ pub struct NodeConfig {
     /// Test-only injected bug: `primary` reads skip the read index (`debug.skip_read_index`),
     /// so the history checker can be shown to catch stale reads.
     pub skip_read_index: bool,
+    /// Test-only injected bug: blind `quorum` writes are acknowledged once the leader's own
+    /// log holds them, before they commit (`debug.ack_before_commit`), so the chaos campaign
+    /// can be shown to catch lost acknowledged writes.
+    pub ack_before_commit: bool,
 }
 
 /// The `replication:` section of the configuration (docs/CONFIG.md), read as YAML by the
@@ -83,6 +87,7 @@ impl NodeConfig {
             peers,
             replication: Replication::default(),
             skip_read_index: false,
+            ack_before_commit: false,
         }
     }
 }

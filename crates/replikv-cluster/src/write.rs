@@ -258,7 +258,9 @@ impl Node {
             && match level {
                 Consistency::Eventual => true,
                 Consistency::AtLeast(n) => (n as usize) < majority,
-                _ => false,
+                // A known bug, injected on purpose (`debug.ack_before_commit`).
+                Consistency::Quorum => self.cfg.ack_before_commit,
+                Consistency::All => false,
             };
         let req = WriteRequest {
             req_id: self.next_req_id(),

@@ -64,6 +64,9 @@ pub struct Debug {
     /// Serve `primary` reads without a read index: a known bug, injected so tests can show
     /// that the history checker catches it. Never set it elsewhere.
     pub skip_read_index: bool,
+    /// Acknowledge blind `quorum` writes before they commit: a known bug, injected so tests
+    /// can show that the chaos campaign catches lost writes. Never set it elsewhere.
+    pub ack_before_commit: bool,
 }
 
 /// Largest value accepted: must fit a peer frame with room to spare.
@@ -226,6 +229,7 @@ impl Config {
             peers: self.peers.clone(),
             replication: self.replication.clone(),
             skip_read_index: self.debug.skip_read_index,
+            ack_before_commit: self.debug.ack_before_commit,
         }
     }
 }

@@ -129,6 +129,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     if cfg.debug.skip_read_index {
         tracing::warn!("debug.skip_read_index is set: primary reads are NOT linearizable (test-only bug injection)");
     }
+    if cfg.debug.ack_before_commit {
+        tracing::warn!("debug.ack_before_commit is set: quorum writes may be acknowledged and then lost (test-only bug injection)");
+    }
     Ok(cfg)
 }
 
