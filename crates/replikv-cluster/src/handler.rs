@@ -66,10 +66,13 @@ impl Node {
                 let m = g.raft.metrics();
                 let m = m.borrow();
                 (m.state == openraft::ServerState::Leader).then_some(())?;
+                // openraft computes the age when it publishes its metrics, which it does at
+                // least once per heartbeat: add a heartbeat so the age is never understated.
+                let age = m.millis_since_quorum_ack? + self.cfg.replication.heartbeat_ms;
                 Some(LeaderMark {
                     partition: g.partition,
                     last_offset: m.last_log_index.unwrap_or(0),
-                    quorum_ack_ms: m.millis_since_quorum_ack?,
+                    quorum_ack_ms: age,
                 })
             })
             .collect()

@@ -3,7 +3,6 @@
 
 mod admin;
 mod bench;
-mod config;
 mod local_cluster;
 mod server;
 mod service;
@@ -11,6 +10,7 @@ mod service;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use replikv::config;
 
 #[derive(Parser)]
 #[command(

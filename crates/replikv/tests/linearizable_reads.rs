@@ -9,22 +9,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
+use replikv_chaos::workload::register_op;
 use replikv_checker::{check_linearizable, History, Op, OpKind, Outcome};
 use replikv_testkit::{wait_until, Cluster, Options};
 
 const KEYS: usize = 4;
-
-fn classify(e: &redis::RedisError) -> Outcome {
-    let text = e.to_string();
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
-        return Outcome::Unknown;
-    }
-    if text.contains("not committed") || text.contains("CLUSTERDOWN") || text.contains("TRYAGAIN") {
-        Outcome::Failed
-    } else {
-        Outcome::Unknown
-    }
-}
 
 fn client(
     id: u64,
@@ -66,25 +55,7 @@ fn client(
             };
             let c = conn.as_mut().unwrap();
             let invoke_ns = origin.elapsed().as_nanos() as u64;
-            let outcome = match &kind {
-                OpKind::Read => match redis::cmd("GET").arg(&key).query::<Option<String>>(c) {
-                    Ok(v) => Outcome::Read(v),
-                    Err(e) => classify(&e),
-                },
-                OpKind::Write(v) => match redis::cmd("SET").arg(&key).arg(v).query::<()>(c) {
-                    Ok(()) => Outcome::Written,
-                    Err(e) => classify(&e),
-                },
-                OpKind::Cas { new, .. } => match redis::cmd("SET")
-                    .arg(&key)
-                    .arg(new)
-                    .arg("NX")
-                    .query::<Option<String>>(c)
-                {
-                    Ok(r) => Outcome::CasResult(r.is_some()),
-                    Err(e) => classify(&e),
-                },
-            };
+            let outcome = register_op(c, &key, &kind);
             let complete_ns = origin.elapsed().as_nanos() as u64;
             if matches!(outcome, Outcome::Unknown) {
                 conn = None;

@@ -1,0 +1,294 @@
+//! The faults a campaign injects, each a real one: `kill -9` and restart from disk,
+//! SIGSTOP/SIGCONT, and packets dropped, lost or held back by the kernel between the nodes'
+//! network namespaces (replikv-testkit's `Netns` and `netem`).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::Rng;
+use replikv_testkit::netem::{DelaySpec, PacketDelay};
+use replikv_testkit::{Cluster, Rule};
+use serde::{Deserialize, Serialize};
+
+/// One kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Fault {
+    /// `kill -9` of one node, restarted from its data directory when healed.
+    KillOne,
+    /// `kill -9` of the leader of a partition.
+    KillLeader,
+    /// `kill -9` of a minority of the nodes at once.
+    KillMinority,
+    /// `kill -9` of every node at once; nothing acknowledged at `quorum` or `all` may be lost.
+    KillAll,
+    /// SIGSTOP of one node: it keeps its sockets but answers nothing until SIGCONT.
+    PauseOne,
+    /// SIGSTOP of the leader of a partition.
+    PauseLeader,
+    /// The leader of a partition cut off from every other node.
+    IsolateLeader,
+    /// The nodes split at random into a majority and a minority.
+    Split,
+    /// Two halves that cannot reach each other, and one node that reaches both.
+    Bridge,
+    /// A leader's packets to the other nodes are dropped; theirs still reach it.
+    OneWay,
+    /// A fifth of the packets between nodes are lost, both directions.
+    Loss,
+    /// Packets between nodes held back 30 ms ± 30 ms, so they also arrive out of order.
+    Delay,
+    /// Each cycle draws one of the faults above.
+    Mixed,
+}
+
+/// Every fault a full campaign runs, in order.
+pub const ALL: [Fault; 13] = [
+    Fault::KillOne,
+    Fault::KillLeader,
+    Fault::KillMinority,
+    Fault::KillAll,
+    Fault::PauseOne,
+    Fault::PauseLeader,
+    Fault::IsolateLeader,
+    Fault::Split,
+    Fault::Bridge,
+    Fault::OneWay,
+    Fault::Loss,
+    Fault::Delay,
+    Fault::Mixed,
+];
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillOne => "kill-one",
+            Fault::KillLeader => "kill-leader",
+            Fault::KillMinority => "kill-minority",
+            Fault::KillAll => "kill-all",
+            Fault::PauseOne => "pause-one",
+            Fault::PauseLeader => "pause-leader",
+            Fault::IsolateLeader => "isolate-leader",
+            Fault::Split => "split",
+            Fault::Bridge => "bridge",
+            Fault::OneWay => "one-way",
+            Fault::Loss => "loss",
+            Fault::Delay => "delay",
+            Fault::Mixed => "mixed",
+        }
+    }
+
+    /// Nodes a run of this fault needs: a minority of more than one, and a bridge between two
+    /// real halves, need five.
+    pub fn nodes(self) -> u64 {
+        match self {
+            Fault::KillMinority | Fault::Bridge => 5,
+            _ => 3,
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        ALL.iter().copied().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = ALL.iter().map(|f| f.name()).collect();
+            format!("unknown fault {s:?}; one of: {}", names.join(", "))
+        })
+    }
+}
+
+/// A fault in force, and what undoes it.
+pub struct Injected {
+    pub fault: Fault,
+    /// What was done, for the report ("kill -9 node 2 (leader of partition 1)").
+    pub detail: String,
+    killed: Vec<u64>,
+    paused: Vec<u64>,
+    net: bool,
+    delays: Vec<PacketDelay>,
+}
+
+/// The leader of a random partition as a live node sees it, or a random live node.
+fn some_leader(c: &Cluster, rng: &mut StdRng) -> (u64, String) {
+    let live = c.live();
+    let partition = rng.random_range(0..c.opts.partitions as u64);
+    let asked = *live.choose(rng).expect("a live node");
+    match c.leader_seen_by(asked, partition) {
+        Some(l) if live.contains(&l) => (l, format!("leader of partition {partition}")),
+        _ => (
+            *live.choose(rng).expect("a live node"),
+            "no leader known; a random node".into(),
+        ),
+    }
+}
+
+fn shuffled(c: &Cluster, rng: &mut StdRng) -> Vec<u64> {
+    let mut ids: Vec<u64> = c.nodes.keys().copied().collect();
+    ids.shuffle(rng);
+    ids
+}
+
+/// Injects `fault` (for `Mixed`, one drawn at random) into `c`.
+pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Result<Injected> {
+    let fault = if fault == Fault::Mixed {
+        let fits: Vec<Fault> = ALL[..ALL.len() - 1]
+            .iter()
+            .copied()
+            .filter(|f| f.nodes() <= c.nodes.len() as u64)
+            .collect();
+        *fits.choose(rng).expect("faults")
+    } else {
+        fault
+    };
+    let mut done = Injected {
+        fault,
+        detail: String::new(),
+        killed: Vec::new(),
+        paused: Vec::new(),
+        net: false,
+        delays: Vec::new(),
+    };
+    let n = c.nodes.len();
+    match fault {
+        Fault::KillOne | Fault::PauseOne | Fault::KillLeader | Fault::PauseLeader => {
+            let (id, why) = if matches!(fault, Fault::KillOne | Fault::PauseOne) {
+                (*c.live().choose(rng).expect("a live node"), None)
+            } else {
+                let (id, why) = some_leader(c, rng);
+                (id, Some(why))
+            };
+            let how = if matches!(fault, Fault::KillOne | Fault::KillLeader) {
+                c.kill(id);
+                done.killed.push(id);
+                "kill -9"
+            } else {
+                c.pause(id);
+                done.paused.push(id);
+                "SIGSTOP"
+            };
+            done.detail = match why {
+                Some(why) => format!("{how} node {id} ({why})"),
+                None => format!("{how} node {id}"),
+            };
+        }
+        Fault::KillMinority => {
+            let victims: Vec<u64> = shuffled(c, rng).into_iter().take((n - 1) / 2).collect();
+            for id in &victims {
+                c.kill(*id);
+            }
+            done.detail = format!("kill -9 nodes {victims:?}");
+            done.killed = victims;
+        }
+        Fault::KillAll => {
+            let victims: Vec<u64> = c.nodes.keys().copied().collect();
+            for id in &victims {
+                c.kill(*id);
+            }
+            done.detail = "kill -9 every node".into();
+            done.killed = victims;
+        }
+        Fault::IsolateLeader => {
+            let (id, why) = some_leader(c, rng);
+            let others: Vec<u64> = c.nodes.keys().copied().filter(|o| *o != id).collect();
+            c.partition(&[vec![id], others])?;
+            done.net = true;
+            done.detail = format!("isolate node {id} ({why})");
+        }
+        Fault::Split => {
+            let ids = shuffled(c, rng);
+            let (minority, majority) = ids.split_at((n - 1) / 2);
+            c.partition(&[minority.to_vec(), majority.to_vec()])?;
+            done.net = true;
+            done.detail = format!("split {minority:?} | {majority:?}");
+        }
+        Fault::Bridge => {
+            let ids = shuffled(c, rng);
+            let (middle, rest) = (ids[0], &ids[1..]);
+            let (left, right) = rest.split_at(rest.len() / 2);
+            for a in left {
+                for b in right {
+                    c.apply(&Rule::Cut(*a, *b))?;
+                }
+            }
+            done.net = true;
+            done.detail = format!("bridge {left:?} - {middle} - {right:?}");
+        }
+        Fault::OneWay => {
+            let (id, why) = some_leader(c, rng);
+            for o in c.nodes.keys().copied().filter(|o| *o != id) {
+                c.apply(&Rule::OneWay { from: id, to: o })?;
+            }
+            done.net = true;
+            done.detail =
+                format!("drop node {id}'s packets to the others ({why}); theirs reach it");
+        }
+        Fault::Loss => {
+            let ids: Vec<u64> = c.nodes.keys().copied().collect();
+            for a in &ids {
+                for b in ids.iter().filter(|b| *b != a) {
+                    c.apply(&Rule::Loss {
+                        from: *a,
+                        to: *b,
+                        probability: 0.2,
+                    })?;
+                }
+            }
+            done.net = true;
+            done.detail = "lose 20% of the packets between nodes".into();
+        }
+        Fault::Delay => {
+            let net = c.net().expect("network faults need namespaces");
+            for (i, id) in c.nodes.keys().enumerate() {
+                let spec = DelaySpec {
+                    delay: Duration::from_millis(30),
+                    jitter: Duration::from_millis(30),
+                    seed: rng.random(),
+                };
+                // Peer traffic only (port 7000 either way): clients see the cluster's delay,
+                // not their own links'.
+                let matcher = ["-p", "tcp", "-m", "multiport", "--ports", "7000"];
+                done.delays.push(PacketDelay::start(
+                    &net.node_ns(*id),
+                    100 + i as u16,
+                    &matcher,
+                    spec,
+                )?);
+            }
+            done.detail = "hold packets between nodes 30 ms ± 30 ms (reordered)".into();
+        }
+        Fault::Mixed => unreachable!("drawn above"),
+    }
+    Ok(done)
+}
+
+/// Undoes a fault: heals the network, resumes paused nodes, restarts killed ones.
+pub fn heal(c: &mut Cluster, injected: Injected) -> String {
+    let mut notes = Vec::new();
+    let held: u64 = injected.delays.iter().map(|d| d.stats().0).sum();
+    let reordered: u64 = injected.delays.iter().map(|d| d.stats().1).sum();
+    if !injected.delays.is_empty() {
+        notes.push(format!(
+            "{held} packets held, {reordered} released out of order"
+        ));
+    }
+    drop(injected.delays);
+    if injected.net {
+        c.heal();
+    }
+    for id in injected.paused {
+        c.resume(id);
+    }
+    for id in injected.killed {
+        c.restart(id);
+    }
+    notes.join("; ")
+}

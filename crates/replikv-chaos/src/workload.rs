@@ -1,0 +1,454 @@
+//! The clients of a run. Each is a thread with its own RESP connection (to a node chosen in
+//! turn, so every node serves clients) that records what it asked and what it saw:
+//!
+//! | client | does | recorded as |
+//! |---|---|---|
+//! | register | GET / SET / SET NX on a few keys that change every few seconds | one [`History`] for the linearizability checker |
+//! | unique | SET of a never-reused key at one consistency level | one [`History`] per level, for the lost-write checker |
+//! | session | SET then GET of its own key with `REPLIKV.READ secondary` | read-your-writes violations |
+//! | clock + readers | a writer bumps `chaos:clock`; one reader per node reads it with `secondary` | staleness of each follower read |
+//!
+//! Every acknowledged `quorum` write also marks the time it completed, for the
+//! unavailability windows. A reply that never came (timeout, dropped connection) is
+//! [`Outcome::Unknown`] and the client reconnects, so a late reply is never taken for the
+//! answer to a later request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use replikv_checker::{History, Op, OpKind, Outcome};
+
+/// The write levels the unique-value clients cover, as `REPLIKV.CONSISTENCY` takes them.
+pub const LEVELS: [&str; 4] = ["eventual", "at_least:2", "quorum", "all"];
+/// Register keys live this long before the clients move to fresh ones, which keeps each
+/// key's history short enough for the checker.
+const KEY_EPOCH: Duration = Duration::from_secs(4);
+const REGISTER_KEYS: u64 = 6;
+/// How long a client waits for a reply before calling the outcome unknown. Longer than the
+/// servers' write timeout, so most failures are definite.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// What the clients saw, shared while they run.
+pub struct Recorded {
+    origin: Instant,
+    pub registers: Mutex<Vec<Op>>,
+    pub unique: Mutex<BTreeMap<&'static str, Vec<Op>>>,
+    /// Completion times (ns) of acknowledged `quorum` writes.
+    pub quorum_acks: Mutex<Vec<u64>>,
+    /// `chaos:clock` values and when their write completed.
+    pub clock_acks: Mutex<BTreeMap<u64, u64>>,
+    /// (node, invoke ns, value read) of follower reads of `chaos:clock`.
+    pub clock_reads: Mutex<Vec<(u64, u64, u64)>>,
+    pub session_reads: AtomicU64,
+    /// Reads that did not return the session's own last acknowledged write.
+    pub ryw_violations: Mutex<Vec<String>>,
+}
+
+impl Recorded {
+    pub fn new(origin: Instant) -> Arc<Recorded> {
+        Arc::new(Recorded {
+            origin,
+            registers: Mutex::default(),
+            unique: Mutex::new(LEVELS.iter().map(|l| (*l, Vec::new())).collect()),
+            quorum_acks: Mutex::default(),
+            clock_acks: Mutex::default(),
+            clock_reads: Mutex::default(),
+            session_reads: AtomicU64::new(0),
+            ryw_violations: Mutex::default(),
+        })
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Operations recorded so far, of every kind.
+    pub fn ops(&self) -> usize {
+        self.registers.lock().unwrap().len()
+            + self
+                .unique
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+    }
+
+    pub fn register_history(&self) -> History {
+        History {
+            ops: self.registers.lock().unwrap().clone(),
+        }
+    }
+
+    pub fn unique_history(&self, level: &str) -> History {
+        History {
+            ops: self.unique.lock().unwrap()[level].clone(),
+        }
+    }
+
+    fn ack_quorum(&self, at: u64) {
+        self.quorum_acks.lock().unwrap().push(at);
+    }
+}
+
+/// What a client learns from an error reply. Only errors that say the write was not
+/// proposed, or not committed, are definite failures; everything else may have taken effect.
+pub fn classify(e: &redis::RedisError) -> Outcome {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        return Outcome::Unknown;
+    }
+    let text = e.to_string();
+    if text.contains("(not committed)")
+        || text.contains("CLUSTERDOWN")
+        || text.contains("TRYAGAIN")
+        || text.contains("READONLY")
+    {
+        Outcome::Failed
+    } else {
+        Outcome::Unknown
+    }
+}
+
+/// Runs one register op (GET, SET, or SET NX for a compare-and-set from absent) and says
+/// what the client learned.
+pub fn register_op(c: &mut redis::Connection, key: &str, kind: &OpKind) -> Outcome {
+    match kind {
+        OpKind::Read => match redis::cmd("GET").arg(key).query::<Option<String>>(c) {
+            Ok(v) => Outcome::Read(v),
+            Err(e) => classify(&e),
+        },
+        OpKind::Write(v) => match redis::cmd("SET").arg(key).arg(v).query::<()>(c) {
+            Ok(()) => Outcome::Written,
+            Err(e) => classify(&e),
+        },
+        OpKind::Cas { new, .. } => match redis::cmd("SET")
+            .arg(key)
+            .arg(new)
+            .arg("NX")
+            .query::<Option<String>>(c)
+        {
+            Ok(r) => Outcome::CasResult(r.is_some()),
+            Err(e) => classify(&e),
+        },
+    }
+}
+
+/// One client's connection, re-made after any error that may leave a reply in flight.
+struct Conn {
+    urls: Vec<String>,
+    next: usize,
+    conn: Option<redis::Connection>,
+    /// Commands sent on every new connection (`REPLIKV.CONSISTENCY quorum`, ...).
+    setup: Vec<(&'static str, String)>,
+}
+
+impl Conn {
+    fn new(urls: Vec<String>, first: usize, setup: Vec<(&'static str, String)>) -> Conn {
+        Conn {
+            urls,
+            next: first,
+            conn: None,
+            setup,
+        }
+    }
+
+    /// The connection, or `None` (after a short pause) if no node could be reached.
+    fn get(&mut self) -> Option<&mut redis::Connection> {
+        if self.conn.is_none() {
+            let url = &self.urls[self.next % self.urls.len()];
+            self.next += 1;
+            let made = redis::Client::open(url.as_str())
+                .ok()
+                .and_then(|c| {
+                    c.get_connection_with_timeout(Duration::from_millis(500))
+                        .ok()
+                })
+                .and_then(|mut c| {
+                    c.set_read_timeout(Some(REPLY_TIMEOUT)).ok()?;
+                    c.set_write_timeout(Some(REPLY_TIMEOUT)).ok()?;
+                    for (cmd, arg) in &self.setup {
+                        redis::cmd(cmd).arg(arg).query::<()>(&mut c).ok()?;
+                    }
+                    Some(c)
+                });
+            if made.is_none() {
+                thread::sleep(Duration::from_millis(50));
+            }
+            self.conn = made;
+        }
+        self.conn.as_mut()
+    }
+
+    /// The node the connection is on.
+    fn current_url(&self) -> &str {
+        &self.urls[(self.next + self.urls.len() - 1) % self.urls.len()]
+    }
+
+    fn drop_if(&mut self, outcome: &Outcome) {
+        if matches!(outcome, Outcome::Unknown) {
+            self.conn = None;
+        }
+    }
+}
+
+/// The running clients; [`Clients::stop`] joins them.
+pub struct Clients {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+/// Sizes of the workload.
+#[derive(Clone, Debug)]
+pub struct Mix {
+    pub register_clients: u64,
+    /// Unique-value clients per level.
+    pub unique_clients: u64,
+}
+
+impl Clients {
+    /// Starts every client. `urls[i]` is node `i + 1`'s RESP address.
+    pub fn start(urls: &[String], rec: &Arc<Recorded>, mix: &Mix, seed: u64) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut spawn = |f: Box<dyn FnOnce() + Send>| threads.push(thread::spawn(f));
+        let mut client_id = 0u64;
+        for _ in 0..mix.register_clients {
+            client_id += 1;
+            let (urls, rec, stop) = (urls.to_vec(), rec.clone(), stop.clone());
+            let id = client_id;
+            spawn(Box::new(move || register_client(id, urls, rec, stop, seed)));
+        }
+        for level in LEVELS {
+            for _ in 0..mix.unique_clients {
+                client_id += 1;
+                let (urls, rec, stop) = (urls.to_vec(), rec.clone(), stop.clone());
+                let id = client_id;
+                spawn(Box::new(move || unique_client(id, level, urls, rec, stop)));
+            }
+        }
+        client_id += 1;
+        let (u, r, s) = (urls.to_vec(), rec.clone(), stop.clone());
+        let id = client_id;
+        spawn(Box::new(move || session_client(id, u, r, s)));
+        let (u, r, s) = (urls.to_vec(), rec.clone(), stop.clone());
+        spawn(Box::new(move || clock_writer(u, r, s)));
+        for (i, url) in urls.iter().enumerate() {
+            let (u, r, s) = (vec![url.clone()], rec.clone(), stop.clone());
+            spawn(Box::new(move || clock_reader(i as u64 + 1, u, r, s)));
+        }
+        Clients { stop, threads }
+    }
+
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Clients {
+    /// A run that fails half-way still stops its clients.
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn register_client(
+    id: u64,
+    urls: Vec<String>,
+    rec: Arc<Recorded>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut conn = Conn::new(urls, id as usize, Vec::new());
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        let epoch = rec.origin.elapsed().as_secs() / KEY_EPOCH.as_secs();
+        let key = format!("reg:{epoch}:{}", rng.random_range(0..REGISTER_KEYS));
+        seq += 1;
+        let value = format!("c{id}-{seq}");
+        let roll = rng.random_range(0..100);
+        let kind = if roll < 50 {
+            OpKind::Read
+        } else if roll < 85 {
+            OpKind::Write(value)
+        } else {
+            OpKind::Cas {
+                expected: None,
+                new: value,
+            }
+        };
+        let invoke_ns = rec.now_ns();
+        let outcome = register_op(c, &key, &kind);
+        let done = rec.now_ns();
+        if matches!(outcome, Outcome::Written | Outcome::CasResult(_)) {
+            rec.ack_quorum(done);
+        }
+        conn.drop_if(&outcome);
+        let complete_ns = (!matches!(outcome, Outcome::Unknown)).then_some(done);
+        rec.registers.lock().unwrap().push(Op {
+            client: id,
+            key,
+            kind,
+            invoke_ns,
+            complete_ns,
+            outcome,
+        });
+    }
+}
+
+fn unique_client(
+    id: u64,
+    level: &'static str,
+    urls: Vec<String>,
+    rec: Arc<Recorded>,
+    stop: Arc<AtomicBool>,
+) {
+    let setup = vec![("REPLIKV.CONSISTENCY", level.to_string())];
+    let mut conn = Conn::new(urls, id as usize, setup);
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        seq += 1;
+        let key = format!("u:{level}:{id}:{seq}");
+        let value = seq.to_string();
+        let invoke_ns = rec.now_ns();
+        let outcome = match redis::cmd("SET").arg(&key).arg(&value).query::<()>(c) {
+            Ok(()) => Outcome::Written,
+            Err(e) => classify(&e),
+        };
+        let done = rec.now_ns();
+        if level == "quorum" && outcome == Outcome::Written {
+            rec.ack_quorum(done);
+        }
+        conn.drop_if(&outcome);
+        let complete_ns = (!matches!(outcome, Outcome::Unknown)).then_some(done);
+        rec.unique.lock().unwrap().get_mut(level).unwrap().push(Op {
+            client: id,
+            key,
+            kind: OpKind::Write(value),
+            invoke_ns,
+            complete_ns,
+            outcome,
+        });
+    }
+}
+
+/// Read-your-writes with follower reads: the session token of the connection must make any
+/// replica that serves the read hold the write first.
+fn session_client(id: u64, urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>) {
+    let setup = vec![("REPLIKV.READ", "secondary".to_string())];
+    let mut conn = Conn::new(urls, id as usize, setup);
+    let key = format!("session:{id}");
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        seq += 1;
+        let wrote = redis::cmd("SET").arg(&key).arg(seq).query::<()>(c);
+        if wrote.is_err() {
+            conn.conn = None;
+            continue;
+        }
+        let acked = rec.now_ns();
+        match redis::cmd("GET").arg(&key).query::<Option<u64>>(c) {
+            Ok(got) => {
+                rec.session_reads.fetch_add(1, Ordering::Relaxed);
+                if got != Some(seq) {
+                    rec.ryw_violations.lock().unwrap().push(format!(
+                        "session {id} on {} wrote {seq} to {key} (acknowledged at {:.3} s) and then read {got:?} at {:.3} s",
+                        conn.current_url(),
+                        acked as f64 / 1e9,
+                        rec.now_ns() as f64 / 1e9
+                    ));
+                }
+            }
+            Err(_) => conn.conn = None,
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn clock_writer(urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>) {
+    let mut conn = Conn::new(urls, 0, Vec::new());
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        n += 1;
+        match redis::cmd("SET").arg("chaos:clock").arg(n).query::<()>(c) {
+            Ok(()) => {
+                let done = rec.now_ns();
+                rec.clock_acks.lock().unwrap().insert(n, done);
+                rec.ack_quorum(done);
+            }
+            Err(_) => conn.conn = None,
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn clock_reader(node: u64, urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>) {
+    let setup = vec![("REPLIKV.READ", "secondary".to_string())];
+    let mut conn = Conn::new(urls, 0, setup);
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        let invoke = rec.now_ns();
+        match redis::cmd("GET").arg("chaos:clock").query::<Option<u64>>(c) {
+            Ok(v) => rec
+                .clock_reads
+                .lock()
+                .unwrap()
+                .push((node, invoke, v.unwrap_or(0))),
+            Err(_) => conn.conn = None,
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The largest staleness (ms) each follower read shows for certain: a read at time `t` that
+/// returned `v` although write `v + k` had completed at `c < t` lagged at least `t - c`.
+pub fn staleness_ms(rec: &Recorded) -> Vec<(u64, u64, f64)> {
+    let acks = rec.clock_acks.lock().unwrap();
+    let reads = rec.clock_reads.lock().unwrap();
+    // For each value, the earliest completion of any later write.
+    let mut earliest_after: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut min_so_far = u64::MAX;
+    for (v, at) in acks.iter().rev() {
+        earliest_after.insert(*v, min_so_far);
+        min_so_far = min_so_far.min(*at);
+    }
+    let first_ack = min_so_far;
+    reads
+        .iter()
+        .map(|(node, t, v)| {
+            let superseded = if *v == 0 {
+                first_ack
+            } else {
+                // A value with no recorded ack (its reply was lost) is judged by the next
+                // acknowledged one.
+                earliest_after
+                    .range(*v..)
+                    .next()
+                    .map(|(_, at)| *at)
+                    .unwrap_or(u64::MAX)
+            };
+            let lag = if superseded < *t {
+                (*t - superseded) as f64 / 1e6
+            } else {
+                0.0
+            };
+            (*node, *t, lag)
+        })
+        .collect()
+}
