@@ -13,6 +13,10 @@ pub const FRAME_VERSION: u8 = 1;
 /// Large enough for a snapshot chunk plus headers; small enough to bound a bad header.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const HEADER: usize = 4 + 4 + 1 + 1 + 8;
+/// Most bytes reserved ahead of a frame's data. A length is only a claim until the bytes
+/// arrive, so a bare 4-byte header must not cost [`MAX_FRAME_BYTES`] of memory; the buffer
+/// still grows (doubling) as the bytes of a large frame come in.
+const MAX_RESERVE_AHEAD: usize = 64 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -79,7 +83,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         return Err(FrameError::TooShort(len));
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        buf.reserve((4 + len - buf.len()).min(MAX_RESERVE_AHEAD));
         return Ok(None);
     }
     buf.advance(4);
@@ -145,5 +149,39 @@ mod tests {
         assert!(matches!(decode(&mut huge), Err(FrameError::TooLarge(_))));
         let mut short = BytesMut::from(&[1u8, 0, 0, 0, 0][..]);
         assert!(matches!(decode(&mut short), Err(FrameError::TooShort(_))));
+    }
+
+    /// Seen while fuzzing (`peer_frame` ran slowly): a header claiming 64 MiB made the decoder
+    /// reserve 64 MiB before a byte of the frame had arrived.
+    #[test]
+    fn a_bare_header_claiming_a_huge_frame_reserves_little() {
+        let mut header = BytesMut::from(&(MAX_FRAME_BYTES as u32).to_le_bytes()[..]);
+        assert_eq!(decode(&mut header), Ok(None));
+        assert!(
+            header.capacity() <= 2 * MAX_RESERVE_AHEAD,
+            "{}",
+            header.capacity()
+        );
+        assert_eq!(&header[..], &(MAX_FRAME_BYTES as u32).to_le_bytes()[..]);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_reservation_still_arrives_in_pieces() {
+        let payload: Vec<u8> = (0..3 * MAX_RESERVE_AHEAD + 5).map(|i| i as u8).collect();
+        let mut wire = BytesMut::new();
+        encode(Kind::Request, 42, &payload, &mut wire);
+        let mut buf = BytesMut::new();
+        let mut pieces = wire.chunks(10_000);
+        let frame = loop {
+            match decode(&mut buf).unwrap() {
+                Some(frame) => break frame,
+                None => buf.extend_from_slice(pieces.next().expect("frame completes")),
+            }
+        };
+        assert_eq!(
+            (frame.kind, frame.id, &frame.payload[..]),
+            (Kind::Request, 42, &payload[..])
+        );
+        assert!(pieces.next().is_none() && buf.is_empty());
     }
 }
