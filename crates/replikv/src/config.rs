@@ -173,7 +173,8 @@ impl Config {
                 );
             }
         }
-        if r.heartbeat_ms == 0 || r.heartbeat_ms * 2 > r.election_timeout_min_ms {
+        // Saturating: a huge heartbeat_ms must be refused, not wrap around to a small one.
+        if r.heartbeat_ms == 0 || r.heartbeat_ms.saturating_mul(2) > r.election_timeout_min_ms {
             return fail(
                 "replication.heartbeat_ms",
                 format!(
@@ -303,5 +304,17 @@ storage: { fsync: always }
             .contains("replication.consistency"));
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
+    }
+
+    /// Found by the `config` fuzz target: `heartbeat_ms * 2` overflowed, which panicked in a
+    /// debug build and in a release build wrapped around, accepting a heartbeat of ~292
+    /// million years against an election timeout of 300 ms.
+    #[test]
+    fn a_heartbeat_too_large_to_double_is_refused() {
+        for heartbeat in [1u64 << 63, (1 << 63) + 1, u64::MAX] {
+            let yaml = format!("replication: {{ heartbeat_ms: {heartbeat} }}");
+            let e = Config::from_yaml(&yaml).unwrap().validate().unwrap_err();
+            assert!(e.contains("replication.heartbeat_ms"), "{e}");
+        }
     }
 }
