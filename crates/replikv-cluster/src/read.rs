@@ -36,6 +36,13 @@ impl Node {
             if let Some(g) = self.group(p) {
                 let serve_here = !(read == ReadPreference::Secondary && g.is_leader());
                 if serve_here && self.fresh_enough(g, min_offset).await {
+                    tracing::debug!(
+                        partition = p,
+                        applied = g.applied(),
+                        ?min_offset,
+                        staleness = ?self.staleness(g),
+                        "follower read served here"
+                    );
                     self.metrics.read_served(p, "replica");
                     return self.local_value(g, &key);
                 }
@@ -190,6 +197,12 @@ impl Node {
         min_offset: Option<Offset>,
     ) -> Result<Option<ValueWithTtl>, Error> {
         let g = self.read_index(p, min_offset).await?;
+        tracing::debug!(
+            partition = p,
+            applied = g.applied(),
+            ?min_offset,
+            "primary read served here"
+        );
         self.metrics.read_served(p, "leader");
         self.local_value(&g, key)
     }
