@@ -45,6 +45,24 @@ fn pause_one_a_resumed_follower_serves_no_read_staler_than_max_lag() {
 
     c.pause(follower);
     let paused = Instant::now();
+    // While it is frozen the leader keeps sending it heartbeats, which queue in its socket
+    // with the commit offset of k = 0; wait until the leader has given up on it.
+    wait_until(
+        Duration::from_secs(15),
+        "the leader reports the frozen follower UNHEALTHY",
+        || {
+            c.http_get(leader, "/api/replication/stats")
+                .ok()
+                .and_then(|v| {
+                    v["replicas"].as_array().map(|rs| {
+                        rs.iter().any(|r| {
+                            r["node_id"].as_u64() == Some(follower) && r["health"] == "UNHEALTHY"
+                        })
+                    })
+                })
+                .unwrap_or(false)
+        },
+    );
     for i in 1..=20 {
         let _: () = writer.set("k", i).unwrap();
     }
