@@ -142,12 +142,12 @@ impl CampaignReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| fault | runs | faults injected | ops checked | linearizability violations | lost acknowledged writes ({}) | unavailable p50 / p99 (ms) | max follower staleness (ms) | read-your-writes violations | failed runs | runs with only known open findings |",
+            "| fault | runs | faults injected | ops checked | linearizability violations | lost acknowledged writes ({}) | lost writes acknowledged after fault start (ms) | unavailable p50 / p99 (ms) | max follower staleness (ms) | read-your-writes violations | failed runs | runs with only known open findings |",
             LEVELS.join(" / ")
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"
         );
         let all: Vec<&RunResult> = self.results.iter().collect();
         let rows = by_fault
@@ -168,6 +168,21 @@ impl CampaignReport {
                         .to_string()
                 })
                 .collect();
+            let windows: Vec<f64> = rs
+                .iter()
+                .flat_map(|r| {
+                    r.loss
+                        .values()
+                        .flat_map(|l| l.lost_window_ms.iter().copied())
+                })
+                .collect();
+            let window = if windows.is_empty() {
+                "-".to_string()
+            } else {
+                let lo = windows.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = windows.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                format!("{lo:.0} to {hi:.0}")
+            };
             let mut gaps: Vec<f64> = rs
                 .iter()
                 .flat_map(|r| r.events.iter().map(|e| e.unavailable_ms))
@@ -182,7 +197,7 @@ impl CampaignReport {
                 .count();
             let _ = writeln!(
                 out,
-                "| {name} | {} | {injected} | {ops} | {violations} | {} | {p50:.0} / {p99:.0} | {stale:.0} | {ryw} | {failed} | {known} |",
+                "| {name} | {} | {injected} | {ops} | {violations} | {} | {window} | {p50:.0} / {p99:.0} | {stale:.0} | {ryw} | {failed} | {known} |",
                 rs.len(),
                 lost.join(" / "),
             );

@@ -100,6 +100,16 @@ pub enum ClientRequest {
     Status,
 }
 
+impl ClientRequest {
+    /// True for requests that change nothing, which may be sent again.
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            ClientRequest::Get { .. } | ClientRequest::Scan { .. } | ClientRequest::Status
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ClientResponse {
     Written(WriteOutcome),

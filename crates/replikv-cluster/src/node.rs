@@ -203,6 +203,37 @@ impl Node {
         self.groups.get(&p)
     }
 
+    /// Resolves with the new leader once this node sees partition `p` led by a node other
+    /// than `from` in a later term: a request in flight to `from` will then not be answered
+    /// soon, if ever. Never resolves on a node that does not host `p`.
+    pub(crate) fn leader_moved(
+        &self,
+        p: PartitionId,
+        from: NodeId,
+    ) -> futures::future::BoxFuture<'static, NodeId> {
+        use futures::FutureExt;
+        let Some(g) = self.group(p) else {
+            return futures::future::pending().boxed();
+        };
+        let raft = g.raft.clone();
+        let term = raft.metrics().borrow().current_term;
+        async move {
+            let moved = raft
+                .wait(None)
+                .metrics(
+                    move |m| m.current_term > term && m.current_leader.is_some_and(|l| l != from),
+                    "leader moved",
+                )
+                .await;
+            match moved {
+                Ok(m) => m.current_leader.expect("waited for a leader"),
+                // The group shut down: the caller's own timeout answers.
+                Err(_) => futures::future::pending().await,
+            }
+        }
+        .boxed()
+    }
+
     pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
         self.groups.values()
     }

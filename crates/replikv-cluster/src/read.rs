@@ -80,6 +80,16 @@ impl Node {
             };
             let result = if leader == self.id() {
                 Box::pin(self.serve_client(req.clone())).await
+            } else if req.is_read() {
+                // A read is safe to send again: stop waiting for a leader that has been
+                // replaced, and ask the new one.
+                tokio::select! {
+                    r = self.ask(leader, req.clone(), deadline) => r,
+                    new = self.leader_moved(p, leader) => Err(Error::NotLeader {
+                        partition: p,
+                        leader: Some(new),
+                    }),
+                }
             } else {
                 self.ask(leader, req.clone(), deadline).await
             };

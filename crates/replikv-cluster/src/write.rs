@@ -209,8 +209,23 @@ impl Node {
         let timeout =
             deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
         let answer = peer.start(&req, timeout);
+        let moved = self.leader_moved(p, leader);
         async move {
-            match answer.await {
+            // A leader that lost its partition (cut off, frozen) may hold the write for
+            // the whole timeout; once another node leads in a later term, say at once that
+            // the outcome is unknown, so the client can go on.
+            let answer = tokio::select! {
+                a = answer => a,
+                new = moved => {
+                    return Err(Error::Timeout {
+                        committed: Commit::Unknown,
+                        detail: format!(
+                            "node {new} now leads partition {p}; the write sent to node {leader} may still be applied"
+                        ),
+                    })
+                }
+            };
+            match answer {
                 Ok(PeerResponse::Client(Ok(ClientResponse::Written(w)))) => Ok(w),
                 Ok(PeerResponse::Client(Err(e))) => Err(e),
                 Ok(PeerResponse::NoSuchPartition(_)) => Err(Error::NotLeader {

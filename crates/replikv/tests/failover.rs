@@ -278,3 +278,41 @@ fn five_nodes_reach_partitions_they_do_not_host_across_a_leader_kill() {
         assert_all_present(&c, *node, &acked);
     }
 }
+
+/// Found by the chaos campaign (`pause-leader`, `isolate-leader`: about 2 s without
+/// acknowledged writes, the write timeout): a write forwarded to a leader that then froze
+/// waited out the whole write timeout even after the others elected a new leader. Now the
+/// forwarding node answers "commit unknown" as soon as it sees the new leader, and reads
+/// forwarded to the frozen leader go to the new one.
+#[test]
+fn pause_leader_a_forwarded_write_is_answered_once_a_new_leader_is_elected() {
+    let opts = Options {
+        partitions: 1,
+        rebalance_leaders: false,
+        // Long, so that an answer at the timeout and an answer at the new election differ.
+        write_timeout_ms: 20_000,
+        ..Options::default()
+    };
+    let c = Cluster::start(bin(), opts);
+    let old = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let via = [1, 2, 3].into_iter().find(|n| *n != old).unwrap();
+    let mut conn = c.redis(via);
+    conn.set::<_, _, ()>("k", "before").unwrap();
+
+    c.pause(old);
+    let sent = Instant::now();
+    let err = conn
+        .set::<_, _, ()>("k", "during")
+        .expect_err("a write forwarded to a frozen leader cannot be acknowledged by it");
+    let text = err.to_string();
+    assert!(
+        text.contains("TIMEOUT") && text.contains("commit unknown") && text.contains("now leads"),
+        "expected an early 'commit unknown' naming the new leader, got {text:?} after {:?}",
+        sent.elapsed()
+    );
+    // The next read and write go to the new leader.
+    let got: String = conn.get("k").unwrap();
+    assert!(got == "before" || got == "during", "read {got:?}");
+    conn.set::<_, _, ()>("k", "after").unwrap();
+    c.resume(old);
+}
