@@ -21,18 +21,25 @@ mod common;
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use replikv_resp::codec::{
-    encode, parse_frame, Frame, FrameParser, Limits, Protocol, ProtocolError,
-};
+use replikv_resp::codec::{encode, parse_frame, Frame, FrameParser, Limits, Protocol};
 
-type Outcome = Result<Option<Frame>, ProtocolError>;
+type Outcome = common::Outcome<Frame>;
 
 fuzz_target!(|data: &[u8]| {
     let input = common::Input::new(data);
     let limits = &input.limits;
 
-    let (whole, whole_left) = all_at_once(input.wire, limits);
-    let (pieces, pieces_left) = piece_by_piece(&input.pieces(), limits);
+    let (whole, whole_left) = common::all_at_once(
+        input.wire,
+        |buf| parse_frame(buf, limits),
+        check_consumption,
+    );
+    let mut parser = FrameParser::new();
+    let (pieces, pieces_left) = common::piece_by_piece(
+        &input.pieces(),
+        |buf| parser.parse(buf, limits),
+        check_consumption,
+    );
     assert!(
         whole.len() == pieces.len() && whole.iter().zip(&pieces).all(|(a, b)| same_outcome(a, b)),
         "chunking changed the outcome: {whole:?} versus {pieces:?}"
@@ -48,53 +55,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-fn all_at_once(wire: &[u8], limits: &Limits) -> (Vec<Outcome>, Option<BytesMut>) {
-    let mut buf = BytesMut::from(wire);
-    let mut out = Vec::new();
-    loop {
-        let before = buf.clone();
-        let result = parse_frame(&mut buf, limits);
-        check_consumption(&before, &buf, &result);
-        match result {
-            Ok(Some(frame)) => out.push(Ok(Some(frame))),
-            Ok(None) => {
-                out.push(Ok(None));
-                return (out, Some(buf));
-            }
-            Err(e) => {
-                out.push(Err(e));
-                return (out, None);
-            }
-        }
-    }
-}
-
-fn piece_by_piece(pieces: &[&[u8]], limits: &Limits) -> (Vec<Outcome>, Option<BytesMut>) {
-    let mut parser = FrameParser::new();
-    let mut buf = BytesMut::new();
-    let mut pieces = pieces.iter();
-    let mut out = Vec::new();
-    loop {
-        let before = buf.clone();
-        let result = parser.parse(&mut buf, limits);
-        check_consumption(&before, &buf, &result);
-        match result {
-            Ok(Some(frame)) => out.push(Ok(Some(frame))),
-            Ok(None) => match pieces.next() {
-                Some(piece) => buf.extend_from_slice(piece),
-                None => {
-                    out.push(Ok(None));
-                    return (out, Some(buf));
-                }
-            },
-            Err(e) => {
-                out.push(Err(e));
-                return (out, None);
-            }
-        }
-    }
-}
 
 fn check_consumption(before: &[u8], after: &[u8], result: &Outcome) {
     match result {

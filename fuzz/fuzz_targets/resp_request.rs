@@ -16,16 +16,25 @@ mod common;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use replikv_resp::codec::{parse_request, Limits, ProtocolError, RequestParser};
+use replikv_resp::codec::{parse_request, Limits, RequestParser};
 
-type Outcome = Result<Option<Vec<Bytes>>, ProtocolError>;
+type Outcome = common::Outcome<Vec<Bytes>>;
 
 fuzz_target!(|data: &[u8]| {
     let input = common::Input::new(data);
     let limits = &input.limits;
 
-    let (whole, whole_left) = all_at_once(input.wire, limits);
-    let (pieces, pieces_left) = piece_by_piece(&input.pieces(), limits);
+    let (whole, whole_left) = common::all_at_once(
+        input.wire,
+        |buf| parse_request(buf, limits),
+        check_consumption,
+    );
+    let mut parser = RequestParser::new();
+    let (pieces, pieces_left) = common::piece_by_piece(
+        &input.pieces(),
+        |buf| parser.parse(buf, limits),
+        check_consumption,
+    );
     assert_eq!(whole, pieces, "chunking changed the outcome");
     assert_eq!(
         whole_left, pieces_left,
@@ -40,55 +49,6 @@ fuzz_target!(|data: &[u8]| {
         reencoded_parses_back(args);
     }
 });
-
-/// The stateless parser, called until it stops producing requests.
-fn all_at_once(wire: &[u8], limits: &Limits) -> (Vec<Outcome>, Option<BytesMut>) {
-    let mut buf = BytesMut::from(wire);
-    let mut out = Vec::new();
-    loop {
-        let before = buf.clone();
-        let result = parse_request(&mut buf, limits);
-        check_consumption(&before, &buf, &result);
-        match result {
-            Ok(Some(args)) => out.push(Ok(Some(args))),
-            Ok(None) => {
-                out.push(Ok(None));
-                return (out, Some(buf));
-            }
-            Err(e) => {
-                out.push(Err(e));
-                return (out, None);
-            }
-        }
-    }
-}
-
-/// One `RequestParser`, the bytes appended piece by piece as a socket would deliver them.
-fn piece_by_piece(pieces: &[&[u8]], limits: &Limits) -> (Vec<Outcome>, Option<BytesMut>) {
-    let mut parser = RequestParser::new();
-    let mut buf = BytesMut::new();
-    let mut pieces = pieces.iter();
-    let mut out = Vec::new();
-    loop {
-        let before = buf.clone();
-        let result = parser.parse(&mut buf, limits);
-        check_consumption(&before, &buf, &result);
-        match result {
-            Ok(Some(args)) => out.push(Ok(Some(args))),
-            Ok(None) => match pieces.next() {
-                Some(piece) => buf.extend_from_slice(piece),
-                None => {
-                    out.push(Ok(None));
-                    return (out, Some(buf));
-                }
-            },
-            Err(e) => {
-                out.push(Err(e));
-                return (out, None);
-            }
-        }
-    }
-}
 
 fn check_consumption(before: &[u8], after: &[u8], result: &Outcome) {
     match result {

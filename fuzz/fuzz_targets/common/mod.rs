@@ -11,7 +11,8 @@
 //!
 //! A header byte of `0x80 0x00` therefore means "default limits, fed one byte at a time".
 
-use replikv_resp::codec::Limits;
+use bytes::BytesMut;
+use replikv_resp::codec::{Limits, ProtocolError};
 
 pub struct Input<'a> {
     pub limits: Limits,
@@ -62,5 +63,61 @@ fn limits(b: u8) -> Limits {
         max_array_len: (b >> 3) & 0x03,              // 0..=3
         max_depth: (b >> 5) & 0x03,                  // 0..=3
         max_inline_len: (((b >> 1) & 0x07) + 1) * 4, // 4..=32
+    }
+}
+
+/// What one parse call gave.
+pub type Outcome<T> = Result<Option<T>, ProtocolError>;
+
+/// Calls a stateless `parse` on the whole wire until it stops producing; returns every
+/// outcome, and the bytes left unconsumed unless it ended in an error. `check` sees the
+/// buffer before and after each call.
+pub fn all_at_once<T>(
+    wire: &[u8],
+    mut parse: impl FnMut(&mut BytesMut) -> Outcome<T>,
+    check: impl Fn(&[u8], &[u8], &Outcome<T>),
+) -> (Vec<Outcome<T>>, Option<BytesMut>) {
+    let mut buf = BytesMut::from(wire);
+    let mut pieces = std::iter::empty::<&[u8]>();
+    drive(&mut buf, &mut pieces, &mut parse, &check)
+}
+
+/// Feeds `pieces` one after another to a stateful `parse`, as a socket would deliver them;
+/// returns what [`all_at_once`] returns.
+pub fn piece_by_piece<T>(
+    pieces: &[&[u8]],
+    mut parse: impl FnMut(&mut BytesMut) -> Outcome<T>,
+    check: impl Fn(&[u8], &[u8], &Outcome<T>),
+) -> (Vec<Outcome<T>>, Option<BytesMut>) {
+    let mut buf = BytesMut::new();
+    let mut pieces = pieces.iter().copied();
+    drive(&mut buf, &mut pieces, &mut parse, &check)
+}
+
+fn drive<T>(
+    buf: &mut BytesMut,
+    pieces: &mut dyn Iterator<Item = &[u8]>,
+    parse: &mut impl FnMut(&mut BytesMut) -> Outcome<T>,
+    check: &impl Fn(&[u8], &[u8], &Outcome<T>),
+) -> (Vec<Outcome<T>>, Option<BytesMut>) {
+    let mut out = Vec::new();
+    loop {
+        let before = buf.clone();
+        let result = parse(buf);
+        check(&before, buf, &result);
+        match result {
+            Ok(Some(item)) => out.push(Ok(Some(item))),
+            Ok(None) => match pieces.next() {
+                Some(piece) => buf.extend_from_slice(piece),
+                None => {
+                    out.push(Ok(None));
+                    return (out, Some(buf.clone()));
+                }
+            },
+            Err(e) => {
+                out.push(Err(e));
+                return (out, None);
+            }
+        }
     }
 }
