@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::Rng;
 use replikv_testkit::netem::{DelaySpec, PacketDelay};
+use replikv_testkit::netns::PEER_PORT;
 use replikv_testkit::{Cluster, Rule};
 use serde::{Deserialize, Serialize};
 
@@ -253,9 +254,10 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
                     jitter: Duration::from_millis(30),
                     seed: rng.random(),
                 };
-                // Peer traffic only (port 7000 either way): clients see the cluster's delay,
-                // not their own links'.
-                let matcher = ["-p", "tcp", "-m", "multiport", "--ports", "7000"];
+                // Peer traffic only (the peer port, either way): clients see the cluster's
+                // delay, not their own links'.
+                let port = PEER_PORT.to_string();
+                let matcher = ["-p", "tcp", "-m", "multiport", "--ports", port.as_str()];
                 done.delays.push(PacketDelay::start(
                     &net.node_ns(*id),
                     100 + i as u16,

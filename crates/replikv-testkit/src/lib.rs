@@ -177,9 +177,9 @@ impl Cluster {
                 id,
                 Node {
                     id,
-                    resp: addr(id, 6379),
-                    http: addr(id, 8080),
-                    peer: addr(id, 7000),
+                    resp: addr(id, netns::RESP_PORT),
+                    http: addr(id, netns::HTTP_PORT),
+                    peer: addr(id, netns::PEER_PORT),
                     config: dir.path().join(format!("node{id}.yaml")),
                     log: dir.path().join(format!("node{id}.log")),
                     data_dir,

@@ -21,6 +21,11 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// Ports every node listens on inside its namespace (each node has an address of its own).
+pub const RESP_PORT: u16 = 6379;
+pub const HTTP_PORT: u16 = 8080;
+pub const PEER_PORT: u16 = 7000;
+
 const FIRST_SLOT: u32 = 1;
 const LAST_SLOT: u32 = 239;
 const OWNERS: &str = "/run/replikv-netns";
