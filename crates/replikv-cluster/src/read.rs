@@ -151,8 +151,11 @@ impl Node {
             )
         };
         if is_leader {
-            // A leader is current as of its last quorum acknowledgement.
-            return Some(Duration::from_millis(quorum_age.unwrap_or(0)));
+            // A leader is current as of its last quorum acknowledgement (plus one heartbeat:
+            // openraft computes the age only when it publishes metrics). A leader that has
+            // none yet is not known to be current at all.
+            let hb = self.cfg.replication.heartbeat_ms;
+            return quorum_age.map(|age| Duration::from_millis(age + hb));
         }
         g.lag.lock().expect("lag").staleness(g.applied())
     }
