@@ -99,6 +99,12 @@ fn print_run(r: &RunResult) {
         worst,
         r.seconds
     );
+    for s in &r.stale_reads {
+        println!("      stale read: {s}");
+    }
+    for v in &r.read_your_writes_violations {
+        println!("      read-your-writes: {v}");
+    }
     for e in &r.events {
         let notes = if e.notes.is_empty() {
             String::new()

@@ -98,6 +98,8 @@ pub struct RunResult {
     pub follower_reads: usize,
     pub max_staleness_ms: f64,
     pub stale_reads_over_limit: usize,
+    /// The first few of those: which node served it, when, what it returned, how stale.
+    pub stale_reads: Vec<String>,
     pub session_reads: u64,
     pub read_your_writes_violations: Vec<String>,
     pub converged: bool,
@@ -325,8 +327,20 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
 
     let stale = workload::staleness_ms(&rec);
     result.follower_reads = stale.len();
-    result.max_staleness_ms = stale.iter().map(|s| s.2).fold(0.0, f64::max);
-    result.stale_reads_over_limit = stale.iter().filter(|s| s.2 > MAX_LAG_MS as f64).count();
+    result.max_staleness_ms = stale.iter().map(|s| s.3).fold(0.0, f64::max);
+    let over: Vec<&(u64, u64, u64, f64)> =
+        stale.iter().filter(|s| s.3 > MAX_LAG_MS as f64).collect();
+    result.stale_reads_over_limit = over.len();
+    result.stale_reads = over
+        .iter()
+        .take(10)
+        .map(|(node, t, v, lag)| {
+            format!(
+                "node {node} at {:.3} s returned clock value {v}, at least {lag:.0} ms stale",
+                *t as f64 / 1e9
+            )
+        })
+        .collect();
     result.session_reads = rec.session_reads.load(std::sync::atomic::Ordering::Relaxed);
     result.read_your_writes_violations = rec.ryw_violations.lock().unwrap().clone();
     result.events = events;

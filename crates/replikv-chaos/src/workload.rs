@@ -435,7 +435,7 @@ fn clock_reader(node: u64, urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<Atom
 /// `v` although write `v + k` had completed at `c < t` lagged at least `t - c`. Reads of a
 /// value whose write got no definite answer are left out: it may have landed late, after
 /// later values, and be current.
-pub fn staleness_ms(rec: &Recorded) -> Vec<(u64, u64, f64)> {
+pub fn staleness_ms(rec: &Recorded) -> Vec<(u64, u64, u64, f64)> {
     let acks = rec.clock_acks.lock().unwrap();
     let unknown = rec.clock_unknown.lock().unwrap();
     let reads = rec.clock_reads.lock().unwrap();
@@ -467,7 +467,7 @@ pub fn staleness_ms(rec: &Recorded) -> Vec<(u64, u64, f64)> {
             } else {
                 0.0
             };
-            (*node, *t, lag)
+            (*node, *t, *v, lag)
         })
         .collect()
 }

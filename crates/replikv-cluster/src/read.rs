@@ -3,9 +3,9 @@
 //! - `primary`: served by the leader after openraft's read index (`ensure_linearizable`:
 //!   the leader confirms with a quorum that it still leads, then waits until it has applied
 //!   everything committed before the read began). No clock is trusted, so no lease.
-//! - `secondary`, `nearest`, `any`: served by a replica whose measured staleness is within
+//! - `secondary`, `nearest`, `any`: served by a follower whose measured staleness is within
 //!   `max_lag_ms` (see `lag.rs`) and which has applied the reader's last write (session
-//!   token); otherwise the read goes to the leader.
+//!   token); otherwise, and always on the leader, the read goes through the read index.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +34,10 @@ impl Node {
         let p = self.partition_of(&key);
         if read != ReadPreference::Primary {
             if let Some(g) = self.group(p) {
-                let serve_here = !(read == ReadPreference::Secondary && g.is_leader());
-                if serve_here && self.fresh_enough(g, min_offset).await {
+                // A leader serves every read through the read index: its own state machine
+                // may trail what it has committed (just elected, or restarted), and its quorum
+                // acknowledgement says nothing about that.
+                if !g.is_leader() && self.fresh_enough(g, min_offset).await {
                     tracing::debug!(
                         partition = p,
                         applied = g.applied(),
@@ -136,8 +138,17 @@ impl Node {
                 }
             }
         }
-        self.staleness(g)
+        self.follower_staleness(g)
             .is_some_and(|s| s <= Duration::from_millis(self.cfg.replication.max_lag_ms))
+    }
+
+    /// A follower's staleness bound (`lag.rs`); `None` on a leader, which must not serve
+    /// from its state machine without a read index, even if it became leader a moment ago.
+    fn follower_staleness(&self, g: &Group) -> Option<Duration> {
+        if g.raft.metrics().borrow().state == openraft::ServerState::Leader {
+            return None;
+        }
+        g.lag.lock().expect("lag").staleness(g.applied())
     }
 
     /// How far behind the leader this replica's applied state may be.
