@@ -1,0 +1,994 @@
+//! replikv-sim: a deterministic simulation of replikv's replication core (one openraft group
+//! of N nodes with replikv's `TypeConfig`), after docs/design/simulation.md stage 1, cut down.
+//! See README.md for what is real and what is a stand-in.
+
+mod net;
+mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use replikv_raft::{LogId, Raft};
+use replikv_types::{KvOp, SetCond, StoredValue, WriteRequest};
+
+use net::{NetState, SimNetwork};
+use store::{Disk, SharedDisk, SimLog, SimSm, SmState};
+
+const KEYS: &[&str] = &["k0", "k1", "k2", "k3"];
+/// The virtual wall clock (`now_ms`) at step 0.
+const EPOCH_MS: u64 = 1_750_000_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bug {
+    None,
+    /// The log store acknowledges appends but loses the last few on a crash.
+    LostAppend,
+    /// The state machine applies each batch of entries in reverse order.
+    ApplyReversed,
+    /// Not a replikv bug: network delays drawn from an OS-seeded RNG, to show that
+    /// `--check-determinism` catches a leak of outside entropy.
+    Nondeterministic,
+}
+
+impl Bug {
+    fn flag(self) -> &'static str {
+        match self {
+            Bug::None => "",
+            Bug::LostAppend => " --bug lost-append",
+            Bug::ApplyReversed => " --bug apply-reversed",
+            Bug::Nondeterministic => " --bug nondeterministic",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Opts {
+    nodes: u64,
+    steps: u64,
+    settle: u64,
+    bug: Bug,
+    snapshots: bool,
+    verbose: bool,
+    unseeded_tokio: bool,
+}
+
+/// One entry the checker has seen committed.
+#[derive(Clone, Debug)]
+struct Ledger {
+    log_id: LogId,
+    hash: u64,
+    /// `(req_id, key, value)` of a SET.
+    set: Option<(u64, Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Clone, Debug)]
+struct Ack {
+    req_id: u64,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    log_id: LogId,
+}
+
+struct Node {
+    id: u64,
+    config: Arc<Config>,
+    disk: SharedDisk,
+    sm: Arc<Mutex<SmState>>,
+    raft: Option<Raft>,
+    alive: store::Alive,
+    /// Step at which a crashed node comes back.
+    restart_at: u64,
+    checked_upto: u64,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    writes: u64,
+    acked: u64,
+    crashes: u64,
+    partitions: u64,
+    multi_leader_terms: u64,
+    max_term: u64,
+    max_committed: u64,
+}
+
+struct Violation {
+    step: u64,
+    invariant: &'static str,
+    detail: String,
+}
+
+struct SeedResult {
+    violation: Option<Violation>,
+    trace: Vec<u64>,
+    stats: Stats,
+    lost: u64,
+    sent: u64,
+    kinds: [u64; 3],
+}
+
+fn entry_hash(e: &replikv_raft::Entry) -> u64 {
+    let raw = bincode::serialize(e).expect("entry serializes");
+    fnv(&raw)
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for x in b {
+        h ^= *x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn mix(h: u64, v: u64) -> u64 {
+    fnv(&[h.to_le_bytes(), v.to_le_bytes()].concat())
+}
+
+static PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// `REPLIKV_SIM_TRACE=1`: print every AppendEntries sent, every log read and purge, and every
+/// node's term/leader/vote each 50 steps, to stderr (for analysing one seed).
+pub fn trace_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("REPLIKV_SIM_TRACE").is_some())
+}
+
+struct Sim {
+    opts: Opts,
+    seed: u64,
+    rng: ChaCha8Rng,
+    net: net::Net,
+    nodes: Vec<Node>,
+    ledger: BTreeMap<u64, Ledger>,
+    applied_digest: BTreeMap<u64, (LogId, u64)>,
+    leaders: BTreeMap<u64, BTreeSet<u64>>,
+    acks: Arc<Mutex<Vec<Ack>>>,
+    next_req: u64,
+    /// Active partitions: (heal at step, links cut).
+    cuts: Vec<(u64, Vec<(u64, u64)>)>,
+    stats: Stats,
+    trace: Vec<u64>,
+    hash: u64,
+    /// Per-step probabilities of a crash and of a new partition (drawn per seed).
+    crash_p: f64,
+    cut_p: f64,
+}
+
+impl Sim {
+    fn new(seed: u64, opts: Opts) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let net_rng = ChaCha8Rng::seed_from_u64(rng.random());
+        let loss = [0.0, 0.01, 0.05, 0.15][rng.random_range(0..4)];
+        let max_delay_ms = [2, 10, 40][rng.random_range(0..3)];
+        let crash_p = [0.0001, 0.0003, 0.001][rng.random_range(0..3)];
+        let cut_p = [0.0001, 0.0003, 0.001][rng.random_range(0..3)];
+        let net = Arc::new(Mutex::new(NetState {
+            rng: net_rng,
+            rafts: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            loss,
+            max_delay_ms,
+            sent: 0,
+            lost: 0,
+            kinds: [0; 3],
+            os_entropy: opts.bug == Bug::Nondeterministic,
+        }));
+        let mut nodes = Vec::new();
+        for id in 1..=opts.nodes {
+            // openraft draws each replica's election timeout once, in Raft::new, from
+            // rand::thread_rng (not seeded). A range of exactly one value removes that draw's
+            // effect; the value itself comes from the seed.
+            let min = rng.random_range(300..600u64);
+            let config = Config {
+                cluster_name: "replikv-sim".into(),
+                heartbeat_interval: 100,
+                election_timeout_min: min,
+                election_timeout_max: min + 1,
+                install_snapshot_timeout: 2_000,
+                max_payload_entries: 64,
+                snapshot_policy: if opts.snapshots {
+                    SnapshotPolicy::LogsSinceLast(50)
+                } else {
+                    SnapshotPolicy::Never
+                },
+                max_in_snapshot_log_to_keep: 10,
+                purge_batch_size: 1,
+                snapshot_max_chunk_size: 64,
+                ..Default::default()
+            };
+            let config = Arc::new(config.validate().expect("valid raft config"));
+            nodes.push(Node {
+                id,
+                config,
+                disk: Arc::new(Mutex::new(Disk::new())),
+                sm: Arc::new(Mutex::new(SmState::default())),
+                raft: None,
+                alive: Default::default(),
+                restart_at: 0,
+                checked_upto: 0,
+            });
+        }
+        Sim {
+            opts,
+            seed,
+            rng,
+            net,
+            nodes,
+            ledger: BTreeMap::new(),
+            applied_digest: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            acks: Arc::new(Mutex::new(Vec::new())),
+            next_req: 1,
+            cuts: Vec::new(),
+            stats: Stats::default(),
+            trace: Vec::new(),
+            hash: 0,
+            crash_p,
+            cut_p,
+        }
+    }
+
+    /// Starts (or restarts) node `k` from its disk: the state machine restarts from the last
+    /// snapshot, and openraft re-applies the committed log.
+    async fn start(&mut self, k: usize) {
+        let n = &mut self.nodes[k];
+        let state = SmState::from_snapshot(n.disk.lock().unwrap().snapshot.as_ref());
+        n.sm = Arc::new(Mutex::new(state));
+        n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let log = SimLog {
+            disk: n.disk.clone(),
+            alive: n.alive.clone(),
+        };
+        let sm = SimSm {
+            state: n.sm.clone(),
+            disk: n.disk.clone(),
+            snapshot_seq: Arc::new(Mutex::new(0)),
+            alive: n.alive.clone(),
+            apply_reversed: self.opts.bug == Bug::ApplyReversed,
+        };
+        let network = SimNetwork {
+            net: self.net.clone(),
+            from: n.id,
+            alive: n.alive.clone(),
+        };
+        let raft = Raft::new(n.id, n.config.clone(), network, log, sm)
+            .await
+            .expect("Raft::new");
+        self.net.lock().unwrap().rafts.insert(n.id, raft.clone());
+        n.raft = Some(raft);
+    }
+
+    async fn crash(&mut self, k: usize, step: u64) {
+        let Some(raft) = self.nodes[k].raft.take() else {
+            return;
+        };
+        self.stats.crashes += 1;
+        let id = self.nodes[k].id;
+        // The process is gone at this instant: its tasks touch neither disk nor network again.
+        self.nodes[k]
+            .alive
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.net.lock().unwrap().rafts.remove(&id);
+        let _ = raft.shutdown().await;
+        self.nodes[k]
+            .disk
+            .lock()
+            .unwrap()
+            .crash(self.opts.bug == Bug::LostAppend);
+        self.nodes[k].restart_at = step + self.rng.random_range(100..3_000);
+        if self.opts.verbose {
+            eprintln!("step {step}: crash node {id}");
+        }
+    }
+
+    fn up(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&k| self.nodes[k].raft.is_some())
+            .collect()
+    }
+
+    async fn faults(&mut self, step: u64) {
+        let n = self.nodes.len();
+        // Crash one node.
+        if self.rng.random_bool(self.crash_p) {
+            let up = self.up();
+            if !up.is_empty() {
+                let k = up[self.rng.random_range(0..up.len())];
+                self.crash(k, step).await;
+            }
+        }
+        // Crash a majority at once (a power loss), rarer.
+        if self.rng.random_bool(self.crash_p / 4.0) {
+            let mut up = self.up();
+            let m = n / 2 + 1;
+            while up.len() > n - m {
+                let i = self.rng.random_range(0..up.len());
+                let k = up.remove(i);
+                self.crash(k, step).await;
+            }
+        }
+        // Partition: cut a random non-empty proper subset from the rest, both ways or one way.
+        if self.cuts.len() < 2 && self.rng.random_bool(self.cut_p) {
+            let side: Vec<u64> = (1..=n as u64)
+                .filter(|_| self.rng.random_bool(0.5))
+                .collect();
+            if !side.is_empty() && side.len() < n {
+                let one_way = self.rng.random_bool(0.25);
+                let mut links = Vec::new();
+                for &a in &side {
+                    for b in 1..=n as u64 {
+                        if !side.contains(&b) {
+                            links.push((a, b));
+                            if !one_way {
+                                links.push((b, a));
+                            }
+                        }
+                    }
+                }
+                let until = step + self.rng.random_range(200..5_000);
+                self.net.lock().unwrap().cut.extend(links.iter().copied());
+                self.cuts.push((until, links));
+                self.stats.partitions += 1;
+            }
+        }
+        self.heal_due(step);
+    }
+
+    fn heal_due(&mut self, step: u64) {
+        let mut changed = false;
+        self.cuts.retain(|(until, _)| {
+            let keep = *until > step;
+            changed |= !keep;
+            keep
+        });
+        if changed {
+            let mut net = self.net.lock().unwrap();
+            net.cut = self
+                .cuts
+                .iter()
+                .flat_map(|(_, l)| l.iter().copied())
+                .collect();
+        }
+    }
+
+    fn leader(&mut self) -> Option<Raft> {
+        let up = self.up();
+        let leaders: Vec<usize> = up
+            .iter()
+            .copied()
+            .filter(|&k| {
+                let m = self.nodes[k].raft.as_ref().unwrap().metrics();
+                let s = m.borrow().state;
+                s == ServerState::Leader
+            })
+            .collect();
+        let pick = if leaders.is_empty() { &up } else { &leaders };
+        if pick.is_empty() {
+            return None;
+        }
+        let k = pick[self.rng.random_range(0..pick.len())];
+        self.nodes[k].raft.clone()
+    }
+
+    fn write(&mut self, step: u64) {
+        let Some(raft) = self.leader() else { return };
+        let key = KEYS[self.rng.random_range(0..KEYS.len())]
+            .as_bytes()
+            .to_vec();
+        let req_id = self.next_req;
+        self.next_req += 1;
+        let value = format!("s{}-w{req_id}", self.seed).into_bytes();
+        let req = WriteRequest {
+            req_id,
+            now_ms: EPOCH_MS + step,
+            op: KvOp::Set {
+                key: Bytes::from(key.clone()),
+                value: Bytes::from(value.clone()),
+                expire_at_ms: None,
+                keep_ttl: false,
+                cond: SetCond::Always,
+                get: false,
+            },
+        };
+        self.stats.writes += 1;
+        let acks = self.acks.clone();
+        tokio::spawn(async move {
+            let res = tokio::time::timeout(Duration::from_secs(3), raft.client_write(req)).await;
+            if let Ok(Ok(resp)) = res {
+                acks.lock().unwrap().push(Ack {
+                    req_id,
+                    key,
+                    value,
+                    log_id: resp.log_id,
+                });
+            }
+        });
+    }
+
+    /// The invariants, checked with the world stopped (no await, no RNG draw, no change to
+    /// any node). Also extends the trace hash.
+    fn check(&mut self, step: u64) -> Result<(), Violation> {
+        let v = |invariant: &'static str, detail: String| Violation {
+            step,
+            invariant,
+            detail,
+        };
+        if let Some(p) = PANIC.lock().unwrap().take() {
+            return Err(v("no panic in a node task (openraft assertion)", p));
+        }
+        let n = self.nodes.len();
+        let majority = n / 2 + 1;
+        let mut h = self.hash;
+        for k in 0..n {
+            let node = &mut self.nodes[k];
+            let mut disk = node.disk.lock().unwrap();
+            let committed = disk.committed.map(|c| c.index).unwrap_or(0);
+            // (1) committed entries never change, and all nodes agree on them.
+            let from = disk.recheck_from.min(node.checked_upto + 1).max(1);
+            let journal = std::mem::take(&mut disk.journal);
+            let present = disk
+                .log
+                .range(from..=committed.max(from))
+                .filter(|(&i, _)| i <= committed)
+                .map(|(_, e)| e);
+            for e in journal.iter().chain(present) {
+                let i = e.log_id.index;
+                let hash = entry_hash(e);
+                match self.ledger.get(&i) {
+                    Some(l) if l.log_id != e.log_id || l.hash != hash => {
+                        return Err(v(
+                            "committed entries never change",
+                            format!(
+                                "node {} holds {} at committed index {i}, but {} was committed there before{}",
+                                node.id,
+                                e.log_id,
+                                l.log_id,
+                                if l.log_id == e.log_id { " (same log id, different payload)" } else { "" }
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let set = match &e.payload {
+                            openraft::EntryPayload::Normal(WriteRequest {
+                                req_id,
+                                op: KvOp::Set { key, value, .. },
+                                ..
+                            }) => Some((*req_id, key.to_vec(), value.to_vec())),
+                            _ => None,
+                        };
+                        self.ledger.insert(
+                            i,
+                            Ledger {
+                                log_id: e.log_id,
+                                hash,
+                                set,
+                            },
+                        );
+                    }
+                }
+            }
+            // Sanity: a log has no holes (from the first entry present to the last).
+            if let (Some((&first, _)), Some((&last, _))) =
+                (disk.log.iter().next(), disk.log.iter().next_back())
+            {
+                if last - first + 1 != disk.log.len() as u64 {
+                    return Err(v(
+                        "a log has no holes",
+                        format!(
+                            "node {}: {} entries between {first} and {last}",
+                            node.id,
+                            disk.log.len()
+                        ),
+                    ));
+                }
+            }
+            if let Some(c) = disk.committed {
+                if let Some(e) = disk.log.get(&c.index) {
+                    if e.log_id != c {
+                        return Err(v(
+                            "committed entries never change",
+                            format!(
+                                "node {} commit point {c} but its log holds {}",
+                                node.id, e.log_id
+                            ),
+                        ));
+                    }
+                }
+            }
+            node.checked_upto = committed;
+            disk.recheck_from = u64::MAX;
+            drop(disk);
+            // (2) applied state machines identical at equal applied index.
+            let sm = node.sm.lock().unwrap();
+            if let Some(a) = sm.applied {
+                let d = sm.digest();
+                match self.applied_digest.get(&a.index) {
+                    Some((id, d0)) if *id != a || *d0 != d => {
+                        return Err(v(
+                            "applied state machines identical",
+                            format!(
+                                "node {} applied {a} with digest {d:x}; earlier {id} had {d0:x}",
+                                node.id
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.applied_digest.insert(a.index, (a, d));
+                    }
+                }
+            }
+            let applied = sm.applied.map(|a| a.index).unwrap_or(0);
+            drop(sm);
+            // (3) election safety, in the form openraft's advanced leader-id mode promises.
+            let (term, leader, last_log, is_leader, vote, fatal) = match &node.raft {
+                Some(r) => {
+                    let m = r.metrics();
+                    let m = m.borrow();
+                    (
+                        m.current_term,
+                        m.current_leader.unwrap_or(0),
+                        m.last_log_index.unwrap_or(0),
+                        m.state == ServerState::Leader,
+                        m.vote,
+                        m.running_state.as_ref().err().map(|e| e.to_string()),
+                    )
+                }
+                None => (0, 0, 0, false, Default::default(), None),
+            };
+            if crate::trace_on() && step.is_multiple_of(50) {
+                eprintln!("step {step} node {} term {term} leader {leader} is_leader {is_leader} vote {vote}", node.id);
+            }
+            if let Some(f) = fatal {
+                return Err(v(
+                    "no node stops on a fatal error",
+                    format!("node {}: {f}", node.id),
+                ));
+            }
+            if is_leader {
+                let lid = (vote.leader_id.term, vote.leader_id.node_id);
+                if lid.1 != node.id || !vote.committed {
+                    return Err(v(
+                        "election safety",
+                        format!("node {} is leader with vote {vote}", node.id),
+                    ));
+                }
+                let granted = self
+                    .nodes
+                    .iter()
+                    .filter(|o| o.disk.lock().unwrap().vote_history.contains(&lid))
+                    .count();
+                if granted < majority {
+                    return Err(v(
+                        "election safety",
+                        format!(
+                            "node {} leads with vote {vote} but only {granted} of {n} nodes ever saved that vote",
+                            self.nodes[k].id
+                        ),
+                    ));
+                }
+                let set = self.leaders.entry(lid.0).or_default();
+                if set.insert(lid.1) && set.len() == 2 {
+                    self.stats.multi_leader_terms += 1;
+                }
+            }
+            self.stats.max_term = self.stats.max_term.max(term);
+            self.stats.max_committed = self.stats.max_committed.max(committed);
+            for x in [
+                term,
+                leader,
+                last_log,
+                committed,
+                applied,
+                self.nodes[k].raft.is_some() as u64,
+            ] {
+                h = mix(h, x);
+            }
+        }
+        self.hash = h;
+        self.trace.push(h);
+        Ok(())
+    }
+
+    /// (4) after healing and settling: every node is up, has applied everything committed,
+    /// every acknowledged write is in the committed log, and every node's value of each key is
+    /// the last committed SET of it (a reference model over the committed log).
+    fn check_final(&mut self, step: u64) -> Result<(), Violation> {
+        let v = |invariant: &'static str, detail: String| Violation {
+            step,
+            invariant,
+            detail,
+        };
+        let acks = self.acks.lock().unwrap().clone();
+        self.stats.acked = acks.len() as u64;
+        if self.opts.verbose {
+            for n in &self.nodes {
+                let d = n.disk.lock().unwrap();
+                eprintln!(
+                    "node {}: vote {:?} committed {:?} purged {:?} log {:?}..{:?} snapshot {:?} applied {:?}",
+                    n.id,
+                    d.vote,
+                    d.committed,
+                    d.purged,
+                    d.log.keys().next(),
+                    d.log.keys().next_back(),
+                    d.snapshot.as_ref().map(|s| s.0.last_log_id),
+                    n.sm.lock().unwrap().applied
+                );
+            }
+            let missing: Vec<u64> = (1..=self.ledger.keys().next_back().copied().unwrap_or(0))
+                .filter(|i| !self.ledger.contains_key(i))
+                .collect();
+            eprintln!(
+                "ledger: {} entries, missing {:?}",
+                self.ledger.len(),
+                missing
+            );
+        }
+        let max_committed = self
+            .nodes
+            .iter()
+            .map(|n| {
+                n.disk
+                    .lock()
+                    .unwrap()
+                    .committed
+                    .map(|c| c.index)
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        for n in &self.nodes {
+            let applied = n.sm.lock().unwrap().applied.map(|a| a.index).unwrap_or(0);
+            if n.raft.is_none() || applied < max_committed {
+                return Err(v(
+                    "convergence after healing",
+                    format!("node {} applied {applied} of {max_committed}", n.id),
+                ));
+            }
+        }
+        for a in &acks {
+            match self.ledger.get(&a.log_id.index) {
+                Some(l)
+                    if l.log_id == a.log_id && l.set.as_ref().map(|s| s.0) == Some(a.req_id) => {}
+                other => {
+                    return Err(v(
+                        "acknowledged writes present",
+                        format!(
+                            "write {} ({}={}) acked at {} but the committed log holds {:?}",
+                            a.req_id,
+                            String::from_utf8_lossy(&a.key),
+                            String::from_utf8_lossy(&a.value),
+                            a.log_id,
+                            other.map(|l| l.log_id)
+                        ),
+                    ))
+                }
+            }
+        }
+        // Reference model: the last committed SET of each key.
+        let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for l in self.ledger.values() {
+            if let Some((_, k, val)) = &l.set {
+                model.insert(k.clone(), val.clone());
+            }
+        }
+        for n in &self.nodes {
+            let sm = n.sm.lock().unwrap();
+            let got: BTreeMap<Vec<u8>, Vec<u8>> = sm
+                .kv
+                .iter()
+                .map(|(k, raw)| (k.clone(), StoredValue::decode(raw).unwrap().data.to_vec()))
+                .collect();
+            if got != model {
+                return Err(v(
+                    "acknowledged writes present",
+                    format!(
+                        "node {}: state machine {:?} != committed log model {:?}",
+                        n.id,
+                        show(&got),
+                        show(&model)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self) -> SeedResult {
+        *PANIC.lock().unwrap() = None;
+        for k in 0..self.nodes.len() {
+            self.start(k).await;
+        }
+        let members: BTreeMap<u64, BasicNode> = self
+            .nodes
+            .iter()
+            .map(|n| (n.id, BasicNode::new(format!("sim-{}", n.id))))
+            .collect();
+        self.nodes[0]
+            .raft
+            .as_ref()
+            .unwrap()
+            .initialize(members)
+            .await
+            .expect("initialize");
+        let write_p = self.rng.random_range(0.005..0.05);
+        let t0 = tokio::time::Instant::now();
+        let total = self.opts.steps + self.opts.settle;
+        let mut violation = None;
+        for step in 0..total {
+            if step < self.opts.steps {
+                self.faults(step).await;
+                if self.rng.random_bool(write_p) {
+                    self.write(step);
+                }
+            } else if step == self.opts.steps {
+                // Heal everything: links, loss; crashed nodes come back below.
+                self.cuts.clear();
+                let mut net = self.net.lock().unwrap();
+                net.cut.clear();
+                net.loss = 0.0;
+                drop(net);
+                for n in self.nodes.iter_mut() {
+                    n.restart_at = n.restart_at.min(step);
+                }
+            }
+            for k in 0..self.nodes.len() {
+                if self.nodes[k].raft.is_none() && self.nodes[k].restart_at <= step {
+                    if self.opts.verbose {
+                        eprintln!("step {step}: restart node {}", self.nodes[k].id);
+                    }
+                    self.start(k).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if let Err(e) = self.check(step) {
+                violation = Some(e);
+                break;
+            }
+        }
+        if violation.is_none() {
+            if let Err(e) = self.check_final(total) {
+                violation = Some(e);
+            }
+        }
+        self.stats.acked = self.acks.lock().unwrap().len() as u64;
+        if self.opts.verbose {
+            eprintln!("virtual time elapsed: {:?}", t0.elapsed());
+        }
+        for n in &self.nodes {
+            if let Some(r) = &n.raft {
+                let _ = r.shutdown().await;
+            }
+        }
+        let net = self.net.lock().unwrap();
+        SeedResult {
+            violation,
+            trace: std::mem::take(&mut self.trace),
+            stats: std::mem::take(&mut self.stats),
+            lost: net.lost,
+            sent: net.sent,
+            kinds: net.kinds,
+        }
+    }
+}
+
+fn show(m: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(String, String)> {
+    m.iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn run_seed(seed: u64, opts: &Opts) -> SeedResult {
+    let mut bytes = *b"replikv-sim-seed........";
+    bytes[16..].copy_from_slice(&seed.to_le_bytes());
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    if !opts.unseeded_tokio {
+        builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&bytes));
+    }
+    let rt = builder.build().expect("runtime");
+    let sim = Sim::new(seed, opts.clone());
+    let res = rt.block_on(sim.run());
+    drop(rt);
+    res
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    if let Some((a, b)) = s.split_once("..") {
+        let a: u64 = a.parse().map_err(|_| format!("bad seed range {s}"))?;
+        // Both ends inclusive, `1..100` as well as `1..=100`: 100 seeds.
+        let b = b.strip_prefix('=').unwrap_or(b);
+        let b: u64 = b.parse().map_err(|_| format!("bad seed range {s}"))?;
+        Ok((a, b))
+    } else {
+        let n: u64 = s.parse().map_err(|_| format!("bad seeds {s}"))?;
+        Ok((1, n))
+    }
+}
+
+const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [--nodes N] [--steps N]
+                   [--settle N] [--check-determinism [K]] [--bug lost-append|apply-reversed|nondeterministic]
+                   [--no-snapshots] [--unseeded-tokio] [-v]
+  --seeds 1..100   seeds 1 to 100, both ends included (1..=100 too; a plain N means 1..N); default 1..20
+  --seed S         replay one seed
+  --steps N        fault-phase steps of 1 ms simulated time (default 10000)
+  --settle N       healed steps before the final checks (default 5000)
+  --check-determinism [K]  run the first K seeds (default all) twice; compare per-step trace hashes
+  --bug lost-append        inject a log-store bug: acked appends lost on a crash
+  --bug apply-reversed     inject a state-machine bug: each applied batch in reverse order
+  --bug nondeterministic   self-test of --check-determinism: network delays from OS entropy
+  --unseeded-tokio         build the runtime without rng_seed (to see whether it matters)";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    let mut opts = Opts {
+        nodes: 3,
+        steps: 10_000,
+        settle: 5_000,
+        bug: Bug::None,
+        snapshots: true,
+        verbose: false,
+        unseeded_tokio: false,
+    };
+    let (mut first, mut last) = (1u64, 20u64);
+    let mut determinism: Option<u64> = None;
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| -> String {
+            args.next().unwrap_or_else(|| {
+                eprintln!("{name} needs a value\n{USAGE}");
+                std::process::exit(2)
+            })
+        };
+        let num = |s: String| -> u64 {
+            s.parse().unwrap_or_else(|_| {
+                eprintln!("not a number: {s}\n{USAGE}");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--seeds" => match parse_range(&val("--seeds")) {
+                Ok((a, b)) => (first, last) = (a, b),
+                Err(e) => {
+                    eprintln!("{e}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            "--seed" => {
+                let s = num(val("--seed"));
+                (first, last) = (s, s);
+            }
+            "--nodes" => opts.nodes = num(val("--nodes")),
+            "--steps" => opts.steps = num(val("--steps")),
+            "--settle" => opts.settle = num(val("--settle")),
+            "--no-snapshots" => opts.snapshots = false,
+            "--unseeded-tokio" => opts.unseeded_tokio = true,
+            "-v" | "--verbose" => opts.verbose = true,
+            "--bug" => {
+                opts.bug = match val("--bug").as_str() {
+                    "lost-append" => Bug::LostAppend,
+                    "apply-reversed" => Bug::ApplyReversed,
+                    "nondeterministic" => Bug::Nondeterministic,
+                    other => {
+                        eprintln!("unknown bug {other}\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            "--check-determinism" => {
+                determinism = Some(u64::MAX);
+                if let Some(next) = args.peek() {
+                    if let Ok(k) = next.parse::<u64>() {
+                        determinism = Some(k);
+                        args.next();
+                    }
+                }
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("unknown argument {other}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if opts.nodes == 0 {
+        eprintln!("--nodes must be at least 1");
+        return ExitCode::from(2);
+    }
+    // A panic in any node task (tokio catches them) is recorded and reported as a violation.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("panic: {info}");
+        let mut p = PANIC.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none() {
+            *p = Some(info.to_string());
+        }
+    }));
+    let started = Instant::now();
+    let (mut seeds, mut violations, mut det_checked, mut det_failed) = (0u64, 0u64, 0u64, 0u64);
+    for seed in first..=last {
+        let t = Instant::now();
+        let r = run_seed(seed, &opts);
+        seeds += 1;
+        let s = &r.stats;
+        let mut line = format!(
+            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {}, partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
+            r.trace.len(),
+            s.max_term,
+            s.max_committed,
+            s.writes,
+            s.acked,
+            s.crashes,
+            s.partitions,
+            s.multi_leader_terms,
+            r.sent,
+            r.kinds[0],
+            r.kinds[1],
+            r.kinds[2],
+            r.lost,
+            r.trace.last().copied().unwrap_or(0),
+            t.elapsed().as_secs_f64()
+        );
+        if determinism.is_some_and(|k| seed - first < k) {
+            let again = run_seed(seed, &opts);
+            det_checked += 1;
+            let diverged = r
+                .trace
+                .iter()
+                .zip(again.trace.iter())
+                .position(|(a, b)| a != b)
+                .or((r.trace.len() != again.trace.len())
+                    .then_some(r.trace.len().min(again.trace.len())));
+            match diverged {
+                None => line.push_str(", deterministic"),
+                Some(step) => {
+                    det_failed += 1;
+                    line.push_str(&format!(
+                        ", NOT DETERMINISTIC: traces differ from step {step}"
+                    ));
+                }
+            }
+        }
+        println!("{line}");
+        if let Some(v) = r.violation {
+            violations += 1;
+            println!(
+                "VIOLATION seed {seed} step {}: {}: {}\n  replay: replikv-sim --seed {seed} --nodes {} --steps {} --settle {}{}{}",
+                v.step,
+                v.invariant,
+                v.detail,
+                opts.nodes,
+                opts.steps,
+                opts.settle,
+                opts.bug.flag(),
+                if opts.snapshots { "" } else { " --no-snapshots" },
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), {:.1}s ({:.1} seeds/min)",
+        secs,
+        seeds as f64 * 60.0 / secs.max(1e-9)
+    );
+    if violations > 0 || det_failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
