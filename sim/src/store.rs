@@ -143,12 +143,9 @@ impl RaftLogReader<TypeConfig> for SimLog {
         end: u64,
     ) -> Result<Vec<Entry>, StorageError> {
         let entries = self.try_get_log_entries(start..end).await?;
-        Ok(entries
-            .into_iter()
-            .zip(start..)
-            .take_while(|(e, expected)| e.log_id.index == *expected)
-            .map(|(e, _)| e)
-            .collect())
+        Ok(replikv_raft::contiguous_from(start, entries, |e| {
+            e.log_id.index
+        }))
     }
 }
 

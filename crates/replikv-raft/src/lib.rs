@@ -21,7 +21,7 @@ mod state_machine;
 
 use std::io::Cursor;
 
-pub use log_store::{AppendWaiters, LogStore};
+pub use log_store::{contiguous_from, AppendWaiters, LogStore};
 pub use record::{decode_record, encode_record, RecordError};
 pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};
 pub use state_machine::{KvView, StateMachine};

@@ -407,7 +407,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 /// meanwhile; handing it a later suffix would make it send entries after a hole, which a
 /// follower still holding that old vote accepts. An empty answer is sent as a heartbeat.
 /// (Found by the deterministic simulation, `sim/`, seed 432.)
-fn contiguous_from<T>(start: u64, items: Vec<T>, index: impl Fn(&T) -> u64) -> Vec<T> {
+pub fn contiguous_from<T>(start: u64, items: Vec<T>, index: impl Fn(&T) -> u64) -> Vec<T> {
     items
         .into_iter()
         .zip(start..)

@@ -13,12 +13,19 @@ fn bin() -> &'static std::path::Path {
     env!("CARGO_BIN_EXE_replikv").as_ref()
 }
 
-fn replica_reads(c: &Cluster, node: u64) -> f64 {
+/// Reads node `node` served, by who served them: "replica" (from its own state) or "leader"
+/// (through the read index).
+fn reads_served(c: &Cluster, node: u64, by: &str) -> f64 {
+    let label = format!("served_by=\"{by}\"");
     let text = c.http_text(node, "/metrics").unwrap();
     text.lines()
-        .filter(|l| l.starts_with("replikv_reads_total{") && l.contains("served_by=\"replica\""))
+        .filter(|l| l.starts_with("replikv_reads_total{") && l.contains(&label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+fn replica_reads(c: &Cluster, node: u64) -> f64 {
+    reads_served(c, node, "replica")
 }
 
 #[test]
@@ -120,14 +127,6 @@ fn hello_3_switches_the_connection_to_resp3() {
     );
 }
 
-fn leader_reads(c: &Cluster, node: u64) -> f64 {
-    let text = c.http_text(node, "/metrics").unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("replikv_reads_total{") && l.contains("served_by=\"leader\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Found while chasing a stale follower read in the `kill-all` campaign: a leader served
 /// `nearest`/`any` reads (and, in a race with its own election, `secondary` ones) from its
 /// state machine, judged current by its last quorum acknowledgement, although a leader just
@@ -149,13 +148,16 @@ fn kill_all_a_leader_answers_nearest_reads_through_the_read_index() {
             .arg(pref)
             .query(&mut conn)
             .unwrap();
-        let (before_leader, before_replica) = (leader_reads(&c, leader), replica_reads(&c, leader));
+        let (before_leader, before_replica) = (
+            reads_served(&c, leader, "leader"),
+            replica_reads(&c, leader),
+        );
         for _ in 0..5 {
             let v: i64 = conn.get("k").unwrap();
             assert_eq!(v, 1);
         }
         assert!(
-            leader_reads(&c, leader) >= before_leader + 5.0,
+            reads_served(&c, leader, "leader") >= before_leader + 5.0,
             "{pref} reads on the leader did not go through the read index"
         );
         assert_eq!(
