@@ -108,7 +108,31 @@ impl LogStore {
             waiters: Arc::new(AppendWaiters::default()),
         };
         log.cut_corrupt_tail()?;
+        log.demote_saved_vote()?;
         Ok(log)
+    }
+
+    /// A node that led before it stopped would restart as leader: openraft 0.9 restores a
+    /// committed vote of its own as leadership of the same term, with no new first entry, so
+    /// its read index is only the saved commit point, which is written without waiting and
+    /// may be older than writes already acknowledged. Its state machine (applied without
+    /// fsync) may be older still. Keep the vote but drop its "committed" mark: the node must
+    /// win a new election, whose first entry makes every read wait for all that was
+    /// committed. A log with a cut tail cannot win it, so a replica with the full log leads.
+    /// (Found by `replikv-chaos` `kill-all`: a primary read returned a value overwritten by
+    /// a write acknowledged before every node was killed.)
+    fn demote_saved_vote(&self) -> Result<(), StorageError> {
+        let vote: Option<Vote> = self.read_meta(VOTE)?;
+        let Some(v) = vote.filter(|v| v.committed) else {
+            return Ok(());
+        };
+        let demoted = bincode::serialize(&Vote {
+            committed: false,
+            ..v
+        })
+        .map_err(storage_error)?;
+        let p = self.partition;
+        block_on_write(&self.store, move |w| w.meta_put(p, VOTE, &demoted))
     }
 
     pub fn waiters(&self) -> Arc<AppendWaiters> {
@@ -150,28 +174,11 @@ impl LogStore {
             }
             _ => None,
         };
-        // A node that led before the crash would restart as leader (openraft restores a
-        // committed vote of its own) with a log now shorter than what it committed. Keep the
-        // vote but drop its "committed" mark: it must win a new election, which a shorter
-        // log cannot, so a replica with the full log leads instead.
-        let vote: Option<Vote> = self.read_meta(VOTE)?;
-        let demoted = match vote {
-            Some(v) if v.committed => Some(
-                bincode::serialize(&Vote {
-                    committed: false,
-                    ..v
-                })
-                .map_err(storage_error)?,
-            ),
-            _ => None,
-        };
+        // A vote this node gave itself is demoted at every open (`demote_saved_vote`).
         let p = self.partition;
         block_on_write(&self.store, move |w| {
             if let Some(c) = &clamp {
                 w.meta_put(p, COMMITTED, c)?;
-            }
-            if let Some(v) = &demoted {
-                w.meta_put(p, VOTE, v)?;
             }
             w.log_remove(p, bad..u64::MAX)
         })
