@@ -217,7 +217,11 @@ impl Node {
         };
         let raft = g.raft.clone();
         let term = raft.metrics().borrow().current_term;
+        // No leader can be replaced sooner than an election timeout: only requests still
+        // waiting by then watch the metrics, so the write path's common case costs a timer.
+        let settle = Duration::from_millis(self.cfg.replication.election_timeout_min_ms);
         async move {
+            tokio::time::sleep(settle).await;
             let moved = raft
                 .wait(None)
                 .metrics(
