@@ -388,14 +388,14 @@ impl Sim {
         let req = WriteRequest {
             req_id,
             now_ms: EPOCH_MS + step,
-            op: KvOp::Set {
+            ops: vec![KvOp::Set {
                 key: Bytes::from(key.clone()),
                 value: Bytes::from(value.clone()),
                 expire_at_ms: None,
                 keep_ttl: false,
                 cond: SetCond::Always,
                 get: false,
-            },
+            }],
         };
         self.stats.writes += 1;
         let acks = self.acks.clone();
@@ -457,11 +457,14 @@ impl Sim {
                     Some(_) => {}
                     None => {
                         let set = match &e.payload {
-                            openraft::EntryPayload::Normal(WriteRequest {
-                                req_id,
-                                op: KvOp::Set { key, value, .. },
-                                ..
-                            }) => Some((*req_id, key.to_vec(), value.to_vec())),
+                            openraft::EntryPayload::Normal(WriteRequest { req_id, ops, .. }) => {
+                                match ops.as_slice() {
+                                    [KvOp::Set { key, value, .. }] => {
+                                        Some((*req_id, key.to_vec(), value.to_vec()))
+                                    }
+                                    _ => None,
+                                }
+                            }
                             _ => None,
                         };
                         self.ledger.insert(

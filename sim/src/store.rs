@@ -29,7 +29,7 @@ use openraft::{
     EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
 };
 use replikv_raft::{Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig, Vote};
-use replikv_types::{apply_one, Change, KvOp, Reply, StoredValue, WriteRequest};
+use replikv_types::{apply_one, Change, KvOp, Replies, Reply, StoredValue, WriteRequest};
 
 /// How many acknowledged-but-unflushed trailing entries `Bug::LostAppend` loses on a crash.
 pub const LOST_TAIL: u64 = 8;
@@ -280,9 +280,12 @@ impl SmState {
     }
 
     /// replikv-raft's `apply_request`, over a BTreeMap instead of a redb write transaction.
-    fn apply_request(&mut self, req: &WriteRequest) -> Reply {
-        let now = req.now_ms;
-        match &req.op {
+    fn apply_request(&mut self, req: &WriteRequest) -> Replies {
+        Replies(req.ops.iter().map(|op| self.apply_op(op, req.now_ms)).collect())
+    }
+
+    fn apply_op(&mut self, op: &KvOp, now: u64) -> Reply {
+        match op {
             KvOp::MSet {
                 pairs,
                 if_none_exist,
@@ -351,7 +354,7 @@ impl RaftStateMachine<TypeConfig> for SimSm {
         Ok((s.applied, s.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Replies>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -367,11 +370,11 @@ impl RaftStateMachine<TypeConfig> for SimSm {
         let last = entries.iter().map(|e| e.log_id).max_by_key(|l| l.index);
         for entry in entries {
             let reply = match &entry.payload {
-                EntryPayload::Blank => Reply::Ok,
+                EntryPayload::Blank => Replies::default(),
                 EntryPayload::Normal(req) => s.apply_request(req),
                 EntryPayload::Membership(m) => {
                     s.membership = Membership::new(Some(entry.log_id), m.clone());
-                    Reply::Ok
+                    Replies::default()
                 }
             };
             s.applied = Some(entry.log_id);

@@ -21,6 +21,7 @@ pub mod messages;
 mod metrics;
 mod network;
 mod node;
+mod propose;
 mod read;
 mod read_rounds;
 pub mod status;

@@ -4,7 +4,7 @@
 //! static membership → let the preferred leader campaign first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -101,7 +101,9 @@ pub struct Group {
     pub(crate) waiters: Arc<AppendWaiters>,
     pub(crate) lag: Mutex<FollowerLag>,
     /// Set while leadership is being handed to another replica: writes get TRYAGAIN.
-    pub(crate) transferring: AtomicBool,
+    pub(crate) transferring: Arc<AtomicBool>,
+    /// Gathers writes into one log entry per batch (`propose.rs`).
+    pub(crate) proposer: crate::propose::Proposer,
     /// Proposals hold it shared while they check and submit; a transfer takes it exclusively
     /// to set `transferring`, so no proposal slips in after the transfer began.
     pub(crate) propose_gate: tokio::sync::RwLock<()>,
@@ -137,7 +139,6 @@ pub struct Node {
     pub metrics: Metrics,
     pub(crate) groups: BTreeMap<PartitionId, Arc<Group>>,
     pub(crate) stores: Stores,
-    req_seq: AtomicU64,
     /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
     /// Last leader seen for partitions this node does not host.
@@ -173,7 +174,6 @@ impl Node {
         let me = transport.me().clone();
         let mut endpoints = BTreeMap::new();
         endpoints.insert(cfg.node_id, (me.resp_addr.clone(), me.http_addr.clone()));
-        let seed = rand::random::<u64>() & 0xffff_ffff_0000_0000;
         let node = Arc::new(Node {
             metrics: Metrics::new(cfg.node_id),
             cfg,
@@ -181,7 +181,6 @@ impl Node {
             placement,
             groups,
             stores,
-            req_seq: AtomicU64::new(seed),
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
         });
@@ -244,10 +243,6 @@ impl Node {
 
     pub fn partition_of(&self, key: &[u8]) -> PartitionId {
         self.placement.partition_for_key(key)
-    }
-
-    pub(crate) fn next_req_id(&self) -> u64 {
-        self.req_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -326,7 +321,9 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
         election_timeout_min: cfg.replication.election_timeout_min_ms,
         election_timeout_max: cfg.replication.election_timeout_max_ms,
         install_snapshot_timeout: 5_000,
-        max_payload_entries: 1_024,
+        // Each entry is a batch of up to `propose::MAX_BATCH_BYTES`: 64 of them stay well
+        // below the peer frame limit.
+        max_payload_entries: 64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.replication.snapshot_every_entries),
         max_in_snapshot_log_to_keep: cfg.replication.backlog_entries,
         // Purge in steps small enough that a short backlog is honoured.
@@ -387,6 +384,9 @@ async fn start_group(
             });
         }
     }
+    let transferring = Arc::new(AtomicBool::new(false));
+    let proposer =
+        crate::propose::Proposer::start(p, raft.clone(), waiters.clone(), transferring.clone());
     Ok(Group {
         partition: p,
         raft,
@@ -394,7 +394,8 @@ async fn start_group(
         placement: part.clone(),
         waiters,
         lag: Mutex::default(),
-        transferring: AtomicBool::new(false),
+        transferring,
+        proposer,
         propose_gate: tokio::sync::RwLock::new(()),
         elections,
         read_rounds: Default::default(),

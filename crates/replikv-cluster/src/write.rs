@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use openraft::error::ClientWriteError;
 use openraft::ServerState;
-use replikv_types::{Commit, Consistency, Error, KvOp, PartitionId, Reply, WriteRequest};
+use replikv_types::{Commit, Consistency, Error, KvOp, PartitionId, Reply};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, WriteOutcome};
-use crate::node::{now_ms, Group, Node};
+use crate::node::{Group, Node};
+use crate::propose::Early;
 
 /// How many times a write follows "not the leader" answers before giving up.
 const MAX_REDIRECTS: usize = 8;
@@ -277,52 +277,33 @@ impl Node {
                 Consistency::Quorum => self.cfg.ack_before_commit,
                 Consistency::All => false,
             };
-        let req = WriteRequest {
-            req_id: self.next_req_id(),
-            now_ms: now_ms(),
-            op,
+        let want = match (early, level) {
+            (false, _) => Early::No,
+            (true, Consistency::Eventual) => Early::Written,
+            (true, _) => Early::Durable,
         };
-        let req_id = req.req_id;
-        // `eventual` needs the write in the leader's log; `at_least(n)` needs it on disk.
-        let appended = early.then(|| {
-            group
-                .waiters
-                .register(req_id, level != Consistency::Eventual)
-        });
-        let applied = match group.raft.client_write_ff(req).await {
-            Ok(rx) => rx,
-            Err(e) => {
-                group.waiters.forget(req_id);
-                return ready(Err(Error::Internal(format!("partition {p} stopped: {e}"))));
-            }
-        };
+        let ticket = group.proposer.submit(op, want);
         drop(gate);
         let timeout = self.write_timeout();
         let node = self.clone();
         async move {
             let started = Instant::now();
-            let (offset, reply) = match appended {
-                // Acknowledged when the leader's log takes it, or, should that signal be
-                // missed, when it is applied (later, never sooner than it could be).
+            let lost = || Error::Timeout {
+                committed: Commit::Unknown,
+                detail: format!("partition {p} lost leadership before answering"),
+            };
+            let applied = ticket.applied;
+            let (offset, reply) = match ticket.early {
+                // Acknowledged when the leader's log takes it (or has it on disk), or, should
+                // that signal be missed, when it is applied (later, never sooner).
                 Some(rx) => {
                     let first = tokio::time::timeout(timeout, async {
                         tokio::select! {
                             Ok(offset) = rx => Ok(offset),
-                            r = applied => match r {
-                                Ok(Ok(resp)) => Ok(resp.log_id.index),
-                                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                                    Err(Error::NotLeader { partition: p, leader: f.leader_id })
-                                }
-                                Ok(Err(e)) => Err(Error::Internal(e.to_string())),
-                                Err(_) => Err(Error::Timeout {
-                                    committed: Commit::Unknown,
-                                    detail: format!("partition {p} lost leadership before answering"),
-                                }),
-                            },
+                            r = applied => r.map_err(|_| lost())?.map(|(offset, _)| offset),
                         }
                     })
                     .await;
-                    group.waiters.forget(req_id);
                     match first {
                         Ok(Ok(offset)) => (offset, Reply::Ok),
                         Ok(Err(e)) => return Err(e),
@@ -338,20 +319,8 @@ impl Node {
                     }
                 }
                 None => match tokio::time::timeout(timeout, applied).await {
-                    Ok(Ok(Ok(resp))) => (resp.log_id.index, resp.data),
-                    Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => {
-                        return Err(Error::NotLeader {
-                            partition: p,
-                            leader: f.leader_id,
-                        })
-                    }
-                    Ok(Ok(Err(e))) => return Err(Error::Internal(e.to_string())),
-                    Ok(Err(_)) => {
-                        return Err(Error::Timeout {
-                            committed: Commit::Unknown,
-                            detail: format!("partition {p} lost leadership before answering"),
-                        })
-                    }
+                    Ok(Ok(r)) => r?,
+                    Ok(Err(_)) => return Err(lost()),
                     Err(_) => {
                         return Err(Error::Timeout {
                             committed: Commit::Unknown,

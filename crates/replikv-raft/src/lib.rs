@@ -21,7 +21,7 @@ mod state_machine;
 
 use std::io::Cursor;
 
-pub use log_store::{contiguous_from, AppendWaiters, LogStore};
+pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore};
 pub use record::{decode_record, encode_record, RecordError};
 pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};
 pub use state_machine::{KvView, StateMachine};
@@ -30,7 +30,7 @@ openraft::declare_raft_types!(
     /// The openraft type configuration of a partition group.
     pub TypeConfig:
         D = replikv_types::WriteRequest,
-        R = replikv_types::Reply,
+        R = replikv_types::Replies,
         NodeId = u64,
         Node = openraft::BasicNode,
         SnapshotData = Cursor<Vec<u8>>,

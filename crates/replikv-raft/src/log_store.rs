@@ -28,27 +28,42 @@ const PURGED: &str = "purged";
 /// Batches whose append times are remembered, for replica lag in milliseconds.
 const APPEND_CLOCK_BATCHES: usize = 4096;
 
-/// Proposers waiting for their entry to reach this node's disk, by request id; and when
-/// recent entries were appended here, so a leader can tell how old a replica's lag is.
+/// Proposers waiting for their entry to be written to this node's log and to reach its disk,
+/// by request id; and when recent entries were appended here, so a leader can tell how old a
+/// replica's lag is.
 #[derive(Default)]
 pub struct AppendWaiters {
-    /// req_id → (wait for the fsync?, who to tell the offset).
-    waiting: Mutex<HashMap<u64, (bool, oneshot::Sender<u64>)>>,
+    /// req_id → who to tell the offset when the entry is written, and when it is durable.
+    waiting: Mutex<HashMap<u64, Waiter>>,
     /// (last offset of a flushed batch, when it flushed), oldest first.
     clock: Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>,
 }
 
+struct Waiter {
+    written: Option<oneshot::Sender<u64>>,
+    durable: oneshot::Sender<u64>,
+}
+
+/// The two signals of one registered request: its entry's offset once written to the log,
+/// and again once that write reached the disk under the fsync policy.
+pub struct AppendSignals {
+    pub written: oneshot::Receiver<u64>,
+    pub durable: oneshot::Receiver<u64>,
+}
+
 impl AppendWaiters {
-    /// Returns a receiver of the offset at which request `req_id` was appended here: once
-    /// written to the log (`durable == false`), or once that write reached the disk under the
-    /// fsync policy (`durable == true`).
-    pub fn register(&self, req_id: u64, durable: bool) -> oneshot::Receiver<u64> {
-        let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .expect("append waiters")
-            .insert(req_id, (durable, tx));
-        rx
+    /// Registers request `req_id`; see [`AppendSignals`].
+    pub fn register(&self, req_id: u64) -> AppendSignals {
+        let (written_tx, written) = oneshot::channel();
+        let (durable_tx, durable) = oneshot::channel();
+        self.waiting.lock().expect("append waiters").insert(
+            req_id,
+            Waiter {
+                written: Some(written_tx),
+                durable: durable_tx,
+            },
+        );
+        AppendSignals { written, durable }
     }
 
     pub fn forget(&self, req_id: u64) {
@@ -73,20 +88,23 @@ impl AppendWaiters {
         }
     }
 
-    /// Tells the waiters of `entries` (req_id, offset) that asked for `durable` or less.
+    /// Tells the waiters of `entries` (req_id, offset) that the entries are written, or
+    /// (`durable`) that they reached the disk, which ends the wait.
     fn appended(&self, entries: &[(u64, u64)], durable: bool) {
         let mut waiting = self.waiting.lock().expect("append waiters");
         if waiting.is_empty() {
             return;
         }
         for (req_id, index) in entries {
-            if waiting
-                .get(req_id)
-                .is_some_and(|(needs_disk, _)| durable || !needs_disk)
-            {
-                if let Some((_, tx)) = waiting.remove(req_id) {
-                    let _ = tx.send(*index);
+            if durable {
+                if let Some(w) = waiting.remove(req_id) {
+                    if let Some(tx) = w.written {
+                        let _ = tx.send(*index);
+                    }
+                    let _ = w.durable.send(*index);
                 }
+            } else if let Some(tx) = waiting.get_mut(req_id).and_then(|w| w.written.take()) {
+                let _ = tx.send(*index);
             }
         }
     }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use replikv_storage::{Store, WriteTx};
-use replikv_types::{apply_one, Change, KvOp, Reply, StoredValue, WriteRequest};
+use replikv_types::{apply_one, Change, KvOp, Replies, Reply, StoredValue, WriteRequest};
 
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
 use crate::{
@@ -47,13 +47,26 @@ impl StateMachine {
     }
 }
 
-/// Applies one write request inside the writer's transaction.
+/// Applies a write request's writes, in order, inside the writer's transaction.
 fn apply_request(
     w: &mut WriteTx<'_>,
     p: u32,
     req: &WriteRequest,
+) -> Result<Replies, replikv_storage::StorageError> {
+    let mut replies = Vec::with_capacity(req.ops.len());
+    for op in &req.ops {
+        replies.push(apply_op(w, p, op, req.now_ms)?);
+    }
+    Ok(Replies(replies))
+}
+
+/// Applies one write as of `now` (the proposer's clock).
+fn apply_op(
+    w: &mut WriteTx<'_>,
+    p: u32,
+    op: &KvOp,
+    now: u64,
 ) -> Result<Reply, replikv_storage::StorageError> {
-    let now = req.now_ms;
     let live = |w: &WriteTx<'_>,
                 key: &[u8]|
      -> Result<Option<StoredValue>, replikv_storage::StorageError> {
@@ -61,7 +74,7 @@ fn apply_request(
             .and_then(|raw| StoredValue::decode(&raw))
             .filter(|v| v.is_live(now)))
     };
-    match &req.op {
+    match op {
         KvOp::MSet {
             pairs,
             if_none_exist,
@@ -132,7 +145,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied, membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Replies>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -146,13 +159,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for entry in &entries {
                     last = Some(entry.log_id);
                     let reply = match &entry.payload {
-                        EntryPayload::Blank => Reply::Ok,
+                        EntryPayload::Blank => Replies::default(),
                         EntryPayload::Normal(req) => apply_request(w, p, req)?,
                         EntryPayload::Membership(m) => {
                             let stored = Membership::new(Some(entry.log_id), m.clone());
                             let raw = bincode::serialize(&stored).expect("membership serialises");
                             w.meta_put(p, MEMBERSHIP, &raw)?;
-                            Reply::Ok
+                            Replies::default()
                         }
                     };
                     replies.push(reply);

@@ -7,15 +7,22 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// One entry of a partition's log, as proposed by the leader.
+/// One entry of a partition's log, as proposed by the leader: the writes that queued while
+/// the previous entry was being written, applied in order (group commit). One entry per
+/// batch rather than per write means one append, one replication message and one apply per
+/// batch in every replica.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WriteRequest {
     /// Unique per proposing node and process; lets the proposer learn the entry's offset.
     pub req_id: u64,
     /// The leader's wall clock at proposal, in Unix milliseconds.
     pub now_ms: u64,
-    pub op: KvOp,
+    pub ops: Vec<KvOp>,
 }
+
+/// The replies to a [`WriteRequest`]'s writes, in the order of its `ops`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Replies(pub Vec<Reply>);
 
 /// Condition of `SET ... NX|XX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +96,19 @@ impl KvOp {
             | KvOp::Expire { key, .. } => vec![key],
             KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, _)| k).collect(),
             KvOp::Del { keys } => keys.iter().collect(),
+        }
+    }
+
+    /// About how many bytes the write takes in a log entry (keys and values).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            KvOp::Set { key, value, .. } | KvOp::Append { key, value } => key.len() + value.len(),
+            KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
+            KvOp::Del { keys } => keys.iter().map(|k| k.len()).sum(),
+            KvOp::GetDel { key }
+            | KvOp::IncrBy { key, .. }
+            | KvOp::IncrByFloat { key, .. }
+            | KvOp::Expire { key, .. } => key.len(),
         }
     }
 

@@ -54,10 +54,12 @@ fn replica_within_the_backlog_catches_up_from_the_log() {
 
 #[test]
 fn replica_beyond_the_backlog_receives_a_snapshot() {
+    // Small, because each pipeline of `fill` becomes only a few log entries per partition
+    // (the leader proposes queued writes together).
     let opts = Options {
         rebalance_leaders: false,
-        snapshot_every_entries: 50,
-        backlog_entries: 20,
+        snapshot_every_entries: 8,
+        backlog_entries: 2,
         ..Options::default()
     };
     let mut c = Cluster::start(bin(), opts);
