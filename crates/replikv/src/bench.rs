@@ -49,6 +49,16 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Follow every SET with `WAIT N 0` in the same round trip, timed as one operation
+    /// (Redis's way to wait for N replicas).
+    #[arg(long)]
+    wait: Option<u32>,
+    /// Keys in order (0, 1, 2, ... over all clients) instead of random: loads every key once.
+    #[arg(long)]
+    sequential: bool,
+    /// Operations that complete in this first part of the run are not counted.
+    #[arg(long, default_value_t = 0.0)]
+    warmup_secs: f64,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -106,10 +116,14 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
         }));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut completions = Vec::new();
     for t in tasks {
-        hist.add(t.await??).expect("same bounds");
+        let (h, done_ms) = t.await??;
+        hist.add(h).expect("same bounds");
+        completions.extend(done_ms);
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = (started.elapsed().as_secs_f64() - args.warmup_secs).max(1e-9);
+    let longest_gap = longest_gap_ms(&mut completions);
     let done = hist.len();
     let ops = done as f64 / secs;
     let max = hist.max();
@@ -126,7 +140,7 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
             serde_json::json!({"workload": args.workload, "clients": args.clients, "pipeline": args.pipeline,
                 "value_size": args.value_size, "consistency": args.consistency, "read": args.read,
                 "requests": done, "errors": errs, "seconds": secs, "ops_per_sec": ops,
-                "first_error_ms": first_err, "last_error_ms": last_err,
+                "first_error_ms": first_err, "last_error_ms": last_err, "longest_gap_ms": longest_gap,
                 "p50_us": p50, "p99_us": p99, "p999_us": p999, "max_us": max})
         );
     } else {
@@ -142,6 +156,12 @@ async fn drive(args: BenchArgs, read_pct: u32) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The longest time (ms) without a successful completion, between the first and last.
+fn longest_gap_ms(done_ms: &mut [u32]) -> u32 {
+    done_ms.sort_unstable();
+    done_ms.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0)
 }
 
 /// When errors happened, in ms since the run started.
@@ -194,8 +214,11 @@ async fn client(
     issued: Arc<AtomicU64>,
     errors: Arc<ErrorWindow>,
     started: Instant,
-) -> anyhow::Result<Histogram<u64>> {
+) -> anyhow::Result<(Histogram<u64>, Vec<u32>)> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    // Completion times (ms since the start) of successful batches, for the longest gap.
+    let mut done_ms = Vec::new();
+    let warmup = Duration::from_secs_f64(args.warmup_secs.max(0.0));
     let mut stream = TcpStream::connect(&args.addr)
         .await
         .with_context(|| format!("connecting to {}", args.addr))?;
@@ -203,6 +226,7 @@ async fn client(
     let mut rng =
         rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_mul(1_000_003).wrapping_add(id));
     let value = vec![b'x'; args.value_size];
+    let wait = args.wait.map(|n| n.to_string());
     let mut out = BytesMut::new();
     let mut input = BytesMut::with_capacity(64 * 1024);
     let limits = Limits::default();
@@ -230,28 +254,47 @@ async fn client(
             .duration_secs
             .is_some_and(|d| started.elapsed().as_secs_f64() >= d);
         if claimed >= args.requests || out_of_time {
-            return Ok(hist);
+            return Ok((hist, done_ms));
         }
         let batch = (args.requests - claimed).min(args.pipeline as u64) as usize;
-        for _ in 0..batch {
-            let k = match &zipf {
-                Some(z) => z.sample(rng.random::<f64>()),
-                None => rng.random_range(0..args.keys),
+        let mut replies = 0;
+        for i in 0..batch {
+            let k = if args.sequential {
+                (claimed + i as u64) % args.keys.max(1)
+            } else {
+                match &zipf {
+                    Some(z) => z.sample(rng.random::<f64>()),
+                    None => rng.random_range(0..args.keys),
+                }
             };
             let key = format!("key:{k:012}");
             if rng.random_range(0..100) < read_pct {
                 command(&[b"GET", key.as_bytes()], &mut out);
             } else {
                 command(&[b"SET", key.as_bytes(), &value], &mut out);
+                if let Some(n) = &wait {
+                    command(&[b"WAIT", n.as_bytes(), b"0"], &mut out);
+                    replies += 1;
+                }
             }
+            replies += 1;
         }
         let t = Instant::now();
         stream.write_all(&out).await?;
         out.clear();
-        for _ in 0..batch {
+        let mut failed = false;
+        for _ in 0..replies {
             if let Frame::Error(_) = read_frame(&mut stream, &mut input, &limits).await? {
+                failed = true;
                 errors.record(started.elapsed());
             }
+        }
+        let elapsed = started.elapsed();
+        if elapsed < warmup {
+            continue;
+        }
+        if !failed {
+            done_ms.push(elapsed.as_millis() as u32);
         }
         let us = t.elapsed().as_micros().max(1) as u64;
         for _ in 0..batch {
