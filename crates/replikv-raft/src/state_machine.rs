@@ -111,7 +111,11 @@ fn apply_op(
         }
         op => {
             let key = op.keys()[0].clone();
-            let current = live(w, &key)?;
+            let current = if op.reads_current() {
+                live(w, &key)?
+            } else {
+                None
+            };
             let (change, reply) = apply_one(op, current.as_ref(), now);
             match change {
                 Change::Keep => {}

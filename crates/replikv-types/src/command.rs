@@ -112,6 +112,20 @@ impl KvOp {
         }
     }
 
+    /// False when neither the change nor the reply depends on the key's current value (a plain
+    /// `SET`), so that applying it need not read the key first.
+    pub fn reads_current(&self) -> bool {
+        !matches!(
+            self,
+            KvOp::Set {
+                cond: SetCond::Always,
+                get: false,
+                keep_ttl: false,
+                ..
+            }
+        )
+    }
+
     /// True when the reply does not depend on the state before the write, so that the write
     /// can be acknowledged before it is applied (`eventual`, small `at_least`).
     pub fn is_blind(&self) -> bool {
@@ -389,6 +403,39 @@ mod tests {
             keep_ttl: false,
             cond,
             get,
+        }
+    }
+
+    #[test]
+    fn a_write_that_does_not_read_the_key_applies_the_same_whatever_it_held() {
+        let set = |keep_ttl, get, cond| KvOp::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            expire_at_ms: Some(5_000),
+            keep_ttl,
+            cond,
+            get,
+        };
+        let plain = set(false, false, SetCond::Always);
+        assert!(!plain.reads_current());
+        let held = StoredValue {
+            data: Bytes::from_static(b"old"),
+            expire_at_ms: Some(9_000),
+        };
+        assert_eq!(
+            apply_one(&plain, None, 1_000),
+            apply_one(&plain, Some(&held), 1_000)
+        );
+        for reading in [
+            set(true, false, SetCond::Always),
+            set(false, true, SetCond::Always),
+            set(false, false, SetCond::IfAbsent),
+        ] {
+            assert!(reading.reads_current(), "{reading:?}");
+            assert_ne!(
+                apply_one(&reading, None, 1_000),
+                apply_one(&reading, Some(&held), 1_000)
+            );
         }
     }
 

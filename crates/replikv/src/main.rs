@@ -47,6 +47,12 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+// mimalloc rather than glibc malloc: the write path allocates per request (frames, futures,
+// log records), and glibc's allocator took about a fifth of the server's CPU under load
+// (docs/BENCHMARKS.md, profiles).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
