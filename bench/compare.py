@@ -31,7 +31,8 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPLIKV = os.path.join(ROOT, "target", "release", "replikv")
+# REPLIKV_BIN runs another build (an older commit, for before/after figures) with --no-build.
+REPLIKV = os.environ.get("REPLIKV_BIN") or os.path.join(ROOT, "target", "release", "replikv")
 ETCD_BENCH = os.path.join(ROOT, "bench", "etcd-bench", "target", "release", "etcd-bench")
 SCENARIOS = ["eventual", "quorum", "wait", "reads", "ycsb", "failover", "resync"]
 PACKAGES = {  # command -> Debian package
@@ -207,6 +208,7 @@ class Redis:
         args = self.pin.server() + [
             "redis-server", "--port", str(REDIS_PORT + i - 1), "--bind", "127.0.0.1",
             "--dir", d, "--save", "", "--daemonize", "no", "--protected-mode", "no",
+            "--enable-debug-command", "local",
             "--repl-backlog-size", "512mb", "--repl-diskless-sync-delay", "0",
             "--logfile", os.path.join(d, "redis.log")]
         if self.aof:
@@ -363,9 +365,17 @@ class Results:
 
 
 def repeat(args, fn):
-    """Warm-up once (discarded), then args.runs measured runs."""
-    fn(warm=True)
-    return [fn(warm=False) for _ in range(args.runs)]
+    """Warm-up once (discarded), then args.runs measured runs. A run that fails (say
+    redis-benchmark stopping at a `-TIMEOUT` during a leadership change) is reported and
+    run again, once."""
+    def attempt(warm):
+        try:
+            return fn(warm=warm)
+        except RuntimeError as e:
+            log(f"  run failed, running it again: {e}")
+            return fn(warm=warm)
+    attempt(True)
+    return [attempt(False) for _ in range(args.runs)]
 
 
 def rb_sized(args, pin, port, test, clients, pipeline, size):
@@ -547,10 +557,14 @@ def scenario_resync(args, pin, work, res):
     for _ in range(args.runs):
         with Redis(pin, work, replicas=0) as r:
             r.cli(1, "DEBUG", "POPULATE", str(full_keys), "key", "100")
+            if int(r.cli(1, "DBSIZE")) != full_keys:
+                raise RuntimeError(f"redis holds {r.cli(1, 'DBSIZE').strip()} keys, not {full_keys}")
             r.start_node(2)
             t0 = time.time()
             wait_for(lambda: r.field(1, "connected_slaves") == "1" and r.in_sync(2), "redis full sync", timeout=900)
             runs.append(time.time() - t0)
+            if int(r.cli(2, "DBSIZE")) != full_keys:
+                raise RuntimeError(f"the redis replica holds {r.cli(2, 'DBSIZE').strip()} keys after sync")
     out["redis full"] = (runs, f"{full_keys:,} keys x 100 B, empty replica attaches (diskless, no delay)")
     runs = []
     for _ in range(args.runs):
