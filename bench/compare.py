@@ -179,6 +179,16 @@ class Replikv:
     def resp(self, i=1):
         return RK_RESP + i - 1
 
+    def stop_replica(self, i):
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+
+    def replica_synced(self, i):
+        return self.caught_up(i)
+
+    def partial_resync_note(self):
+        return "node killed (-9), restarted from its log"
+
     def leader_of(self, partition):
         return [p["leader"] for p in self.state(1)["partitions"] if p["partition"] == partition][0]
 
@@ -245,6 +255,17 @@ class Redis:
 
     def resp(self, i=1):
         return REDIS_PORT + i - 1
+
+    def stop_replica(self, i):
+        self.cli(i, "SHUTDOWN", "SAVE")
+        self.procs[i].wait()
+
+    def replica_synced(self, i):
+        return self.in_sync(i)
+
+    def partial_resync_note(self):
+        partial = self.field(1, "sync_partial_ok", section="stats")
+        return f"replica stopped with SHUTDOWN SAVE, restarted; PSYNC (partial syncs: {partial})"
 
     def in_sync(self, i):
         return (self.field(i, "master_link_status") == "up"
@@ -393,20 +414,18 @@ def rb_sized(args, pin, port, test, clients, pipeline, size):
 
 def scenario_eventual(args, pin, work, res):
     sizes = [100] if args.quick else [100, 1024]
-    with Redis(pin, work) as r:
-        for size in sizes:
-            for p in (1, 16):
-                for test in ("set", "get"):
-                    res.add("eventual", f"{test.upper()} c50 P{p} {size}B", "redis",
-                            "primary + 2 replicas, no persistence",
-                            rb_sized(args, pin, r.resp(), test, 50, p, size))
-    with Replikv(pin, work, level="eventual") as k:
-        for size in sizes:
-            for p in (1, 16):
-                for test in ("set", "get"):
-                    res.add("eventual", f"{test.upper()} c50 P{p} {size}B", "replikv",
-                            "3 nodes, eventual, fsync always; GET = primary (linearizable)",
-                            rb_sized(args, pin, k.resp(), test, 50, p, size))
+    systems = [
+        (Redis(pin, work), "primary + 2 replicas, no persistence"),
+        (Replikv(pin, work, level="eventual"),
+         "3 nodes, eventual, fsync always; GET = primary (linearizable)"),
+    ]
+    for system, config in systems:
+        with system as s:
+            for size in sizes:
+                for p in (1, 16):
+                    for test in ("set", "get"):
+                        res.add("eventual", f"{test.upper()} c50 P{p} {size}B", s.name, config,
+                                rb_sized(args, pin, s.resp(), test, 50, p, size))
 
 
 def scenario_quorum(args, pin, work, res):
@@ -526,32 +545,22 @@ def scenario_resync(args, pin, work, res):
     full_keys = 100_000 if args.quick else 1_000_000
     outage_writes = 20_000 if args.quick else 200_000
     out = {}
-    # Redis partial resync: replica 2 shuts down saving its data set and replication offset
-    # (SHUTDOWN SAVE), the primary takes writes, the replica restarts from that file and
-    # continues from its offset (PSYNC).
-    runs = []
-    for _ in range(args.runs):
-        with Redis(pin, work) as r:
-            r.cli(3, "SHUTDOWN", "SAVE")
-            r.procs[3].wait()
-            replikv_bench(pin, r.resp(), "set", 32, None, 0, pipeline=16, requests=outage_writes)
-            t0 = time.time()
-            r.start_node(3)
-            wait_for(lambda: r.in_sync(3), "redis partial resync", timeout=600)
-            runs.append(time.time() - t0)
-            partial = r.field(1, "sync_partial_ok", section="stats")
-    out["redis partial"] = (runs, f"replica stopped (SHUTDOWN SAVE), {outage_writes:,} SETs, restarted; PSYNC (partial syncs: {partial})")
-    runs = []
-    for _ in range(args.runs):
-        with Replikv(pin, work) as k:
-            k.procs[3].send_signal(signal.SIGKILL)
-            k.procs[3].wait()
-            replikv_bench(pin, k.resp(), "set", 32, None, 0, pipeline=16, requests=outage_writes)
-            t0 = time.time()
-            k.start_node(3)
-            wait_for(lambda: k.caught_up(3), "replikv node 3 caught up", timeout=600)
-            runs.append(time.time() - t0)
-    out["replikv partial"] = (runs, f"node 3 killed (-9), {outage_writes:,} SETs, restarted from its log")
+    # A replica misses outage_writes SETs and comes back. Redis: replica 3 shuts down saving
+    # its data set and replication offset (SHUTDOWN SAVE) and restarts from that file,
+    # continuing from its offset (PSYNC). replikv: node 3 is killed (-9) and restarts from
+    # its log.
+    for system in (Redis, Replikv):
+        runs = []
+        for _ in range(args.runs):
+            with system(pin, work) as s:
+                s.stop_replica(3)
+                replikv_bench(pin, s.resp(), "set", 32, None, 0, pipeline=16, requests=outage_writes)
+                t0 = time.time()
+                s.start_node(3)
+                wait_for(lambda: s.replica_synced(3), f"{s.name} partial resync", timeout=600)
+                runs.append(time.time() - t0)
+                how = s.partial_resync_note()
+        out[f"{s.name} partial"] = (runs, f"{how}; {outage_writes:,} SETs missed")
     # Full sync: an empty replica joins a primary holding full_keys keys.
     runs = []
     for _ in range(args.runs):
@@ -569,8 +578,7 @@ def scenario_resync(args, pin, work, res):
     runs = []
     for _ in range(args.runs):
         with Replikv(pin, work, level="eventual") as k:
-            k.procs[3].send_signal(signal.SIGKILL)
-            k.procs[3].wait()
+            k.stop_replica(3)
             preload_resp(pin, k.resp(), full_keys, 100)
             shutil.rmtree(os.path.join(k.dir, "node3"))
             t0 = time.time()
