@@ -130,9 +130,11 @@ def stop(procs):
 class Replikv:
     name = "replikv"
 
-    def __init__(self, pin, workdir, level="quorum", fsync="always", read="primary"):
+    def __init__(self, pin, workdir, level="quorum", fsync="always", read="primary", redirect=False):
         self.pin, self.dir = pin, os.path.join(workdir, "replikv")
         self.level, self.fsync, self.read = level, fsync, read
+        # redirect: answer -MOVED like Redis Cluster, for cluster-aware clients.
+        self.redirect = redirect
         self.procs = {}
 
     def args(self, i):
@@ -144,7 +146,7 @@ class Replikv:
             "--http-listen", f"127.0.0.1:{RK_HTTP + i - 1}",
             "--peer-listen", f"127.0.0.1:{RK_PEER + i}",
             "--consistency", self.level, "--fsync", self.fsync,
-            "--read-preference", self.read]
+            "--read-preference", self.read, "--config", os.path.join(self.dir, "replikv.yaml")]
 
     def start_node(self, i):
         logf = open(os.path.join(self.dir, f"node{i}.log"), "a")
@@ -154,6 +156,8 @@ class Replikv:
     def __enter__(self):
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
+        with open(os.path.join(self.dir, "replikv.yaml"), "w") as f:
+            f.write(f"resp:\n  redirect: {'true' if self.redirect else 'false'}\n")
         for i in (1, 2, 3):
             self.start_node(i)
         for i in (1, 2, 3):
@@ -327,12 +331,16 @@ class Etcd:
 # ---------------------------------------------------------------- load generators
 
 
-def redis_benchmark(pin, port, test, clients, pipeline, size, requests, keyspace=100_000):
+def redis_benchmark(pin, port, test, clients, pipeline, size, requests, keyspace=100_000,
+                    cluster=False):
     out = run(pin.load() + ["redis-benchmark", "-p", str(port), "-t", test, "-n", str(requests),
                             "-c", str(clients), "-P", str(pipeline), "-d", str(size),
-                            "-r", str(keyspace), "--csv"], timeout=900)
-    rows = [l.replace('"', "").split(",") for l in out.strip().splitlines()[1:]]
-    r = rows[0]
+                            "-r", str(keyspace), "--csv"] + (["--cluster"] if cluster else []),
+              timeout=900)
+    # --cluster prints the cluster's masters before the CSV: start after its header.
+    lines = out.strip().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith('"test"')) + 1
+    r = lines[start].replace('"', "").split(",")
     return {"rps": float(r[1]), "p50": float(r[4]), "p99": float(r[6])}
 
 
@@ -399,13 +407,13 @@ def repeat(args, fn):
     return [attempt(False) for _ in range(args.runs)]
 
 
-def rb_sized(args, pin, port, test, clients, pipeline, size):
+def rb_sized(args, pin, port, test, clients, pipeline, size, cluster=False):
     """redis-benchmark with a request count sized from the warm-up to last about --secs."""
     est = {"rps": 0}
 
     def once(warm):
         n = 20_000 if warm else max(10_000, int(est["rps"] * args.secs))
-        r = redis_benchmark(pin, port, test, clients, pipeline, size, n)
+        r = redis_benchmark(pin, port, test, clients, pipeline, size, n, cluster=cluster)
         if warm:
             est["rps"] = r["rps"]
         return r
@@ -426,6 +434,14 @@ def scenario_eventual(args, pin, work, res):
                     for test in ("set", "get"):
                         res.add("eventual", f"{test.upper()} c50 P{p} {size}B", s.name, config,
                                 rb_sized(args, pin, s.resp(), test, 50, p, size))
+    # The same load from a cluster-aware client (redis-benchmark --cluster follows -MOVED
+    # and sends each key to its partition's leader): no forwarding hop.
+    with Replikv(pin, work, level="eventual", redirect=True) as k:
+        for p in (1, 16):
+            for test in ("set", "get"):
+                res.add("eventual", f"{test.upper()} c50 P{p} 100B", "replikv-cluster",
+                        "as replikv, with resp.redirect and redis-benchmark --cluster",
+                        rb_sized(args, pin, k.resp(), test, 50, p, 100, cluster=True))
 
 
 def scenario_quorum(args, pin, work, res):
@@ -637,7 +653,11 @@ def markdown(res, f, args):
             ratio = "" if r["system"] == "replikv" or not k else f"{k['seconds'] / max(r['seconds'], 1e-9):.2f} (time)"
         else:
             figure = f"{r['rps']:,.0f} [{r['rps_min']:,.0f}-{r['rps_max']:,.0f}]"
-            ratio = "" if r["system"] == "replikv" or not k else f"{k['rps'] / r['rps']:.2f}"
+            redis = by_case[(r["scenario"], r["case"])].get("redis")
+            if r["system"] == "replikv-cluster":
+                ratio = f"{r['rps'] / redis['rps']:.2f} (÷ redis)" if redis else ""
+            else:
+                ratio = "" if r["system"] == "replikv" or not k else f"{k['rps'] / r['rps']:.2f}"
         p50 = "" if r["scenario"] == "resync" else f"{r['p50']:.2f}"
         p99 = "" if r["scenario"] == "resync" else f"{r['p99']:.2f}"
         lines.append(f"| {r['scenario']} | {r['case']} | {r['system']} | {figure} | {p50} | {p99} | {ratio} | {r['config']} |")
