@@ -457,14 +457,14 @@ impl Sim {
                     Some(_) => {}
                     None => {
                         let set = match &e.payload {
-                            openraft::EntryPayload::Normal(WriteRequest { req_id, ops, .. }) => {
-                                match ops.as_slice() {
-                                    [KvOp::Set { key, value, .. }] => {
-                                        Some((*req_id, key.to_vec(), value.to_vec()))
-                                    }
-                                    _ => None,
+                            openraft::EntryPayload::Normal(WriteRequest {
+                                req_id, ops, ..
+                            }) => match ops.as_slice() {
+                                [KvOp::Set { key, value, .. }] => {
+                                    Some((*req_id, key.to_vec(), value.to_vec()))
                                 }
-                            }
+                                _ => None,
+                            },
                             _ => None,
                         };
                         self.ledger.insert(

@@ -29,7 +29,8 @@ use openraft::{
     EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
 };
 use replikv_raft::{Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig, Vote};
-use replikv_types::{apply_one, Change, KvOp, Replies, Reply, StoredValue, WriteRequest};
+use replikv_types::{apply_op, KeyTable, Replies, Reply, WriteRequest};
+use std::convert::Infallible;
 
 /// How many acknowledged-but-unflushed trailing entries `Bug::LostAppend` loses on a crash.
 pub const LOST_TAIL: u64 = 8;
@@ -272,66 +273,30 @@ impl SmState {
         h.finish()
     }
 
-    fn live(&self, key: &[u8], now: u64) -> Option<StoredValue> {
-        self.kv
-            .get(key)
-            .and_then(|raw| StoredValue::decode(raw))
-            .filter(|v| v.is_live(now))
-    }
-
-    /// replikv-raft's `apply_request`, over a BTreeMap instead of a redb write transaction.
+    /// replikv-raft's `apply_request`: the same `apply_op`, over a BTreeMap instead of a
+    /// redb write transaction.
     fn apply_request(&mut self, req: &WriteRequest) -> Replies {
-        Replies(req.ops.iter().map(|op| self.apply_op(op, req.now_ms)).collect())
+        let applied: Result<Vec<Reply>, Infallible> = req
+            .ops
+            .iter()
+            .map(|op| apply_op(self, op, req.now_ms))
+            .collect();
+        Replies(applied.unwrap_or_else(|never| match never {}))
     }
+}
 
-    fn apply_op(&mut self, op: &KvOp, now: u64) -> Reply {
-        match op {
-            KvOp::MSet {
-                pairs,
-                if_none_exist,
-            } => {
-                if *if_none_exist && pairs.iter().any(|(k, _)| self.live(k, now).is_some()) {
-                    return Reply::Int(0);
-                }
-                for (k, v) in pairs {
-                    let stored = StoredValue {
-                        data: v.clone(),
-                        expire_at_ms: None,
-                    };
-                    self.kv.insert(k.to_vec(), stored.encode());
-                }
-                if *if_none_exist {
-                    Reply::Int(1)
-                } else {
-                    Reply::Ok
-                }
-            }
-            KvOp::Del { keys } => {
-                let mut n = 0;
-                for k in keys {
-                    if self.live(k, now).is_some() {
-                        n += 1;
-                    }
-                    self.kv.remove(k.as_ref());
-                }
-                Reply::Int(n)
-            }
-            op => {
-                let key = op.keys()[0].clone();
-                let current = self.live(&key, now);
-                let (change, reply) = apply_one(op, current.as_ref(), now);
-                match change {
-                    Change::Keep => {}
-                    Change::Put(v) => {
-                        self.kv.insert(key.to_vec(), v.encode());
-                    }
-                    Change::Delete => {
-                        self.kv.remove(key.as_ref());
-                    }
-                }
-                reply
-            }
-        }
+impl KeyTable for SmState {
+    type Error = Infallible;
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Infallible> {
+        Ok(self.kv.get(key).cloned())
+    }
+    fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), Infallible> {
+        self.kv.insert(key.to_vec(), encoded.to_vec());
+        Ok(())
+    }
+    fn delete(&mut self, key: &[u8]) -> Result<(), Infallible> {
+        self.kv.remove(key);
+        Ok(())
     }
 }
 

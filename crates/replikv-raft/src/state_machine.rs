@@ -13,7 +13,7 @@ use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use replikv_storage::{Store, WriteTx};
-use replikv_types::{apply_one, Change, KvOp, Replies, Reply, StoredValue, WriteRequest};
+use replikv_types::{apply_op, KeyTable, Replies, StoredValue, WriteRequest};
 
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
 use crate::{
@@ -53,79 +53,30 @@ fn apply_request(
     p: u32,
     req: &WriteRequest,
 ) -> Result<Replies, replikv_storage::StorageError> {
+    let mut table = PartitionTable { w, p };
     let mut replies = Vec::with_capacity(req.ops.len());
     for op in &req.ops {
-        replies.push(apply_op(w, p, op, req.now_ms)?);
+        replies.push(apply_op(&mut table, op, req.now_ms)?);
     }
     Ok(Replies(replies))
 }
 
-/// Applies one write as of `now` (the proposer's clock).
-fn apply_op(
-    w: &mut WriteTx<'_>,
+/// Partition `p`'s keys in the writer's transaction.
+struct PartitionTable<'a, 't> {
+    w: &'a mut WriteTx<'t>,
     p: u32,
-    op: &KvOp,
-    now: u64,
-) -> Result<Reply, replikv_storage::StorageError> {
-    let live = |w: &WriteTx<'_>,
-                key: &[u8]|
-     -> Result<Option<StoredValue>, replikv_storage::StorageError> {
-        Ok(w.kv_get(p, key)?
-            .and_then(|raw| StoredValue::decode(&raw))
-            .filter(|v| v.is_live(now)))
-    };
-    match op {
-        KvOp::MSet {
-            pairs,
-            if_none_exist,
-        } => {
-            if *if_none_exist {
-                for (k, _) in pairs {
-                    if live(w, k)?.is_some() {
-                        return Ok(Reply::Int(0));
-                    }
-                }
-            }
-            for (k, v) in pairs {
-                let stored = StoredValue {
-                    data: v.clone(),
-                    expire_at_ms: None,
-                };
-                w.kv_put(p, k, &stored.encode())?;
-            }
-            Ok(if *if_none_exist {
-                Reply::Int(1)
-            } else {
-                Reply::Ok
-            })
-        }
-        KvOp::Del { keys } => {
-            let mut n = 0;
-            for k in keys {
-                if live(w, k)?.is_some() {
-                    n += 1;
-                }
-                w.kv_delete(p, k)?;
-            }
-            Ok(Reply::Int(n))
-        }
-        op => {
-            let key = op.keys()[0].clone();
-            let current = if op.reads_current() {
-                live(w, &key)?
-            } else {
-                None
-            };
-            let (change, reply) = apply_one(op, current.as_ref(), now);
-            match change {
-                Change::Keep => {}
-                Change::Put(v) => w.kv_put(p, &key, &v.encode())?,
-                Change::Delete => {
-                    w.kv_delete(p, &key)?;
-                }
-            }
-            Ok(reply)
-        }
+}
+
+impl KeyTable for PartitionTable<'_, '_> {
+    type Error = replikv_storage::StorageError;
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
+        self.w.kv_get(self.p, key)
+    }
+    fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), Self::Error> {
+        self.w.kv_put(self.p, key, encoded)
+    }
+    fn delete(&mut self, key: &[u8]) -> Result<(), Self::Error> {
+        self.w.kv_delete(self.p, key).map(|_| ())
     }
 }
 

@@ -210,6 +210,77 @@ pub enum Change {
     Delete,
 }
 
+/// A partition's key table as an apply sees it: encoded [`StoredValue`]s by key. The real
+/// state machine implements it over a redb write transaction, the simulation over a map.
+pub trait KeyTable {
+    type Error;
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error>;
+    fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), Self::Error>;
+    fn delete(&mut self, key: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// Applies one write to `table` as of `now_ms` (the proposer's clock): the one apply both
+/// the state machine and the simulation run.
+pub fn apply_op<T: KeyTable>(table: &mut T, op: &KvOp, now_ms: u64) -> Result<Reply, T::Error> {
+    let live = |table: &mut T, key: &[u8]| -> Result<Option<StoredValue>, T::Error> {
+        Ok(table
+            .get(key)?
+            .and_then(|raw| StoredValue::decode(&raw))
+            .filter(|v| v.is_live(now_ms)))
+    };
+    match op {
+        KvOp::MSet {
+            pairs,
+            if_none_exist,
+        } => {
+            if *if_none_exist {
+                for (k, _) in pairs {
+                    if live(table, k)?.is_some() {
+                        return Ok(Reply::Int(0));
+                    }
+                }
+            }
+            for (k, v) in pairs {
+                let stored = StoredValue {
+                    data: v.clone(),
+                    expire_at_ms: None,
+                };
+                table.put(k, &stored.encode())?;
+            }
+            Ok(if *if_none_exist {
+                Reply::Int(1)
+            } else {
+                Reply::Ok
+            })
+        }
+        KvOp::Del { keys } => {
+            let mut n = 0;
+            for k in keys {
+                if live(table, k)?.is_some() {
+                    n += 1;
+                }
+                table.delete(k)?;
+            }
+            Ok(Reply::Int(n))
+        }
+        op => {
+            let key = op.keys()[0].clone();
+            let current = if op.reads_current() {
+                live(table, &key)?
+            } else {
+                None
+            };
+            let (change, reply) = apply_one(op, current.as_ref(), now_ms);
+            match change {
+                Change::Keep => {}
+                Change::Put(v) => table.put(&key, &v.encode())?,
+                Change::Delete => table.delete(&key)?,
+            }
+            Ok(reply)
+        }
+    }
+}
+
 /// Evaluates a single-key op against the key's current live value (expired values must be
 /// passed as `None`). Deterministic: depends only on its arguments.
 pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Change, Reply) {
