@@ -230,22 +230,16 @@ impl LogStore {
     }
 }
 
-/// Runs a write from synchronous start-up code (before the Raft core exists).
+/// Runs a write from synchronous start-up code (before the Raft core exists). With a task
+/// writer (the simulation's in-memory stores) the store commits it inline: blocking here on
+/// a writer that needs this thread to run would never return.
 fn block_on_write(
     store: &Store,
     f: impl FnOnce(&mut replikv_storage::WriteTx<'_>) -> Result<(), replikv_storage::StorageError>
         + Send
         + 'static,
 ) -> Result<(), StorageError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    store.submit(
-        true,
-        Box::new(f),
-        Box::new(move |res| {
-            let _ = tx.send(res);
-        }),
-    );
-    rx.recv().map_err(storage_error)?.map_err(storage_error)
+    store.write_now(f).map_err(storage_error)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {

@@ -6,6 +6,8 @@
 //!   callers ──submit(job)──► writer thread ──one redb write transaction per batch──► disk
 //!                            (drains every queued job, commits once, then answers them all)
 //! ```
+//! The deterministic simulation opens the same stores in memory (`Stores::in_memory`), with
+//! the writer as a tokio task running the same loop body (`WriterKind::Task`).
 //! That single writer is the group commit: under `fsync: always`, many Raft groups' appends
 //! share one fsync. Reads open a redb read transaction (MVCC) and never wait for the writer.
 //!
@@ -17,4 +19,4 @@
 
 mod store;
 
-pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx};
+pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, WriterKind};

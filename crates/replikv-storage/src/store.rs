@@ -1,15 +1,19 @@
-//! [`Store`]: the redb database, its writer thread and the typed transactions.
+//! [`Store`]: the redb database, its writer (an OS thread, or a tokio task) and the typed
+//! transactions.
 
 use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::backends::InMemoryBackend;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 
 const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("meta");
@@ -65,6 +69,18 @@ struct Job {
     done: DoneFn,
 }
 
+/// Where a store's writer (and its flusher, under `everysec` and `never`) runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterKind {
+    /// A dedicated OS thread: the server's choice, so that commits and fsyncs never hold up
+    /// the async runtime.
+    Thread,
+    /// A task on the current tokio runtime, which must exist when the store opens. For the
+    /// deterministic simulation, where everything runs on one thread: the writer then commits
+    /// only when the runtime polls it.
+    Task,
+}
+
 /// The node's logs and state machines, in two redb files with a writer thread each, so that
 /// applying committed entries never waits behind the log's fsyncs.
 ///
@@ -90,19 +106,39 @@ impl Stores {
         })
     }
 
+    /// Both stores in memory (redb's `InMemoryBackend`), with task writers: what the
+    /// deterministic simulation runs on. Must be called inside a tokio runtime. What is written
+    /// lives as long as a clone of the returned handles does; reopening a partition over them
+    /// is a process restart that keeps everything committed.
+    pub fn in_memory() -> Result<Stores, StorageError> {
+        let open = || {
+            Store::open_with_backend(
+                InMemoryBackend::new(),
+                FsyncPolicy::Always,
+                WriterKind::Task,
+            )
+        };
+        Ok(Stores {
+            log: open()?,
+            state: open()?,
+        })
+    }
+
     pub fn stop(&self) {
         self.log.stop();
         self.state.stop();
     }
 }
 
-/// One redb file shared by every partition.
+/// One redb database shared by every partition.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
     policy: FsyncPolicy,
+    kind: WriterKind,
     stopped: Arc<AtomicBool>,
+    /// The writer thread, to join on `close` (none for a task writer).
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -116,6 +152,24 @@ impl Store {
     pub fn open_file(dir: &Path, name: &str, policy: FsyncPolicy) -> Result<Store, StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
         let db = Database::create(dir.join(name)).map_err(err)?;
+        Store::start(db, policy, WriterKind::Thread)
+    }
+
+    /// Opens (or creates) a database on any redb backend (for example `InMemoryBackend`),
+    /// with its writer as `kind` says. A `Task` writer needs a current tokio runtime.
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        policy: FsyncPolicy,
+        kind: WriterKind,
+    ) -> Result<Store, StorageError> {
+        let db = redb::Builder::new()
+            .create_with_backend(backend)
+            .map_err(err)?;
+        Store::start(db, policy, kind)
+    }
+
+    /// Creates the tables and starts the writer (and the flusher the policy needs).
+    fn start(db: Database, policy: FsyncPolicy, kind: WriterKind) -> Result<Store, StorageError> {
         let tx = db.begin_write().map_err(err)?;
         {
             tx.open_table(LOG).map_err(err)?;
@@ -125,19 +179,42 @@ impl Store {
         }
         tx.commit().map_err(err)?;
         let db = Arc::new(db);
-        let (jobs, rx) = mpsc::channel::<Job>();
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let stopped = Arc::new(AtomicBool::new(false));
         let writer_db = db.clone();
-        let writer = std::thread::Builder::new()
-            .name("replikv-storage-writer".into())
-            .spawn(move || writer_loop(writer_db, rx, policy))
-            .map_err(err)?;
+        let writer = match kind {
+            WriterKind::Thread => Some(
+                std::thread::Builder::new()
+                    .name("replikv-storage-writer".into())
+                    .spawn(move || {
+                        let mut batch = Vec::with_capacity(256);
+                        while let Some(first) = rx.blocking_recv() {
+                            write_batch(&writer_db, policy, &mut batch, first, &mut rx);
+                        }
+                        close_durably(&writer_db);
+                    })
+                    .map_err(err)?,
+            ),
+            WriterKind::Task => {
+                let runtime = tokio::runtime::Handle::try_current()
+                    .map_err(|e| err(format!("a task writer needs a tokio runtime: {e}")))?;
+                runtime.spawn(async move {
+                    let mut batch = Vec::with_capacity(256);
+                    while let Some(first) = rx.recv().await {
+                        write_batch(&writer_db, policy, &mut batch, first, &mut rx);
+                    }
+                    close_durably(&writer_db);
+                });
+                None
+            }
+        };
         let store = Store {
             db,
             jobs,
             policy,
+            kind,
             stopped,
-            writer: Arc::new(std::sync::Mutex::new(Some(writer))),
+            writer: Arc::new(std::sync::Mutex::new(writer)),
         };
         match policy {
             FsyncPolicy::Always => {}
@@ -153,24 +230,86 @@ impl Store {
         self.policy
     }
 
-    fn start_flusher(&self, every: Duration) {
-        let store = self.clone();
-        std::thread::Builder::new()
-            .name("replikv-storage-flusher".into())
-            .spawn(move || {
-                while !store.stopped.load(Ordering::Relaxed) {
-                    std::thread::sleep(every);
-                    store.submit(true, Box::new(|_| Ok(())), Box::new(|_| {}));
-                }
-            })
-            .expect("spawning the flusher thread");
+    /// Where the writer runs.
+    pub fn writer_kind(&self) -> WriterKind {
+        self.kind
     }
 
-    /// Queues `run` for the writer thread; `done` runs after the batch containing it commits.
+    /// Starts the periodic flush, on the same kind of executor as the writer.
+    fn start_flusher(&self, every: Duration) {
+        let store = self.clone();
+        match self.kind {
+            WriterKind::Thread => {
+                std::thread::Builder::new()
+                    .name("replikv-storage-flusher".into())
+                    .spawn(move || {
+                        while !store.stopped.load(Ordering::Relaxed) {
+                            std::thread::sleep(every);
+                            store.flush_once();
+                        }
+                    })
+                    .expect("spawning the flusher thread");
+            }
+            WriterKind::Task => {
+                tokio::spawn(async move {
+                    while !store.stopped.load(Ordering::Relaxed) {
+                        tokio::time::sleep(every).await;
+                        store.flush_once();
+                    }
+                });
+            }
+        }
+    }
+
+    /// One tick of the flusher: a durable empty job makes every earlier commit durable.
+    fn flush_once(&self) {
+        self.submit(true, Box::new(|_| Ok(())), Box::new(|_| {}));
+    }
+
+    /// Queues `run` for the writer; `done` runs after the batch containing it commits.
     pub fn submit(&self, durable: bool, run: JobFn, done: DoneFn) {
         let job = Job { durable, run, done };
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
             (job.done)(Err(StorageError("the storage writer has stopped".into())));
+        }
+    }
+
+    /// Runs `f` in a durable commit of its own and returns once it is committed, from
+    /// synchronous code. Meant for start-up (opening a partition, before its Raft core
+    /// exists), when nothing else is queued. A thread writer gets it as a job and this
+    /// blocks until the writer answers. A task writer may be waiting for this very thread
+    /// to give it a turn (on a current-thread runtime it always is), so the commit is made
+    /// here, as the writer would make it.
+    pub fn write_now<F>(&self, f: F) -> Result<(), StorageError>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<(), StorageError> + Send + 'static,
+    {
+        match self.kind {
+            WriterKind::Thread => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.submit(
+                    true,
+                    Box::new(f),
+                    Box::new(move |res| {
+                        let _ = tx.send(res);
+                    }),
+                );
+                rx.recv()
+                    .map_err(|_| StorageError("the storage writer dropped a job".into()))?
+            }
+            WriterKind::Task => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let job = Job {
+                    durable: true,
+                    run: Box::new(f),
+                    done: Box::new(move |res| {
+                        let _ = tx.send(res);
+                    }),
+                };
+                commit_and_answer(&self.db, self.policy, &mut vec![job]);
+                rx.recv()
+                    .map_err(|_| StorageError("an inline commit gave no answer".into()))?
+            }
         }
     }
 
@@ -214,6 +353,7 @@ impl Store {
 
     /// Closes this handle and, when it is the last one, waits until the writer has made
     /// everything durable and released the database file (another process may open it next).
+    /// A task writer is not waited for: it finishes once the runtime polls it.
     pub fn close(self) {
         self.stop();
         let writer = self.writer.clone();
@@ -226,26 +366,41 @@ impl Store {
     }
 }
 
-fn writer_loop(db: Arc<Database>, rx: mpsc::Receiver<Job>, policy: FsyncPolicy) {
-    let mut batch: Vec<Job> = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_JOBS_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let durable = batch.iter().any(|j| j.durable);
-        let result = commit_batch(&db, &mut batch, durability(policy, durable));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
-        }
-        for job in batch.drain(..) {
-            (job.done)(result.clone());
+/// The writer's loop body, for both writer kinds: `first` (the job the writer woke up for)
+/// and whatever else is queued, up to `MAX_JOBS_PER_COMMIT`, committed in one transaction
+/// (group commit); then every job is answered.
+fn write_batch(
+    db: &Database,
+    policy: FsyncPolicy,
+    batch: &mut Vec<Job>,
+    first: Job,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+) {
+    batch.push(first);
+    while batch.len() < MAX_JOBS_PER_COMMIT {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
         }
     }
-    // Every sender is gone: make whatever the OS holds durable before the process ends.
+    commit_and_answer(db, policy, batch);
+}
+
+/// Commits `batch` in one transaction (durable if any job asks for it) and answers its jobs,
+/// leaving `batch` empty.
+fn commit_and_answer(db: &Database, policy: FsyncPolicy, batch: &mut Vec<Job>) {
+    let durable = batch.iter().any(|j| j.durable);
+    let result = commit_batch(db, batch, durability(policy, durable));
+    if let Err(e) = &result {
+        tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
+    }
+    for job in batch.drain(..) {
+        (job.done)(result.clone());
+    }
+}
+
+/// Every sender is gone: make whatever the OS holds durable before the process ends.
+fn close_durably(db: &Database) {
     if let Ok(mut tx) = db.begin_write() {
         if tx.set_durability(Durability::Immediate).is_ok() {
             let _ = tx.commit();
@@ -286,7 +441,7 @@ fn commit_batch(
     tx.commit().map_err(err)
 }
 
-/// The tables of one write transaction, as the writer thread hands them to a job.
+/// The tables of one write transaction, as the writer hands them to a job.
 pub struct WriteTx<'t> {
     log: redb::Table<'t, (u32, u64), &'static [u8]>,
     meta: redb::Table<'t, (u32, &'static str), &'static [u8]>,
@@ -503,5 +658,72 @@ mod tests {
         })
         .unwrap();
         assert_eq!(keys, 1);
+    }
+
+    /// The simulation's stores: everything runs on one thread, so the writer must be a task,
+    /// and a synchronous start-up write must not wait for it.
+    #[test]
+    fn in_memory_stores_with_task_writers_on_one_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stores = Stores::in_memory().unwrap();
+            assert_eq!(stores.log.writer_kind(), WriterKind::Task);
+            // Several jobs queued before the writer runs: committed together, all answered.
+            let writes: Vec<_> = (1..=5u64)
+                .map(|i| {
+                    let log = stores.log.clone();
+                    tokio::spawn(
+                        async move { log.write(true, move |w| w.log_put(1, i, b"e")).await },
+                    )
+                })
+                .collect();
+            for w in writes {
+                w.await.unwrap().unwrap();
+            }
+            // Inline, from synchronous code on the runtime's only thread.
+            stores
+                .log
+                .write_now(|w| w.meta_put(1, "vote", b"v"))
+                .unwrap();
+            let r = stores.log.read().unwrap();
+            assert_eq!(r.log_len(1).unwrap(), 5);
+            assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"v".to_vec()));
+            // The other store is a separate database.
+            assert_eq!(stores.state.read().unwrap().log_len(1).unwrap(), 0);
+        });
+    }
+
+    /// Under `everysec` and `never` the flusher of a task writer is a task too (spawning it
+    /// needs the runtime; no OS thread is started).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_task_writer_opens_under_every_policy() {
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Everysec,
+            FsyncPolicy::Never,
+        ] {
+            let store =
+                Store::open_with_backend(InMemoryBackend::new(), policy, WriterKind::Task).unwrap();
+            store
+                .write(false, |w| w.kv_put(1, b"k", b"v"))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.read().unwrap().kv_get(1, b"k").unwrap(),
+                Some(b"v".to_vec()),
+                "{policy:?}"
+            );
+            store.stop();
+        }
+    }
+
+    #[test]
+    fn write_now_with_a_thread_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
+        store.write_now(|w| w.log_put(3, 1, b"x")).unwrap();
+        assert_eq!(store.read().unwrap().log_len(3).unwrap(), 1);
     }
 }

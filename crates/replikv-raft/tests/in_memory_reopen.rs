@@ -1,0 +1,86 @@
+//! Reopening a partition over the in-memory stores with task writers (what the deterministic
+//! simulation does at a node restart) runs the real open path on one thread: its start-up
+//! writes (`cut_corrupt_tail`, the vote demotion) commit inline instead of waiting for a
+//! writer task that this very thread would have to run.
+
+use openraft::storage::RaftLogStorage;
+use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+use replikv_raft::Entry;
+use replikv_storage::Stores;
+
+const P: u32 = 3;
+
+fn one_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn a_reopen_demotes_the_vote_on_one_thread() {
+    one_thread().block_on(async {
+        let stores = Stores::in_memory().expect("in-memory stores");
+        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("open partition");
+        let mut vote = Vote::new(4, 2);
+        vote.commit();
+        log.save_vote(&vote).await.expect("save vote");
+        drop(log);
+        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("reopen partition");
+        let vote = log.read_vote().await.unwrap().expect("the vote survives");
+        assert!(!vote.committed, "restarted with a committed vote: {vote:?}");
+        assert_eq!(vote.leader_id.term, 4);
+    });
+}
+
+#[test]
+fn a_reopen_cuts_a_corrupt_tail_on_one_thread() {
+    one_thread().block_on(async {
+        let stores = Stores::in_memory().expect("in-memory stores");
+        // Five records and a commit point, as a node writes them before it stops.
+        let records: Vec<(u64, Vec<u8>)> = (1..=5)
+            .map(|i| {
+                let entry = Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+                    payload: EntryPayload::Blank,
+                };
+                (i, replikv_raft::encode_record(&entry))
+            })
+            .collect();
+        stores
+            .log
+            .write(true, move |w| {
+                for (i, raw) in &records {
+                    w.log_put(P, *i, raw)?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("open partition");
+        log.save_committed(Some(LogId::new(CommittedLeaderId::new(1, 1), 5)))
+            .await
+            .unwrap();
+        // `save_committed` does not wait for its commit; a write queued after it does.
+        stores.log.write(false, |_| Ok(())).await.unwrap();
+        assert_eq!(
+            log.read_committed().await.unwrap().map(|l| l.index),
+            Some(5)
+        );
+        drop(log);
+        // A torn write at index 4: its checksum fails.
+        let mut raw = stores.log.read().unwrap().log_get(P, 4).unwrap().unwrap();
+        *raw.last_mut().unwrap() ^= 1;
+        stores
+            .log
+            .write(true, move |w| w.log_put(P, 4, &raw))
+            .await
+            .unwrap();
+
+        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("reopen partition");
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(3), "cut from 4 on");
+        let committed = log.read_committed().await.unwrap();
+        assert_eq!(committed.map(|l| l.index), Some(3), "commit point clamped");
+    });
+}
