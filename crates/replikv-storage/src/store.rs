@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,6 +137,8 @@ pub struct Store {
     jobs: mpsc::UnboundedSender<Job>,
     policy: FsyncPolicy,
     kind: WriterKind,
+    /// Batches committed since the store opened.
+    commits: Arc<AtomicU64>,
     stopped: Arc<AtomicBool>,
     /// The writer thread, to join on `close` (none for a task writer).
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -181,7 +183,9 @@ impl Store {
         let db = Arc::new(db);
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let stopped = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(AtomicU64::new(0));
         let writer_db = db.clone();
+        let writer_commits = commits.clone();
         let writer = match kind {
             WriterKind::Thread => Some(
                 std::thread::Builder::new()
@@ -189,7 +193,14 @@ impl Store {
                     .spawn(move || {
                         let mut batch = Vec::with_capacity(256);
                         while let Some(first) = rx.blocking_recv() {
-                            write_batch(&writer_db, policy, &mut batch, first, &mut rx);
+                            write_batch(
+                                &writer_db,
+                                policy,
+                                &writer_commits,
+                                &mut batch,
+                                first,
+                                &mut rx,
+                            );
                         }
                         close_durably(&writer_db);
                     })
@@ -201,7 +212,14 @@ impl Store {
                 runtime.spawn(async move {
                     let mut batch = Vec::with_capacity(256);
                     while let Some(first) = rx.recv().await {
-                        write_batch(&writer_db, policy, &mut batch, first, &mut rx);
+                        write_batch(
+                            &writer_db,
+                            policy,
+                            &writer_commits,
+                            &mut batch,
+                            first,
+                            &mut rx,
+                        );
                     }
                     close_durably(&writer_db);
                 });
@@ -213,6 +231,7 @@ impl Store {
             jobs,
             policy,
             kind,
+            commits,
             stopped,
             writer: Arc::new(std::sync::Mutex::new(writer)),
         };
@@ -233,6 +252,12 @@ impl Store {
     /// Where the writer runs.
     pub fn writer_kind(&self) -> WriterKind {
         self.kind
+    }
+
+    /// How many batches have been committed since the store opened (failed ones included):
+    /// while it stays the same, nothing in the store has changed.
+    pub fn commit_count(&self) -> u64 {
+        self.commits.load(Ordering::Acquire)
     }
 
     /// Starts the periodic flush, on the same kind of executor as the writer.
@@ -306,7 +331,7 @@ impl Store {
                         let _ = tx.send(res);
                     }),
                 };
-                commit_and_answer(&self.db, self.policy, &mut vec![job]);
+                commit_and_answer(&self.db, self.policy, &self.commits, &mut vec![job]);
                 rx.recv()
                     .map_err(|_| StorageError("an inline commit gave no answer".into()))?
             }
@@ -372,6 +397,7 @@ impl Store {
 fn write_batch(
     db: &Database,
     policy: FsyncPolicy,
+    commits: &AtomicU64,
     batch: &mut Vec<Job>,
     first: Job,
     rx: &mut mpsc::UnboundedReceiver<Job>,
@@ -383,14 +409,20 @@ fn write_batch(
             Err(_) => break,
         }
     }
-    commit_and_answer(db, policy, batch);
+    commit_and_answer(db, policy, commits, batch);
 }
 
 /// Commits `batch` in one transaction (durable if any job asks for it) and answers its jobs,
 /// leaving `batch` empty.
-fn commit_and_answer(db: &Database, policy: FsyncPolicy, batch: &mut Vec<Job>) {
+fn commit_and_answer(
+    db: &Database,
+    policy: FsyncPolicy,
+    commits: &AtomicU64,
+    batch: &mut Vec<Job>,
+) {
     let durable = batch.iter().any(|j| j.durable);
     let result = commit_batch(db, batch, durability(policy, durable));
+    commits.fetch_add(1, Ordering::Release);
     if let Err(e) = &result {
         tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
     }
@@ -689,6 +721,9 @@ mod tests {
                 .unwrap();
             let r = stores.log.read().unwrap();
             assert_eq!(r.log_len(1).unwrap(), 5);
+            // The queued jobs share commits; the inline one has its own (table creation at
+            // open is not counted).
+            assert!((2..=6).contains(&stores.log.commit_count()));
             assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"v".to_vec()));
             // The other store is a separate database.
             assert_eq!(stores.state.read().unwrap().log_len(1).unwrap(), 0);
