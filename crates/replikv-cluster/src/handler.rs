@@ -108,8 +108,15 @@ impl Node {
                     .synced(p, entries, started.elapsed(), r.is_ok());
                 PeerResponse::AppendEntries(r)
             }
-            PeerRequest::Vote(p, rpc) => match self.group(p) {
-                Some(g) => PeerResponse::Vote(g.raft.vote(rpc).await),
+            PeerRequest::Vote(p, rpc) => match self.group(p).cloned() {
+                Some(g) => {
+                    // Not while this replica's read lease, or a restart's, may still hold
+                    // (`lease.rs`): answering late is answering no sooner than allowed.
+                    if let Some(wait) = g.lease.vote_wait(Instant::now()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                    PeerResponse::Vote(g.raft.vote(rpc).await)
+                }
                 None => PeerResponse::NoSuchPartition(p),
             },
             PeerRequest::InstallSnapshot(p, rpc) => match self.group(p) {

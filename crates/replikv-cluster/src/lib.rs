@@ -17,6 +17,7 @@ mod elections;
 mod frame;
 mod handler;
 mod lag;
+mod lease;
 pub mod messages;
 mod metrics;
 mod network;

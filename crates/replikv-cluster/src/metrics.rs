@@ -30,6 +30,7 @@ pub struct Metrics {
     writes: IntCounterVec,
     writes_failed: IntCounterVec,
     reads: IntCounterVec,
+    read_rounds: IntCounterVec,
     elections: IntCounterVec,
     failovers: IntCounterVec,
     snapshots: IntCounterVec,
@@ -143,6 +144,13 @@ impl Metrics {
                 "Reads served here, by who served them (leader or replica)",
                 &["keyspace", "partition", "node", "served_by"],
             ),
+            read_rounds: counter(
+                &r,
+                "replikv_read_index_rounds_total",
+                "Quorum confirmations this leader ran for primary reads (one serves every read \
+                 waiting for it; under a leader lease most reads need none)",
+                P,
+            ),
             elections: counter(
                 &r,
                 "replikv_elections_total",
@@ -210,6 +218,13 @@ impl Metrics {
         let l = self.p(p);
         self.reads
             .with_label_values(&[&l[0], &l[1], &l[2], by])
+            .inc();
+    }
+
+    pub fn read_round(&self, p: u32) {
+        let l = self.p(p);
+        self.read_rounds
+            .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 

@@ -57,6 +57,11 @@ pub struct Replication {
     pub snapshot_every_entries: u64,
     /// Move leadership back to the preferred leader when it is healthy again.
     pub rebalance_leaders: bool,
+    /// Serve `primary` reads under a leader lease instead of one quorum round per read
+    /// batch (`lease.rs`).
+    pub lease_reads: bool,
+    /// Taken off the lease (`election_timeout_max_ms`) for clock drift between replicas.
+    pub lease_margin_ms: u64,
 }
 
 impl Default for Replication {
@@ -76,6 +81,8 @@ impl Default for Replication {
             backlog_entries: 10_000,
             snapshot_every_entries: 20_000,
             rebalance_leaders: true,
+            lease_reads: true,
+            lease_margin_ms: 100,
         }
     }
 }
@@ -111,6 +118,8 @@ pub struct Group {
     pub(crate) elections: crate::elections::ElectionGate,
     /// Read-index rounds shared by concurrent `primary` reads (see `read_rounds.rs`).
     pub(crate) read_rounds: crate::read_rounds::ReadRounds,
+    /// This leader's read lease, and the wait before votes (see `lease.rs`).
+    pub(crate) lease: crate::lease::ReadLease,
 }
 
 impl Group {
@@ -136,7 +145,7 @@ pub struct Node {
     pub cfg: NodeConfig,
     pub transport: Arc<Transport>,
     pub placement: PlacementTable,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub(crate) groups: BTreeMap<PartitionId, Arc<Group>>,
     pub(crate) stores: Stores,
     /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
@@ -175,7 +184,7 @@ impl Node {
         let mut endpoints = BTreeMap::new();
         endpoints.insert(cfg.node_id, (me.resp_addr.clone(), me.http_addr.clone()));
         let node = Arc::new(Node {
-            metrics: Metrics::new(cfg.node_id),
+            metrics: Arc::new(Metrics::new(cfg.node_id)),
             cfg,
             transport,
             placement,
@@ -354,7 +363,14 @@ async fn start_group(
         .await
         .map_err(|e| format!("partition {p}: {e}"))?;
     let elections = crate::elections::ElectionGate::new();
-    if !raft.is_initialized().await.map_err(|e| e.to_string())? {
+    let restarted = raft.is_initialized().await.map_err(|e| e.to_string())?;
+    // A restarted replica no longer knows when it last heard from its leader: with read
+    // leases on, it waits one lease before answering votes (`lease.rs`).
+    let lease = crate::lease::ReadLease::new(
+        restarted && cfg.replication.lease_reads,
+        Duration::from_millis(cfg.replication.election_timeout_max_ms),
+    );
+    if !restarted {
         let members: BTreeMap<u64, BasicNode> = part
             .replicas
             .iter()
@@ -399,5 +415,6 @@ async fn start_group(
         propose_gate: tokio::sync::RwLock::new(()),
         elections,
         read_rounds: Default::default(),
+        lease,
     })
 }

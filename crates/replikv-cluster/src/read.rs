@@ -1,8 +1,9 @@
 //! The read path (DESIGN.md section 3, reads).
 //!
-//! - `primary`: served by the leader after openraft's read index (`ensure_linearizable`:
-//!   the leader confirms with a quorum that it still leads, then waits until it has applied
-//!   everything committed before the read began). No clock is trusted, so no lease.
+//! - `primary`: served by the leader under its read lease (`lease.rs`), or after openraft's
+//!   read index (`ensure_linearizable`: the leader confirms with a quorum that it still leads,
+//!   then waits until it has applied everything committed before the read began) when it
+//!   holds no lease or leases are off (`replication.lease_reads: false`).
 //! - `secondary`, `nearest`, `any`: served by a follower whose measured staleness is within
 //!   `max_lag_ms` (see `lag.rs`) and which has applied the reader's last write (session
 //!   token); otherwise, and always on the leader, the read goes through the read index.
@@ -15,6 +16,7 @@ use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
 use crate::node::{now_ms, Group, Node};
+use crate::read_rounds::RoundSettings;
 use crate::transport::TransportError;
 
 /// How long a replica waits to apply a reader's own last write before sending the read on.
@@ -203,7 +205,9 @@ impl Node {
                 })
             };
         }
-        g.read_rounds.confirm(&g, self.write_timeout()).await?;
+        if !self.under_lease(&g) {
+            g.read_rounds.confirm(&g, self.round_settings()).await?;
+        }
         if let Some(want) = min_offset {
             let _ = g
                 .raft
@@ -212,6 +216,51 @@ impl Node {
                 .await;
         }
         Ok(g)
+    }
+
+    /// Whether this leader may serve a read now without a round: it holds a lease for its
+    /// current leadership and has applied that lease's read index. Renews a lease that is
+    /// half spent, in the background.
+    fn under_lease(&self, g: &Arc<Group>) -> bool {
+        let Some(lease) = self.read_lease() else {
+            return false;
+        };
+        let (state, vote) = {
+            let m = g.raft.metrics();
+            let m = m.borrow();
+            (m.state, m.vote)
+        };
+        if state != openraft::ServerState::Leader {
+            return false;
+        }
+        match g.lease.valid(&vote, Instant::now()) {
+            Some(v) if g.applied() >= v.floor => {
+                // Not during a transfer: a round's heartbeats would renew the followers'
+                // leases too, and keep them refusing the target's votes.
+                let transferring = g.transferring.load(std::sync::atomic::Ordering::Relaxed);
+                if v.remaining < lease / 2 && !transferring {
+                    g.read_rounds.renew(g, self.round_settings());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The lease a successful read-index round grants, `None` when leases are off.
+    fn read_lease(&self) -> Option<Duration> {
+        let r = &self.cfg.replication;
+        r.lease_reads.then(|| {
+            Duration::from_millis(r.election_timeout_max_ms.saturating_sub(r.lease_margin_ms))
+        })
+    }
+
+    fn round_settings(&self) -> RoundSettings {
+        RoundSettings {
+            metrics: self.metrics.clone(),
+            timeout: self.write_timeout(),
+            lease: self.read_lease(),
+        }
     }
 
     pub(crate) async fn linearizable_get(

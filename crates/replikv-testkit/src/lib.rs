@@ -37,6 +37,8 @@ pub struct Options {
     pub write_timeout_ms: u64,
     pub max_lag_ms: u64,
     pub rebalance_leaders: bool,
+    /// `replication.lease_reads`: primary reads under a leader lease.
+    pub lease_reads: bool,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     /// `resp.redirect`: answer -MOVED instead of forwarding.
@@ -64,6 +66,7 @@ impl Default for Options {
             write_timeout_ms: 5_000,
             max_lag_ms: 10_000,
             rebalance_leaders: true,
+            lease_reads: true,
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
             redirect: false,
@@ -196,11 +199,12 @@ impl Cluster {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
-                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal} }}\n\
+                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease} }}\n\
                  storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
                  resp: {{ redirect: {redirect} }}\n\
                  debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
                 id = n.id,
+                lease = opts.lease_reads,
                 dir = n.data_dir.display(),
                 resp = n.resp,
                 http = n.http,

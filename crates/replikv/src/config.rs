@@ -189,6 +189,15 @@ impl Config {
                 "must be less than election_timeout_max_ms".into(),
             );
         }
+        if r.lease_margin_ms == 0 || r.lease_margin_ms >= r.election_timeout_max_ms {
+            return fail(
+                "replication.lease_margin_ms",
+                format!(
+                    "{} must be positive and less than election_timeout_max_ms ({})",
+                    r.lease_margin_ms, r.election_timeout_max_ms
+                ),
+            );
+        }
         if r.write_timeout_ms == 0 {
             return fail("replication.write_timeout_ms", "must be positive".into());
         }
@@ -302,6 +311,13 @@ storage: { fsync: always }
             .validate()
             .unwrap_err()
             .contains("replication.consistency"));
+        for margin in [0, 600, 601] {
+            let yaml = format!("replication: {{ lease_margin_ms: {margin} }}");
+            let e = Config::from_yaml(&yaml).unwrap().validate().unwrap_err();
+            assert!(e.contains("replication.lease_margin_ms"), "{e}");
+        }
+        let c = Config::from_yaml("replication: { lease_reads: false, lease_margin_ms: 50 }");
+        c.unwrap().validate().unwrap();
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
     }

@@ -216,3 +216,124 @@ fn checker_catches_stale_reads_when_the_read_index_is_skipped() {
         "the checker missed the stale reads:\n{report}"
     );
 }
+
+/// The leader lease (`replication.lease_reads`, on by default) under the fault it exists
+/// for: a leader cut off from its followers may answer reads from its own state only until
+/// its lease runs out, which is before the majority can elect anyone else. Reads on the old
+/// leader and writes on the majority interleave through the cut, the election and beyond;
+/// the history must stay linearizable. `checker_catches_stale_reads_when_the_read_index_is_skipped`
+/// is the same scenario with the safeguard removed.
+#[test]
+fn a_cut_off_leader_serves_no_stale_read_after_its_lease() {
+    let opts = Options {
+        partitions: 1,
+        rebalance_leaders: false,
+        // Reads at the cut-off leader fail after this once its lease is gone.
+        write_timeout_ms: 1_000,
+        ..Options::default()
+    };
+    let c = Cluster::start(env!("CARGO_BIN_EXE_replikv").as_ref(), opts);
+    let old = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != old).collect();
+    let mut reader = c.redis(old);
+    reader
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let mut writer = c.redis(others[0]);
+    let origin = Instant::now();
+    let now = || origin.elapsed().as_nanos() as u64;
+    let mut ops = Vec::new();
+    let write = |ops: &mut Vec<Op>, writer: &mut redis::Connection, v: String| {
+        let t = now();
+        let outcome = match redis::cmd("SET").arg("reg").arg(&v).query::<()>(writer) {
+            Ok(()) => Outcome::Written,
+            Err(_) => Outcome::Unknown,
+        };
+        ops.push(Op {
+            client: 2,
+            key: "reg".into(),
+            kind: OpKind::Write(v),
+            invoke_ns: t,
+            complete_ns: Some(now()),
+            outcome,
+        });
+    };
+    let mut served = 0;
+    let mut read = |ops: &mut Vec<Op>, reader: &mut redis::Connection| {
+        let t = now();
+        // A refused read (no quorum, timeout) has no effect and is left out of the history.
+        if let Ok(got) = redis::cmd("GET").arg("reg").query::<Option<String>>(reader) {
+            served += 1;
+            ops.push(Op {
+                client: 1,
+                key: "reg".into(),
+                kind: OpKind::Read,
+                invoke_ns: t,
+                complete_ns: Some(now()),
+                outcome: Outcome::Read(got),
+            });
+        }
+    };
+
+    // Phase 1: the old leader takes a lease by serving reads.
+    write(&mut ops, &mut writer, "v0".into());
+    for _ in 0..20 {
+        read(&mut ops, &mut reader);
+    }
+
+    // Phase 2: it is cut off; writes go on at the majority, reads at the old leader, until
+    // the majority has a new leader and has taken five writes through it.
+    c.cut(old, &others);
+    let mut i = 1;
+    let mut after_election = 0;
+    while after_election < 5 {
+        write(&mut ops, &mut writer, format!("v{i}"));
+        read(&mut ops, &mut reader);
+        i += 1;
+        if c.leader_seen_by(others[0], 0).is_some_and(|l| l != old) {
+            after_election += 1;
+        }
+        assert!(origin.elapsed() < Duration::from_secs(60), "no new leader");
+    }
+    let report = check_linearizable(&History { ops }, 1_000_000);
+    assert!(report.violations.is_empty(), "{report}");
+    assert!(served >= 20, "the leader served only {served} reads");
+}
+
+/// Under its lease a leader serves `primary` reads with no quorum round each; with
+/// `lease_reads: false` every read waits for one. Counted by
+/// `replikv_read_index_rounds_total`. Each read follows the connection's own write, which
+/// it must see.
+#[test]
+fn a_leader_lease_spares_primary_reads_their_quorum_round() {
+    for lease_reads in [true, false] {
+        let opts = Options {
+            partitions: 1,
+            rebalance_leaders: false,
+            lease_reads,
+            ..Options::default()
+        };
+        let c = Cluster::start(env!("CARGO_BIN_EXE_replikv").as_ref(), opts);
+        let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+        let mut conn = c.redis(leader);
+        let before = c.metric(leader, "replikv_read_index_rounds_total");
+        let reads = 300;
+        for i in 0..reads {
+            if i % 10 == 0 {
+                let _: () = redis::cmd("SET").arg("k").arg(i).query(&mut conn).unwrap();
+            }
+            let v: i64 = redis::cmd("GET").arg("k").query(&mut conn).unwrap();
+            assert_eq!(v, i / 10 * 10, "read {i} missed the write before it");
+        }
+        let rounds = c.metric(leader, "replikv_read_index_rounds_total") - before;
+        if lease_reads {
+            // One to take the lease, then one renewal per half lease at most.
+            assert!(
+                rounds < (reads / 5) as f64,
+                "{rounds} rounds for {reads} reads"
+            );
+        } else {
+            assert!(rounds >= reads as f64, "{rounds} rounds for {reads} reads");
+        }
+    }
+}
