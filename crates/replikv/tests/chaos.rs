@@ -11,7 +11,9 @@ fn run(fault: Fault, bugs: Bugs) -> RunResult {
     let spec = RunSpec {
         fault,
         seed: 7,
-        cycles: 3,
+        // Five: with three, 1 run in 3 of the stale-read case caught its stale reads only as
+        // over-limit follower reads, none on a register.
+        cycles: 5,
         hold: Duration::from_secs(4),
         recover: Duration::from_secs(2),
         bugs,
