@@ -127,6 +127,10 @@ def stop(procs):
 # ---------------------------------------------------------------- systems
 
 
+# Extra YAML appended to every replikv node's configuration (--replikv-yaml).
+REPLIKV_YAML = ""
+
+
 class Replikv:
     name = "replikv"
 
@@ -158,6 +162,8 @@ class Replikv:
         os.makedirs(self.dir)
         with open(os.path.join(self.dir, "replikv.yaml"), "w") as f:
             f.write(f"resp:\n  redirect: {'true' if self.redirect else 'false'}\n")
+            if REPLIKV_YAML:
+                f.write(REPLIKV_YAML + "\n")
         for i in (1, 2, 3):
             self.start_node(i)
         for i in (1, 2, 3):
@@ -673,7 +679,12 @@ def main():
     ap.add_argument("--pin", choices=["split", "none"], default="split")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench-compare"))
     ap.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    ap.add_argument("--replikv-yaml", default="",
+                    help="extra YAML for every replikv node, for A/B runs of one build, "
+                         "e.g. 'replication: { lease_reads: false }'")
     args = ap.parse_args()
+    global REPLIKV_YAML
+    REPLIKV_YAML = args.replikv_yaml
     args.runs = args.runs or (1 if args.quick else 3)
     args.secs = args.secs or (2.0 if args.quick else 8.0)
     chosen = args.only.split(",") if args.only else SCENARIOS
