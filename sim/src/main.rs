@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::RaftLogReader;
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use replikv_raft::{LogId, Raft};
+use replikv_raft::{LogId, LogStore, Raft, StateMachine};
+use replikv_storage::Stores;
 use replikv_types::{KvOp, SetCond, StoredValue, WriteRequest};
 
 use net::{NetState, SimNetwork};
-use store::{Disk, SharedDisk, SimLog, SimSm, SmState};
+use store::{now, Obs, SharedObs, SimLog, SimSm, PARTITION};
 
 const KEYS: &[&str] = &["k0", "k1", "k2", "k3"];
 /// The virtual wall clock (`now_ms`) at step 0.
@@ -27,7 +30,7 @@ const EPOCH_MS: u64 = 1_750_000_000_000;
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Bug {
     None,
-    /// The log store acknowledges appends but loses the last few on a crash.
+    /// A crash tears the last few log records, which the node had acknowledged as durable.
     LostAppend,
     /// The state machine applies each batch of entries in reverse order.
     ApplyReversed,
@@ -78,13 +81,21 @@ struct Ack {
 struct Node {
     id: u64,
     config: Arc<Config>,
-    disk: SharedDisk,
-    sm: Arc<Mutex<SmState>>,
+    /// The node's storage (in memory, task writers): it outlives every incarnation.
+    stores: Stores,
+    obs: SharedObs,
+    /// The current incarnation's log store and state machine (the checker reads through them).
+    log: Option<LogStore>,
+    sm: Option<StateMachine>,
     raft: Option<Raft>,
     alive: store::Alive,
     /// Step at which a crashed node comes back.
     restart_at: u64,
     checked_upto: u64,
+    /// The stores' commit counts at the last check that read them, and the commit point and
+    /// applied index it found: while the counts stay the same, nothing stored has changed.
+    checked_at: Option<(u64, u64)>,
+    last_seen: (u64, u64),
 }
 
 #[derive(Default, Debug)]
@@ -111,6 +122,40 @@ struct SeedResult {
     lost: u64,
     sent: u64,
     kinds: [u64; 3],
+}
+
+impl Node {
+    /// The commit point saved in the node's log store.
+    fn committed(&self) -> Option<LogId> {
+        now(self.log.clone()?.read_committed()).ok().flatten()
+    }
+
+    /// The last entry applied by the node's state machine (saved with what it applied).
+    fn applied(&self) -> Option<LogId> {
+        now(self.sm.clone()?.applied_state()).ok()?.0
+    }
+
+    /// The node's keys and values, as its state machine's `kv` table holds them.
+    fn kv(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
+        let r = self.stores.state.read().map_err(|e| e.to_string())?;
+        let mut out = BTreeMap::new();
+        let mut bad = None;
+        r.kv_for_each(PARTITION, b"", |k, raw| match StoredValue::decode(raw) {
+            Some(val) => {
+                out.insert(k.to_vec(), val.data.to_vec());
+                true
+            }
+            None => {
+                bad = Some(String::from_utf8_lossy(k).into_owned());
+                false
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        match bad {
+            Some(k) => Err(format!("undecodable value of key {k}")),
+            None => Ok(out),
+        }
+    }
 }
 
 fn entry_hash(e: &replikv_raft::Entry) -> u64 {
@@ -162,6 +207,7 @@ struct Sim {
 }
 
 impl Sim {
+    /// Must run inside the simulation's runtime (the stores' writers are tasks).
     fn new(seed: u64, opts: Opts) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let net_rng = ChaCha8Rng::seed_from_u64(rng.random());
@@ -207,12 +253,16 @@ impl Sim {
             nodes.push(Node {
                 id,
                 config,
-                disk: Arc::new(Mutex::new(Disk::new())),
-                sm: Arc::new(Mutex::new(SmState::default())),
+                stores: Stores::in_memory().expect("in-memory stores"),
+                obs: Arc::new(Mutex::new(Obs::new())),
+                log: None,
+                sm: None,
                 raft: None,
                 alive: Default::default(),
                 restart_at: 0,
                 checked_upto: 0,
+                checked_at: None,
+                last_seen: (0, 0),
             });
         }
         Sim {
@@ -235,21 +285,27 @@ impl Sim {
         }
     }
 
-    /// Starts (or restarts) node `k` from its disk: the state machine restarts from the last
-    /// snapshot, and openraft re-applies the committed log.
+    /// Starts (or restarts) node `k` over its stores, through replikv's open path: the log
+    /// store checks every record and cuts a corrupt tail, demotes a vote of its own; openraft
+    /// reads the applied state and the snapshot and re-applies the committed log after it.
     async fn start(&mut self, k: usize) {
         let n = &mut self.nodes[k];
-        let state = SmState::from_snapshot(n.disk.lock().unwrap().snapshot.as_ref());
-        n.sm = Arc::new(Mutex::new(state));
+        let (log, sm) =
+            replikv_raft::open_partition(&n.stores, PARTITION).expect("open the partition");
+        {
+            let mut obs = n.obs.lock().unwrap();
+            obs.committed = now(log.clone().read_committed()).expect("read committed");
+        }
         n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        n.log = Some(log.clone());
+        n.sm = Some(sm.clone());
         let log = SimLog {
-            disk: n.disk.clone(),
+            inner: log,
+            obs: n.obs.clone(),
             alive: n.alive.clone(),
         };
         let sm = SimSm {
-            state: n.sm.clone(),
-            disk: n.disk.clone(),
-            snapshot_seq: Arc::new(Mutex::new(0)),
+            inner: sm,
             alive: n.alive.clone(),
             apply_reversed: self.opts.bug == Bug::ApplyReversed,
         };
@@ -277,11 +333,12 @@ impl Sim {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.net.lock().unwrap().rafts.remove(&id);
         let _ = raft.shutdown().await;
-        self.nodes[k]
-            .disk
-            .lock()
-            .unwrap()
-            .crash(self.opts.bug == Bug::LostAppend);
+        if self.opts.bug == Bug::LostAppend {
+            if let Some(from) = store::corrupt_log_tail(&self.nodes[k].stores.log).await {
+                let mut obs = self.nodes[k].obs.lock().unwrap();
+                obs.recheck_from = obs.recheck_from.min(from);
+            }
+        }
         self.nodes[k].restart_at = step + self.rng.random_range(100..3_000);
         if self.opts.verbose {
             eprintln!("step {step}: crash node {id}");
@@ -428,17 +485,103 @@ impl Sim {
         let mut h = self.hash;
         for k in 0..n {
             let node = &mut self.nodes[k];
-            let mut disk = node.disk.lock().unwrap();
-            let committed = disk.committed.map(|c| c.index).unwrap_or(0);
+            let up = node.raft.is_some();
+            let journal = std::mem::take(&mut node.obs.lock().unwrap().journal);
+            // A crashed node's storage does not change until it restarts (its tasks are
+            // fenced; under `--bug lost-append` its log tail is corrupt until the restart cuts
+            // it), so only the entries it reported committed are checked while it is down.
+            let mut present = Vec::new();
+            let (mut committed, mut applied) = (0, 0);
+            let counts = (
+                node.stores.log.commit_count(),
+                node.stores.state.commit_count(),
+            );
+            if !up {
+                node.checked_at = None;
+            } else if node.checked_at == Some(counts) {
+                (committed, applied) = node.last_seen;
+            } else {
+                let id = node.id;
+                let read = |what: &str, e: replikv_raft::StorageError| {
+                    v("storage reads succeed", format!("node {id}: {what}: {e}"))
+                };
+                let mut log = node.log.clone().expect("a started node has a log store");
+                let committed_id = now(log.read_committed()).map_err(|e| read("committed", e))?;
+                committed = committed_id.map_or(0, |c| c.index);
+                let from = node
+                    .obs
+                    .lock()
+                    .unwrap()
+                    .recheck_from
+                    .min(node.checked_upto + 1)
+                    .max(1);
+                if committed >= from {
+                    present = now(log.try_get_log_entries(from..=committed))
+                        .map_err(|e| read("log", e))?;
+                }
+                // Sanity: the log's records run without a hole from its purge point.
+                let state = now(log.get_log_state()).map_err(|e| read("log state", e))?;
+                let first = state.last_purged_log_id.map_or(0, |p| p.index + 1);
+                let r =
+                    node.stores.log.read().map_err(|e| {
+                        v("storage reads succeed", format!("node {}: {e}", node.id))
+                    })?;
+                let len = r.log_len(PARTITION).unwrap_or(0);
+                if let Some(last) = state.last_log_id.map(|l| l.index).filter(|&l| l >= first) {
+                    if last - first + 1 != len {
+                        return Err(v(
+                            "a log has no holes",
+                            format!("node {}: {len} entries between {first} and {last}", node.id),
+                        ));
+                    }
+                }
+                if let Some(c) = committed_id {
+                    let at = now(log.try_get_log_entries(c.index..=c.index))
+                        .map_err(|e| read("log", e))?;
+                    if let Some(e) = at.first() {
+                        if e.log_id != c {
+                            return Err(v(
+                                "committed entries never change",
+                                format!(
+                                    "node {} commit point {c} but its log holds {}",
+                                    node.id, e.log_id
+                                ),
+                            ));
+                        }
+                    }
+                }
+                node.checked_upto = committed;
+                node.obs.lock().unwrap().recheck_from = u64::MAX;
+                // (2) applied state machines identical at equal applied index.
+                let mut sm = node.sm.clone().expect("a started node has a state machine");
+                let (applied_id, _) = now(sm.applied_state()).map_err(|e| read("applied", e))?;
+                if let Some(a) = applied_id {
+                    let (count, crc) = sm.view().digest().map_err(|e| {
+                        v("storage reads succeed", format!("node {}: {e}", node.id))
+                    })?;
+                    let d = (count << 32) ^ crc as u64;
+                    match self.applied_digest.get(&a.index) {
+                        Some((id, d0)) if *id != a || *d0 != d => {
+                            return Err(v(
+                                "applied state machines identical",
+                                format!(
+                                    "node {} applied {a} with digest {d:x}; earlier {id} had {d0:x}",
+                                    node.id
+                                ),
+                            ));
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.applied_digest.insert(a.index, (a, d));
+                        }
+                    }
+                }
+                applied = applied_id.map_or(0, |a| a.index);
+                node.checked_at = Some(counts);
+                node.last_seen = (committed, applied);
+            }
             // (1) committed entries never change, and all nodes agree on them.
-            let from = disk.recheck_from.min(node.checked_upto + 1).max(1);
-            let journal = std::mem::take(&mut disk.journal);
-            let present = disk
-                .log
-                .range(from..=committed.max(from))
-                .filter(|(&i, _)| i <= committed)
-                .map(|(_, e)| e);
-            for e in journal.iter().chain(present) {
+            for e in journal.iter().chain(present.iter()) {
                 let i = e.log_id.index;
                 let hash = entry_hash(e);
                 match self.ledger.get(&i) {
@@ -478,59 +621,6 @@ impl Sim {
                     }
                 }
             }
-            // Sanity: a log has no holes (from the first entry present to the last).
-            if let (Some((&first, _)), Some((&last, _))) =
-                (disk.log.iter().next(), disk.log.iter().next_back())
-            {
-                if last - first + 1 != disk.log.len() as u64 {
-                    return Err(v(
-                        "a log has no holes",
-                        format!(
-                            "node {}: {} entries between {first} and {last}",
-                            node.id,
-                            disk.log.len()
-                        ),
-                    ));
-                }
-            }
-            if let Some(c) = disk.committed {
-                if let Some(e) = disk.log.get(&c.index) {
-                    if e.log_id != c {
-                        return Err(v(
-                            "committed entries never change",
-                            format!(
-                                "node {} commit point {c} but its log holds {}",
-                                node.id, e.log_id
-                            ),
-                        ));
-                    }
-                }
-            }
-            node.checked_upto = committed;
-            disk.recheck_from = u64::MAX;
-            drop(disk);
-            // (2) applied state machines identical at equal applied index.
-            let sm = node.sm.lock().unwrap();
-            if let Some(a) = sm.applied {
-                let d = sm.digest();
-                match self.applied_digest.get(&a.index) {
-                    Some((id, d0)) if *id != a || *d0 != d => {
-                        return Err(v(
-                            "applied state machines identical",
-                            format!(
-                                "node {} applied {a} with digest {d:x}; earlier {id} had {d0:x}",
-                                node.id
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                    None => {
-                        self.applied_digest.insert(a.index, (a, d));
-                    }
-                }
-            }
-            let applied = sm.applied.map(|a| a.index).unwrap_or(0);
-            drop(sm);
             // (3) election safety, in the form openraft's advanced leader-id mode promises.
             let (term, leader, last_log, is_leader, vote, fatal) = match &node.raft {
                 Some(r) => {
@@ -567,7 +657,7 @@ impl Sim {
                 let granted = self
                     .nodes
                     .iter()
-                    .filter(|o| o.disk.lock().unwrap().vote_history.contains(&lid))
+                    .filter(|o| o.obs.lock().unwrap().vote_history.contains(&lid))
                     .count();
                 if granted < majority {
                     return Err(v(
@@ -614,17 +704,22 @@ impl Sim {
         self.stats.acked = acks.len() as u64;
         if self.opts.verbose {
             for n in &self.nodes {
-                let d = n.disk.lock().unwrap();
+                let (Some(mut log), Some(mut sm)) = (n.log.clone(), n.sm.clone()) else {
+                    continue;
+                };
+                let state = now(log.get_log_state()).ok();
                 eprintln!(
-                    "node {}: vote {:?} committed {:?} purged {:?} log {:?}..{:?} snapshot {:?} applied {:?}",
+                    "node {}: vote {:?} committed {:?} purged {:?} last log {:?} snapshot {:?} applied {:?}",
                     n.id,
-                    d.vote,
-                    d.committed,
-                    d.purged,
-                    d.log.keys().next(),
-                    d.log.keys().next_back(),
-                    d.snapshot.as_ref().map(|s| s.0.last_log_id),
-                    n.sm.lock().unwrap().applied
+                    now(log.read_vote()).ok().flatten(),
+                    n.committed(),
+                    state.as_ref().and_then(|s| s.last_purged_log_id),
+                    state.as_ref().and_then(|s| s.last_log_id),
+                    now(sm.get_current_snapshot())
+                        .ok()
+                        .flatten()
+                        .map(|s| s.meta.last_log_id),
+                    n.applied()
                 );
             }
             let missing: Vec<u64> = (1..=self.ledger.keys().next_back().copied().unwrap_or(0))
@@ -639,18 +734,11 @@ impl Sim {
         let max_committed = self
             .nodes
             .iter()
-            .map(|n| {
-                n.disk
-                    .lock()
-                    .unwrap()
-                    .committed
-                    .map(|c| c.index)
-                    .unwrap_or(0)
-            })
+            .map(|n| n.committed().map_or(0, |c| c.index))
             .max()
             .unwrap_or(0);
         for n in &self.nodes {
-            let applied = n.sm.lock().unwrap().applied.map(|a| a.index).unwrap_or(0);
+            let applied = n.applied().map_or(0, |a| a.index);
             if n.raft.is_none() || applied < max_committed {
                 return Err(v(
                     "convergence after healing",
@@ -685,12 +773,9 @@ impl Sim {
             }
         }
         for n in &self.nodes {
-            let sm = n.sm.lock().unwrap();
-            let got: BTreeMap<Vec<u8>, Vec<u8>> = sm
-                .kv
-                .iter()
-                .map(|(k, raw)| (k.clone(), StoredValue::decode(raw).unwrap().data.to_vec()))
-                .collect();
+            let got = n
+                .kv()
+                .map_err(|e| v("storage reads succeed", format!("node {}: {e}", n.id)))?;
             if got != model {
                 return Err(v(
                     "acknowledged writes present",
@@ -804,8 +889,8 @@ fn run_seed(seed: u64, opts: &Opts) -> SeedResult {
         builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&bytes));
     }
     let rt = builder.build().expect("runtime");
-    let sim = Sim::new(seed, opts.clone());
-    let res = rt.block_on(sim.run());
+    // Inside the runtime: the stores' writers are its tasks.
+    let res = rt.block_on(async { Sim::new(seed, opts.clone()).run().await });
     drop(rt);
     res
 }
