@@ -48,6 +48,14 @@ impl ElectionGate {
         *until = (*until).max(Instant::now() + dur);
     }
 
+    /// Keeps elections off for at least `dur` from now, starting at once (not at the gate's
+    /// next check).
+    pub(crate) fn hold_off(&self, dur: Duration, raft: &replikv_raft::Raft) {
+        self.hold(dur);
+        self.allowed.store(false, Ordering::Relaxed);
+        raft.runtime_config().elect(false);
+    }
+
     fn held(&self) -> bool {
         Instant::now() < *self.hold_until.lock().expect("election hold")
     }

@@ -104,6 +104,8 @@ impl Node {
                 let entries = rpc.entries.len();
                 let started = Instant::now();
                 let r = g.raft.append_entries(rpc).await;
+                // Even when refused: noting contact too often only delays a campaign.
+                g.lease.leader_heard();
                 self.metrics
                     .synced(p, entries, started.elapsed(), r.is_ok());
                 PeerResponse::AppendEntries(r)
@@ -112,7 +114,8 @@ impl Node {
                 Some(g) => {
                     // Not while this replica's read lease, or a restart's, may still hold
                     // (`lease.rs`): answering late is answering no sooner than allowed.
-                    if let Some(wait) = g.lease.vote_wait(Instant::now()) {
+                    // Again after each wait: a round may have renewed the lease meanwhile.
+                    while let Some(wait) = g.lease.vote_wait(Instant::now()) {
                         tokio::time::sleep(wait).await;
                     }
                     PeerResponse::Vote(g.raft.vote(rpc).await)
@@ -123,6 +126,7 @@ impl Node {
                 Some(g) => {
                     let done = rpc.done;
                     let r = g.raft.install_snapshot(rpc).await;
+                    g.lease.leader_heard();
                     if done && r.is_ok() {
                         self.metrics.snapshot_received(p);
                     }

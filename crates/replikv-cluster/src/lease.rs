@@ -21,17 +21,21 @@
 //! how much faster a follower's clock may run than the leader's over one lease
 //! (100 ms of 600 ms by default: a drift of 1/6, where quartz clocks drift about 1/10,000).
 //!
-//! openraft's rule leaves three gaps, which replikv closes:
-//! - **A replica that restarted** has forgotten when it last heard from the leader, and would
-//!   vote at once. So after a restart each group answers votes only once one lease has passed
-//!   ([`ReadLease::vote_wait`], used by the peer handler).
+//! openraft's rule leaves gaps, which replikv closes:
+//! - **A replica that restarted** has forgotten when it last heard from the leader (and its
+//!   saved vote is demoted, `demote_saved_vote`), so openraft would let it vote, and campaign,
+//!   within one election timeout. So after a restart each group answers votes only once one
+//!   lease has passed ([`ReadLease::vote_wait`], used by the peer handler), and its election
+//!   timer is held off as long (`node.rs`, `start_group`).
 //! - **The leader itself** may grant a vote to a candidate with a newer term and an equal log,
 //!   and the candidate then needs only one more vote. So a leader answers votes only once its
 //!   own read lease has run out, as the lease says no other leader can exist until then.
-//! - **A leadership transfer** campaigns on purpose once the old leader stopped heartbeating.
-//!   A round that starts while a transfer is under way grants no lease; rounds that started
-//!   before it end before the target may campaign (`transfer.rs` waits a whole lease after
-//!   telling it to).
+//! - **A leadership transfer** makes its target campaign on purpose, which openraft does not
+//!   check against the lease the target granted. So the target campaigns only once a whole
+//!   lease has passed since it last accepted a message from any leader
+//!   ([`ReadLease::campaign_wait`]); a transfer that failed, with its old leader heartbeating
+//!   again, or a leader elected meanwhile, keeps it from campaigning at all. Rounds that
+//!   start while a transfer is under way grant no lease, and renewals pause.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -44,6 +48,9 @@ pub(crate) struct ReadLease {
     held: Mutex<Option<Held>>,
     /// After a restart: no vote is answered before this moment.
     votes_from: Instant,
+    /// When this replica last finished handling an AppendEntries or snapshot chunk that its
+    /// Raft accepted: each one renews the lease it grants its leader.
+    leader_contact: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone, Copy)]
@@ -69,7 +76,23 @@ impl ReadLease {
         ReadLease {
             held: Mutex::new(None),
             votes_from: if restarted { now + lease } else { now },
+            leader_contact: Mutex::new(None),
         }
+    }
+
+    /// A leader's AppendEntries or snapshot chunk was accepted: noted once handled, so never
+    /// earlier than openraft noted it.
+    pub(crate) fn leader_heard(&self) {
+        *self.leader_contact.lock().expect("read lease") = Some(Instant::now());
+    }
+
+    /// How long this replica must still wait, from `now`, before it may campaign: until
+    /// `lease` has passed since it last accepted a leader's message, as the lease it granted
+    /// that leader promises.
+    pub(crate) fn campaign_wait(&self, now: Instant, lease: Duration) -> Option<Duration> {
+        let heard = (*self.leader_contact.lock().expect("read lease"))?;
+        let until = heard + lease;
+        (until > now).then(|| until - now)
     }
 
     /// The lease confirmed for `vote`, if it has not run out at `now`.
@@ -162,7 +185,27 @@ mod tests {
         assert_eq!(fresh.vote_wait(now + Duration::from_millis(500)), None);
 
         let restarted = ReadLease::new(true, Duration::from_millis(600));
+        assert_eq!(
+            restarted.campaign_wait(now, Duration::from_millis(600)),
+            None
+        );
         let w = restarted.vote_wait(Instant::now()).unwrap();
         assert!(w > Duration::from_millis(500) && w <= Duration::from_millis(600));
+    }
+
+    #[test]
+    fn a_replica_campaigns_only_a_lease_after_its_last_leader_message() {
+        let l = ReadLease::new(false, Duration::from_millis(600));
+        let lease = Duration::from_millis(600);
+        assert_eq!(
+            l.campaign_wait(Instant::now(), lease),
+            None,
+            "never heard a leader"
+        );
+        l.leader_heard();
+        let now = Instant::now();
+        let w = l.campaign_wait(now, lease).unwrap();
+        assert!(w > Duration::from_millis(500) && w <= lease, "{w:?}");
+        assert_eq!(l.campaign_wait(now + lease, lease), None);
     }
 }

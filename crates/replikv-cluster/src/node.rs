@@ -366,10 +366,13 @@ async fn start_group(
     let restarted = raft.is_initialized().await.map_err(|e| e.to_string())?;
     // A restarted replica no longer knows when it last heard from its leader: with read
     // leases on, it waits one lease before answering votes (`lease.rs`).
-    let lease = crate::lease::ReadLease::new(
-        restarted && cfg.replication.lease_reads,
-        Duration::from_millis(cfg.replication.election_timeout_max_ms),
-    );
+    let lease_len = Duration::from_millis(cfg.replication.election_timeout_max_ms);
+    let lease = crate::lease::ReadLease::new(restarted && cfg.replication.lease_reads, lease_len);
+    if restarted && cfg.replication.lease_reads {
+        // Nor campaign: its demoted vote would let openraft start an election within one
+        // election timeout, while a leader it confirmed may still hold a lease.
+        elections.hold_off(lease_len, &raft);
+    }
     if !restarted {
         let members: BTreeMap<u64, BasicNode> = part
             .replicas

@@ -165,8 +165,7 @@ impl Node {
     /// Keeps this replica of `p` from starting elections for `dur`.
     pub(crate) fn hold_elections(&self, p: PartitionId, dur: Duration) {
         if let Some(g) = self.group(p) {
-            g.elections.hold(dur);
-            g.raft.runtime_config().elect(false);
+            g.elections.hold_off(dur, &g.raft);
         }
     }
 
@@ -181,7 +180,24 @@ impl Node {
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
         let term_wait = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
+        // This replica granted a lease to every leader whose messages it accepted, and an
+        // explicit campaign is not checked against it by openraft: wait it out here. A
+        // leader still heartbeating (the transfer failed, or another was elected) keeps this
+        // replica from campaigning at all (`lease.rs`).
+        let give_up = Instant::now() + term_wait * 2;
+        while let Some(wait) = g.lease.campaign_wait(Instant::now(), term_wait) {
+            if Instant::now() + wait > give_up {
+                return Err(Error::TryAgain(format!(
+                    "partition {p} still hears from a leader; not campaigning"
+                )));
+            }
+            tokio::time::sleep(wait).await;
+        }
         for _ in 0..3 {
+            if let Some(wait) = g.lease.campaign_wait(Instant::now(), term_wait) {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             let _ = g.raft.trigger().elect().await;
             let won = g
                 .raft
