@@ -41,12 +41,21 @@ pub enum Fault {
     Loss,
     /// Packets between nodes held back 30 ms ± 30 ms, so they also arrive out of order.
     Delay,
-    /// Each cycle draws one of the faults above.
+    /// Every node's clocks run at their own rate for the whole run (libfaketime: 5% slow,
+    /// exact, 5% fast, within `lease_margin_ms`); each cycle isolates a leader, which must
+    /// stop serving reads under its lease before the others elect a new one.
+    ClockDrift,
+    /// Each cycle draws one of the faults above (except `clock-drift`, which is set up when
+    /// the cluster starts).
     Mixed,
 }
 
+/// Clock rates of the nodes in a `clock-drift` run, by node id from 1: the slowest and the
+/// fastest differ by 10.5%, inside the default lease margin (100 ms of 600 ms).
+pub const CLOCK_RATES: [f64; 3] = [0.95, 1.0, 1.05];
+
 /// Every fault a full campaign runs, in order.
-pub const ALL: [Fault; 13] = [
+pub const ALL: [Fault; 14] = [
     Fault::KillOne,
     Fault::KillLeader,
     Fault::KillMinority,
@@ -59,6 +68,7 @@ pub const ALL: [Fault; 13] = [
     Fault::OneWay,
     Fault::Loss,
     Fault::Delay,
+    Fault::ClockDrift,
     Fault::Mixed,
 ];
 
@@ -77,6 +87,7 @@ impl Fault {
             Fault::OneWay => "one-way",
             Fault::Loss => "loss",
             Fault::Delay => "delay",
+            Fault::ClockDrift => "clock-drift",
             Fault::Mixed => "mixed",
         }
     }
@@ -144,7 +155,7 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
         let fits: Vec<Fault> = ALL[..ALL.len() - 1]
             .iter()
             .copied()
-            .filter(|f| f.nodes() <= c.nodes.len() as u64)
+            .filter(|f| f.nodes() <= c.nodes.len() as u64 && *f != Fault::ClockDrift)
             .collect();
         *fits.choose(rng).expect("faults")
     } else {
@@ -197,12 +208,15 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
             done.detail = "kill -9 every node".into();
             done.killed = victims;
         }
-        Fault::IsolateLeader => {
+        Fault::IsolateLeader | Fault::ClockDrift => {
             let (id, why) = some_leader(c, rng);
             let others: Vec<u64> = c.nodes.keys().copied().filter(|o| *o != id).collect();
             c.partition(&[vec![id], others])?;
             done.net = true;
-            done.detail = format!("isolate node {id} ({why})");
+            done.detail = match c.node(id).clock_rate {
+                Some(rate) => format!("isolate node {id} ({why}; its clock at x{rate})"),
+                None => format!("isolate node {id} ({why})"),
+            };
         }
         Fault::Split => {
             let ids = shuffled(c, rng);

@@ -212,6 +212,11 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         backlog_entries: 1_000,
         ack_before_commit: spec.bugs.ack_before_commit,
         skip_read_index: spec.bugs.skip_read_index,
+        clock_rates: if spec.fault == Fault::ClockDrift {
+            (1..).zip(fault::CLOCK_RATES).collect()
+        } else {
+            Default::default()
+        },
         ..Options::default()
     };
     let mut cluster = match Cluster::try_start(&spec.bin, opts) {

@@ -51,6 +51,9 @@ pub struct Options {
     /// and [`Cluster::apply`] drop real packets (needs root). Otherwise every node is on
     /// loopback and `cut` goes through the transport's test-only fault seam.
     pub namespaces: bool,
+    /// Node id → the rate of that node's clocks (monotonic and wall), through libfaketime
+    /// (Debian's `faketime`): 0.95 runs 5% slow. Nodes not listed keep the real clock.
+    pub clock_rates: BTreeMap<u64, f64>,
 }
 
 impl Default for Options {
@@ -73,6 +76,7 @@ impl Default for Options {
             skip_read_index: false,
             ack_before_commit: false,
             namespaces: false,
+            clock_rates: BTreeMap::new(),
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct Node {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// See [`Options::clock_rates`]; takes effect at the next start.
+    pub clock_rate: Option<f64>,
 }
 
 impl Node {
@@ -151,6 +157,19 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// libfaketime's multi-threaded build, from Debian's `faketime` package.
+fn faketime_library() -> PathBuf {
+    let found = fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| d.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        panic!("clock rates need libfaketime: apt-get install faketime (libfaketimeMT.so.1)")
+    })
+}
+
 impl Cluster {
     /// Starts `opts.nodes` nodes and waits until every partition has a leader.
     pub fn start(bin: &Path, opts: Options) -> Cluster {
@@ -187,6 +206,7 @@ impl Cluster {
                     log: dir.path().join(format!("node{id}.log")),
                     data_dir,
                     child: None,
+                    clock_rate: opts.clock_rates.get(&id).copied(),
                 },
             );
         }
@@ -263,6 +283,12 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        if let Some(rate) = n.clock_rate {
+            // "+0 xR": no offset, time passes at R times the real rate, sleeps included.
+            cmd.env("LD_PRELOAD", faketime_library())
+                .env("FAKETIME", format!("+0 x{rate}"))
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "0");
+        }
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
@@ -311,6 +337,11 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sets the clock rate node `id` gets from its next start (see [`Options::clock_rates`]).
+    pub fn set_clock_rate(&mut self, id: u64, rate: Option<f64>) {
+        self.nodes.get_mut(&id).expect("known node").clock_rate = rate;
     }
 
     /// Starts a killed node again from its data directory.
