@@ -206,6 +206,13 @@ impl Node {
             };
         }
         if !self.under_lease(&g) {
+            // While leadership moves, a round's heartbeats would keep the target from
+            // campaigning (`lease.rs`): the read is sent again, to whoever leads next.
+            if g.transferring.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::TryAgain(format!(
+                    "leadership of partition {p} is moving; retry"
+                )));
+            }
             g.read_rounds.confirm(&g, self.round_settings()).await?;
         }
         if let Some(want) = min_offset {

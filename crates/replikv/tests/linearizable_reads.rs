@@ -370,3 +370,53 @@ fn a_leader_lease_spares_primary_reads_their_quorum_round() {
         }
     }
 }
+
+/// A leadership transfer (`promote`) completes while clients keep reading at the old
+/// leader: once its lease runs out, the old leader sends those reads on instead of running
+/// read-index rounds, whose heartbeats would keep the target from campaigning (`lease.rs`).
+#[test]
+fn promote_completes_under_primary_read_load() {
+    let opts = Options {
+        partitions: 1,
+        rebalance_leaders: false,
+        ..Options::default()
+    };
+    let c = Cluster::start(env!("CARGO_BIN_EXE_replikv").as_ref(), opts);
+    let old = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    let target = [1, 2, 3].into_iter().find(|n| *n != old).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query(&mut c.redis(old))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let url = c.node(old).redis_url();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let mut served = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let got: redis::RedisResult<String> =
+                        redis::cmd("GET").arg("k").query(&mut conn);
+                    if let Ok(v) = got {
+                        assert_eq!(v, "v");
+                        served += 1;
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    let promoted = c.http_post(
+        old,
+        "/v1/_replication/promote",
+        serde_json::json!({"partition": 0, "node": target}),
+    );
+    stop.store(true, Ordering::Relaxed);
+    let served: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    promoted.unwrap_or_else(|e| panic!("promote under read load failed: {e}"));
+    assert_eq!(c.leader_seen_by(target, 0), Some(target));
+    assert!(served > 0, "no read was served");
+}
