@@ -2,6 +2,7 @@
 //! of N nodes with replikv's `TypeConfig`), after docs/design/simulation.md stage 1, cut down.
 //! See README.md for what is real and what is a stand-in.
 
+mod disk;
 mod net;
 mod store;
 
@@ -17,9 +18,10 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replikv_raft::{LogId, LogStore, Raft, StateMachine};
-use replikv_storage::Stores;
+use replikv_storage::{FsyncPolicy, Store, Stores, WriterKind};
 use replikv_types::{KvOp, SetCond, StoredValue, WriteRequest};
 
+use disk::{CrashKind, Power, SharedPower, SimDisk};
 use net::{NetState, SimNetwork};
 use store::{now, Obs, SharedObs, SimLog, SimSm, PARTITION};
 
@@ -30,7 +32,8 @@ const EPOCH_MS: u64 = 1_750_000_000_000;
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Bug {
     None,
-    /// A crash tears the last few log records, which the node had acknowledged as durable.
+    /// A restart finds the last few log records torn, which the node had acknowledged as
+    /// durable.
     LostAppend,
     /// The state machine applies each batch of entries in reverse order.
     ApplyReversed,
@@ -81,8 +84,18 @@ struct Ack {
 struct Node {
     id: u64,
     config: Arc<Config>,
-    /// The node's storage (in memory, task writers): it outlives every incarnation.
-    stores: Stores,
+    /// The node's two simulated disks (log, state): they outlive every incarnation.
+    log_disk: SimDisk,
+    state_disk: SimDisk,
+    /// The current incarnation's stores (redb databases on the disks, task writers), and the
+    /// power supply of its disks.
+    stores: Option<Stores>,
+    power: SharedPower,
+    /// Times the node has started.
+    starts: u64,
+    /// At its last crash: the node's applied index and last log index, as its stores showed
+    /// them (unsynced commits included).
+    at_crash: (u64, u64),
     obs: SharedObs,
     /// The current incarnation's log store and state machine (the checker reads through them).
     log: Option<LogStore>,
@@ -103,6 +116,17 @@ struct Stats {
     writes: u64,
     acked: u64,
     crashes: u64,
+    /// Crashes that lost power (only synced bytes left), and of those, disks left with a torn
+    /// unsynced tail (a prefix of the unsynced writes, the last in part).
+    power_losses: u64,
+    /// Power losses inside a write or sync (in the middle of a commit).
+    mid_io: u64,
+    torn: u64,
+    /// Unsynced writes lost at crashes.
+    writes_lost: u64,
+    /// Restarts that came back with an older applied state (and re-applied), or a shorter log.
+    sm_rollbacks: u64,
+    log_rollbacks: u64,
     partitions: u64,
     multi_leader_terms: u64,
     max_term: u64,
@@ -137,7 +161,8 @@ impl Node {
 
     /// The node's keys and values, as its state machine's `kv` table holds them.
     fn kv(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
-        let r = self.stores.state.read().map_err(|e| e.to_string())?;
+        let stores = self.stores.as_ref().ok_or("the node is down")?;
+        let r = stores.state.read().map_err(|e| e.to_string())?;
         let mut out = BTreeMap::new();
         let mut bad = None;
         r.kv_for_each(PARTITION, b"", |k, raw| match StoredValue::decode(raw) {
@@ -253,7 +278,12 @@ impl Sim {
             nodes.push(Node {
                 id,
                 config,
-                stores: Stores::in_memory().expect("in-memory stores"),
+                log_disk: SimDisk::new(),
+                state_disk: SimDisk::new(),
+                stores: None,
+                power: Power::new(Default::default()),
+                starts: 0,
+                at_crash: (0, 0),
                 obs: Arc::new(Mutex::new(Obs::new())),
                 log: None,
                 sm: None,
@@ -285,18 +315,150 @@ impl Sim {
         }
     }
 
-    /// Starts (or restarts) node `k` over its stores, through replikv's open path: the log
-    /// store checks every record and cuts a corrupt tail, demotes a vote of its own; openraft
-    /// reads the applied state and the snapshot and re-applies the committed log after it.
-    async fn start(&mut self, k: usize) {
+    /// Starts (or restarts) node `k`: opens a redb database on each of its disks (after a
+    /// crash, redb repairs what the crash left), then the partition through replikv's open
+    /// path: the log store checks every record and cuts a corrupt tail, demotes a vote of its
+    /// own; openraft reads the applied state and the snapshot and re-applies the committed
+    /// log after it. Checks that every append and vote save acknowledged before a crash
+    /// survived it.
+    async fn start(&mut self, k: usize, step: u64) -> Result<(), Violation> {
+        let v = |invariant: &'static str, detail: String| Violation {
+            step,
+            invariant,
+            detail,
+        };
+        let lost_append = self.opts.bug == Bug::LostAppend;
         let n = &mut self.nodes[k];
-        let (log, sm) =
-            replikv_raft::open_partition(&n.stores, PARTITION).expect("open the partition");
+        let id = n.id;
+        n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        n.power = Power::new(n.alive.clone());
+        let power = n.power.clone();
+        let open = |disk: &SimDisk, what: &str| {
+            let backend = disk.backend(power.clone());
+            Store::open_with_backend(backend, FsyncPolicy::Always, WriterKind::Task).map_err(|e| {
+                v(
+                    "redb opens the image a crash left",
+                    format!("node {id}: {what} database: {e}"),
+                )
+            })
+        };
+        let stores = Stores {
+            log: open(&n.log_disk, "log")?,
+            state: open(&n.state_disk, "state")?,
+        };
+        if lost_append && n.starts > 0 {
+            if let Some(from) = store::corrupt_log_tail(&stores.log) {
+                let mut obs = n.obs.lock().unwrap();
+                obs.recheck_from = obs.recheck_from.min(from);
+            }
+        }
+        n.starts += 1;
+        let (log, sm) = replikv_raft::open_partition(&stores, PARTITION).map_err(|e| {
+            v(
+                "a node reopens its log store and state machine",
+                format!("node {id}: {e}"),
+            )
+        })?;
+        let read = |what: &str, e: replikv_raft::StorageError| {
+            v("storage reads succeed", format!("node {id}: {what}: {e}"))
+        };
         {
             let mut obs = n.obs.lock().unwrap();
-            obs.committed = now(log.clone().read_committed()).expect("read committed");
+            obs.committed = now(log.clone().read_committed()).map_err(|e| read("committed", e))?;
+            // (5) what the node acknowledged as durable survived the crash.
+            let vote = now(log.clone().read_vote()).map_err(|e| read("vote", e))?;
+            if let Some(saved) = obs.durable_vote {
+                let back = vote.map(|b| (b.leader_id.term, b.leader_id.node_id));
+                let ok = back.is_some_and(|(t, node)| {
+                    t > saved.leader_id.term
+                        || (t == saved.leader_id.term && node == saved.leader_id.node_id)
+                });
+                if !ok {
+                    return Err(v(
+                        "acknowledged votes survive a crash",
+                        format!("node {id} saved vote {saved} but reads back {vote:?}"),
+                    ));
+                }
+            }
+            if let Some(b) = vote {
+                obs.vote_history
+                    .insert((b.leader_id.term, b.leader_id.node_id));
+            }
+            if let (Some((&lo, _)), Some((&hi, _))) = (
+                obs.durable_log.first_key_value(),
+                obs.durable_log.last_key_value(),
+            ) {
+                let held: BTreeMap<u64, LogId> = now(log.clone().try_get_log_entries(lo..=hi))
+                    .map_err(|e| read("log", e))?
+                    .into_iter()
+                    .map(|e| (e.log_id.index, e.log_id))
+                    .collect();
+                for (i, acked) in &obs.durable_log {
+                    if held.get(i) != Some(acked) {
+                        return Err(v(
+                            "acknowledged appends survive a crash",
+                            format!(
+                                "node {id} acknowledged {acked} as appended, but after its restart its log holds {:?} at {i}",
+                                held.get(i)
+                            ),
+                        ));
+                    }
+                }
+            }
         }
-        n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // The log must still hold every entry after the state machine's applied point (or
+        // openraft cannot re-apply them): purged <= applied.
+        let purged = now(log.clone().get_log_state())
+            .map_err(|e| read("log state", e))?
+            .last_purged_log_id;
+        let applied = now(sm.clone().applied_state())
+            .map_err(|e| read("applied", e))?
+            .0;
+        if purged.map(|p| p.index) > applied.map(|a| a.index) {
+            return Err(v(
+                "a restarted node's log reaches back to its applied state",
+                format!(
+                    "node {id}: log purged up to {}, but its state machine has applied only up to {} (snapshot {})",
+                    show_id(purged),
+                    show_id(applied),
+                    show_id(
+                        now(sm.clone().get_current_snapshot())
+                            .ok()
+                            .flatten()
+                            .and_then(|s| s.meta.last_log_id)
+                    )
+                ),
+            ));
+        }
+        if n.starts > 1 {
+            let applied = now(sm.clone().applied_state())
+                .map_err(|e| read("applied", e))?
+                .0
+                .map_or(0, |a| a.index);
+            let last_log = now(log.clone().get_log_state())
+                .map_err(|e| read("log state", e))?
+                .last_log_id
+                .map_or(0, |l| l.index);
+            self.stats.sm_rollbacks += (applied < n.at_crash.0) as u64;
+            self.stats.log_rollbacks += (last_log < n.at_crash.1) as u64;
+        }
+        if self.opts.verbose {
+            let state = now(log.clone().get_log_state()).ok();
+            eprintln!(
+                "step {step}: node {id} opened: vote {:?} committed {:?} purged {:?} last log {:?} snapshot {:?} applied {:?}",
+                now(log.clone().read_vote()).ok().flatten(),
+                now(log.clone().read_committed()).ok().flatten(),
+                state.as_ref().and_then(|s| s.last_purged_log_id),
+                state.as_ref().and_then(|s| s.last_log_id),
+                now(sm.clone().get_current_snapshot())
+                    .ok()
+                    .flatten()
+                    .map(|s| s.meta.last_log_id),
+                now(sm.clone().applied_state()).ok().map(|a| a.0),
+            );
+        }
+        n.stores = Some(stores);
+        n.checked_at = None;
         n.log = Some(log.clone());
         n.sm = Some(sm.clone());
         let log = SimLog {
@@ -316,32 +478,92 @@ impl Sim {
         };
         let raft = Raft::new(n.id, n.config.clone(), network, log, sm)
             .await
-            .expect("Raft::new");
+            .map_err(|e| v("a node restarts", format!("node {id}: Raft::new: {e}")))?;
         self.net.lock().unwrap().rafts.insert(n.id, raft.clone());
         n.raft = Some(raft);
+        Ok(())
     }
 
-    async fn crash(&mut self, k: usize, step: u64) {
+    /// Node `k` goes down, now: a process crash, or a power loss (with, half the time, a torn
+    /// unsynced tail on each disk), or it already lost power inside a storage call (`arm`).
+    /// In this order, as in a real crash:
+    /// 1. its disks are detached: nothing the crashed incarnation writes from here on (jobs
+    ///    still queued on its store writers, redb's clean-close commit when a `Database`
+    ///    drops) reaches them; each disk's image for the restart is fixed now;
+    /// 2. its tasks are fenced (storage calls and RPCs fail) and its `Raft` is shut down;
+    /// 3. its `Raft`, log store, state machine and stores are dropped (the store writers end
+    ///    once the last handle is gone, writing only to the detached copies).
+    async fn crash(&mut self, k: usize, step: u64, kind: CrashKind) {
         let Some(raft) = self.nodes[k].raft.take() else {
             return;
         };
         self.stats.crashes += 1;
         let id = self.nodes[k].id;
+        let at_crash = {
+            let n = &self.nodes[k];
+            let last_log = n
+                .log
+                .clone()
+                .and_then(|mut l| now(l.get_log_state()).ok())
+                .and_then(|s| s.last_log_id)
+                .map_or(0, |l| l.index);
+            (n.applied().map_or(0, |a| a.index), last_log)
+        };
+        self.nodes[k].at_crash = at_crash;
+        if self.opts.verbose {
+            let n = &self.nodes[k];
+            if let (Some(mut log), Some(mut sm)) = (n.log.clone(), n.sm.clone()) {
+                let state = now(log.get_log_state()).ok();
+                eprintln!(
+                    "step {step}: node {id} at its crash: committed {:?} purged {:?} last log {:?} snapshot {:?} applied {:?}, power failed inside a storage call: {}",
+                    n.committed(),
+                    state.as_ref().and_then(|s| s.last_purged_log_id),
+                    state.as_ref().and_then(|s| s.last_log_id),
+                    now(sm.get_current_snapshot())
+                        .ok()
+                        .flatten()
+                        .map(|s| s.meta.last_log_id),
+                    n.applied(),
+                    n.power.lock().unwrap().failed(),
+                );
+            }
+        }
+        // A power failure inside a storage call has already detached the disks it wrote to.
+        let mid_io = self.nodes[k].power.lock().unwrap().failed();
+        let kind = if mid_io { CrashKind::PowerLoss } else { kind };
+        let power = kind == CrashKind::PowerLoss;
+        if power && !mid_io {
+            let (tear, seed) = (self.rng.random_bool(0.5), self.rng.random());
+            self.nodes[k].power.lock().unwrap().set_tear(tear, seed);
+        }
+        let n = &mut self.nodes[k];
+        let effects = [
+            n.log_disk.crash(kind, &n.power),
+            n.state_disk.crash(kind, &n.power),
+        ];
+        self.stats.power_losses += power as u64;
+        self.stats.mid_io += mid_io as u64;
+        for e in &effects {
+            self.stats.torn += e.torn as u64;
+            self.stats.writes_lost += (e.unsynced - e.kept) as u64;
+        }
         // The process is gone at this instant: its tasks touch neither disk nor network again.
         self.nodes[k]
             .alive
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.net.lock().unwrap().rafts.remove(&id);
         let _ = raft.shutdown().await;
-        if self.opts.bug == Bug::LostAppend {
-            if let Some(from) = store::corrupt_log_tail(&self.nodes[k].stores.log).await {
-                let mut obs = self.nodes[k].obs.lock().unwrap();
-                obs.recheck_from = obs.recheck_from.min(from);
-            }
-        }
-        self.nodes[k].restart_at = step + self.rng.random_range(100..3_000);
+        drop(raft);
+        let n = &mut self.nodes[k];
+        n.log = None;
+        n.sm = None;
+        n.stores = None;
+        n.restart_at = step + self.rng.random_range(100..3_000);
         if self.opts.verbose {
-            eprintln!("step {step}: crash node {id}");
+            eprintln!(
+                "step {step}: crash node {id} ({kind:?}; log disk {:?}, state disk {:?})",
+                effects[0], effects[1]
+            );
         }
     }
 
@@ -358,7 +580,24 @@ impl Sim {
             let up = self.up();
             if !up.is_empty() {
                 let k = up[self.rng.random_range(0..up.len())];
-                self.crash(k, step).await;
+                match self.rng.random_range(0..4) {
+                    0 | 1 => self.crash(k, step, CrashKind::Process).await,
+                    2 => self.crash(k, step, CrashKind::PowerLoss).await,
+                    _ => {
+                        // The power fails inside one of the node's next writes or syncs (in
+                        // the middle of a commit, or inside its fsync); the driver completes
+                        // the crash after that step.
+                        let (ops, tear, seed) = (
+                            self.rng.random_range(0..64),
+                            self.rng.random_bool(0.5),
+                            self.rng.random(),
+                        );
+                        let mut power = self.nodes[k].power.lock().unwrap();
+                        if !power.armed() {
+                            power.arm(ops, tear, seed);
+                        }
+                    }
+                }
             }
         }
         // Crash a majority at once (a power loss), rarer.
@@ -368,7 +607,7 @@ impl Sim {
             while up.len() > n - m {
                 let i = self.rng.random_range(0..up.len());
                 let k = up.remove(i);
-                self.crash(k, step).await;
+                self.crash(k, step, CrashKind::PowerLoss).await;
             }
         }
         // Partition: cut a random non-empty proper subset from the rest, both ways or one way.
@@ -492,13 +731,13 @@ impl Sim {
             // it), so only the entries it reported committed are checked while it is down.
             let mut present = Vec::new();
             let (mut committed, mut applied) = (0, 0);
-            let counts = (
-                node.stores.log.commit_count(),
-                node.stores.state.commit_count(),
-            );
+            let counts = node
+                .stores
+                .as_ref()
+                .map(|s| (s.log.commit_count(), s.state.commit_count()));
             if !up {
                 node.checked_at = None;
-            } else if node.checked_at == Some(counts) {
+            } else if node.checked_at == counts {
                 (committed, applied) = node.last_seen;
             } else {
                 let id = node.id;
@@ -522,10 +761,11 @@ impl Sim {
                 // Sanity: the log's records run without a hole from its purge point.
                 let state = now(log.get_log_state()).map_err(|e| read("log state", e))?;
                 let first = state.last_purged_log_id.map_or(0, |p| p.index + 1);
-                let r =
-                    node.stores.log.read().map_err(|e| {
-                        v("storage reads succeed", format!("node {}: {e}", node.id))
-                    })?;
+                let stores = node.stores.as_ref().expect("a started node has stores");
+                let r = stores
+                    .log
+                    .read()
+                    .map_err(|e| v("storage reads succeed", format!("node {}: {e}", node.id)))?;
                 let len = r.log_len(PARTITION).unwrap_or(0);
                 if let Some(last) = state.last_log_id.map(|l| l.index).filter(|&l| l >= first) {
                     if last - first + 1 != len {
@@ -577,7 +817,7 @@ impl Sim {
                     }
                 }
                 applied = applied_id.map_or(0, |a| a.index);
-                node.checked_at = Some(counts);
+                node.checked_at = counts;
                 node.last_seen = (committed, applied);
             }
             // (1) committed entries never change, and all nodes agree on them.
@@ -794,7 +1034,9 @@ impl Sim {
     async fn run(mut self) -> SeedResult {
         *PANIC.lock().unwrap() = None;
         for k in 0..self.nodes.len() {
-            self.start(k).await;
+            if let Err(v) = self.start(k, 0).await {
+                return self.finish(Some(v)).await;
+            }
         }
         let members: BTreeMap<u64, BasicNode> = self
             .nodes
@@ -812,7 +1054,7 @@ impl Sim {
         let t0 = tokio::time::Instant::now();
         let total = self.opts.steps + self.opts.settle;
         let mut violation = None;
-        for step in 0..total {
+        'steps: for step in 0..total {
             if step < self.opts.steps {
                 self.faults(step).await;
                 if self.rng.random_bool(write_p) {
@@ -827,6 +1069,7 @@ impl Sim {
                 drop(net);
                 for n in self.nodes.iter_mut() {
                     n.restart_at = n.restart_at.min(step);
+                    n.power.lock().unwrap().disarm();
                 }
             }
             for k in 0..self.nodes.len() {
@@ -834,10 +1077,21 @@ impl Sim {
                     if self.opts.verbose {
                         eprintln!("step {step}: restart node {}", self.nodes[k].id);
                     }
-                    self.start(k).await;
+                    if let Err(e) = self.start(k, step).await {
+                        violation = Some(e);
+                        break 'steps;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
+            // Nodes whose power failed inside a storage call during this step: their tasks
+            // are fenced already; shut them down before the checker looks.
+            for k in 0..self.nodes.len() {
+                let failed = self.nodes[k].power.lock().unwrap().failed();
+                if failed && self.nodes[k].raft.is_some() {
+                    self.crash(k, step, CrashKind::PowerLoss).await;
+                }
+            }
             if let Err(e) = self.check(step) {
                 violation = Some(e);
                 break;
@@ -848,10 +1102,14 @@ impl Sim {
                 violation = Some(e);
             }
         }
-        self.stats.acked = self.acks.lock().unwrap().len() as u64;
         if self.opts.verbose {
             eprintln!("virtual time elapsed: {:?}", t0.elapsed());
         }
+        self.finish(violation).await
+    }
+
+    async fn finish(mut self, violation: Option<Violation>) -> SeedResult {
+        self.stats.acked = self.acks.lock().unwrap().len() as u64;
         for n in &self.nodes {
             if let Some(r) = &n.raft {
                 let _ = r.shutdown().await;
@@ -867,6 +1125,10 @@ impl Sim {
             kinds: net.kinds,
         }
     }
+}
+
+fn show_id(id: Option<LogId>) -> String {
+    id.map_or("none".into(), |i| i.to_string())
 }
 
 fn show(m: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(String, String)> {
@@ -1015,13 +1277,19 @@ fn main() -> ExitCode {
         seeds += 1;
         let s = &r.stats;
         let mut line = format!(
-            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {}, partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
+            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {} (power losses {}, {} of them mid-IO, torn disks {}, unsynced writes lost {}; restarts with an older applied state {}, a shorter log {}), partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
             r.trace.len(),
             s.max_term,
             s.max_committed,
             s.writes,
             s.acked,
             s.crashes,
+            s.power_losses,
+            s.mid_io,
+            s.torn,
+            s.writes_lost,
+            s.sm_rollbacks,
+            s.log_rollbacks,
             s.partitions,
             s.multi_leader_terms,
             r.sent,

@@ -1,17 +1,18 @@
 //! replikv's REAL storage, as the simulation runs it: `replikv_raft::LogStore` and
-//! `StateMachine` over `replikv_storage::Stores::in_memory()` (redb's in-memory backend, the
-//! storage writers as tokio tasks). This module only wraps them, for three things the real code
+//! `StateMachine` over `replikv_storage::Store`s opened on simulated disks (`crate::disk`,
+//! the storage writers as tokio tasks). This module only wraps them, for three things the real code
 //! does not do:
-//! - observe: every saved vote (for election safety) and every entry the node is told is
+//! - observe: every saved vote (for election safety), every append and vote save acknowledged
+//!   while the node was up (they must survive any crash), and every entry the node is told is
 //!   committed (`save_committed`: openraft can commit, apply, snapshot and purge an entry
 //!   within one simulated millisecond, before the checker looks);
 //! - fence: a crashed incarnation's tasks (openraft's replication streams and state-machine
 //!   worker may still be scheduled after `shutdown`) touch the storage no more;
-//! - inject the `--bug`s: `lost-append` corrupts the last records of a crashed node's log, so
+//! - inject the `--bug`s: `lost-append` corrupts the last records of a restarting node's log, so
 //!   that the real `cut_corrupt_tail` drops entries the node had acknowledged; `apply-reversed`
 //!   hands the real state machine each batch's writes in reverse order.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::future::Future;
 use std::io::Cursor;
@@ -48,6 +49,13 @@ pub struct Obs {
     pub journal: Vec<Entry>,
     /// The last commit point passed to `save_committed` (or read at a restart).
     pub committed: Option<LogId>,
+    /// Every entry whose append the log store acknowledged (the append returned, so its
+    /// batch was committed and fsynced) while the node was up, less those truncated or purged
+    /// since: each must still be in the log after any crash, a power loss included.
+    pub durable_log: BTreeMap<u64, LogId>,
+    /// The last vote whose save returned while the node was up: a restart must read it (or a
+    /// later one) back.
+    pub durable_vote: Option<Vote>,
 }
 
 impl Obs {
@@ -57,6 +65,8 @@ impl Obs {
             recheck_from: u64::MAX,
             journal: Vec::new(),
             committed: None,
+            durable_log: BTreeMap::new(),
+            durable_vote: None,
         }
     }
 }
@@ -78,6 +88,18 @@ macro_rules! check_alive {
     };
 }
 
+/// A write, fenced on both sides: the node may have died while it waited for its commit (the
+/// power can fail inside a commit: `disk::Power::arm`). Whatever the commit did then reached
+/// only the detached disk, so the node must not see it succeed.
+macro_rules! fenced_write {
+    ($self:ident, $call:expr) => {{
+        check_alive!($self);
+        let r = $call.await;
+        check_alive!($self);
+        r
+    }};
+}
+
 /// Runs a storage call that never waits (a read of the real stores) to completion, from the
 /// checker, which must not await. Panics if it would wait.
 pub fn now<T>(f: impl Future<Output = T>) -> T {
@@ -88,18 +110,17 @@ pub fn now<T>(f: impl Future<Output = T>) -> T {
     }
 }
 
-/// `--bug lost-append`, at a crash: the last `LOST_TAIL` records of the node's log are
-/// overwritten with bytes that fail their checksum, as a torn write would leave them. At the
-/// restart, the real `LogStore::open` cuts them (and clamps the commit point): the node loses
-/// entries it acknowledged as durable. Returns the first index corrupted.
-pub async fn corrupt_log_tail(log: &Store) -> Option<u64> {
-    // Let every job already queued (the crashed incarnation's last writes) commit first.
-    log.write(false, |_| Ok(())).await.ok()?;
+/// `--bug lost-append`, at a restart, on the image the crash left, before the log store opens:
+/// the last `LOST_TAIL` records of the node's log are overwritten with bytes that fail their
+/// checksum, as a torn write would leave them. The real `LogStore::open` then cuts them (and
+/// clamps the commit point): the node loses entries it acknowledged as durable. Returns the
+/// first index corrupted.
+pub fn corrupt_log_tail(log: &Store) -> Option<u64> {
     let records = log.read().ok()?.log_range(PARTITION, 0..u64::MAX).ok()?;
     let from = records.len().saturating_sub(LOST_TAIL as usize);
     let tail: Vec<(u64, Vec<u8>)> = records[from..].to_vec();
     let first = tail.first()?.0;
-    log.write(true, move |w| {
+    log.write_now(move |w| {
         for (i, mut raw) in tail {
             let last = raw.len() - 1;
             raw[last] ^= 0x5a;
@@ -107,7 +128,6 @@ pub async fn corrupt_log_tail(log: &Store) -> Option<u64> {
         }
         Ok(())
     })
-    .await
     .ok()?;
     Some(first)
 }
@@ -164,14 +184,16 @@ impl RaftLogStorage<TypeConfig> for SimLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        check_alive!(self);
-        self.inner.save_vote(vote).await?;
-        // Saved (the job was queued before any crash, so it is in the store either way).
+        // Recorded before the save (which a crash may lose, or leave on the crashed
+        // incarnation's detached disk): the history may hold more than the disk, never less.
+        // The vote a restart reads back is added to it as well.
         self.obs
             .lock()
             .unwrap()
             .vote_history
             .insert((vote.leader_id.term, vote.leader_id.node_id));
+        fenced_write!(self, self.inner.save_vote(vote))?;
+        self.obs.lock().unwrap().durable_vote = Some(*vote);
         Ok(())
     }
 
@@ -212,7 +234,15 @@ impl RaftLogStorage<TypeConfig> for SimLog {
             let mut obs = self.obs.lock().unwrap();
             obs.recheck_from = obs.recheck_from.min(first.log_id.index);
         }
-        self.inner.append(entries, callback).await
+        let ids: Vec<LogId> = entries.iter().map(|e| e.log_id).collect();
+        fenced_write!(self, self.inner.append(entries, callback))?;
+        // Acknowledged while the node was up (on one thread, nothing ran between the commit's
+        // answer and here): the batch is on the disk, fsynced.
+        let mut obs = self.obs.lock().unwrap();
+        for id in ids {
+            obs.durable_log.insert(id.index, id);
+        }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -220,8 +250,10 @@ impl RaftLogStorage<TypeConfig> for SimLog {
         {
             let mut obs = self.obs.lock().unwrap();
             obs.recheck_from = obs.recheck_from.min(log_id.index);
+            // From the call on: a crash before the removal commits may keep them, or not.
+            obs.durable_log.split_off(&log_id.index);
         }
-        self.inner.truncate(log_id).await
+        fenced_write!(self, self.inner.truncate(log_id))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -229,7 +261,11 @@ impl RaftLogStorage<TypeConfig> for SimLog {
         if crate::trace_on() {
             eprintln!("purge {log_id}");
         }
-        self.inner.purge(log_id).await
+        {
+            let mut obs = self.obs.lock().unwrap();
+            obs.durable_log = obs.durable_log.split_off(&(log_id.index + 1));
+        }
+        fenced_write!(self, self.inner.purge(log_id))
     }
 }
 
@@ -281,7 +317,7 @@ impl RaftStateMachine<TypeConfig> for SimSm {
         if self.apply_reversed {
             reverse_writes(&mut entries);
         }
-        self.inner.apply(entries).await
+        fenced_write!(self, self.inner.apply(entries))
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -303,7 +339,7 @@ impl RaftStateMachine<TypeConfig> for SimSm {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         check_alive!(self);
-        self.inner.install_snapshot(meta, snapshot).await
+        fenced_write!(self, self.inner.install_snapshot(meta, snapshot))
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -315,6 +351,6 @@ impl RaftStateMachine<TypeConfig> for SimSm {
 impl RaftSnapshotBuilder<TypeConfig> for SimSm {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         check_alive!(self);
-        self.inner.build_snapshot().await
+        fenced_write!(self, self.inner.build_snapshot())
     }
 }
