@@ -726,9 +726,9 @@ impl Sim {
             let node = &mut self.nodes[k];
             let up = node.raft.is_some();
             let journal = std::mem::take(&mut node.obs.lock().unwrap().journal);
-            // A crashed node's storage does not change until it restarts (its tasks are
-            // fenced; under `--bug lost-append` its log tail is corrupt until the restart cuts
-            // it), so only the entries it reported committed are checked while it is down.
+            // A crashed node has no stores until it restarts (its disks are detached; the
+            // restart opens new stores on the images the crash left), so only the entries it
+            // reported committed are checked while it is down.
             let mut present = Vec::new();
             let (mut committed, mut applied) = (0, 0);
             let counts = node
