@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+mod purge_gate;
 mod record;
 mod snapshot;
 mod state_machine;
@@ -22,6 +23,7 @@ mod state_machine;
 use std::io::Cursor;
 
 pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore};
+pub use purge_gate::PurgeGate;
 pub use record::{decode_record, encode_record, RecordError};
 pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};
 pub use state_machine::{KvView, StateMachine};
@@ -57,7 +59,7 @@ pub fn open_partition(
     stores: &replikv_storage::Stores,
     partition: u32,
 ) -> Result<(LogStore, StateMachine), StorageError> {
-    let log = LogStore::open(stores.log.clone(), partition)?;
     let sm = StateMachine::open(stores.state.clone(), partition)?;
+    let log = LogStore::open(stores.log.clone(), partition, sm.purge_gate())?;
     Ok((log, sm))
 }

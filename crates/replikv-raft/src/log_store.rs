@@ -19,7 +19,7 @@ use replikv_storage::Store;
 use tokio::sync::oneshot;
 
 use crate::record::{decode_record, encode_record};
-use crate::{read_error, storage_error, Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::{read_error, storage_error, Entry, LogId, PurgeGate, StorageError, TypeConfig, Vote};
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
@@ -115,15 +115,18 @@ pub struct LogStore {
     store: Store,
     partition: u32,
     waiters: Arc<AppendWaiters>,
+    /// Purges wait here for a snapshot being installed (`purge_gate.rs`).
+    gate: PurgeGate,
 }
 
 impl LogStore {
     /// Opens the partition's log and cuts a corrupt tail.
-    pub fn open(store: Store, partition: u32) -> Result<LogStore, StorageError> {
+    pub fn open(store: Store, partition: u32, gate: PurgeGate) -> Result<LogStore, StorageError> {
         let log = LogStore {
             store,
             partition,
             waiters: Arc::new(AppendWaiters::default()),
+            gate,
         };
         log.cut_corrupt_tail()?;
         log.demote_saved_vote()?;
@@ -406,6 +409,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.gate.ready_to_purge(log_id.index).await?;
         let p = self.partition;
         let purged = bincode::serialize(&Some(log_id)).map_err(storage_error)?;
         self.store

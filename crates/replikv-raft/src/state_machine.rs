@@ -16,6 +16,7 @@ use replikv_storage::{Store, WriteTx};
 use replikv_types::{apply_op, KeyTable, Replies, StoredValue, WriteRequest};
 
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
+use crate::PurgeGate;
 use crate::{
     read_error, storage_error, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig,
 };
@@ -28,15 +29,34 @@ pub struct StateMachine {
     store: Store,
     partition: u32,
     snapshot_seq: Arc<AtomicU64>,
+    /// Tells the log store when a snapshot is durable (`purge_gate.rs`).
+    gate: PurgeGate,
 }
 
 impl StateMachine {
     pub fn open(store: Store, partition: u32) -> Result<StateMachine, StorageError> {
+        let raw = store
+            .read()
+            .and_then(|r| r.snapshot_get(partition))
+            .map_err(read_error)?;
+        let durable = match raw {
+            Some(raw) => SnapshotFile::decode_meta(&raw)
+                .map_err(read_error)?
+                .last_log_id
+                .map(|l| l.index),
+            None => None,
+        };
         Ok(StateMachine {
             store,
             partition,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            gate: PurgeGate::new(durable),
         })
+    }
+
+    /// The gate the partition's log store purges through.
+    pub fn purge_gate(&self) -> PurgeGate {
+        self.gate.clone()
     }
 
     pub fn view(&self) -> KvView {
@@ -140,6 +160,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        self.gate.receiving();
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -153,6 +174,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // error as fatal for the group, which stops it rather than serve wrong data.
         let file = SnapshotFile::decode(&raw).map_err(|e| {
             tracing::error!(partition = self.partition, error = %e, "refusing a corrupt snapshot");
+            self.gate.snapshot_durable(None);
             storage_error(e)
         })?;
         let p = self.partition;
@@ -160,7 +182,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let membership = bincode::serialize(&meta.last_membership).expect("membership serialises");
         let pairs = file.pairs;
         tracing::info!(partition = p, keys = pairs.len(), last = ?meta.last_log_id, "installing snapshot");
-        self.store
+        let result = self
+            .store
             .write(true, move |w| {
                 w.kv_clear(p)?;
                 for (k, v) in &pairs {
@@ -171,7 +194,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 w.snapshot_put(p, &raw)
             })
             .await
-            .map_err(storage_error)
+            .map_err(storage_error);
+        self.gate.snapshot_durable(
+            result
+                .is_ok()
+                .then(|| meta.last_log_id.map_or(0, |l| l.index)),
+        );
+        result
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -232,6 +261,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .write(true, move |w| w.snapshot_put(p, &stored))
             .await
             .map_err(storage_error)?;
+        // Durable, and every earlier apply with it.
+        if let Some(l) = meta.last_log_id {
+            self.gate.snapshot_durable(Some(l.index));
+        }
         tracing::info!(partition = p, bytes = raw.len(), last = ?meta.last_log_id, "built snapshot");
         Ok(Snapshot {
             meta,

@@ -85,8 +85,9 @@ pub enum WriterKind {
 /// applying committed entries never waits behind the log's fsyncs.
 ///
 /// Safe across crashes because the state file's durable point never falls behind what the
-/// log has purged: the log is purged only below a snapshot, and writing a snapshot is a
-/// durable commit of the state file, which makes every earlier apply durable too.
+/// log has purged: the log is purged only below a snapshot, writing a snapshot is a durable
+/// commit of the state file, which makes every earlier apply durable too, and a purge after a
+/// leader's snapshot waits for that snapshot's commit (`replikv-raft`'s `PurgeGate`).
 #[derive(Clone)]
 pub struct Stores {
     /// Raft logs, votes and commit points.
