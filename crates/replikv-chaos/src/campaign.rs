@@ -44,7 +44,7 @@ impl CampaignSpec {
         }
     }
 
-    /// Every fault 20 times with seeds 1 to 20 (about 75 minutes).
+    /// Every fault 20 times with seeds 1 to 20 (about 65 minutes).
     pub fn full(bin: PathBuf, out: PathBuf) -> CampaignSpec {
         CampaignSpec {
             name: "full".into(),

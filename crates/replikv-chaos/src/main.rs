@@ -31,7 +31,7 @@ struct Cli {
 enum Command {
     /// Every fault once, two short cycles (what CI runs; about 5 minutes).
     Short,
-    /// Every fault 20 times (about 75 minutes).
+    /// Every fault 20 times (about 65 minutes).
     Full,
     /// A chosen campaign: some faults, some runs, some bugs.
     Run {
