@@ -149,6 +149,24 @@ struct SeedResult {
 }
 
 impl Node {
+    /// What the node's stores hold, for `-v`: commit point, purge point, last log id,
+    /// snapshot and applied index (`None` while it is down).
+    fn describe_storage(&self) -> Option<String> {
+        let (mut log, mut sm) = (self.log.clone()?, self.sm.clone()?);
+        let state = now(log.get_log_state()).ok();
+        let snapshot = now(sm.get_current_snapshot())
+            .ok()
+            .flatten()
+            .map(|s| s.meta.last_log_id);
+        Some(format!(
+            "committed {:?} purged {:?} last log {:?} snapshot {snapshot:?} applied {:?}",
+            self.committed(),
+            state.as_ref().and_then(|s| s.last_purged_log_id),
+            state.as_ref().and_then(|s| s.last_log_id),
+            self.applied(),
+        ))
+    }
+
     /// The commit point saved in the node's log store.
     fn committed(&self) -> Option<LogId> {
         now(self.log.clone()?.read_committed()).ok().flatten()
@@ -512,18 +530,9 @@ impl Sim {
         self.nodes[k].at_crash = at_crash;
         if self.opts.verbose {
             let n = &self.nodes[k];
-            if let (Some(mut log), Some(mut sm)) = (n.log.clone(), n.sm.clone()) {
-                let state = now(log.get_log_state()).ok();
+            if let Some(stored) = n.describe_storage() {
                 eprintln!(
-                    "step {step}: node {id} at its crash: committed {:?} purged {:?} last log {:?} snapshot {:?} applied {:?}, power failed inside a storage call: {}",
-                    n.committed(),
-                    state.as_ref().and_then(|s| s.last_purged_log_id),
-                    state.as_ref().and_then(|s| s.last_log_id),
-                    now(sm.get_current_snapshot())
-                        .ok()
-                        .flatten()
-                        .map(|s| s.meta.last_log_id),
-                    n.applied(),
+                    "step {step}: node {id} at its crash: {stored}, power failed inside a storage call: {}",
                     n.power.lock().unwrap().failed(),
                 );
             }
@@ -944,23 +953,13 @@ impl Sim {
         self.stats.acked = acks.len() as u64;
         if self.opts.verbose {
             for n in &self.nodes {
-                let (Some(mut log), Some(mut sm)) = (n.log.clone(), n.sm.clone()) else {
+                let Some(mut log) = n.log.clone() else {
                     continue;
                 };
-                let state = now(log.get_log_state()).ok();
-                eprintln!(
-                    "node {}: vote {:?} committed {:?} purged {:?} last log {:?} snapshot {:?} applied {:?}",
-                    n.id,
-                    now(log.read_vote()).ok().flatten(),
-                    n.committed(),
-                    state.as_ref().and_then(|s| s.last_purged_log_id),
-                    state.as_ref().and_then(|s| s.last_log_id),
-                    now(sm.get_current_snapshot())
-                        .ok()
-                        .flatten()
-                        .map(|s| s.meta.last_log_id),
-                    n.applied()
-                );
+                if let Some(stored) = n.describe_storage() {
+                    let vote = now(log.read_vote()).ok().flatten();
+                    eprintln!("node {}: vote {vote:?} {stored}", n.id);
+                }
             }
             let missing: Vec<u64> = (1..=self.ledger.keys().next_back().copied().unwrap_or(0))
                 .filter(|i| !self.ledger.contains_key(i))
