@@ -232,16 +232,17 @@ impl Node {
         let Some(lease) = self.read_lease() else {
             return false;
         };
-        let (state, vote) = {
+        // One look at the metrics per read: role, leadership and applied index together.
+        let (state, vote, applied) = {
             let m = g.raft.metrics();
             let m = m.borrow();
-            (m.state, m.vote)
+            (m.state, m.vote, m.last_applied.map_or(0, |l| l.index))
         };
         if state != openraft::ServerState::Leader {
             return false;
         }
         match g.lease.valid(&vote, Instant::now()) {
-            Some(v) if g.applied() >= v.floor => {
+            Some(v) if applied >= v.floor => {
                 // Not during a transfer: a round's heartbeats would renew the followers'
                 // leases too, and keep them refusing the target's votes.
                 let transferring = g.transferring.load(std::sync::atomic::Ordering::Relaxed);
