@@ -38,6 +38,8 @@ pub struct Metrics {
     last_sync: GaugeVec,
     sync_duration: HistogramVec,
     sync_batch: HistogramVec,
+    storage_commits: IntCounterVec,
+    storage_fsyncs: IntCounterVec,
     /// Last offsets folded into the counters above, to add only what is new.
     seen: Mutex<HashMap<(String, u32, u64), u64>>,
 }
@@ -193,6 +195,18 @@ impl Metrics {
                 "Entries per replication request",
                 prometheus::exponential_buckets(1.0, 2.0, 12).expect("buckets"),
             ),
+            storage_commits: counter(
+                &r,
+                "replikv_storage_commits_total",
+                "Write transactions committed to the node's log or state file",
+                &["node", "store"],
+            ),
+            storage_fsyncs: counter(
+                &r,
+                "replikv_storage_fsyncs_total",
+                "Of those commits, the ones that waited for the disk (fsync)",
+                &["node", "store"],
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -292,6 +306,12 @@ impl Metrics {
             self.follower_connected
                 .with_label_values(&[&self.node, &link.node_id.to_string()])
                 .set(link.connected as i64);
+        }
+        for st in &status.storage {
+            let labels = [self.node.as_str(), st.store.as_str()];
+            let key = |what: &str| (format!("{what}:{}", st.store), 0, 0);
+            self.advance(&self.storage_commits, &labels, key("commits"), st.commits);
+            self.advance(&self.storage_fsyncs, &labels, key("fsyncs"), st.fsyncs);
         }
         for part in &status.partitions {
             let ps = part.partition.to_string();

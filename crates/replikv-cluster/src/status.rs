@@ -20,6 +20,17 @@ pub struct NodeStatus {
     pub http_addr: String,
     pub partitions: Vec<PartitionStatus>,
     pub links: Vec<LinkStatus>,
+    /// The node's two redb files (`log`, `state`): commits and fsyncs since it started.
+    #[serde(default)]
+    pub storage: Vec<StoreStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoreStatus {
+    pub store: String,
+    pub fsync: replikv_storage::FsyncPolicy,
+    pub commits: u64,
+    pub fsyncs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -103,6 +114,15 @@ impl Node {
                 .map(|g| self.partition_status(g))
                 .collect(),
             links,
+            storage: [("log", &self.stores.log), ("state", &self.stores.state)]
+                .into_iter()
+                .map(|(name, store)| StoreStatus {
+                    store: name.into(),
+                    fsync: store.policy(),
+                    commits: store.commit_count(),
+                    fsyncs: store.sync_count(),
+                })
+                .collect(),
         }
     }
 

@@ -39,9 +39,12 @@ pub enum FsyncPolicy {
     /// fsync (group commit).
     #[default]
     Always,
-    /// Writes are acknowledged once written; a background flush fsyncs once a second.
+    /// As `always` for durable writes (the Raft log, votes, snapshots), plus a background
+    /// flush once a second that also makes the other writes (applies) durable.
     Everysec,
-    /// No fsync on the write path; a checkpoint every 10 s. A crash may lose recent writes.
+    /// As `always` for durable writes, with a checkpoint every 10 s. Durable writes stay
+    /// fsynced: an unsynced Raft log lets a crash of every node lose acknowledged writes and
+    /// diverge replicas (`docs/design/durability.md`).
     Never,
 }
 
@@ -63,7 +66,8 @@ type JobFn = Box<dyn FnOnce(&mut WriteTx<'_>) -> Result<(), StorageError> + Send
 type DoneFn = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 struct Job {
-    /// Must reach the disk before `done` runs (when the policy fsyncs at all).
+    /// Must reach the disk (fsync) before `done` runs, under every policy: the Raft log's
+    /// appends, votes and snapshots ask for it (`docs/design/durability.md`).
     durable: bool,
     run: JobFn,
     done: DoneFn,
@@ -131,6 +135,13 @@ impl Stores {
     }
 }
 
+/// What a store's writer has done since it opened.
+#[derive(Default)]
+struct CommitCounts {
+    commits: AtomicU64,
+    syncs: AtomicU64,
+}
+
 /// One redb database shared by every partition.
 #[derive(Clone)]
 pub struct Store {
@@ -138,8 +149,8 @@ pub struct Store {
     jobs: mpsc::UnboundedSender<Job>,
     policy: FsyncPolicy,
     kind: WriterKind,
-    /// Batches committed since the store opened.
-    commits: Arc<AtomicU64>,
+    /// Batches committed, and fsynced, since the store opened.
+    counts: Arc<CommitCounts>,
     stopped: Arc<AtomicBool>,
     /// The writer thread, to join on `close` (none for a task writer).
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
@@ -184,9 +195,9 @@ impl Store {
         let db = Arc::new(db);
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let stopped = Arc::new(AtomicBool::new(false));
-        let commits = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(CommitCounts::default());
         let writer_db = db.clone();
-        let writer_commits = commits.clone();
+        let writer_counts = counts.clone();
         let writer = match kind {
             WriterKind::Thread => Some(
                 std::thread::Builder::new()
@@ -194,14 +205,7 @@ impl Store {
                     .spawn(move || {
                         let mut batch = Vec::with_capacity(256);
                         while let Some(first) = rx.blocking_recv() {
-                            write_batch(
-                                &writer_db,
-                                policy,
-                                &writer_commits,
-                                &mut batch,
-                                first,
-                                &mut rx,
-                            );
+                            write_batch(&writer_db, &writer_counts, &mut batch, first, &mut rx);
                         }
                         close_durably(&writer_db);
                     })
@@ -213,14 +217,7 @@ impl Store {
                 runtime.spawn(async move {
                     let mut batch = Vec::with_capacity(256);
                     while let Some(first) = rx.recv().await {
-                        write_batch(
-                            &writer_db,
-                            policy,
-                            &writer_commits,
-                            &mut batch,
-                            first,
-                            &mut rx,
-                        );
+                        write_batch(&writer_db, &writer_counts, &mut batch, first, &mut rx);
                     }
                     close_durably(&writer_db);
                 });
@@ -232,7 +229,7 @@ impl Store {
             jobs,
             policy,
             kind,
-            commits,
+            counts,
             stopped,
             writer: Arc::new(std::sync::Mutex::new(writer)),
         };
@@ -258,7 +255,12 @@ impl Store {
     /// How many batches have been committed since the store opened (failed ones included):
     /// while it stays the same, nothing in the store has changed.
     pub fn commit_count(&self) -> u64 {
-        self.commits.load(Ordering::Acquire)
+        self.counts.commits.load(Ordering::Acquire)
+    }
+
+    /// How many of those commits were durable (fsynced), failed ones included.
+    pub fn sync_count(&self) -> u64 {
+        self.counts.syncs.load(Ordering::Acquire)
     }
 
     /// Starts the periodic flush, on the same kind of executor as the writer.
@@ -332,7 +334,7 @@ impl Store {
                         let _ = tx.send(res);
                     }),
                 };
-                commit_and_answer(&self.db, self.policy, &self.commits, &mut vec![job]);
+                commit_and_answer(&self.db, &self.counts, &mut vec![job]);
                 rx.recv()
                     .map_err(|_| StorageError("an inline commit gave no answer".into()))?
             }
@@ -397,8 +399,7 @@ impl Store {
 /// (group commit); then every job is answered.
 fn write_batch(
     db: &Database,
-    policy: FsyncPolicy,
-    commits: &AtomicU64,
+    counts: &CommitCounts,
     batch: &mut Vec<Job>,
     first: Job,
     rx: &mut mpsc::UnboundedReceiver<Job>,
@@ -410,20 +411,23 @@ fn write_batch(
             Err(_) => break,
         }
     }
-    commit_and_answer(db, policy, commits, batch);
+    commit_and_answer(db, counts, batch);
 }
 
 /// Commits `batch` in one transaction (durable if any job asks for it) and answers its jobs,
 /// leaving `batch` empty.
-fn commit_and_answer(
-    db: &Database,
-    policy: FsyncPolicy,
-    commits: &AtomicU64,
-    batch: &mut Vec<Job>,
-) {
+fn commit_and_answer(db: &Database, counts: &CommitCounts, batch: &mut Vec<Job>) {
     let durable = batch.iter().any(|j| j.durable);
-    let result = commit_batch(db, batch, durability(policy, durable));
-    commits.fetch_add(1, Ordering::Release);
+    let durability = if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    let result = commit_batch(db, batch, durability);
+    if durable {
+        counts.syncs.fetch_add(1, Ordering::Release);
+    }
+    counts.commits.fetch_add(1, Ordering::Release);
     if let Err(e) = &result {
         tracing::error!(error = %e, jobs = batch.len(), "storage commit failed");
     }
@@ -438,17 +442,6 @@ fn close_durably(db: &Database) {
         if tx.set_durability(Durability::Immediate).is_ok() {
             let _ = tx.commit();
         }
-    }
-}
-
-fn durability(policy: FsyncPolicy, durable: bool) -> Durability {
-    match (policy, durable) {
-        (FsyncPolicy::Always, true) => Durability::Immediate,
-        // A periodic flush job is the only durable job `everysec` submits.
-        (FsyncPolicy::Everysec, true) => Durability::Immediate,
-        // `never`: only the checkpoint flusher's jobs are durable (see `start_flusher`).
-        (FsyncPolicy::Never, true) => Durability::Immediate,
-        (_, false) => Durability::None,
     }
 }
 
@@ -729,6 +722,59 @@ mod tests {
             // The other store is a separate database.
             assert_eq!(stores.state.read().unwrap().log_len(1).unwrap(), 0);
         });
+    }
+
+    /// A durable write is fsynced under every policy; the others are not, and the flusher of
+    /// `everysec` makes them durable within about a second.
+    #[tokio::test]
+    async fn durable_writes_fsync_under_every_policy_and_everysec_flushes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        for policy in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Everysec,
+            FsyncPolicy::Never,
+        ] {
+            let store = Store::open_file(dir.path(), &format!("{policy:?}.redb"), policy).unwrap();
+            let started = std::time::Instant::now();
+            let before = store.sync_count();
+            for i in 1..=20u64 {
+                store
+                    .write(true, move |w| w.log_put(1, i, b"e"))
+                    .await
+                    .unwrap();
+            }
+            let durable = store.sync_count() - before;
+            let before = store.sync_count();
+            for i in 21..=40u64 {
+                store
+                    .write(false, move |w| w.log_put(1, i, b"e"))
+                    .await
+                    .unwrap();
+            }
+            let other = store.sync_count() - before;
+            // A flusher tick may land in either loop: at most one a second.
+            let ticks = started.elapsed().as_secs() + 1;
+            assert!(
+                (20..=20 + ticks).contains(&durable),
+                "{policy:?}: {durable} fsyncs for 20 durable writes"
+            );
+            assert!(
+                other <= ticks,
+                "{policy:?}: {other} fsyncs for 20 other writes"
+            );
+            if policy == FsyncPolicy::Everysec {
+                let synced = store.sync_count();
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while store.sync_count() == synced {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the everysec flusher never synced"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            store.close();
+        }
     }
 
     /// Under `everysec` and `never` the flusher of a task writer is a task too (spawning it
