@@ -23,6 +23,8 @@ pub struct CampaignSpec {
     /// Run `i` of a fault uses seed `seed + i`, so any run replays from its seed.
     pub seed: u64,
     pub bugs: Bugs,
+    /// The nodes' `storage.fsync` policy.
+    pub fsync: &'static str,
     pub bin: PathBuf,
     pub out: PathBuf,
 }
@@ -39,6 +41,7 @@ impl CampaignSpec {
             recover: Duration::from_secs(3),
             seed: 1,
             bugs: Bugs::default(),
+            fsync: "always",
             bin,
             out,
         }
@@ -66,6 +69,7 @@ impl CampaignSpec {
                     hold: self.hold,
                     recover: self.recover,
                     bugs: self.bugs,
+                    fsync: self.fsync,
                     mix: run::default_mix(),
                     bin: self.bin.clone(),
                     out: Some(self.out.join(format!("{fault}-seed{seed}"))),

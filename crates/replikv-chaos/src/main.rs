@@ -57,6 +57,10 @@ enum Command {
         /// Inject the known bug `debug.skip_read_index` (the campaign must then fail).
         #[arg(long)]
         skip_read_index: bool,
+        /// The nodes' fsync policy: always, everysec or never. Under the last two a crash
+        /// of a majority may lose acknowledged writes (docs/design/durability.md).
+        #[arg(long, default_value = "always")]
+        fsync: String,
     },
     /// The fault names.
     List,
@@ -187,7 +191,17 @@ fn main() -> ExitCode {
             seed,
             ack_before_commit,
             skip_read_index,
+            fsync,
         } => {
+            let fsync = match fsync.as_str() {
+                "always" => "always",
+                "everysec" => "everysec",
+                "never" => "never",
+                other => {
+                    eprintln!("replikv-chaos: unknown --fsync {other:?}; allowed: always, everysec, never");
+                    return ExitCode::from(2);
+                }
+            };
             let faults = match parse_faults(&faults) {
                 Ok(f) => f,
                 Err(e) => {
@@ -211,6 +225,7 @@ fn main() -> ExitCode {
                     ack_before_commit,
                     skip_read_index,
                 },
+                fsync,
                 ..CampaignSpec::short(bin, out.clone())
             }
         }

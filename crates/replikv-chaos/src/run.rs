@@ -48,6 +48,8 @@ pub struct RunSpec {
     pub hold: Duration,
     pub recover: Duration,
     pub bugs: Bugs,
+    /// The nodes' `storage.fsync` policy (`always` unless a campaign says otherwise).
+    pub fsync: &'static str,
     pub mix: Mix,
     /// The `replikv` binary under test.
     pub bin: PathBuf,
@@ -210,6 +212,7 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         // Small enough that returning nodes sometimes need a snapshot (full sync).
         snapshot_every_entries: 2_000,
         backlog_entries: 1_000,
+        fsync: spec.fsync,
         ack_before_commit: spec.bugs.ack_before_commit,
         skip_read_index: spec.bugs.skip_read_index,
         clock_rates: if spec.fault == Fault::ClockDrift {

@@ -17,6 +17,7 @@ fn run(fault: Fault, bugs: Bugs) -> RunResult {
         hold: Duration::from_secs(4),
         recover: Duration::from_secs(2),
         bugs,
+        fsync: "always",
         // More register clients than a campaign uses, so that some are on the isolated
         // leader in every cycle.
         mix: replikv_chaos::workload::Mix {
