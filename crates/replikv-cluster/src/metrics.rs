@@ -32,6 +32,7 @@ pub struct Metrics {
     reads: IntCounterVec,
     read_rounds: IntCounterVec,
     elections: IntCounterVec,
+    early_campaigns: IntCounterVec,
     failovers: IntCounterVec,
     snapshots: IntCounterVec,
     sync_errors: IntCounterVec,
@@ -159,6 +160,13 @@ impl Metrics {
                 "Terms started in a partition, as this node saw them",
                 P,
             ),
+            early_campaigns: counter(
+                &r,
+                "replikv_early_campaigns_total",
+                "Campaigns this replica started because its leader's process was gone (its \
+                 port refused connections), once the lease it granted that leader had run out",
+                P,
+            ),
             failovers: counter(
                 &r,
                 "replikv_failovers_total",
@@ -245,6 +253,13 @@ impl Metrics {
     pub fn election(&self, p: u32) {
         let l = self.p(p);
         self.elections
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc();
+    }
+
+    pub fn early_campaign(&self, p: u32) {
+        let l = self.p(p);
+        self.early_campaigns
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }

@@ -102,6 +102,9 @@ pub struct LinkStats {
     pub last_ok: Option<Instant>,
     /// Smoothed round trip of answered requests.
     pub rtt_us: Option<u64>,
+    /// Since when every dial of the peer has been refused (nothing listens on its port: the
+    /// process is gone), until a dial succeeds. A cut or silent link times out instead.
+    pub refused_since: Option<Instant>,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
@@ -226,17 +229,26 @@ impl Connection {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                            let mut s = self.stats.lock().expect("stats");
+                            s.refused_since.get_or_insert_with(Instant::now);
+                        }
                         self.dial_failed(&mut rx, &e.to_string());
                         continue;
                     }
                     Err(_) => {
+                        self.stats.lock().expect("stats").refused_since = None;
                         self.dial_failed(&mut rx, "connect timed out");
                         continue;
                     }
                 };
             *self.down_until.lock().expect("down_until") = None;
             let _ = stream.set_nodelay(true);
-            self.stats.lock().expect("stats").connected = true;
+            {
+                let mut s = self.stats.lock().expect("stats");
+                s.connected = true;
+                s.refused_since = None;
+            }
             let reason = self.pump(stream, first, &mut rx).await;
             tracing::debug!(peer = %self.addr, %reason, "peer connection closed");
             self.stats.lock().expect("stats").connected = false;

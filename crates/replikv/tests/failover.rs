@@ -1,5 +1,5 @@
 //! Failover promises (DESIGN.md section 3): an acknowledged `quorum` write survives `kill -9`
-//! of the leader; a minority side refuses writes while the majority serves; leadership
+//! of the leader, whose followers campaign once their lease runs out; a minority side refuses writes while the majority serves; leadership
 //! returns to the preferred leader; `promote` moves leadership on request.
 
 use std::collections::BTreeMap;
@@ -98,6 +98,19 @@ fn quorum_writes_survive_leader_kill_under_load_and_replicas_converge() {
     eprintln!(
         "partition 0: leader {victim} killed; node {new_leader} leads after {:?}",
         killed_at.elapsed()
+    );
+    // The survivors saw the leader's port refuse connections and campaigned as soon as
+    // their lease ran out, not after openraft's lease plus a random election timeout.
+    wait_until(
+        Duration::from_secs(10),
+        "an early campaign on a survivor",
+        || {
+            c.live()
+                .iter()
+                .map(|n| c.metric(*n, "replikv_early_campaigns_total"))
+                .sum::<f64>()
+                >= 1.0
+        },
     );
 
     // Phase 3: writes continue on the survivors, then the victim comes back from disk.
