@@ -229,30 +229,34 @@ impl Connection {
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                            let mut s = self.stats.lock().expect("stats");
-                            s.refused_since.get_or_insert_with(Instant::now);
-                        }
+                        self.note_refusal(e.kind() == std::io::ErrorKind::ConnectionRefused);
                         self.dial_failed(&mut rx, &e.to_string());
                         continue;
                     }
                     Err(_) => {
-                        self.stats.lock().expect("stats").refused_since = None;
+                        self.note_refusal(false);
                         self.dial_failed(&mut rx, "connect timed out");
                         continue;
                     }
                 };
             *self.down_until.lock().expect("down_until") = None;
             let _ = stream.set_nodelay(true);
-            {
-                let mut s = self.stats.lock().expect("stats");
-                s.connected = true;
-                s.refused_since = None;
-            }
+            self.note_refusal(false);
+            self.stats.lock().expect("stats").connected = true;
             let reason = self.pump(stream, first, &mut rx).await;
             tracing::debug!(peer = %self.addr, %reason, "peer connection closed");
             self.stats.lock().expect("stats").connected = false;
             fail_all(&self.pending, TransportError::Unreachable(reason));
+        }
+    }
+
+    /// Keeps `refused_since` while every dial is refused; any other outcome clears it.
+    fn note_refusal(&self, refused: bool) {
+        let mut s = self.stats.lock().expect("stats");
+        if refused {
+            s.refused_since.get_or_insert_with(Instant::now);
+        } else {
+            s.refused_since = None;
         }
     }
 

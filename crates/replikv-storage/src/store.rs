@@ -750,6 +750,23 @@ mod tests {
         assert_eq!(r.kv_get(0, b"").unwrap(), Some(b"3".to_vec()));
     }
 
+    /// Writes one log record per index in `indexes`, each in its own commit; returns the
+    /// fsyncs they took.
+    async fn syncs_for_writes(
+        store: &Store,
+        durable: bool,
+        indexes: std::ops::RangeInclusive<u64>,
+    ) -> u64 {
+        let before = store.sync_count();
+        for i in indexes {
+            store
+                .write(durable, move |w| w.log_put(1, i, b"e"))
+                .await
+                .unwrap();
+        }
+        store.sync_count() - before
+    }
+
     /// A durable write is fsynced under every policy; the others are not, and the flusher of
     /// `everysec` makes them durable within about a second.
     #[tokio::test]
@@ -762,22 +779,8 @@ mod tests {
         ] {
             let store = Store::open_file(dir.path(), &format!("{policy:?}.redb"), policy).unwrap();
             let started = std::time::Instant::now();
-            let before = store.sync_count();
-            for i in 1..=20u64 {
-                store
-                    .write(true, move |w| w.log_put(1, i, b"e"))
-                    .await
-                    .unwrap();
-            }
-            let durable = store.sync_count() - before;
-            let before = store.sync_count();
-            for i in 21..=40u64 {
-                store
-                    .write(false, move |w| w.log_put(1, i, b"e"))
-                    .await
-                    .unwrap();
-            }
-            let other = store.sync_count() - before;
+            let durable = syncs_for_writes(&store, true, 1..=20).await;
+            let other = syncs_for_writes(&store, false, 21..=40).await;
             // A flusher tick may land in either loop: at most one a second.
             let ticks = started.elapsed().as_secs() + 1;
             assert!(
