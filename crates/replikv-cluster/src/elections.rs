@@ -19,7 +19,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::messages::PeerResponse;
 use crate::node::{Group, Node};
@@ -153,7 +154,7 @@ impl Node {
             *scheduled = Some(term);
         }
         let lease = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
-        let jitter = Duration::from_millis(rand::random::<u64>() % EARLY_CAMPAIGN_JITTER_MS);
+        let jitter = Duration::from_millis(self.random_u64() % EARLY_CAMPAIGN_JITTER_MS);
         let wait = g
             .lease
             .campaign_wait(Instant::now(), lease)

@@ -2,7 +2,8 @@
 //! follower staleness measure); client requests forwarded by other nodes run here.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;

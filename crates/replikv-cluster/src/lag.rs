@@ -17,7 +17,8 @@
 //! so its samples date from before the majority moved on.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const MAX_SAMPLES: usize = 512;
 

@@ -38,7 +38,8 @@
 //!   start while a transfer is under way grant no lease, and renewals pause.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use openraft::Vote;
 use replikv_types::NodeId;

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use replikv_placement::{place, Member, PartitionPlacement, PlacementTable};
 use replikv_raft::{AppendWaiters, KvView, Raft};
 use replikv_storage::Stores;
@@ -33,6 +35,41 @@ pub struct NodeConfig {
     /// log holds them, before they commit (`debug.ack_before_commit`), so the chaos campaign
     /// can be shown to catch lost acknowledged writes.
     pub ack_before_commit: bool,
+    /// Where expiry times and write stamps come from.
+    pub clock: WallClock,
+    /// Seeds this node's own random draws (request ids, early-campaign jitter); `None` draws
+    /// the seed from the OS. The deterministic simulation sets it.
+    pub seed: Option<u64>,
+}
+
+/// The time of day a node stamps writes with and checks expiry against.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum WallClock {
+    /// The system clock.
+    #[default]
+    System,
+    /// `epoch_ms` at `origin`, advanced by tokio's clock: under a paused runtime (the
+    /// deterministic simulation) it moves only with virtual time.
+    Simulated {
+        epoch_ms: u64,
+        origin: tokio::time::Instant,
+    },
+}
+
+impl WallClock {
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            #[allow(clippy::disallowed_methods)] // this is the seam
+            WallClock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            WallClock::Simulated { epoch_ms, origin } => {
+                epoch_ms + origin.elapsed().as_millis() as u64
+            }
+        }
+    }
 }
 
 /// The `replication:` section of the configuration (docs/CONFIG.md), read as YAML by the
@@ -95,6 +132,8 @@ impl NodeConfig {
             replication: Replication::default(),
             skip_read_index: false,
             ack_before_commit: false,
+            clock: WallClock::System,
+            seed: None,
         }
     }
 }
@@ -152,6 +191,8 @@ pub struct Node {
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
     /// Last leader seen for partitions this node does not host.
     pub(crate) leader_hints: Mutex<HashMap<PartitionId, NodeId>>,
+    /// This node's random draws, seeded by `cfg.seed` when it is set.
+    rng: Mutex<StdRng>,
 }
 
 impl Node {
@@ -171,13 +212,24 @@ impl Node {
             }
         }
         let raft_config = Arc::new(raft_config(&cfg)?);
+        let mut rng = match cfg.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
         let mut groups = BTreeMap::new();
         for part in &placement.partitions {
             if !part.replicas.contains(&cfg.node_id) {
                 continue;
             }
-            let group =
-                start_group(&cfg, part, &stores, transport.clone(), raft_config.clone()).await?;
+            let group = start_group(
+                &cfg,
+                part,
+                &stores,
+                transport.clone(),
+                raft_config.clone(),
+                rng.random(),
+            )
+            .await?;
             groups.insert(part.partition, Arc::new(group));
         }
         let me = transport.me().clone();
@@ -192,6 +244,7 @@ impl Node {
             stores,
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
+            rng: Mutex::new(rng),
         });
         for group in node.groups.values() {
             crate::transfer::watch_leadership(node.clone(), group.clone());
@@ -205,6 +258,16 @@ impl Node {
 
     pub fn id(&self) -> NodeId {
         self.cfg.node_id
+    }
+
+    /// Milliseconds since the Unix epoch, by this node's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.cfg.clock.now_ms()
+    }
+
+    /// A draw from this node's random numbers.
+    pub(crate) fn random_u64(&self) -> u64 {
+        self.rng.lock().expect("node rng").random()
     }
 
     pub fn group(&self, p: PartitionId) -> Option<&Arc<Group>> {
@@ -316,13 +379,6 @@ impl Node {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
     let config = openraft::Config {
         cluster_name: "replikv".into(),
@@ -349,6 +405,7 @@ async fn start_group(
     stores: &Stores,
     transport: Arc<Transport>,
     raft_config: Arc<openraft::Config>,
+    req_id_seed: u64,
 ) -> Result<Group, String> {
     let p = part.partition;
     let (log, sm) =
@@ -404,8 +461,14 @@ async fn start_group(
         }
     }
     let transferring = Arc::new(AtomicBool::new(false));
-    let proposer =
-        crate::propose::Proposer::start(p, raft.clone(), waiters.clone(), transferring.clone());
+    let proposer = crate::propose::Proposer::start(
+        p,
+        raft.clone(),
+        waiters.clone(),
+        transferring.clone(),
+        cfg.clock,
+        req_id_seed,
+    );
     Ok(Group {
         partition: p,
         raft,

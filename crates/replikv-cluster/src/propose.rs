@@ -22,7 +22,7 @@ use replikv_raft::{AppendWaiters, Raft, TypeConfig};
 use replikv_types::{Commit, Error, KvOp, PartitionId, Reply, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::node::now_ms;
+use crate::node::WallClock;
 
 /// Most writes in one entry.
 const MAX_BATCH_OPS: usize = 1024;
@@ -73,9 +73,12 @@ impl Proposer {
         raft: Raft,
         waiters: Arc<AppendWaiters>,
         transferring: Arc<AtomicBool>,
+        clock: WallClock,
+        req_id_seed: u64,
     ) -> Proposer {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(partition, raft, waiters, transferring, rx));
+        let ids = req_id_seed & 0xffff_ffff_0000_0000;
+        tokio::spawn(run(partition, raft, waiters, transferring, clock, ids, rx));
         Proposer { queue }
     }
 
@@ -107,11 +110,12 @@ async fn run(
     raft: Raft,
     waiters: Arc<AppendWaiters>,
     transferring: Arc<AtomicBool>,
-    mut rx: mpsc::UnboundedReceiver<Queued>,
-) {
+    clock: WallClock,
     // Random high bits: an entry another leader proposed, appended here later, must never
     // match an id this process registered.
-    let mut next_id: u64 = rand::random::<u64>() & 0xffff_ffff_0000_0000;
+    mut next_id: u64,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+) {
     while let Some(first) = rx.recv().await {
         let mut bytes = first.op.payload_bytes();
         let mut batch = vec![first];
@@ -144,7 +148,7 @@ async fn run(
         }
         let req = WriteRequest {
             req_id: id,
-            now_ms: now_ms(),
+            now_ms: clock.now_ms(),
             ops,
         };
         let applied = match raft.client_write_ff(req).await {

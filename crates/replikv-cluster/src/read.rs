@@ -9,13 +9,14 @@
 //!   token); otherwise, and always on the leader, the read goes through the read index.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
-use crate::node::{now_ms, Group, Node};
+use crate::node::{Group, Node};
 use crate::read_rounds::RoundSettings;
 use crate::transport::TransportError;
 
@@ -174,7 +175,7 @@ impl Node {
     }
 
     pub(crate) fn local_value(&self, g: &Group, key: &[u8]) -> Result<Option<ValueWithTtl>, Error> {
-        let v = g.view.get(key, now_ms()).map_err(Error::Internal)?;
+        let v = g.view.get(key, self.now_ms()).map_err(Error::Internal)?;
         Ok(v.map(|v| ValueWithTtl {
             data: v.data,
             expire_at_ms: v.expire_at_ms,
@@ -327,7 +328,7 @@ impl Node {
         };
         let (keys, next) = g
             .view
-            .scan(&start, count, now_ms(), keep)
+            .scan(&start, count, self.now_ms(), keep)
             .map_err(Error::Internal)?;
         Ok((keys, next.map(Bytes::from)))
     }

@@ -11,7 +11,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use openraft::error::{CheckIsLeaderError, RaftError};
 use replikv_types::{Commit, Error};

@@ -15,7 +15,8 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use openraft::ServerState;
 use replikv_types::{Error, PartitionId};

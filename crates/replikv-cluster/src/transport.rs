@@ -13,16 +13,17 @@
 //! [`Faults`] is the fault seam for tests: a blocked peer's requests fail at once as
 //! unreachable and its incoming frames are dropped unanswered, as if the link were cut.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::frame::{self, Kind};
@@ -69,6 +70,33 @@ pub trait Handler: Send + Sync + 'static {
     fn hello(&self, hello: &Hello);
 }
 
+/// The two halves of a connection to a peer.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Opens connections to peers: TCP in the binary ([`TcpDialer`]); the deterministic
+/// simulation supplies its own, over its simulated network.
+pub trait Dialer: Send + Sync + 'static {
+    /// Connects to `addr`. A refusal must come back as `ErrorKind::ConnectionRefused`: it is
+    /// how a node tells that a peer's process is gone (`LinkStats::refused_since`).
+    fn dial(&self, addr: &str) -> BoxFuture<'static, std::io::Result<(ReadHalf, WriteHalf)>>;
+}
+
+/// Plain TCP, with Nagle off.
+pub struct TcpDialer;
+
+impl Dialer for TcpDialer {
+    fn dial(&self, addr: &str) -> BoxFuture<'static, std::io::Result<(ReadHalf, WriteHalf)>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            let _ = stream.set_nodelay(true);
+            let (rd, wr) = stream.into_split();
+            Ok((Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf))
+        })
+    }
+}
+
 /// Links cut by tests: both directions to a blocked peer are dropped.
 #[derive(Default)]
 pub struct Faults {
@@ -107,7 +135,7 @@ pub struct LinkStats {
     pub refused_since: Option<Instant>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
+type Pending = Arc<Mutex<BTreeMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
 
 /// The client side of the connection to one peer.
 pub struct PeerClient {
@@ -121,7 +149,13 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    fn spawn(target: NodeId, addr: String, me: Hello, faults: Arc<Faults>) -> Arc<PeerClient> {
+    fn spawn(
+        target: NodeId,
+        addr: String,
+        me: Hello,
+        faults: Arc<Faults>,
+        dialer: Arc<dyn Dialer>,
+    ) -> Arc<PeerClient> {
         let (queue, rx) = mpsc::unbounded_channel();
         let client = Arc::new(PeerClient {
             target,
@@ -135,6 +169,7 @@ impl PeerClient {
         let conn = Connection {
             addr,
             me,
+            dialer,
             pending: client.pending.clone(),
             stats: client.stats.clone(),
             down_until: client.down_until.clone(),
@@ -217,6 +252,7 @@ impl PeerClient {
 struct Connection {
     addr: String,
     me: Hello,
+    dialer: Arc<dyn Dialer>,
     pending: Pending,
     stats: Arc<Mutex<LinkStats>>,
     down_until: Arc<Mutex<Option<Instant>>>,
@@ -226,7 +262,7 @@ impl Connection {
     async fn run(self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
         while let Some(first) = rx.recv().await {
             let stream =
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr)).await {
+                match tokio::time::timeout(CONNECT_TIMEOUT, self.dialer.dial(&self.addr)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         self.note_refusal(e.kind() == std::io::ErrorKind::ConnectionRefused);
@@ -240,7 +276,6 @@ impl Connection {
                     }
                 };
             *self.down_until.lock().expect("down_until") = None;
-            let _ = stream.set_nodelay(true);
             self.note_refusal(false);
             self.stats.lock().expect("stats").connected = true;
             let reason = self.pump(stream, first, &mut rx).await;
@@ -272,11 +307,10 @@ impl Connection {
     /// Moves frames both ways until the connection breaks; returns why it did.
     async fn pump(
         &self,
-        stream: TcpStream,
+        (mut rd, mut wr): (ReadHalf, WriteHalf),
         first: Bytes,
         rx: &mut mpsc::UnboundedReceiver<Bytes>,
     ) -> String {
-        let (mut rd, mut wr) = stream.into_split();
         let mut out = BytesMut::new();
         let hello = bincode::serialize(&self.me).expect("hello serialises");
         frame::encode(Kind::Hello, 0, &hello, &mut out);
@@ -313,7 +347,7 @@ impl Connection {
 }
 
 async fn read_responses(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut ReadHalf,
     pending: &Pending,
     stats: &Arc<Mutex<LinkStats>>,
 ) -> String {
@@ -352,7 +386,7 @@ fn record_ok(stats: &Arc<Mutex<LinkStats>>, rtt: Duration) {
 }
 
 fn fail_all(pending: &Pending, why: TransportError) {
-    let drained: Vec<_> = pending.lock().expect("pending").drain().collect();
+    let drained = std::mem::take(&mut *pending.lock().expect("pending"));
     for (_, (_, tx)) in drained {
         let _ = tx.send(Err(why.clone()));
     }
@@ -361,14 +395,21 @@ fn fail_all(pending: &Pending, why: TransportError) {
 /// This node's side of the mesh: clients to every peer, and the faults seam.
 pub struct Transport {
     me: Hello,
-    peers: RwLock<HashMap<NodeId, Arc<PeerClient>>>,
+    dialer: Arc<dyn Dialer>,
+    peers: RwLock<BTreeMap<NodeId, Arc<PeerClient>>>,
     pub faults: Arc<Faults>,
 }
 
 impl Transport {
+    /// A transport that dials peers over TCP.
     pub fn new(me: Hello) -> Arc<Transport> {
+        Transport::with_dialer(me, Arc::new(TcpDialer))
+    }
+
+    pub fn with_dialer(me: Hello, dialer: Arc<dyn Dialer>) -> Arc<Transport> {
         Arc::new(Transport {
             me,
+            dialer,
             peers: RwLock::default(),
             faults: Arc::default(),
         })
@@ -384,7 +425,13 @@ impl Transport {
         peers
             .entry(peer)
             .or_insert_with(|| {
-                PeerClient::spawn(peer, addr.to_string(), self.me.clone(), self.faults.clone())
+                PeerClient::spawn(
+                    peer,
+                    addr.to_string(),
+                    self.me.clone(),
+                    self.faults.clone(),
+                    self.dialer.clone(),
+                )
             })
             .clone()
     }
@@ -426,6 +473,12 @@ impl Transport {
         });
     }
 
+    /// Serves one accepted peer connection (what [`Transport::serve`] does for each TCP
+    /// connection; the simulation calls it for its own streams).
+    pub fn serve_stream(&self, rd: ReadHalf, wr: WriteHalf, handler: Arc<dyn Handler>) {
+        tokio::spawn(serve_conn(rd, wr, handler, self.faults.clone()));
+    }
+
     pub fn link_stats(&self, peer: NodeId) -> Option<LinkStats> {
         self.peer(peer).map(|p| p.stats())
     }
@@ -442,7 +495,8 @@ impl Transport {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(serve_conn(stream, handler.clone(), self.faults.clone()));
+                        let (rd, wr) = stream.into_split();
+                        self.serve_stream(Box::new(rd), Box::new(wr), handler.clone());
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "peer accept failed");
@@ -455,8 +509,12 @@ impl Transport {
     }
 }
 
-async fn serve_conn(stream: TcpStream, handler: Arc<dyn Handler>, faults: Arc<Faults>) {
-    let (mut rd, mut wr) = stream.into_split();
+async fn serve_conn(
+    mut rd: ReadHalf,
+    mut wr: WriteHalf,
+    handler: Arc<dyn Handler>,
+    faults: Arc<Faults>,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     let writer = tokio::spawn(async move {
         let mut out = BytesMut::new();
@@ -478,7 +536,7 @@ async fn serve_conn(stream: TcpStream, handler: Arc<dyn Handler>, faults: Arc<Fa
 }
 
 async fn read_requests(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut ReadHalf,
     handler: &Arc<dyn Handler>,
     faults: &Arc<Faults>,
     tx: &mpsc::UnboundedSender<Bytes>,

@@ -36,7 +36,7 @@ pub struct AppendWaiters {
     /// req_id → who to tell the offset when the entry is written, and when it is durable.
     waiting: Mutex<HashMap<u64, Waiter>>,
     /// (last offset of a flushed batch, when it flushed), oldest first.
-    clock: Mutex<std::collections::VecDeque<(u64, std::time::Instant)>>,
+    clock: Mutex<std::collections::VecDeque<(u64, tokio::time::Instant)>>,
 }
 
 struct Waiter {
@@ -82,7 +82,7 @@ impl AppendWaiters {
 
     fn flushed(&self, last: u64) {
         let mut clock = self.clock.lock().expect("append clock");
-        clock.push_back((last, std::time::Instant::now()));
+        clock.push_back((last, tokio::time::Instant::now()));
         while clock.len() > APPEND_CLOCK_BATCHES {
             clock.pop_front();
         }

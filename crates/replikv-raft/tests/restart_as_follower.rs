@@ -4,6 +4,9 @@
 //! acknowledged; a primary read then returned an overwritten value. A reopened log store
 //! keeps the vote but never as committed, so the node must win a new election first.
 
+// Real time: real stores on a real runtime, not the simulation.
+#![allow(clippy::disallowed_methods)]
+
 use openraft::storage::RaftLogStorage;
 use openraft::Vote;
 use replikv_storage::{FsyncPolicy, Stores};

@@ -240,6 +240,7 @@ impl Config {
             replication: self.replication.clone(),
             skip_read_index: self.debug.skip_read_index,
             ack_before_commit: self.debug.ack_before_commit,
+            ..replikv_cluster::NodeConfig::new(self.node_id, BTreeMap::new())
         }
     }
 }
