@@ -33,6 +33,11 @@ use replikv_types::NodeId;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed dial, requests to that peer fail at once for this long.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// A connection on which a request has waited this long while nothing at all came back (the
+/// pinger asks every 100 ms) is dropped and dialled again. After a long partition, TCP's
+/// retransmission back-off could otherwise keep a healed link silent for tens of seconds,
+/// and a link whose packets were lost for good would stay silent forever.
+const SILENT_LINK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportError {
@@ -135,6 +140,9 @@ pub struct LinkStats {
     pub refused_since: Option<Instant>,
 }
 
+/// When the first request after the last answer was queued (`None`: all answered).
+type Unanswered = Arc<Mutex<Option<Instant>>>;
+
 type Pending = Arc<Mutex<BTreeMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
 
 /// The client side of the connection to one peer.
@@ -146,6 +154,7 @@ pub struct PeerClient {
     faults: Arc<Faults>,
     stats: Arc<Mutex<LinkStats>>,
     down_until: Arc<Mutex<Option<Instant>>>,
+    unanswered_since: Unanswered,
 }
 
 impl PeerClient {
@@ -165,11 +174,13 @@ impl PeerClient {
             faults,
             stats: Arc::default(),
             down_until: Arc::default(),
+            unanswered_since: Arc::default(),
         });
         let conn = Connection {
             addr,
             me,
             dialer,
+            unanswered_since: client.unanswered_since.clone(),
             pending: client.pending.clone(),
             stats: client.stats.clone(),
             down_until: client.down_until.clone(),
@@ -241,6 +252,10 @@ impl PeerClient {
             .lock()
             .expect("pending")
             .insert(id, (Instant::now(), tx));
+        self.unanswered_since
+            .lock()
+            .expect("unanswered")
+            .get_or_insert_with(Instant::now);
         if self.queue.send(buf.freeze()).is_err() {
             self.pending.lock().expect("pending").remove(&id);
             return Err(TransportError::NotSent("transport stopped".into()));
@@ -253,6 +268,7 @@ struct Connection {
     addr: String,
     me: Hello,
     dialer: Arc<dyn Dialer>,
+    unanswered_since: Unanswered,
     pending: Pending,
     stats: Arc<Mutex<LinkStats>>,
     down_until: Arc<Mutex<Option<Instant>>>,
@@ -276,6 +292,8 @@ impl Connection {
                     }
                 };
             *self.down_until.lock().expect("down_until") = None;
+            // The requests queued while dialling count from now.
+            *self.unanswered_since.lock().expect("unanswered") = Some(Instant::now());
             self.note_refusal(false);
             self.stats.lock().expect("stats").connected = true;
             let reason = self.pump(stream, first, &mut rx).await;
@@ -293,6 +311,15 @@ impl Connection {
         } else {
             s.refused_since = None;
         }
+    }
+
+    /// How long requests have gone unanswered, if it is [`SILENT_LINK`] or more. Requests that
+    /// time out leave `pending`, so this is measured from the first request sent after the
+    /// last answer, not from the requests still waiting.
+    fn silent_for(&self) -> Option<Duration> {
+        let since = (*self.unanswered_since.lock().expect("unanswered"))?;
+        let silent = Instant::now() - since;
+        (silent >= SILENT_LINK).then_some(silent)
     }
 
     fn dial_failed(&self, rx: &mut mpsc::UnboundedReceiver<Bytes>, why: &str) {
@@ -318,10 +345,12 @@ impl Connection {
         let (closed_tx, mut closed_rx) = oneshot::channel::<String>();
         let pending = self.pending.clone();
         let stats = self.stats.clone();
+        let unanswered = self.unanswered_since.clone();
         let reader = tokio::spawn(async move {
-            let why = read_responses(&mut rd, &pending, &stats).await;
+            let why = read_responses(&mut rd, &pending, &stats, &unanswered).await;
             let _ = closed_tx.send(why);
         });
+        let mut watchdog = tokio::time::interval(SILENT_LINK / 4);
         let why = loop {
             while out.len() < (1 << 20) {
                 match rx.try_recv() {
@@ -329,8 +358,24 @@ impl Connection {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = wr.write_all(&out).await {
-                break format!("write: {e}");
+            // A write that cannot finish (the peer stopped reading, or the link lost it) must
+            // not keep the watchdog from noticing the silence.
+            let written = {
+                let write = wr.write_all(&out);
+                tokio::pin!(write);
+                loop {
+                    tokio::select! {
+                        r = &mut write => break r.map_err(|e| format!("write: {e}")),
+                        _ = watchdog.tick() => {
+                            if let Some(silent) = self.silent_for() {
+                                break Err(format!("no answer for {} ms", silent.as_millis()));
+                            }
+                        }
+                    }
+                }
+            };
+            if let Err(why) = written {
+                break why;
             }
             out.clear();
             tokio::select! {
@@ -339,6 +384,11 @@ impl Connection {
                     None => break "transport stopped".to_string(),
                 },
                 why = &mut closed_rx => break why.unwrap_or_else(|_| "reader stopped".into()),
+                _ = watchdog.tick() => {
+                    if let Some(silent) = self.silent_for() {
+                        break format!("no answer for {} ms", silent.as_millis());
+                    }
+                }
             }
         };
         reader.abort();
@@ -350,12 +400,14 @@ async fn read_responses(
     rd: &mut ReadHalf,
     pending: &Pending,
     stats: &Arc<Mutex<LinkStats>>,
+    unanswered: &Unanswered,
 ) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         loop {
             match frame::decode(&mut buf) {
                 Ok(Some(f)) if f.kind == Kind::Response => {
+                    *unanswered.lock().expect("unanswered") = None;
                     let waiter = pending.lock().expect("pending").remove(&f.id);
                     if let Some((sent, tx)) = waiter {
                         record_ok(stats, sent.elapsed());
@@ -589,5 +641,52 @@ async fn read_requests(
             Ok(_) => {}
             Err(e) => return format!("read: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A peer whose connections are accepted and read but never answered (a process that
+    /// stopped reading, or a connection whose other end is gone without a reset) is dialled
+    /// again once requests have waited [`SILENT_LINK`], instead of being kept for good.
+    /// (Found by the simulation, `sim/README.md`: a peer restarted behind a cut left such a
+    /// connection, and the leader's replication to it stalled until the end of the run.)
+    #[tokio::test]
+    async fn a_connection_that_never_answers_is_dialled_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                // Swallow whatever arrives; answer nothing; keep the socket open.
+                tokio::spawn(async move {
+                    let mut sink = vec![0u8; 1 << 16];
+                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        let transport = Transport::new(Hello {
+            node_id: 1,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        });
+        let peer = transport.add_peer(2, &addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the silent connection was never dropped and dialled again"
+            );
+            let _ = peer
+                .request(&PeerRequest::Ping, Duration::from_millis(100))
+                .await;
+        }
+        // A link that answers is kept: the watchdog never fires while answers come.
+        assert!(peer.stats().rtt_us.is_none(), "nothing was ever answered");
     }
 }
