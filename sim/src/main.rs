@@ -4,6 +4,7 @@
 
 mod disk;
 mod net;
+mod nodes;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1183,6 +1184,9 @@ const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [-
   --unseeded-tokio         build the runtime without rng_seed (to see whether it matters)";
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("nodes") {
+        return nodes::main(std::env::args().skip(2).collect());
+    }
     let mut args = std::env::args().skip(1).peekable();
     let mut opts = Opts {
         nodes: 3,

@@ -1,0 +1,1004 @@
+//! Stage 2 (`replikv-sim nodes`): the real `replikv_cluster::Node` — partition groups,
+//! peer transport and frames, forwarding, write levels, read index and lease, election gate,
+//! early campaigns, leadership transfer — on turmoil hosts, one per node, with the peer
+//! transport's connections over turmoil TCP (`Transport::with_dialer`, `serve_stream`).
+//!
+//! Each host opens its stores on the node's simulated disks (`disk.rs`), starts a `Node`, and
+//! runs a client that writes unique values at `quorum` and reads at `primary` through that
+//! node (so forwarding is exercised), recording a history. Faults: a node crashes (process or
+//! power loss, its disks keeping what that crash leaves) and restarts from its disks later;
+//! a node is cut off from the others and healed. After the faults, every host reads every
+//! key once more, and the run checks:
+//! - after every step: replicas of a partition that applied the same log id hold the same
+//!   contents (state digests read in one transaction with the applied id);
+//! - at the end: the history is linearizable per key (Wing–Gong search, `replikv-checker`),
+//!   which includes every acknowledged write being visible to the final reads, and every
+//!   replica of each partition holds the same contents.
+//!
+//! One `u64` seed fixes turmoil's network, the fault schedule, each node's own draws
+//! (`NodeConfig::seed`) and each host runtime's scheduler; a failing seed replays exactly.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use openraft::ServerState;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use replikv_checker::{check_linearizable, History, Op, OpKind, Outcome};
+use replikv_cluster::messages::Hello;
+use replikv_cluster::transport::{Dialer, Handler, ReadHalf, Transport, WriteHalf};
+use replikv_cluster::{Node, NodeConfig, Replication, WallClock};
+use replikv_storage::{FsyncPolicy, Store, Stores, WriterKind};
+use replikv_types::{Consistency, KvOp, ReadPreference, SetCond, StoredValue};
+
+use crate::disk::{CrashKind, Power, SharedPower, SimDisk};
+use crate::{fnv, mix};
+
+const PEER_PORT: u16 = 7380;
+const KEYS: &[&str] = &["a", "b", "c", "d", "e", "f"];
+const EPOCH_MS: u64 = 1_750_000_000_000;
+const PARTITIONS: u32 = 3;
+const CLIENTS_PER_HOST: u64 = 3;
+/// Per-op deadline of the clients (the node's write timeout is shorter).
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct NodesOpts {
+    pub nodes: u64,
+    pub steps: u64,
+    pub settle: u64,
+    pub verbose: bool,
+    pub bug: NodeBug,
+}
+
+/// A known bug switched on in every node (replikv's own test-only settings), to show that
+/// the checks catch it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NodeBug {
+    None,
+    /// `debug.skip_read_index`: `primary` reads served without a read index or lease.
+    SkipReadIndex,
+    /// `debug.ack_before_commit`: `quorum` writes acknowledged before they commit.
+    AckBeforeCommit,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Phase {
+    /// Clients issue random reads and writes.
+    Run,
+    /// Clients stop issuing ops (the harness heals everything).
+    Quiet,
+    /// Each host's client reads every key once, then counts itself done.
+    FinalRead,
+}
+
+/// What outlives a node's incarnations, shared by its host closure and the harness.
+struct Slot {
+    id: u64,
+    log_disk: SimDisk,
+    state_disk: SimDisk,
+    power: SharedPower,
+    starts: u64,
+    /// The running incarnation's node and stores (None while it is down or starting).
+    node: Option<(Arc<Node>, Stores)>,
+    /// The state store's commit count at the last digest check: unchanged, nothing to check.
+    checked_commits: Option<u64>,
+    /// Peer requests served, and their answers, by kind (for `-v`).
+    counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+/// The node's peer handler, counting what it serves.
+struct Counting {
+    node: Arc<Node>,
+    counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Handler for Counting {
+    // Two phases, as the node's own handler: the outer future accepts, the inner answers.
+    #[allow(clippy::async_yields_async)]
+    fn accept(
+        self: Arc<Self>,
+        from: u64,
+        req: replikv_cluster::messages::PeerRequest,
+    ) -> futures::future::BoxFuture<
+        'static,
+        futures::future::BoxFuture<'static, replikv_cluster::messages::PeerResponse>,
+    > {
+        use replikv_cluster::messages::{PeerRequest as Q, PeerResponse as A};
+        let kind = match &req {
+            Q::AppendEntries(p, r) => format!("append p{p} from {from} {}", r.vote),
+            Q::Vote(p, r) => format!("vote p{p} from {from} {}", r.vote),
+            Q::InstallSnapshot(p, _) => format!("snapshot p{p} from {from}"),
+            Q::Client(_) => "client".into(),
+            Q::Ping => "ping".into(),
+        };
+        let counts = self.counts.clone();
+        if !kind.starts_with("ping") {
+            let head: String = kind.split(" T").next().unwrap_or("").to_string();
+            *counts
+                .lock()
+                .unwrap()
+                .entry(format!("{head} received"))
+                .or_default() += 1;
+        }
+        let inner = self.node.clone().accept(from, req);
+        Box::pin(async move {
+            let finish = inner.await;
+            let b: futures::future::BoxFuture<'static, A> = Box::pin(async move {
+                let a = finish.await;
+                let answer = match &a {
+                    A::AppendEntries(Ok(r)) => format!("{kind} -> {r}"),
+                    A::Vote(Ok(r)) => format!("{kind} -> {r:?}"),
+                    _ => format!("{kind} -> other"),
+                };
+                *counts.lock().unwrap().entry(answer).or_default() += 1;
+                a
+            });
+            b
+        })
+    }
+
+    fn hello(&self, hello: &Hello) {
+        self.node.hello(hello)
+    }
+}
+
+/// The workload's shared state: the history and the phase.
+struct Workload {
+    seed: u64,
+    phase: Cell<Phase>,
+    ops: RefCell<Vec<Op>>,
+    next_value: Cell<u64>,
+    final_reads_done: RefCell<BTreeSet<u64>>,
+}
+
+pub struct NodesResult {
+    pub violation: Option<(u64, &'static str, String)>,
+    pub summary: String,
+}
+
+struct TurmoilDialer;
+
+impl Dialer for TurmoilDialer {
+    fn dial(
+        &self,
+        addr: &str,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<(ReadHalf, WriteHalf)>> {
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let stream = turmoil::net::TcpStream::connect(addr.as_str()).await?;
+            let (rd, wr) = stream.into_split();
+            Ok((Box::new(rd) as ReadHalf, Box::new(wr) as WriteHalf))
+        })
+    }
+}
+
+fn host_name(id: u64) -> String {
+    format!("n{id}")
+}
+
+fn sim_ns() -> u64 {
+    turmoil::sim_elapsed().unwrap_or_default().as_nanos() as u64
+}
+
+/// Opens a node's stores on its disks, powered by a new supply (one per incarnation).
+fn open_stores(slot: &Rc<RefCell<Slot>>) -> Result<Stores, String> {
+    let mut s = slot.borrow_mut();
+    s.power = Power::new(Arc::new(AtomicBool::new(true)));
+    let open = |disk: &SimDisk, power: &SharedPower| {
+        Store::open_with_backend(
+            disk.backend(power.clone()),
+            FsyncPolicy::Always,
+            WriterKind::Task,
+        )
+        .map_err(|e| e.to_string())
+    };
+    Ok(Stores {
+        log: open(&s.log_disk, &s.power)?,
+        state: open(&s.state_disk, &s.power)?,
+    })
+}
+
+/// One incarnation of node `id`: stores from its disks, the node, its peer listener, and
+/// its client.
+async fn run_host(
+    slot: Rc<RefCell<Slot>>,
+    work: Rc<Workload>,
+    peers: BTreeMap<u64, String>,
+    replication: Replication,
+    bug: NodeBug,
+) -> turmoil::Result {
+    let (id, starts) = {
+        let mut s = slot.borrow_mut();
+        s.starts += 1;
+        (s.id, s.starts)
+    };
+    let stores = open_stores(&slot)?;
+    let mut cfg = NodeConfig::new(id, peers);
+    cfg.replication = replication;
+    cfg.clock = WallClock::Simulated {
+        epoch_ms: EPOCH_MS + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64,
+        origin: tokio::time::Instant::now(),
+    };
+    cfg.seed = Some(work.seed ^ (id << 48) ^ (starts << 32));
+    cfg.skip_read_index = bug == NodeBug::SkipReadIndex;
+    cfg.ack_before_commit = bug == NodeBug::AckBeforeCommit;
+    let transport = Transport::with_dialer(
+        Hello {
+            node_id: id,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        },
+        Arc::new(TurmoilDialer),
+    );
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
+    let node = Node::start(cfg, stores.clone(), transport.clone()).await?;
+    slot.borrow_mut().node = Some((node.clone(), stores));
+    // Several clients per host, so that a write stuck behind a cut does not stop the reads.
+    for c in 0..CLIENTS_PER_HOST {
+        tokio::task::spawn_local(client(node.clone(), work.clone(), id, starts, c));
+    }
+    let handler: Arc<dyn Handler> = Arc::new(Counting {
+        node,
+        counts: slot.borrow().counts.clone(),
+    });
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let (rd, wr) = stream.into_split();
+        transport.serve_stream(Box::new(rd), Box::new(wr), handler.clone());
+    }
+}
+
+/// Records an op's invocation; returns its index for [`complete`].
+fn invoke(work: &Workload, client: u64, key: &str, kind: OpKind) -> usize {
+    let mut ops = work.ops.borrow_mut();
+    ops.push(Op {
+        client,
+        key: key.to_string(),
+        kind,
+        invoke_ns: sim_ns(),
+        complete_ns: None,
+        outcome: Outcome::Unknown,
+    });
+    ops.len() - 1
+}
+
+fn complete(work: &Workload, at: usize, outcome: Outcome) {
+    let mut ops = work.ops.borrow_mut();
+    ops[at].complete_ns = Some(sim_ns());
+    ops[at].outcome = outcome;
+}
+
+async fn write(node: &Arc<Node>, work: &Workload, client: u64, key: &str) {
+    let n = work.next_value.get();
+    work.next_value.set(n + 1);
+    let value = format!("v{n}");
+    let at = invoke(work, client, key, OpKind::Write(value.clone()));
+    let op = KvOp::Set {
+        key: Bytes::from(key.to_string()),
+        value: Bytes::from(value),
+        expire_at_ms: None,
+        keep_ttl: false,
+        cond: SetCond::Always,
+        get: false,
+    };
+    let done = tokio::time::timeout(OP_TIMEOUT, async {
+        node.submit_write(op, Consistency::Quorum).await.await
+    })
+    .await;
+    // Anything but an acknowledgement may still take effect later: the checker treats it so.
+    if let Ok(Ok(_)) = done {
+        complete(work, at, Outcome::Written);
+    }
+}
+
+/// A `primary` read; why it was not answered, if it was not.
+async fn read(node: &Arc<Node>, work: &Workload, client: u64, key: &str) -> Result<(), String> {
+    let at = invoke(work, client, key, OpKind::Read);
+    let got = tokio::time::timeout(
+        OP_TIMEOUT,
+        node.get(Bytes::from(key.to_string()), ReadPreference::Primary, None),
+    )
+    .await;
+    match got {
+        Ok(Ok(v)) => {
+            let seen = v.map(|v| String::from_utf8_lossy(&v.data).into_owned());
+            complete(work, at, Outcome::Read(seen));
+            Ok(())
+        }
+        // A read that was not answered constrains nothing.
+        Ok(Err(e)) => {
+            complete(work, at, Outcome::Failed);
+            Err(e.to_string())
+        }
+        Err(_) => {
+            complete(work, at, Outcome::Failed);
+            Err("timed out".into())
+        }
+    }
+}
+
+/// The client of one host incarnation: random ops through its node, then the final reads.
+async fn client(node: Arc<Node>, work: Rc<Workload>, id: u64, starts: u64, c: u64) {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(work.seed ^ (id << 40) ^ (starts << 24) ^ (c << 16) ^ 0xc1);
+    let me = id * 10_000 + starts * 10 + c;
+    while work.phase.get() == Phase::Run {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1..40))).await;
+        if work.phase.get() != Phase::Run {
+            break;
+        }
+        let key = KEYS[rng.random_range(0..KEYS.len())];
+        if rng.random_bool(0.5) {
+            write(&node, &work, me, key).await;
+        } else {
+            let _ = read(&node, &work, me, key).await;
+        }
+    }
+    if c != 0 {
+        return;
+    }
+    while work.phase.get() != Phase::FinalRead {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for key in KEYS {
+        while let Err(e) = read(&node, &work, me, key).await {
+            if crate::trace_on() {
+                eprintln!("node {id}: final read of {key}: {e}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if c == 0 {
+        work.final_reads_done.borrow_mut().insert(id);
+    }
+}
+
+/// The applied log id and content digest of each partition in a node's state store, read in
+/// one transaction (the applied id is committed with the applies).
+/// A replica's applied log id (term, index), if any.
+type Applied = Option<(u64, u64)>;
+
+fn state_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
+    let r = stores.state.read().map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        let applied = r
+            .meta_get(p, "applied")
+            .map_err(|e| e.to_string())?
+            .map(|b| bincode::deserialize::<Option<replikv_raft::LogId>>(&b))
+            .transpose()
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .map(|l| (l.leader_id.term, l.index));
+        let mut h = 0u64;
+        let mut bad = None;
+        r.kv_for_each(p, b"", |k, raw| {
+            match StoredValue::decode(raw) {
+                Some(v) => h = mix(mix(h, fnv(k)), fnv(&v.data)),
+                None => bad = Some(String::from_utf8_lossy(k).into_owned()),
+            }
+            true
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(k) = bad {
+            return Err(format!("partition {p}: undecodable value of key {k}"));
+        }
+        out.insert(p, (applied, h));
+    }
+    Ok(out)
+}
+
+struct Harness {
+    opts: NodesOpts,
+    rng: ChaCha8Rng,
+    slots: Vec<Rc<RefCell<Slot>>>,
+    work: Rc<Workload>,
+    /// (partition, applied term, applied index) → (digest, node that first showed it).
+    applied: BTreeMap<(u32, u64, u64), (u64, u64)>,
+    /// (partition, term) → nodes seen leading it.
+    leaders: BTreeMap<(u32, u64), BTreeSet<u64>>,
+    /// Crashed nodes and the step they restart at.
+    down: BTreeMap<u64, u64>,
+    /// Cut-off nodes and the step they are healed at.
+    cut: BTreeMap<u64, u64>,
+    trace: u64,
+    crashes: u64,
+    power_losses: u64,
+    cuts: u64,
+}
+
+type Violation = (u64, &'static str, String);
+
+impl Harness {
+    fn check(&mut self, step: u64) -> Result<(), Violation> {
+        for slot in &self.slots {
+            let mut s = slot.borrow_mut();
+            let id = s.id;
+            let Some((node, stores)) = s.node.clone() else {
+                continue;
+            };
+            for g in node.groups() {
+                let m = g.raft.metrics().borrow().clone();
+                if m.state == ServerState::Leader {
+                    self.leaders
+                        .entry((g.partition, m.current_term))
+                        .or_default()
+                        .insert(id);
+                }
+                if crate::trace_on() {
+                    eprintln!(
+                        "{step} n{id} p{} {:?} term {} leader {:?} applied {:?}",
+                        g.partition,
+                        m.state,
+                        m.current_term,
+                        m.current_leader,
+                        m.last_applied.map(|l| l.index)
+                    );
+                }
+                self.trace = mix(
+                    self.trace,
+                    mix(
+                        id << 8 | g.partition as u64,
+                        m.current_term << 32 | m.last_applied.map_or(0, |l| l.index),
+                    ),
+                );
+            }
+            let commits = stores.state.commit_count();
+            if s.checked_commits == Some(commits) {
+                continue;
+            }
+            s.checked_commits = Some(commits);
+            let digests = state_digests(&stores).map_err(|e| {
+                (
+                    step,
+                    "the state store reads back",
+                    format!("node {id}: {e}"),
+                )
+            })?;
+            for (p, (applied, digest)) in digests {
+                let Some((term, index)) = applied else {
+                    continue;
+                };
+                match self.applied.get(&(p, term, index)) {
+                    Some((d, other)) if *d != digest => {
+                        return Err((
+                            step,
+                            "replicas that applied the same entry hold the same contents",
+                            format!(
+                                "partition {p} at {term}-{index}: node {other} digest {d:x}, node {id} digest {digest:x}"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.applied.insert((p, term, index), (digest, id));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn crash(&mut self, sim: &mut turmoil::Sim, id: u64, step: u64) {
+        let kind = if self.rng.random_bool(0.5) {
+            CrashKind::PowerLoss
+        } else {
+            CrashKind::Process
+        };
+        {
+            let mut s = self.slots[id as usize - 1].borrow_mut();
+            let s = &mut *s;
+            if kind == CrashKind::PowerLoss {
+                let (tear, seed) = (self.rng.random_bool(0.5), self.rng.random());
+                s.power.lock().unwrap().set_tear(tear, seed);
+            }
+            s.log_disk.crash(kind, &s.power);
+            s.state_disk.crash(kind, &s.power);
+            s.node = None;
+            s.checked_commits = None;
+        }
+        sim.crash(host_name(id));
+        self.crashes += 1;
+        self.power_losses += (kind == CrashKind::PowerLoss) as u64;
+        let back = step + self.rng.random_range(200..3000);
+        self.down.insert(id, back);
+        if self.opts.verbose {
+            eprintln!("step {step}: crash node {id} ({kind:?}), back at {back}");
+        }
+    }
+
+    fn set_cut(&self, sim: &turmoil::Sim, id: u64, cut: bool) {
+        for other in 1..=self.opts.nodes {
+            if other != id {
+                // Held, not dropped: turmoil's TCP has no retransmission, so a dropped
+                // segment would leave a hole in the byte stream, which real TCP never does.
+                // Held segments arrive after the heal, as retransmitted ones would.
+                if cut {
+                    sim.hold(host_name(id), host_name(other));
+                } else {
+                    sim.release(host_name(id), host_name(other));
+                }
+            }
+        }
+    }
+
+    fn faults(&mut self, sim: &mut turmoil::Sim, step: u64) {
+        let restarts: Vec<u64> = self
+            .down
+            .iter()
+            .filter(|(_, at)| **at <= step)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in restarts {
+            self.down.remove(&id);
+            sim.bounce(host_name(id));
+            if self.opts.verbose {
+                eprintln!("step {step}: restart node {id}");
+            }
+        }
+        let heals: Vec<u64> = self
+            .cut
+            .iter()
+            .filter(|(_, at)| **at <= step)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in heals {
+            self.cut.remove(&id);
+            self.set_cut(sim, id, false);
+            if self.opts.verbose {
+                eprintln!("step {step}: heal node {id}");
+            }
+        }
+        let id = self.rng.random_range(1..=self.opts.nodes);
+        if self.rng.random_bool(0.0008) && !self.down.contains_key(&id) {
+            self.crash(sim, id, step);
+        } else if self.rng.random_bool(0.0008) && !self.cut.contains_key(&id) {
+            let until = step + self.rng.random_range(100..3000);
+            self.cut.insert(id, until);
+            self.set_cut(sim, id, true);
+            self.cuts += 1;
+            if self.opts.verbose {
+                eprintln!("step {step}: cut off node {id} until {until}");
+            }
+        }
+    }
+
+    fn heal_all(&mut self, sim: &mut turmoil::Sim) {
+        for id in std::mem::take(&mut self.cut).into_keys() {
+            self.set_cut(sim, id, false);
+        }
+        for id in std::mem::take(&mut self.down).into_keys() {
+            sim.bounce(host_name(id));
+        }
+    }
+
+    /// Every node's links and groups, for `-v`.
+    fn dump(&self) {
+        for slot in &self.slots {
+            let s = slot.borrow();
+            let Some((node, _)) = &s.node else {
+                eprintln!("node {}: down", s.id);
+                continue;
+            };
+            for peer in 1..=self.opts.nodes {
+                if let Some(l) = node.transport.link_stats(peer) {
+                    // (Instants of a host's paused clock cannot be read from out here.)
+                    eprintln!(
+                        "node {} -> {peer}: connected {}, refused {}, rtt {:?} us",
+                        s.id,
+                        l.connected,
+                        l.refused_since.is_some(),
+                        l.rtt_us
+                    );
+                }
+            }
+            for (k, n) in s.counts.lock().unwrap().iter() {
+                eprintln!("node {} served {n} × {k}", s.id);
+            }
+            for g in node.groups() {
+                let m = g.raft.metrics().borrow().clone();
+                eprintln!(
+                    "node {} p{}: {:?} vote {} last log {:?} applied {:?} leader {:?} replication {:?}",
+                    s.id, g.partition, m.state, m.vote, m.last_log_index, m.last_applied.map(|l| l.index), m.current_leader,
+                    m.replication
+                );
+            }
+        }
+    }
+
+    /// After the final reads: every replica of each partition applied the same entries and
+    /// holds the same contents.
+    fn converged(&self) -> Result<(), String> {
+        let mut seen: BTreeMap<u32, (Applied, u64, u64)> = BTreeMap::new();
+        for slot in &self.slots {
+            let s = slot.borrow();
+            let Some((_, stores)) = &s.node else {
+                return Err(format!("node {} is not up", s.id));
+            };
+            for (p, (applied, digest)) in state_digests(stores)? {
+                match seen.get(&p) {
+                    None => {
+                        seen.insert(p, (applied, digest, s.id));
+                    }
+                    Some((a, d, other)) if (*a, *d) != (applied, digest) => {
+                        return Err(format!(
+                            "partition {p}: node {other} applied {a:?} digest {d:x}, node {} applied {applied:?} digest {digest:x}",
+                            s.id
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut builder = turmoil::Builder::new();
+    let max_latency = [1, 5, 20][rng.random_range(0..3)];
+    builder
+        .rng_seed(rng.random())
+        .tick_duration(Duration::from_millis(1))
+        .simulation_duration(Duration::from_secs(24 * 3600))
+        .min_message_latency(Duration::from_micros(100))
+        .max_message_latency(Duration::from_millis(max_latency));
+    let mut sim = builder.build();
+    // openraft draws each replica's election timeout from an unseeded RNG: a range of one
+    // value removes the draw. Every replica gets the same one, as the lease requires the
+    // same `election_timeout_max_ms` everywhere.
+    let timeout = rng.random_range(300..600u64);
+    let replication = Replication {
+        partitions: PARTITIONS,
+        factor: 3,
+        write_timeout_ms: 2_000,
+        election_timeout_min_ms: timeout,
+        election_timeout_max_ms: timeout + 1,
+        snapshot_every_entries: 40,
+        backlog_entries: 10,
+        ..Replication::default()
+    };
+    let peers: BTreeMap<u64, String> = (1..=opts.nodes)
+        .map(|id| (id, format!("{}:{PEER_PORT}", host_name(id))))
+        .collect();
+    let work = Rc::new(Workload {
+        seed,
+        phase: Cell::new(Phase::Run),
+        ops: RefCell::new(Vec::new()),
+        next_value: Cell::new(1),
+        final_reads_done: RefCell::new(BTreeSet::new()),
+    });
+    let mut slots = Vec::new();
+    for id in 1..=opts.nodes {
+        let slot = Rc::new(RefCell::new(Slot {
+            id,
+            log_disk: SimDisk::new(),
+            state_disk: SimDisk::new(),
+            power: Power::new(Arc::new(AtomicBool::new(true))),
+            starts: 0,
+            node: None,
+            checked_commits: None,
+            counts: Default::default(),
+        }));
+        let (s, w, p, r) = (
+            slot.clone(),
+            work.clone(),
+            peers.clone(),
+            replication.clone(),
+        );
+        let bug = opts.bug;
+        sim.host(host_name(id), move || {
+            run_host(s.clone(), w.clone(), p.clone(), r.clone(), bug)
+        });
+        slots.push(slot);
+    }
+    let mut h = Harness {
+        opts: opts.clone(),
+        rng,
+        slots,
+        work: work.clone(),
+        applied: BTreeMap::new(),
+        leaders: BTreeMap::new(),
+        down: BTreeMap::new(),
+        cut: BTreeMap::new(),
+        trace: seed,
+        crashes: 0,
+        power_losses: 0,
+        cuts: 0,
+    };
+    let started = Instant::now();
+    let mut step = 0u64;
+    let run = |sim: &mut turmoil::Sim, h: &mut Harness, step: &mut u64| -> Result<(), Violation> {
+        *step += 1;
+        sim.step()
+            .map_err(|e| (*step, "the simulation runs", e.to_string()))?;
+        h.check(*step)
+    };
+    let result = (|| -> Result<(), Violation> {
+        // Let the cluster form before the faults start.
+        for _ in 0..2_000 {
+            run(&mut sim, &mut h, &mut step)?;
+        }
+        for _ in 0..opts.steps {
+            h.faults(&mut sim, step);
+            run(&mut sim, &mut h, &mut step)?;
+        }
+        h.work.phase.set(Phase::Quiet);
+        h.heal_all(&mut sim);
+        for _ in 0..opts.settle {
+            run(&mut sim, &mut h, &mut step)?;
+        }
+        h.work.phase.set(Phase::FinalRead);
+        let deadline = step + 20_000;
+        while h.work.final_reads_done.borrow().len() < opts.nodes as usize {
+            if step > deadline {
+                if h.opts.verbose {
+                    h.dump();
+                }
+                return Err((
+                    step,
+                    "every node answers the final reads",
+                    format!("done: {:?}", h.work.final_reads_done.borrow()),
+                ));
+            }
+            run(&mut sim, &mut h, &mut step)?;
+        }
+        // Replicas apply what they learn is committed a heartbeat later.
+        let deadline = step + 5_000;
+        loop {
+            match h.converged() {
+                Ok(()) => break,
+                Err(e) if step > deadline => {
+                    return Err((step, "replicas converge after healing", e));
+                }
+                Err(_) => run(&mut sim, &mut h, &mut step)?,
+            }
+        }
+        Ok(())
+    })();
+    let history = History {
+        ops: work.ops.borrow().clone(),
+    };
+    let mut violation = result.err();
+    let report = check_linearizable(&history, 2_000_000);
+    if violation.is_none() {
+        if let Some(v) = report.violations.first() {
+            violation = Some((
+                step,
+                "the history is linearizable per key",
+                format!("{v:?}"),
+            ));
+        } else if !report.keys_timed_out.is_empty() {
+            violation = Some((
+                step,
+                "the linearizability search finishes",
+                format!("keys timed out: {:?}", report.keys_timed_out),
+            ));
+        }
+    }
+    let acked = history
+        .ops
+        .iter()
+        .filter(|o| o.outcome == Outcome::Written)
+        .count();
+    let multi = h.leaders.values().filter(|s| s.len() > 1).count();
+    let max_term = h.leaders.keys().map(|(_, t)| *t).max().unwrap_or(0);
+    let summary = format!(
+        "seed {seed}: {} ops ({acked} acknowledged writes), {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, trace {:016x}, {:.1} s",
+        history.ops.len(),
+        h.crashes,
+        h.power_losses,
+        h.cuts,
+        h.trace,
+        started.elapsed().as_secs_f64(),
+    );
+    NodesResult { violation, summary }
+}
+
+const NODES_USAGE: &str =
+    "usage: replikv-sim nodes [--seeds A..B | --seeds N | --seed S] [--steps N] [--settle N]
+                         [--check-determinism [K]] [-v]
+  Stage 2: real replikv nodes (replikv_cluster::Node and its peer transport) on turmoil hosts.
+  --seeds 1..20    seeds to run (a plain N means 1..N); default 1..5
+  --steps N        fault-phase steps of 1 ms simulated time (default 10000)
+  --settle N       healed steps before the final reads (default 3000)
+  --check-determinism [K]  run the first K seeds (default all) twice; compare trace hashes
+  --bug skip-read-index    every node serves primary reads without a read index or lease
+  --bug ack-before-commit  every node acknowledges quorum writes before they commit
+  --expect-violation       self-test: succeed only if some seed fails a check (with --bug)
+  Each seed of a range runs in a process of its own, exactly as its replay (--seed S) does.";
+
+/// The arguments that replay `seed` with `opts`.
+fn replay_args(seed: u64, opts: &NodesOpts) -> Vec<String> {
+    let mut a = vec![
+        "--seed".to_string(),
+        seed.to_string(),
+        "--steps".into(),
+        opts.steps.to_string(),
+        "--settle".into(),
+        opts.settle.to_string(),
+    ];
+    match opts.bug {
+        NodeBug::None => {}
+        NodeBug::SkipReadIndex => a.extend(["--bug".into(), "skip-read-index".into()]),
+        NodeBug::AckBeforeCommit => a.extend(["--bug".into(), "ack-before-commit".into()]),
+    }
+    a
+}
+
+/// Runs one seed in a process of its own (the same binary, `nodes --seed S`) and returns
+/// what it printed. A seed's result must not depend on what ran before it in the same
+/// process; tokio's task ids and the like are process-wide, so a fresh process is what a
+/// replay gets, and what every seed gets here.
+fn run_child(seed: u64, opts: &NodesOpts) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let out = std::process::Command::new(exe)
+        .arg("nodes")
+        .args(replay_args(seed, opts))
+        .stderr(std::process::Stdio::inherit())
+        .output();
+    match out {
+        Ok(o) => Some(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Err(e) => {
+            eprintln!("running seed {seed}: {e}");
+            None
+        }
+    }
+}
+
+/// The trace hash in a seed's summary line.
+fn trace_of(out: &str) -> Option<&str> {
+    let line = out.lines().next()?;
+    let at = line.find("trace ")? + "trace ".len();
+    line[at..].split(',').next()
+}
+
+/// `replikv-sim nodes ...`
+pub fn main(args: Vec<String>) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let mut opts = NodesOpts {
+        nodes: 3,
+        steps: 10_000,
+        settle: 3_000,
+        verbose: false,
+        bug: NodeBug::None,
+    };
+    let (mut first, mut last) = (1u64, 5u64);
+    let mut determinism: Option<u64> = None;
+    let mut expect_violation = false;
+    let mut args = args.into_iter().peekable();
+    let fail = |msg: String| {
+        eprintln!("{msg}\n{NODES_USAGE}");
+        ExitCode::from(2)
+    };
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        let parsed = match a.as_str() {
+            "--seeds" => value()
+                .and_then(|v| crate::parse_range(&v))
+                .map(|r| (first, last) = r),
+            "--seed" => value()
+                .and_then(|v| v.parse().map_err(|_| format!("not a number: {v}")))
+                .map(|s: u64| (first, last) = (s, s)),
+            "--steps" | "--settle" => value()
+                .and_then(|v| v.parse().map_err(|_| format!("not a number: {v}")))
+                .map(|n| match a.as_str() {
+                    "--steps" => opts.steps = n,
+                    _ => opts.settle = n,
+                }),
+            "--check-determinism" => {
+                determinism = Some(u64::MAX);
+                if let Some(k) = args.peek().and_then(|n| n.parse::<u64>().ok()) {
+                    determinism = Some(k);
+                    args.next();
+                }
+                Ok(())
+            }
+            "-v" | "--verbose" => {
+                opts.verbose = true;
+                Ok(())
+            }
+            "--expect-violation" => {
+                expect_violation = true;
+                Ok(())
+            }
+            "--bug" => value().and_then(|v| {
+                opts.bug = match v.as_str() {
+                    "skip-read-index" => NodeBug::SkipReadIndex,
+                    "ack-before-commit" => NodeBug::AckBeforeCommit,
+                    other => return Err(format!("unknown bug {other}")),
+                };
+                Ok(())
+            }),
+            "-h" | "--help" => {
+                println!("{NODES_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            other => Err(format!("unknown argument {other}")),
+        };
+        if let Err(e) = parsed {
+            return fail(e);
+        }
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Node logs for one seed's story; host names come with each line's span.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .without_time()
+            .with_ansi(false)
+            .try_init();
+    }
+    let started = Instant::now();
+    if first == last && determinism.is_none() && !expect_violation {
+        // One seed, in this process: a replay, or one seed of a range run by the parent.
+        let r = run_seed(first, &opts);
+        println!("{}", r.summary);
+        if let Some((step, invariant, detail)) = &r.violation {
+            println!(
+                "VIOLATION seed {first} step {step}: {invariant}: {detail}\n  replay: replikv-sim nodes {}",
+                replay_args(first, &opts).join(" ")
+            );
+        }
+        return if r.violation.is_some() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let (mut seeds, mut violations, mut det_checked, mut det_failed) = (0u64, 0u64, 0u64, 0u64);
+    for seed in first..=last {
+        let Some(out) = run_child(seed, &opts) else {
+            return ExitCode::FAILURE;
+        };
+        seeds += 1;
+        let mut lines = out.lines();
+        let mut line = lines.next().unwrap_or_default().to_string();
+        let rest: Vec<&str> = lines.collect();
+        if determinism.is_some_and(|k| seed - first < k) {
+            det_checked += 1;
+            let again = run_child(seed, &opts).unwrap_or_default();
+            let again_trace = trace_of(&again);
+            if again_trace.is_some() && again_trace == trace_of(&out) {
+                line.push_str(", deterministic");
+            } else {
+                det_failed += 1;
+                line.push_str(&format!(
+                    ", NOT DETERMINISTIC: trace {} the second time",
+                    again_trace.unwrap_or("missing")
+                ));
+            }
+        }
+        println!("{line}");
+        for l in &rest {
+            println!("{l}");
+        }
+        violations += rest.iter().any(|l| l.starts_with("VIOLATION")) as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), {secs:.1}s"
+    );
+    if expect_violation {
+        // The self-test: the injected bug must be caught, and deterministically.
+        return if violations > 0 && det_failed == 0 {
+            println!("the checks caught the injected bug in {violations} of {seeds} seeds");
+            ExitCode::SUCCESS
+        } else {
+            println!("SELF-TEST FAILED: no seed caught the injected bug");
+            ExitCode::FAILURE
+        };
+    }
+    if violations > 0 || det_failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
