@@ -38,7 +38,9 @@ pub struct NodeConfig {
     /// Where expiry times and write stamps come from.
     pub clock: WallClock,
     /// Seeds this node's own random draws (request ids, early-campaign jitter); `None` draws
-    /// the seed from the OS. The deterministic simulation sets it.
+    /// the seed from the OS. The deterministic simulation sets it, to a different value at
+    /// every start of a node: the high bits of request ids come from it, and an incarnation
+    /// reusing them could take an old entry for one of its own waiting writes.
     pub seed: Option<u64>,
 }
 

@@ -33,10 +33,10 @@ use replikv_types::NodeId;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed dial, requests to that peer fail at once for this long.
 const REDIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// A connection on which a request has waited this long while nothing at all came back (the
-/// pinger asks every 100 ms) is dropped and dialled again. After a long partition, TCP's
-/// retransmission back-off could otherwise keep a healed link silent for tens of seconds,
-/// and a link whose packets were lost for good would stay silent forever.
+/// A connection is dropped and dialled again when requests written in full have had no byte
+/// back for this long (the pinger asks every 100 ms), or when a write has made no progress
+/// and nothing has been read for this long. Otherwise a connection whose peer's host is
+/// gone stays open until TCP gives up, minutes later, and every request on it times out.
 const SILENT_LINK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,8 +140,16 @@ pub struct LinkStats {
     pub refused_since: Option<Instant>,
 }
 
-/// When the first request after the last answer was queued (`None`: all answered).
-type Unanswered = Arc<Mutex<Option<Instant>>>;
+/// What the watchdog of one connection reads (see [`SILENT_LINK`]).
+#[derive(Clone, Copy)]
+struct Liveness {
+    /// When the first write completed since the last byte read (`None`: nothing awaited).
+    awaiting_since: Option<Instant>,
+    /// When the last byte was read from the peer (or the connection opened).
+    last_read: Instant,
+}
+
+type Watch = Arc<Mutex<Liveness>>;
 
 type Pending = Arc<Mutex<BTreeMap<u64, (Instant, oneshot::Sender<Result<Bytes, TransportError>>)>>>;
 
@@ -154,7 +162,6 @@ pub struct PeerClient {
     faults: Arc<Faults>,
     stats: Arc<Mutex<LinkStats>>,
     down_until: Arc<Mutex<Option<Instant>>>,
-    unanswered_since: Unanswered,
 }
 
 impl PeerClient {
@@ -174,13 +181,11 @@ impl PeerClient {
             faults,
             stats: Arc::default(),
             down_until: Arc::default(),
-            unanswered_since: Arc::default(),
         });
         let conn = Connection {
             addr,
             me,
             dialer,
-            unanswered_since: client.unanswered_since.clone(),
             pending: client.pending.clone(),
             stats: client.stats.clone(),
             down_until: client.down_until.clone(),
@@ -252,10 +257,6 @@ impl PeerClient {
             .lock()
             .expect("pending")
             .insert(id, (Instant::now(), tx));
-        self.unanswered_since
-            .lock()
-            .expect("unanswered")
-            .get_or_insert_with(Instant::now);
         if self.queue.send(buf.freeze()).is_err() {
             self.pending.lock().expect("pending").remove(&id);
             return Err(TransportError::NotSent("transport stopped".into()));
@@ -268,7 +269,6 @@ struct Connection {
     addr: String,
     me: Hello,
     dialer: Arc<dyn Dialer>,
-    unanswered_since: Unanswered,
     pending: Pending,
     stats: Arc<Mutex<LinkStats>>,
     down_until: Arc<Mutex<Option<Instant>>>,
@@ -292,13 +292,14 @@ impl Connection {
                     }
                 };
             *self.down_until.lock().expect("down_until") = None;
-            // The requests queued while dialling count from now.
-            *self.unanswered_since.lock().expect("unanswered") = Some(Instant::now());
             self.note_refusal(false);
             self.stats.lock().expect("stats").connected = true;
             let reason = self.pump(stream, first, &mut rx).await;
             tracing::debug!(peer = %self.addr, %reason, "peer connection closed");
             self.stats.lock().expect("stats").connected = false;
+            // Frames still queued belong to requests failed just below: sent on the next
+            // connection, they would be served for callers already told otherwise.
+            while rx.try_recv().is_ok() {}
             fail_all(&self.pending, TransportError::Unreachable(reason));
         }
     }
@@ -311,15 +312,6 @@ impl Connection {
         } else {
             s.refused_since = None;
         }
-    }
-
-    /// How long requests have gone unanswered, if it is [`SILENT_LINK`] or more. Requests that
-    /// time out leave `pending`, so this is measured from the first request sent after the
-    /// last answer, not from the requests still waiting.
-    fn silent_for(&self) -> Option<Duration> {
-        let since = (*self.unanswered_since.lock().expect("unanswered"))?;
-        let silent = Instant::now() - since;
-        (silent >= SILENT_LINK).then_some(silent)
     }
 
     fn dial_failed(&self, rx: &mut mpsc::UnboundedReceiver<Bytes>, why: &str) {
@@ -345,9 +337,13 @@ impl Connection {
         let (closed_tx, mut closed_rx) = oneshot::channel::<String>();
         let pending = self.pending.clone();
         let stats = self.stats.clone();
-        let unanswered = self.unanswered_since.clone();
+        let live: Watch = Arc::new(Mutex::new(Liveness {
+            awaiting_since: None,
+            last_read: Instant::now(),
+        }));
+        let reader_live = live.clone();
         let reader = tokio::spawn(async move {
-            let why = read_responses(&mut rd, &pending, &stats, &unanswered).await;
+            let why = read_responses(&mut rd, &pending, &stats, &reader_live).await;
             let _ = closed_tx.send(why);
         });
         let mut watchdog = tokio::time::interval(SILENT_LINK / 4);
@@ -358,23 +354,7 @@ impl Connection {
                     Err(_) => break,
                 }
             }
-            // A write that cannot finish (the peer stopped reading, or the link lost it) must
-            // not keep the watchdog from noticing the silence.
-            let written = {
-                let write = wr.write_all(&out);
-                tokio::pin!(write);
-                loop {
-                    tokio::select! {
-                        r = &mut write => break r.map_err(|e| format!("write: {e}")),
-                        _ = watchdog.tick() => {
-                            if let Some(silent) = self.silent_for() {
-                                break Err(format!("no answer for {} ms", silent.as_millis()));
-                            }
-                        }
-                    }
-                }
-            };
-            if let Err(why) = written {
+            if let Err(why) = write_watched(&mut wr, &out, &live, &mut watchdog).await {
                 break why;
             }
             out.clear();
@@ -385,8 +365,8 @@ impl Connection {
                 },
                 why = &mut closed_rx => break why.unwrap_or_else(|_| "reader stopped".into()),
                 _ = watchdog.tick() => {
-                    if let Some(silent) = self.silent_for() {
-                        break format!("no answer for {} ms", silent.as_millis());
+                    if let Some(why) = silent(&live, None) {
+                        break why;
                     }
                 }
             }
@@ -396,18 +376,72 @@ impl Connection {
     }
 }
 
+/// Writes `out`, giving up when the watchdog finds the link silent: a write that cannot
+/// finish (the peer stopped reading, or its host is gone) must not hide the silence.
+async fn write_watched(
+    wr: &mut WriteHalf,
+    out: &[u8],
+    live: &Watch,
+    watchdog: &mut tokio::time::Interval,
+) -> Result<(), String> {
+    let mut at = 0;
+    let mut progress = Instant::now();
+    while at < out.len() {
+        tokio::select! {
+            // `write` is cancel-safe: it either wrote `n` bytes or wrote none.
+            r = wr.write(&out[at..]) => match r {
+                Ok(0) => return Err("write: the connection is closed".into()),
+                Ok(n) => {
+                    at += n;
+                    progress = Instant::now();
+                }
+                Err(e) => return Err(format!("write: {e}")),
+            },
+            _ = watchdog.tick() => {
+                if let Some(why) = silent(live, Some(progress)) {
+                    return Err(why);
+                }
+            }
+        }
+    }
+    if !out.is_empty() {
+        // The requests just written now await answers.
+        live.lock()
+            .expect("liveness")
+            .awaiting_since
+            .get_or_insert_with(Instant::now);
+    }
+    Ok(())
+}
+
+/// Why the link counts as dead, if it does (see [`SILENT_LINK`]): requests written in full
+/// have had no byte back for that long, or a write in progress (last progress at
+/// `writing`) has stalled that long with nothing read meanwhile.
+fn silent(live: &Watch, writing: Option<Instant>) -> Option<String> {
+    let l = *live.lock().expect("liveness");
+    let now = Instant::now();
+    if let Some(since) = l.awaiting_since.filter(|t| now - *t >= SILENT_LINK) {
+        return Some(format!("no answer for {} ms", (now - since).as_millis()));
+    }
+    let stalled =
+        writing.filter(|t| now - *t >= SILENT_LINK && now - l.last_read >= SILENT_LINK)?;
+    Some(format!(
+        "a write made no progress for {} ms and nothing was read",
+        (now - stalled).as_millis()
+    ))
+}
+
 async fn read_responses(
     rd: &mut ReadHalf,
     pending: &Pending,
     stats: &Arc<Mutex<LinkStats>>,
-    unanswered: &Unanswered,
+    live: &Watch,
 ) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         loop {
             match frame::decode(&mut buf) {
                 Ok(Some(f)) if f.kind == Kind::Response => {
-                    *unanswered.lock().expect("unanswered") = None;
                     let waiter = pending.lock().expect("pending").remove(&f.id);
                     if let Some((sent, tx)) = waiter {
                         record_ok(stats, sent.elapsed());
@@ -421,7 +455,11 @@ async fn read_responses(
         }
         match rd.read_buf(&mut buf).await {
             Ok(0) => return "peer closed the connection".into(),
-            Ok(_) => {}
+            Ok(_) => {
+                let mut l = live.lock().expect("liveness");
+                l.awaiting_since = None;
+                l.last_read = Instant::now();
+            }
             Err(e) => return format!("read: {e}"),
         }
     }
@@ -686,7 +724,62 @@ mod tests {
                 .request(&PeerRequest::Ping, Duration::from_millis(100))
                 .await;
         }
-        // A link that answers is kept: the watchdog never fires while answers come.
         assert!(peer.stats().rtt_us.is_none(), "nothing was ever answered");
+    }
+
+    /// A peer that answers, however slowly, keeps its connection: only silence is cut.
+    #[tokio::test]
+    async fn a_slow_link_that_answers_is_kept() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let (mut rd, mut wr) = s.into_split();
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    while matches!(rd.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                        while let Ok(Some(f)) = frame::decode(&mut buf) {
+                            if f.kind != Kind::Request {
+                                continue;
+                            }
+                            // Each answer comes well after its request, but they keep coming.
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let pong = bincode::serialize(&PeerResponse::Pong(Vec::new())).unwrap();
+                            let mut out = BytesMut::new();
+                            frame::encode(Kind::Response, f.id, &pong, &mut out);
+                            if wr.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let transport = Transport::new(Hello {
+            node_id: 1,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        });
+        let peer = transport.add_peer(2, &addr);
+        let mut answered = 0;
+        let until = Instant::now() + SILENT_LINK * 3;
+        while Instant::now() < until {
+            if peer
+                .request(&PeerRequest::Ping, Duration::from_secs(1))
+                .await
+                .is_ok()
+            {
+                answered += 1;
+            }
+        }
+        assert!(answered > 0, "the slow peer's answers never arrived");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "a link that kept answering was dropped"
+        );
     }
 }
