@@ -687,6 +687,37 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
+    /// A listener on a free port that counts the connections it accepts and serves each with
+    /// `serve`; returns its address and the count.
+    async fn fake_peer<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(s));
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Node 1's transport, with node 2 at `addr`.
+    fn client_of(addr: &str) -> (Arc<Transport>, Arc<PeerClient>) {
+        let transport = Transport::new(Hello {
+            node_id: 1,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        });
+        let peer = transport.add_peer(2, addr);
+        (transport, peer)
+    }
+
     /// A peer whose connections are accepted and read but never answered (a process that
     /// stopped reading, or a connection whose other end is gone without a reset) is dialled
     /// again once requests have waited [`SILENT_LINK`], instead of being kept for good.
@@ -694,26 +725,13 @@ mod tests {
     /// connection, and the leader's replication to it stalled until the end of the run.)
     #[tokio::test]
     async fn a_connection_that_never_answers_is_dialled_again() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let seen = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::SeqCst);
-                // Swallow whatever arrives; answer nothing; keep the socket open.
-                tokio::spawn(async move {
-                    let mut sink = vec![0u8; 1 << 16];
-                    while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
-                });
-            }
-        });
-        let transport = Transport::new(Hello {
-            node_id: 1,
-            resp_addr: String::new(),
-            http_addr: String::new(),
-        });
-        let peer = transport.add_peer(2, &addr);
+        // Swallow whatever arrives; answer nothing; keep the socket open.
+        let (addr, accepted) = fake_peer(|mut s| async move {
+            let mut sink = vec![0u8; 1 << 16];
+            while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        let (_transport, peer) = client_of(&addr);
         let deadline = Instant::now() + Duration::from_secs(10);
         while accepted.load(Ordering::SeqCst) < 2 {
             assert!(
@@ -730,40 +748,27 @@ mod tests {
     /// A peer that answers, however slowly, keeps its connection: only silence is cut.
     #[tokio::test]
     async fn a_slow_link_that_answers_is_kept() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let seen = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::SeqCst);
-                let (mut rd, mut wr) = s.into_split();
-                tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    while matches!(rd.read_buf(&mut buf).await, Ok(n) if n > 0) {
-                        while let Ok(Some(f)) = frame::decode(&mut buf) {
-                            if f.kind != Kind::Request {
-                                continue;
-                            }
-                            // Each answer comes well after its request, but they keep coming.
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            let pong = bincode::serialize(&PeerResponse::Pong(Vec::new())).unwrap();
-                            let mut out = BytesMut::new();
-                            frame::encode(Kind::Response, f.id, &pong, &mut out);
-                            if wr.write_all(&out).await.is_err() {
-                                return;
-                            }
-                        }
+        let (addr, accepted) = fake_peer(|s| async move {
+            let (mut rd, mut wr) = s.into_split();
+            let mut buf = BytesMut::new();
+            while matches!(rd.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                while let Ok(Some(f)) = frame::decode(&mut buf) {
+                    if f.kind != Kind::Request {
+                        continue;
                     }
-                });
+                    // Each answer comes well after its request, but they keep coming.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let pong = bincode::serialize(&PeerResponse::Pong(Vec::new())).unwrap();
+                    let mut out = BytesMut::new();
+                    frame::encode(Kind::Response, f.id, &pong, &mut out);
+                    if wr.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
             }
-        });
-        let transport = Transport::new(Hello {
-            node_id: 1,
-            resp_addr: String::new(),
-            http_addr: String::new(),
-        });
-        let peer = transport.add_peer(2, &addr);
+        })
+        .await;
+        let (_transport, peer) = client_of(&addr);
         let mut answered = 0;
         let until = Instant::now() + SILENT_LINK * 3;
         while Instant::now() < until {
