@@ -297,10 +297,7 @@ impl Connection {
             let reason = self.pump(stream, first, &mut rx).await;
             tracing::debug!(peer = %self.addr, %reason, "peer connection closed");
             self.stats.lock().expect("stats").connected = false;
-            // Frames still queued belong to requests failed just below: sent on the next
-            // connection, they would be served for callers already told otherwise.
-            while rx.try_recv().is_ok() {}
-            fail_all(&self.pending, TransportError::Unreachable(reason));
+            fail_all(&self.pending, &mut rx, TransportError::Unreachable(reason));
         }
     }
 
@@ -316,9 +313,9 @@ impl Connection {
 
     fn dial_failed(&self, rx: &mut mpsc::UnboundedReceiver<Bytes>, why: &str) {
         *self.down_until.lock().expect("down_until") = Some(Instant::now() + REDIAL_BACKOFF);
-        while rx.try_recv().is_ok() {}
         fail_all(
             &self.pending,
+            rx,
             TransportError::NotSent(format!("dial {}: {why}", self.addr)),
         );
     }
@@ -475,7 +472,11 @@ fn record_ok(stats: &Arc<Mutex<LinkStats>>, rtt: Duration) {
     });
 }
 
-fn fail_all(pending: &Pending, why: TransportError) {
+/// Fails every pending request with `why`, and drops the frames still queued: they belong
+/// to those requests, and sent on the next connection they would be served for callers
+/// already told otherwise.
+fn fail_all(pending: &Pending, queue: &mut mpsc::UnboundedReceiver<Bytes>, why: TransportError) {
+    while queue.try_recv().is_ok() {}
     let drained = std::mem::take(&mut *pending.lock().expect("pending"));
     for (_, (_, tx)) in drained {
         let _ = tx.send(Err(why.clone()));
