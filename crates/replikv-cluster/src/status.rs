@@ -114,15 +114,20 @@ impl Node {
                 .map(|g| self.partition_status(g))
                 .collect(),
             links,
-            storage: [("log", &self.stores.log), ("state", &self.stores.state)]
-                .into_iter()
-                .map(|(name, store)| StoreStatus {
-                    store: name.into(),
-                    fsync: store.policy(),
-                    commits: store.commit_count(),
-                    fsyncs: store.sync_count(),
-                })
-                .collect(),
+            storage: vec![
+                StoreStatus {
+                    store: "log".into(),
+                    fsync: self.stores.log.policy(),
+                    commits: self.stores.log.commit_count(),
+                    fsyncs: self.stores.log.sync_count(),
+                },
+                StoreStatus {
+                    store: "state".into(),
+                    fsync: self.stores.state.policy(),
+                    commits: self.stores.state.commit_count(),
+                    fsyncs: self.stores.state.sync_count(),
+                },
+            ],
         }
     }
 

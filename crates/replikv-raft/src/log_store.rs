@@ -1,4 +1,4 @@
-//! [`LogStore`]: one partition's Raft log, vote and purge point in the shared [`Store`].
+//! [`LogStore`]: one partition's Raft log, vote and purge point in the node's [`RaftLog`].
 //!
 //! Invariants:
 //! - records of the partition are contiguous from `purged + 1` to the last index;
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
-use replikv_storage::Store;
+use replikv_storage::{LogOp, RaftLog};
 use tokio::sync::oneshot;
 
 use crate::record::{decode_record, encode_record};
@@ -23,7 +23,6 @@ use crate::{read_error, storage_error, Entry, LogId, PurgeGate, StorageError, Ty
 
 const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
-const PURGED: &str = "purged";
 
 /// Batches whose append times are remembered, for replica lag in milliseconds.
 const APPEND_CLOCK_BATCHES: usize = 4096;
@@ -112,7 +111,7 @@ impl AppendWaiters {
 
 #[derive(Clone)]
 pub struct LogStore {
-    store: Store,
+    log: RaftLog,
     partition: u32,
     waiters: Arc<AppendWaiters>,
     /// Purges wait here for a snapshot being installed (`purge_gate.rs`).
@@ -121,9 +120,9 @@ pub struct LogStore {
 
 impl LogStore {
     /// Opens the partition's log and cuts a corrupt tail.
-    pub fn open(store: Store, partition: u32, gate: PurgeGate) -> Result<LogStore, StorageError> {
+    pub fn open(log: RaftLog, partition: u32, gate: PurgeGate) -> Result<LogStore, StorageError> {
         let log = LogStore {
-            store,
+            log,
             partition,
             waiters: Arc::new(AppendWaiters::default()),
             gate,
@@ -152,8 +151,9 @@ impl LogStore {
             ..v
         })
         .map_err(storage_error)?;
-        let p = self.partition;
-        block_on_write(&self.store, move |w| w.meta_put(p, VOTE, &demoted))
+        self.log
+            .write_now(vec![self.meta_op(VOTE, demoted)])
+            .map_err(storage_error)
     }
 
     pub fn waiters(&self) -> Arc<AppendWaiters> {
@@ -162,9 +162,8 @@ impl LogStore {
 
     fn cut_corrupt_tail(&self) -> Result<(), StorageError> {
         let records = self
-            .store
-            .read()
-            .and_then(|r| r.log_range(self.partition, 0..u64::MAX))
+            .log
+            .entries(self.partition, 0..u64::MAX)
             .map_err(read_error)?;
         let Some((bad, why)) = records
             .iter()
@@ -183,37 +182,40 @@ impl LogStore {
         // The saved commit point must not lie beyond the log any more: openraft would try
         // to apply entries that are gone. Entries before the cut keep their commit status.
         let committed: Option<LogId> = self.read_meta::<Option<LogId>>(COMMITTED)?.flatten();
-        let clamp = match committed {
-            Some(c) if c.index >= bad => {
-                let before = records
-                    .iter()
-                    .rev()
-                    .find(|(i, _)| *i < bad)
-                    .and_then(|(_, raw)| decode_record(raw).ok())
-                    .map(|e| e.log_id);
-                Some(bincode::serialize(&before).map_err(storage_error)?)
-            }
-            _ => None,
-        };
+        let mut ops = Vec::new();
+        if committed.is_some_and(|c| c.index >= bad) {
+            let before = records
+                .iter()
+                .rev()
+                .find(|(i, _)| *i < bad)
+                .and_then(|(_, raw)| decode_record(raw).ok())
+                .map(|e| e.log_id);
+            ops.push(self.meta_op(
+                COMMITTED,
+                bincode::serialize(&before).map_err(storage_error)?,
+            ));
+        }
         // A vote this node gave itself is demoted at every open (`demote_saved_vote`).
-        let p = self.partition;
-        block_on_write(&self.store, move |w| {
-            if let Some(c) = &clamp {
-                w.meta_put(p, COMMITTED, c)?;
-            }
-            w.log_remove(p, bad..u64::MAX)
-        })
+        ops.push(LogOp::TruncateFrom {
+            p: self.partition,
+            index: bad,
+        });
+        self.log.write_now(ops).map_err(storage_error)
+    }
+
+    fn meta_op(&self, name: &str, value: Vec<u8>) -> LogOp {
+        LogOp::Meta {
+            p: self.partition,
+            name: name.to_string(),
+            value,
+        }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
         &self,
         name: &str,
     ) -> Result<Option<T>, StorageError> {
-        let raw = self
-            .store
-            .read()
-            .and_then(|r| r.meta_get(self.partition, name))
-            .map_err(read_error)?;
+        let raw = self.log.meta(self.partition, name);
         raw.map(|b| bincode::deserialize(&b).map_err(read_error))
             .transpose()
     }
@@ -225,24 +227,11 @@ impl LogStore {
         durable: bool,
     ) -> Result<(), StorageError> {
         let bytes = bincode::serialize(value).map_err(storage_error)?;
-        let p = self.partition;
-        self.store
-            .write(durable, move |w| w.meta_put(p, name, &bytes))
+        self.log
+            .write(durable, vec![self.meta_op(name, bytes)])
             .await
             .map_err(storage_error)
     }
-}
-
-/// Runs a write from synchronous start-up code (before the Raft core exists). With a task
-/// writer (the simulation's in-memory stores) the store commits it inline: blocking here on
-/// a writer that needs this thread to run would never return.
-fn block_on_write(
-    store: &Store,
-    f: impl FnOnce(&mut replikv_storage::WriteTx<'_>) -> Result<(), replikv_storage::StorageError>
-        + Send
-        + 'static,
-) -> Result<(), StorageError> {
-    store.write_now(f).map_err(storage_error)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -261,9 +250,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => u64::MAX,
         };
         let records = self
-            .store
-            .read()
-            .and_then(|r| r.log_range(self.partition, start..end))
+            .log
+            .entries(self.partition, start..end)
             .map_err(read_error)?;
         records
             .into_iter()
@@ -288,12 +276,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let purged: Option<LogId> = self.read_meta::<Option<LogId>>(PURGED)?.flatten();
-        let last = self
-            .store
-            .read()
-            .and_then(|r| r.log_last(self.partition))
-            .map_err(read_error)?;
+        let purged: Option<LogId> = match self.log.purged(self.partition) {
+            Some((_, tag)) => bincode::deserialize(&tag).map_err(read_error)?,
+            None => None,
+        };
+        let last = self.log.last(self.partition).map_err(read_error)?;
         let last_log_id = match last {
             Some((i, raw)) => Some(
                 decode_record(&raw)
@@ -325,10 +312,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // restart, and the Raft core calls it on every commit; waiting here would stall the
         // core behind the log writer's fsyncs.
         let bytes = bincode::serialize(&committed).map_err(storage_error)?;
-        let p = self.partition;
-        self.store.submit(
+        self.log.submit(
             false,
-            Box::new(move |w| w.meta_put(p, COMMITTED, &bytes)),
+            vec![self.meta_op(COMMITTED, bytes)],
             Box::new(|res| {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "saving the commit point failed");
@@ -351,34 +337,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
+        let p = self.partition;
+        let mut records = Vec::new();
         let mut proposed = Vec::new();
+        let mut last = None;
         for entry in entries {
             if let EntryPayload::Normal(req) = &entry.payload {
                 proposed.push((req.req_id, entry.log_id.index));
             }
-            records.push((entry.log_id.index, encode_record(&entry)));
+            last = Some(entry.log_id.index);
+            records.push(LogOp::Append {
+                p,
+                index: entry.log_id.index,
+                bytes: encode_record(&entry),
+            });
         }
-        let p = self.partition;
         let waiters = self.waiters.clone();
         // Written to this node's log now (the writer commits it in order); `eventual` writes
         // are acknowledged here, the others once the commit is durable.
         waiters.appended(&proposed, false);
-        let last = records.last().map(|(i, _)| *i);
         // Return only once the entries are durable. openraft 0.9 answers a leader's
         // AppendEntries as soon as `append` returns (it does not wait for the callback), so
         // returning earlier would let a follower acknowledge entries it could still lose, and
         // a write committed on such acknowledgements could vanish when every node crashes.
         // Concurrent appends of other partitions still share one fsync (group commit).
         let (done_tx, done_rx) = oneshot::channel();
-        self.store.submit(
+        self.log.submit(
             true,
-            Box::new(move |w| {
-                for (i, raw) in &records {
-                    w.log_put(p, *i, raw)?;
-                }
-                Ok(())
-            }),
+            records,
             Box::new(move |res| {
                 let _ = done_tx.send(res);
             }),
@@ -401,24 +387,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let p = self.partition;
-        self.store
-            .write(true, move |w| w.log_remove(p, log_id.index..u64::MAX))
-            .await
-            .map_err(storage_error)
+        let op = LogOp::TruncateFrom {
+            p: self.partition,
+            index: log_id.index,
+        };
+        self.log.write(true, vec![op]).await.map_err(storage_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.gate.ready_to_purge(log_id.index).await?;
-        let p = self.partition;
-        let purged = bincode::serialize(&Some(log_id)).map_err(storage_error)?;
-        self.store
-            .write(true, move |w| {
-                w.meta_put(p, PURGED, &purged)?;
-                w.log_remove(p, 0..log_id.index + 1)
-            })
-            .await
-            .map_err(storage_error)
+        // One record moves the purge point and drops the entries: no crash can leave one
+        // without the other.
+        let op = LogOp::PurgeTo {
+            p: self.partition,
+            index: log_id.index,
+            tag: bincode::serialize(&Some(log_id)).map_err(storage_error)?,
+        };
+        self.log.write(true, vec![op]).await.map_err(storage_error)
     }
 }
 

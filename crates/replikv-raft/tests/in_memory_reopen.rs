@@ -6,7 +6,7 @@
 use openraft::storage::RaftLogStorage;
 use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
 use replikv_raft::Entry;
-use replikv_storage::Stores;
+use replikv_storage::{LogOp, Stores};
 
 const P: u32 = 3;
 
@@ -38,44 +38,40 @@ fn a_reopen_cuts_a_corrupt_tail_on_one_thread() {
     one_thread().block_on(async {
         let stores = Stores::in_memory().expect("in-memory stores");
         // Five records and a commit point, as a node writes them before it stops.
-        let records: Vec<(u64, Vec<u8>)> = (1..=5)
+        let records: Vec<LogOp> = (1..=5)
             .map(|i| {
                 let entry = Entry {
                     log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
                     payload: EntryPayload::Blank,
                 };
-                (i, replikv_raft::encode_record(&entry))
+                LogOp::Append {
+                    p: P,
+                    index: i,
+                    bytes: replikv_raft::encode_record(&entry),
+                }
             })
             .collect();
-        stores
-            .log
-            .write(true, move |w| {
-                for (i, raw) in &records {
-                    w.log_put(P, *i, raw)?;
-                }
-                Ok(())
-            })
-            .await
-            .unwrap();
+        stores.log.write(true, records).await.unwrap();
         let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("open partition");
         log.save_committed(Some(LogId::new(CommittedLeaderId::new(1, 1), 5)))
             .await
             .unwrap();
         // `save_committed` does not wait for its commit; a write queued after it does.
-        stores.log.write(false, |_| Ok(())).await.unwrap();
+        stores.log.write(false, Vec::new()).await.unwrap();
         assert_eq!(
             log.read_committed().await.unwrap().map(|l| l.index),
             Some(5)
         );
         drop(log);
         // A torn write at index 4: its checksum fails.
-        let mut raw = stores.log.read().unwrap().log_get(P, 4).unwrap().unwrap();
+        let mut raw = stores.log.entry(P, 4).unwrap().unwrap();
         *raw.last_mut().unwrap() ^= 1;
-        stores
-            .log
-            .write(true, move |w| w.log_put(P, 4, &raw))
-            .await
-            .unwrap();
+        let torn = LogOp::Append {
+            p: P,
+            index: 4,
+            bytes: raw,
+        };
+        stores.log.write(true, vec![torn]).await.unwrap();
 
         let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("reopen partition");
         let state = log.get_log_state().await.unwrap();

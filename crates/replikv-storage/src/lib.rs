@@ -17,6 +17,9 @@
 //! - `kv`: (partition, key) → value bytes (the state machine)
 //! - `snapshot`: partition → the latest snapshot's bytes
 
+mod raft_log;
 mod store;
+
+pub use raft_log::{FsLogDir, LogDir, LogOp, MemLogDir, RaftLog, SEGMENT_BYTES};
 
 pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, WriterKind};

@@ -1,7 +1,6 @@
 //! [`Store`]: the redb database, its writer (an OS thread, or a tokio task) and the typed
 //! transactions.
 
-use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +14,8 @@ use redb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-const LOG: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("log");
+use crate::raft_log::RaftLog;
+
 const META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("meta");
 const KV: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv");
 const SNAPSHOT: TableDefinition<u32, &[u8]> = TableDefinition::new("snapshot");
@@ -85,8 +85,9 @@ pub enum WriterKind {
     Task,
 }
 
-/// The node's logs and state machines, in two redb files with a writer thread each, so that
-/// applying committed entries never waits behind the log's fsyncs.
+/// The node's Raft logs (append-only segment files, `raft_log.rs`) and state machines (a redb
+/// file), each with a writer of its own, so that applying committed entries never waits
+/// behind the log's fsyncs.
 ///
 /// Safe across crashes because the state file's durable point never falls behind what the
 /// log has purged: the log is purged only below a snapshot, writing a snapshot is a durable
@@ -95,37 +96,47 @@ pub enum WriterKind {
 #[derive(Clone)]
 pub struct Stores {
     /// Raft logs, votes and commit points.
-    pub log: Store,
+    pub log: RaftLog,
     /// State machines, applied offsets, memberships and snapshots.
     pub state: Store,
 }
 
 impl Stores {
-    pub const LOG_FILE: &'static str = "log.redb";
+    /// The directory of the Raft log's segments.
+    pub const LOG_DIR: &'static str = "log";
     pub const STATE_FILE: &'static str = "state.redb";
+    /// Where releases before the segment log kept the Raft log.
+    const OLD_LOG_FILE: &'static str = "log.redb";
 
     pub fn open(dir: &Path, policy: FsyncPolicy) -> Result<Stores, StorageError> {
+        if dir.join(Stores::OLD_LOG_FILE).exists() {
+            return Err(err(format!(
+                "{} holds a Raft log in {}, the format of an earlier replikv; this release keeps \
+                 the log in segment files ({}/). Start the node on an empty data directory: it \
+                 receives its data from the other replicas",
+                dir.display(),
+                Stores::OLD_LOG_FILE,
+                Stores::LOG_DIR
+            )));
+        }
         Ok(Stores {
-            log: Store::open_file(dir, Stores::LOG_FILE, policy)?,
+            log: RaftLog::open(&dir.join(Stores::LOG_DIR), policy)?,
             state: Store::open_file(dir, Stores::STATE_FILE, policy)?,
         })
     }
 
-    /// Both stores in memory (redb's `InMemoryBackend`), with task writers: what the
-    /// deterministic simulation runs on. Must be called inside a tokio runtime. What is written
-    /// lives as long as a clone of the returned handles does; reopening a partition over them
-    /// is a process restart that keeps everything committed.
+    /// Both stores in memory (segments in memory, redb's `InMemoryBackend`), with task
+    /// writers: what the deterministic simulation runs on. Must be called inside a tokio
+    /// runtime. What is written lives as long as a clone of the returned handles does;
+    /// reopening a partition over them is a process restart that keeps everything written.
     pub fn in_memory() -> Result<Stores, StorageError> {
-        let open = || {
-            Store::open_with_backend(
+        Ok(Stores {
+            log: RaftLog::in_memory()?,
+            state: Store::open_with_backend(
                 InMemoryBackend::new(),
                 FsyncPolicy::Always,
                 WriterKind::Task,
-            )
-        };
-        Ok(Stores {
-            log: open()?,
-            state: open()?,
+            )?,
         })
     }
 
@@ -186,7 +197,6 @@ impl Store {
     fn start(db: Database, policy: FsyncPolicy, kind: WriterKind) -> Result<Store, StorageError> {
         let tx = db.begin_write().map_err(err)?;
         {
-            tx.open_table(LOG).map_err(err)?;
             tx.open_table(META).map_err(err)?;
             tx.open_table(KV).map_err(err)?;
             tx.open_table(SNAPSHOT).map_err(err)?;
@@ -454,7 +464,6 @@ fn commit_batch(
     tx.set_durability(durability).map_err(err)?;
     {
         let mut w = WriteTx {
-            log: tx.open_table(LOG).map_err(err)?,
             meta: tx.open_table(META).map_err(err)?,
             kv: tx.open_table(KV).map_err(err)?,
             snapshot: tx.open_table(SNAPSHOT).map_err(err)?,
@@ -469,25 +478,12 @@ fn commit_batch(
 
 /// The tables of one write transaction, as the writer hands them to a job.
 pub struct WriteTx<'t> {
-    log: redb::Table<'t, (u32, u64), &'static [u8]>,
     meta: redb::Table<'t, (u32, &'static str), &'static [u8]>,
     kv: redb::Table<'t, (u32, &'static [u8]), &'static [u8]>,
     snapshot: redb::Table<'t, u32, &'static [u8]>,
 }
 
 impl WriteTx<'_> {
-    pub fn log_put(&mut self, p: u32, index: u64, record: &[u8]) -> Result<(), StorageError> {
-        self.log.insert((p, index), record).map_err(err)?;
-        Ok(())
-    }
-
-    /// Removes the records of partition `p` whose index lies in `range`.
-    pub fn log_remove(&mut self, p: u32, range: Range<u64>) -> Result<(), StorageError> {
-        self.log
-            .retain_in((p, range.start)..(p, range.end), |_, _| false)
-            .map_err(err)
-    }
-
     pub fn meta_put(&mut self, p: u32, name: &str, value: &[u8]) -> Result<(), StorageError> {
         self.meta.insert((p, name), value).map_err(err)?;
         Ok(())
@@ -534,39 +530,6 @@ pub struct ReadTx {
 }
 
 impl ReadTx {
-    pub fn log_get(&self, p: u32, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        let t = self.tx.open_table(LOG).map_err(err)?;
-        Ok(t.get((p, index)).map_err(err)?.map(|v| v.value().to_vec()))
-    }
-
-    /// Records of partition `p` with index in `range`, in order.
-    pub fn log_range(
-        &self,
-        p: u32,
-        range: Range<u64>,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let t = self.tx.open_table(LOG).map_err(err)?;
-        let mut out = Vec::new();
-        for item in t.range((p, range.start)..(p, range.end)).map_err(err)? {
-            let (k, v) = item.map_err(err)?;
-            out.push((k.value().1, v.value().to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// The last record of partition `p`.
-    pub fn log_last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
-        let t = self.tx.open_table(LOG).map_err(err)?;
-        let mut range = t.range((p, 0)..=(p, u64::MAX)).map_err(err)?;
-        match range.next_back() {
-            Some(item) => {
-                let (k, v) = item.map_err(err)?;
-                Ok(Some((k.value().1, v.value().to_vec())))
-            }
-            None => Ok(None),
-        }
-    }
-
     pub fn meta_get(&self, p: u32, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         let t = self.tx.open_table(META).map_err(err)?;
         Ok(t.get((p, name)).map_err(err)?.map(|v| v.value().to_vec()))
@@ -600,12 +563,6 @@ impl ReadTx {
         let t = self.tx.open_table(SNAPSHOT).map_err(err)?;
         Ok(t.get(p).map_err(err)?.map(|v| v.value().to_vec()))
     }
-
-    /// Number of log records stored for `p` (used by tests and status).
-    pub fn log_len(&self, p: u32) -> Result<u64, StorageError> {
-        let t = self.tx.open_table(LOG).map_err(err)?;
-        Ok(t.range((p, 0)..=(p, u64::MAX)).map_err(err)?.count() as u64)
-    }
 }
 
 #[cfg(test)]
@@ -619,17 +576,14 @@ mod tests {
             let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
             store
                 .write(true, |w| {
-                    w.log_put(1, 1, b"a")?;
-                    w.log_put(1, 2, b"b")?;
-                    w.log_put(2, 1, b"other partition")?;
+                    w.kv_put(2, b"k", b"other partition")?;
                     w.kv_put(1, b"k", b"v")?;
                     w.meta_put(1, "vote", b"x")
                 })
                 .await
                 .unwrap();
             let r = store.read().unwrap();
-            assert_eq!(r.log_last(1).unwrap(), Some((2, b"b".to_vec())));
-            assert_eq!(r.log_range(1, 0..10).unwrap().len(), 2);
+            assert_eq!(r.kv_get(1, b"k").unwrap(), Some(b"v".to_vec()));
             store.stop();
         }
         // The writer thread holds the database until its channel closes; reopen in a loop.
@@ -637,7 +591,10 @@ mod tests {
         let r = store.read().unwrap();
         assert_eq!(r.kv_get(1, b"k").unwrap(), Some(b"v".to_vec()));
         assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"x".to_vec()));
-        assert_eq!(r.log_get(2, 1).unwrap(), Some(b"other partition".to_vec()));
+        assert_eq!(
+            r.kv_get(2, b"k").unwrap(),
+            Some(b"other partition".to_vec())
+        );
     }
 
     fn reopen(dir: &Path) -> Store {
@@ -655,33 +612,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn log_remove_and_kv_clear_touch_one_partition() {
+    async fn kv_clear_touches_one_partition() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), FsyncPolicy::Never).unwrap();
         store
             .write(false, |w| {
-                for i in 1..=10 {
-                    w.log_put(1, i, b"x")?;
-                    w.log_put(2, i, b"y")?;
-                }
                 w.kv_put(1, b"a", b"1")?;
                 w.kv_put(2, b"a", b"2")
             })
             .await
             .unwrap();
-        store
-            .write(false, |w| {
-                w.log_remove(1, 1..6)?;
-                w.kv_clear(1)
-            })
-            .await
-            .unwrap();
+        store.write(false, |w| w.kv_clear(1)).await.unwrap();
         let r = store.read().unwrap();
-        assert_eq!(
-            r.log_range(1, 0..100).unwrap().first().map(|e| e.0),
-            Some(6)
-        );
-        assert_eq!(r.log_len(2).unwrap(), 10);
         assert_eq!(r.kv_get(1, b"a").unwrap(), None);
         assert_eq!(r.kv_get(2, b"a").unwrap(), Some(b"2".to_vec()));
         let mut keys = 0;
@@ -707,27 +649,28 @@ mod tests {
             let writes: Vec<_> = (1..=5u64)
                 .map(|i| {
                     let log = stores.log.clone();
-                    tokio::spawn(
-                        async move { log.write(true, move |w| w.log_put(1, i, b"e")).await },
-                    )
+                    let op = crate::LogOp::Append {
+                        p: 1,
+                        index: i,
+                        bytes: b"e".to_vec(),
+                    };
+                    tokio::spawn(async move { log.write(true, vec![op]).await })
                 })
                 .collect();
             for w in writes {
                 w.await.unwrap().unwrap();
             }
             // Inline, from synchronous code on the runtime's only thread.
-            stores
-                .log
-                .write_now(|w| w.meta_put(1, "vote", b"v"))
-                .unwrap();
-            let r = stores.log.read().unwrap();
-            assert_eq!(r.log_len(1).unwrap(), 5);
-            // The queued jobs share commits; the inline one has its own (table creation at
-            // open is not counted).
+            let vote = crate::LogOp::Meta {
+                p: 1,
+                name: "vote".into(),
+                value: b"v".to_vec(),
+            };
+            stores.log.write_now(vec![vote]).unwrap();
+            assert_eq!(stores.log.len(1), 5);
+            // The queued jobs share batches; the inline one has its own.
             assert!((2..=6).contains(&stores.log.commit_count()));
-            assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"v".to_vec()));
-            // The other store is a separate database.
-            assert_eq!(stores.state.read().unwrap().log_len(1).unwrap(), 0);
+            assert_eq!(stores.log.meta(1, "vote"), Some(b"v".to_vec()));
         });
     }
 
@@ -750,7 +693,7 @@ mod tests {
         assert_eq!(r.kv_get(0, b"").unwrap(), Some(b"3".to_vec()));
     }
 
-    /// Writes one log record per index in `indexes`, each in its own commit; returns the
+    /// Writes one key per index in `indexes`, each in its own commit; returns the
     /// fsyncs they took.
     async fn syncs_for_writes(
         store: &Store,
@@ -760,7 +703,7 @@ mod tests {
         let before = store.sync_count();
         for i in indexes {
             store
-                .write(durable, move |w| w.log_put(1, i, b"e"))
+                .write(durable, move |w| w.kv_put(1, &i.to_le_bytes(), b"e"))
                 .await
                 .unwrap();
         }
@@ -834,7 +777,10 @@ mod tests {
     fn write_now_with_a_thread_writer() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
-        store.write_now(|w| w.log_put(3, 1, b"x")).unwrap();
-        assert_eq!(store.read().unwrap().log_len(3).unwrap(), 1);
+        store.write_now(|w| w.kv_put(3, b"k", b"x")).unwrap();
+        assert_eq!(
+            store.read().unwrap().kv_get(3, b"k").unwrap(),
+            Some(b"x".to_vec())
+        );
     }
 }

@@ -1,0 +1,1311 @@
+//! [`RaftLog`]: every partition's Raft log, votes and commit points, in append-only segment
+//! files written by one writer.
+//!
+//! ```text
+//!   callers ──submit(ops)──► writer ──one write() per batch, one fsync if any op asks──► segment
+//!   readers ──────────────► in-memory index (partition, index) → (segment, offset) ──pread──┘
+//! ```
+//!
+//! Why not redb: a redb commit rewrites B-tree pages, checksums and frees them for every batch;
+//! here a batch of any number of partitions' appends costs one `write` and, when one of them
+//! must be durable, one `fdatasync` (group commit). `docs/design/storage-engine.md` has the
+//! measurements behind the choice.
+//!
+//! Format. A segment is a sequence of records `[len u32 LE][crc32c u32 LE of body][body]`,
+//! where the body is `[kind u8][partition u32 LE]` and then, by kind:
+//! - `ENTRY`: `[index u64 LE][the entry's bytes]` (the Raft layer adds its own checksum);
+//! - `TRUNCATE`: `[index u64 LE]`: entries at and after `index` are gone;
+//! - `PURGE`: `[index u64 LE][tag]`: entries up to `index` are gone; `tag` is the caller's
+//!   description of the last purged entry (its log id);
+//! - `META`: `[name length u8][name][value]`: the latest value of a named field (vote,
+//!   commit point).
+//!
+//! Invariants:
+//! - The state is what replaying every segment in order gives. Only whole segments are ever
+//!   removed, oldest first, and only when none of their entries is still live; every segment
+//!   but the first begins with a checkpoint (each partition's purge point and meta fields), so
+//!   the records a removed segment held are either dead or restated later.
+//! - A segment is complete and synced before the next one begins, so a record that fails its
+//!   checksum can only be a torn tail of the last segment (cut at open; the leader sends those
+//!   entries again) or damage of the medium (everything after it is cut, loudly).
+//! - Entry bytes are never overwritten in place, so a reader holding a stale location still
+//!   reads the bytes it asked for.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redb::StorageBackend;
+use tokio::sync::mpsc;
+
+use crate::store::{FsyncPolicy, StorageError, WriterKind};
+
+/// A segment is closed and a new one begun once it holds this much (the default; tests and
+/// the simulation use smaller segments to exercise their turnover).
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The active segment grows in steps of this much (fewer size changes to sync); the zeros
+/// after its last record mark its end.
+const GROW_BYTES: u64 = 4 << 20;
+const HEADER: usize = 8;
+/// No record is larger: a length beyond it is a torn or damaged header.
+const MAX_RECORD: usize = 1 << 30;
+/// Ranges of entries are read with one `pread` per run of records this close together.
+const READ_GAP: u64 = 64 << 10;
+const READ_RUN: u64 = 8 << 20;
+
+const ENTRY: u8 = 1;
+const TRUNCATE: u8 = 2;
+const PURGE: u8 = 3;
+const META: u8 = 4;
+
+fn err(e: impl fmt::Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+/// Where segment files live: a directory for the server, memory or a simulated disk for tests.
+pub trait LogDir: Send + Sync + 'static {
+    /// The ids of the segments present, in any order.
+    fn segments(&self) -> io::Result<Vec<u64>>;
+    /// Opens segment `id`, creating it empty if it does not exist.
+    fn open(&self, id: u64) -> io::Result<Arc<dyn StorageBackend>>;
+    fn remove(&self, id: u64) -> io::Result<()>;
+    /// Makes the creation and removal of segments durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+/// Segments as files `<id in hex>.seg` in a directory.
+pub struct FsLogDir {
+    path: PathBuf,
+}
+
+impl FsLogDir {
+    pub fn new(path: &Path) -> io::Result<FsLogDir> {
+        std::fs::create_dir_all(path)?;
+        Ok(FsLogDir {
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn file(&self, id: u64) -> PathBuf {
+        self.path.join(format!("{id:016x}.seg"))
+    }
+}
+
+impl LogDir for FsLogDir {
+    fn segments(&self) -> io::Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for item in std::fs::read_dir(&self.path)? {
+            let name = item?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name
+                .strip_suffix(".seg")
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn open(&self, id: u64) -> io::Result<Arc<dyn StorageBackend>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.file(id))?;
+        Ok(Arc::new(SegmentFile(file)))
+    }
+
+    fn remove(&self, id: u64) -> io::Result<()> {
+        std::fs::remove_file(self.file(id))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        std::fs::File::open(&self.path)?.sync_all()
+    }
+}
+
+/// One segment on the file system.
+struct SegmentFile(std::fs::File);
+
+impl fmt::Debug for SegmentFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SegmentFile").finish()
+    }
+}
+
+impl StorageBackend for SegmentFile {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact_at(out, offset)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+}
+
+/// Segments in memory (redb's `InMemoryBackend`), for tests; they live as long as the log.
+#[derive(Default)]
+pub struct MemLogDir {
+    files: Mutex<BTreeMap<u64, Arc<redb::backends::InMemoryBackend>>>,
+}
+
+impl LogDir for MemLogDir {
+    fn segments(&self) -> io::Result<Vec<u64>> {
+        Ok(self
+            .files
+            .lock()
+            .expect("mem dir")
+            .keys()
+            .copied()
+            .collect())
+    }
+    fn open(&self, id: u64) -> io::Result<Arc<dyn StorageBackend>> {
+        let mut files = self.files.lock().expect("mem dir");
+        Ok(files.entry(id).or_default().clone())
+    }
+    fn remove(&self, id: u64) -> io::Result<()> {
+        self.files.lock().expect("mem dir").remove(&id);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One change to the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogOp {
+    /// Stores entry `index` of partition `p` (replacing one already there).
+    Append { p: u32, index: u64, bytes: Vec<u8> },
+    /// Removes partition `p`'s entries from `index` on.
+    TruncateFrom { p: u32, index: u64 },
+    /// Removes partition `p`'s entries up to `index` and remembers `tag` as its purge point.
+    PurgeTo { p: u32, index: u64, tag: Vec<u8> },
+    /// Sets a named field of partition `p`.
+    Meta {
+        p: u32,
+        name: String,
+        value: Vec<u8>,
+    },
+}
+
+impl LogOp {
+    /// Appends the op as one record to `buf`; returns where its entry bytes start in `buf`.
+    fn encode(&self, buf: &mut Vec<u8>) -> usize {
+        let start = buf.len();
+        buf.extend_from_slice(&[0; HEADER]);
+        let (kind, p) = match self {
+            LogOp::Append { p, .. } => (ENTRY, p),
+            LogOp::TruncateFrom { p, .. } => (TRUNCATE, p),
+            LogOp::PurgeTo { p, .. } => (PURGE, p),
+            LogOp::Meta { p, .. } => (META, p),
+        };
+        buf.push(kind);
+        buf.extend_from_slice(&p.to_le_bytes());
+        let mut payload = 0;
+        match self {
+            LogOp::Append { index, bytes, .. } => {
+                buf.extend_from_slice(&index.to_le_bytes());
+                payload = buf.len();
+                buf.extend_from_slice(bytes);
+            }
+            LogOp::TruncateFrom { index, .. } => buf.extend_from_slice(&index.to_le_bytes()),
+            LogOp::PurgeTo { index, tag, .. } => {
+                buf.extend_from_slice(&index.to_le_bytes());
+                buf.extend_from_slice(tag);
+            }
+            LogOp::Meta { name, value, .. } => {
+                let name = &name.as_bytes()[..name.len().min(255)];
+                buf.push(name.len() as u8);
+                buf.extend_from_slice(name);
+                buf.extend_from_slice(value);
+            }
+        }
+        let body = &buf[start + HEADER..];
+        let len = body.len() as u32;
+        let crc = crc32c::crc32c(body);
+        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+        payload
+    }
+
+    /// Decodes a record body whose checksum held; for an entry, also where its bytes start.
+    fn decode(body: &[u8]) -> Result<(LogOp, usize), String> {
+        let short = || format!("record body of {} bytes is too short", body.len());
+        if body.len() < 5 {
+            return Err(short());
+        }
+        let kind = body[0];
+        let p = u32::from_le_bytes(body[1..5].try_into().expect("4 bytes"));
+        let rest = &body[5..];
+        let index = || {
+            rest.get(..8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .ok_or_else(short)
+        };
+        Ok(match kind {
+            ENTRY => (
+                LogOp::Append {
+                    p,
+                    index: index()?,
+                    bytes: rest[8..].to_vec(),
+                },
+                13,
+            ),
+            TRUNCATE => (LogOp::TruncateFrom { p, index: index()? }, 0),
+            PURGE => (
+                LogOp::PurgeTo {
+                    p,
+                    index: index()?,
+                    tag: rest[8..].to_vec(),
+                },
+                0,
+            ),
+            META => {
+                let n = *rest.first().ok_or_else(short)? as usize;
+                let name = rest.get(1..1 + n).ok_or_else(short)?;
+                let name = String::from_utf8(name.to_vec()).map_err(|e| e.to_string())?;
+                (
+                    LogOp::Meta {
+                        p,
+                        name,
+                        value: rest[1 + n..].to_vec(),
+                    },
+                    0,
+                )
+            }
+            other => return Err(format!("unknown record kind {other}")),
+        })
+    }
+}
+
+/// Where an entry's bytes are.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    seg: u64,
+    off: u64,
+    len: u32,
+}
+
+#[derive(Default)]
+struct Part {
+    entries: BTreeMap<u64, Loc>,
+    purged: Option<(u64, Vec<u8>)>,
+    meta: BTreeMap<String, Vec<u8>>,
+}
+
+struct Segment {
+    file: Arc<dyn StorageBackend>,
+    /// Entries stored in this segment that are still in the log.
+    live: usize,
+}
+
+/// What readers see: the index of every partition, and the segments.
+#[derive(Default)]
+struct Index {
+    parts: BTreeMap<u32, Part>,
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl Index {
+    fn drop_loc(&mut self, loc: Loc) {
+        if let Some(s) = self.segments.get_mut(&loc.seg) {
+            s.live -= 1;
+        }
+    }
+
+    /// Applies `op`, stored in segment `seg` with its entry bytes at `payload` (for entries).
+    fn apply(&mut self, op: LogOp, seg: u64, payload: u64) {
+        match op {
+            LogOp::Append { p, index, bytes } => {
+                let part = self.parts.entry(p).or_default();
+                if part.purged.as_ref().is_some_and(|(i, _)| index <= *i) {
+                    return;
+                }
+                let loc = Loc {
+                    seg,
+                    off: payload,
+                    len: bytes.len() as u32,
+                };
+                let old = part.entries.insert(index, loc);
+                if let Some(s) = self.segments.get_mut(&seg) {
+                    s.live += 1;
+                }
+                if let Some(old) = old {
+                    self.drop_loc(old);
+                }
+            }
+            LogOp::TruncateFrom { p, index } => {
+                let part = self.parts.entry(p).or_default();
+                let gone = part.entries.split_off(&index);
+                for loc in gone.into_values() {
+                    self.drop_loc(loc);
+                }
+            }
+            LogOp::PurgeTo { p, index, tag } => {
+                let part = self.parts.entry(p).or_default();
+                let kept = part.entries.split_off(&index.saturating_add(1));
+                let gone = std::mem::replace(&mut part.entries, kept);
+                if part.purged.as_ref().is_none_or(|(i, _)| index >= *i) {
+                    part.purged = Some((index, tag));
+                }
+                for loc in gone.into_values() {
+                    self.drop_loc(loc);
+                }
+            }
+            LogOp::Meta { p, name, value } => {
+                self.parts.entry(p).or_default().meta.insert(name, value);
+            }
+        }
+    }
+
+    /// The records that restate every purge point and field: a new segment's first records.
+    fn checkpoint(&self) -> Vec<LogOp> {
+        let mut ops = Vec::new();
+        for (p, part) in &self.parts {
+            if let Some((index, tag)) = &part.purged {
+                ops.push(LogOp::PurgeTo {
+                    p: *p,
+                    index: *index,
+                    tag: tag.clone(),
+                });
+            }
+            for (name, value) in &part.meta {
+                ops.push(LogOp::Meta {
+                    p: *p,
+                    name: name.clone(),
+                    value: value.clone(),
+                });
+            }
+        }
+        ops
+    }
+}
+
+/// The writer's own state: the segment it appends to.
+struct Active {
+    id: u64,
+    file: Arc<dyn StorageBackend>,
+    /// Where the next record goes.
+    end: u64,
+    /// The segment's length (zeros after `end`).
+    len: u64,
+    /// Records written since the last sync.
+    dirty: bool,
+}
+
+type DoneFn = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+struct Job {
+    durable: bool,
+    ops: Vec<LogOp>,
+    done: DoneFn,
+}
+
+struct Shared {
+    dir: Box<dyn LogDir>,
+    index: Mutex<Index>,
+    active: Mutex<Active>,
+    policy: FsyncPolicy,
+    kind: WriterKind,
+    segment_bytes: u64,
+    batches: AtomicU64,
+    syncs: AtomicU64,
+    stopped: AtomicBool,
+}
+
+/// The node's Raft logs. Cheap to clone; the writer stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct RaftLog {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<Job>,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl fmt::Debug for RaftLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RaftLog")
+            .field("policy", &self.shared.policy)
+            .finish()
+    }
+}
+
+impl RaftLog {
+    /// Opens (or creates) the log in directory `path`, with a writer thread.
+    pub fn open(path: &Path, policy: FsyncPolicy) -> Result<RaftLog, StorageError> {
+        let dir = FsLogDir::new(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        RaftLog::open_with(Box::new(dir), policy, WriterKind::Thread, SEGMENT_BYTES)
+    }
+
+    /// Opens the log in memory, with a task writer (needs a tokio runtime).
+    pub fn in_memory() -> Result<RaftLog, StorageError> {
+        RaftLog::open_with(
+            Box::new(MemLogDir::default()),
+            FsyncPolicy::Always,
+            WriterKind::Task,
+            SEGMENT_BYTES,
+        )
+    }
+
+    /// Opens the log on any [`LogDir`], with segments of about `segment_bytes`: replays
+    /// every segment, cuts a torn tail, and starts the writer.
+    pub fn open_with(
+        dir: Box<dyn LogDir>,
+        policy: FsyncPolicy,
+        kind: WriterKind,
+        segment_bytes: u64,
+    ) -> Result<RaftLog, StorageError> {
+        let (index, active) = recover(dir.as_ref())?;
+        let shared = Arc::new(Shared {
+            dir,
+            index: Mutex::new(index),
+            active: Mutex::new(active),
+            policy,
+            kind,
+            segment_bytes: segment_bytes.max(1),
+            batches: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        });
+        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let writer_shared = shared.clone();
+        let writer = match kind {
+            WriterKind::Thread => Some(
+                std::thread::Builder::new()
+                    .name("replikv-log-writer".into())
+                    .spawn(move || {
+                        let mut batch = Vec::with_capacity(256);
+                        while let Some(first) = rx.blocking_recv() {
+                            batch.push(first);
+                            while let Ok(job) = rx.try_recv() {
+                                batch.push(job);
+                            }
+                            writer_shared.write_batch(&mut batch);
+                        }
+                        writer_shared.sync_if_dirty();
+                    })
+                    .map_err(err)?,
+            ),
+            WriterKind::Task => {
+                let runtime = tokio::runtime::Handle::try_current()
+                    .map_err(|e| err(format!("a task writer needs a tokio runtime: {e}")))?;
+                runtime.spawn(async move {
+                    let mut batch = Vec::with_capacity(256);
+                    while let Some(first) = rx.recv().await {
+                        batch.push(first);
+                        while let Ok(job) = rx.try_recv() {
+                            batch.push(job);
+                        }
+                        writer_shared.write_batch(&mut batch);
+                    }
+                    writer_shared.sync_if_dirty();
+                });
+                None
+            }
+        };
+        let log = RaftLog {
+            shared,
+            jobs,
+            writer: Arc::new(Mutex::new(writer)),
+        };
+        match policy {
+            FsyncPolicy::Always => {}
+            FsyncPolicy::Everysec => log.start_flusher(Duration::from_secs(1)),
+            FsyncPolicy::Never => log.start_flusher(Duration::from_secs(10)),
+        }
+        Ok(log)
+    }
+
+    pub fn policy(&self) -> FsyncPolicy {
+        self.shared.policy
+    }
+
+    pub fn writer_kind(&self) -> WriterKind {
+        self.shared.kind
+    }
+
+    /// Batches written since the log opened (failed ones included).
+    pub fn commit_count(&self) -> u64 {
+        self.shared.batches.load(Ordering::Acquire)
+    }
+
+    /// Syncs made since the log opened.
+    pub fn sync_count(&self) -> u64 {
+        self.shared.syncs.load(Ordering::Acquire)
+    }
+
+    /// Segments present (for tests and status).
+    pub fn segment_count(&self) -> usize {
+        self.shared.index.lock().expect("log index").segments.len()
+    }
+
+    /// Queues `ops` for the writer; `done` runs once they are written, and synced if
+    /// `durable`. Ops of one call are written in order, in one batch.
+    pub fn submit(&self, durable: bool, ops: Vec<LogOp>, done: DoneFn) {
+        let job = Job { durable, ops, done };
+        if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+            (job.done)(Err(StorageError("the log writer has stopped".into())));
+        }
+    }
+
+    /// Writes `ops` in the next batch and waits for it.
+    pub async fn write(&self, durable: bool, ops: Vec<LogOp>) -> Result<(), StorageError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(
+            durable,
+            ops,
+            Box::new(move |res| {
+                let _ = tx.send(res);
+            }),
+        );
+        rx.await
+            .map_err(|_| StorageError("the log writer dropped a job".into()))?
+    }
+
+    /// Writes `ops` durably and returns once they are synced, from synchronous start-up code.
+    /// A task writer may need this very thread to run, so the batch is written here.
+    pub fn write_now(&self, ops: Vec<LogOp>) -> Result<(), StorageError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done: DoneFn = Box::new(move |res| {
+            let _ = tx.send(res);
+        });
+        match self.shared.kind {
+            WriterKind::Thread => self.submit(true, ops, done),
+            WriterKind::Task => self.shared.write_batch(&mut vec![Job {
+                durable: true,
+                ops,
+                done,
+            }]),
+        }
+        rx.recv()
+            .map_err(|_| StorageError("the log writer dropped a job".into()))?
+    }
+
+    /// Entries of partition `p` with index in `range`, in order.
+    pub fn entries(&self, p: u32, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (locs, files) = {
+            let index = self.shared.index.lock().expect("log index");
+            let Some(part) = index.parts.get(&p) else {
+                return Ok(Vec::new());
+            };
+            let locs: Vec<(u64, Loc)> = part.entries.range(range).map(|(i, l)| (*i, *l)).collect();
+            let mut files: BTreeMap<u64, Arc<dyn StorageBackend>> = BTreeMap::new();
+            for (_, loc) in &locs {
+                if let (std::collections::btree_map::Entry::Vacant(slot), Some(s)) =
+                    (files.entry(loc.seg), index.segments.get(&loc.seg))
+                {
+                    slot.insert(s.file.clone());
+                }
+            }
+            (locs, files)
+        };
+        let mut out = Vec::with_capacity(locs.len());
+        let mut i = 0;
+        while i < locs.len() {
+            // One read for a run of nearby records in one segment.
+            let first = locs[i].1;
+            let mut j = i + 1;
+            let mut end = first.off + first.len as u64;
+            while j < locs.len() {
+                let l = locs[j].1;
+                if l.seg != first.seg || l.off < end || l.off - end > READ_GAP {
+                    break;
+                }
+                let next_end = l.off + l.len as u64;
+                if next_end - first.off > READ_RUN {
+                    break;
+                }
+                end = next_end;
+                j += 1;
+            }
+            let file = files
+                .get(&first.seg)
+                .ok_or_else(|| err(format!("log segment {} is gone", first.seg)))?;
+            let mut buf = vec![0; (end - first.off) as usize];
+            file.read(first.off, &mut buf)
+                .map_err(|e| err(format!("reading log segment {}: {e}", first.seg)))?;
+            for (index, loc) in &locs[i..j] {
+                let from = (loc.off - first.off) as usize;
+                out.push((*index, buf[from..from + loc.len as usize].to_vec()));
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Entry `index` of partition `p`.
+    pub fn entry(&self, p: u32, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .entries(p, index..index.saturating_add(1))?
+            .pop()
+            .map(|(_, b)| b))
+    }
+
+    /// The last entry of partition `p`.
+    pub fn last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let last = {
+            let index = self.shared.index.lock().expect("log index");
+            index
+                .parts
+                .get(&p)
+                .and_then(|part| part.entries.keys().next_back().copied())
+        };
+        match last {
+            Some(i) => Ok(self.entries(p, i..i + 1)?.pop()),
+            None => Ok(None),
+        }
+    }
+
+    /// How many entries partition `p` holds.
+    pub fn len(&self, p: u32) -> u64 {
+        let index = self.shared.index.lock().expect("log index");
+        index
+            .parts
+            .get(&p)
+            .map_or(0, |part| part.entries.len() as u64)
+    }
+
+    /// Partition `p`'s purge point: the index and tag of the last `PurgeTo`.
+    pub fn purged(&self, p: u32) -> Option<(u64, Vec<u8>)> {
+        let index = self.shared.index.lock().expect("log index");
+        index.parts.get(&p).and_then(|part| part.purged.clone())
+    }
+
+    /// The value of partition `p`'s field `name`, as last written.
+    pub fn meta(&self, p: u32, name: &str) -> Option<Vec<u8>> {
+        let index = self.shared.index.lock().expect("log index");
+        index
+            .parts
+            .get(&p)
+            .and_then(|part| part.meta.get(name).cloned())
+    }
+
+    fn start_flusher(&self, every: Duration) {
+        let shared = self.shared.clone();
+        // A weak sender: the flusher must not keep the writer (and `close`) waiting.
+        let jobs = self.jobs.downgrade();
+        let flush = move || {
+            if let Some(jobs) = jobs.upgrade() {
+                let _ = jobs.send(Job {
+                    durable: true,
+                    ops: Vec::new(),
+                    done: Box::new(|_| {}),
+                });
+            }
+        };
+        match self.shared.kind {
+            WriterKind::Thread => {
+                std::thread::Builder::new()
+                    .name("replikv-log-flusher".into())
+                    .spawn(move || {
+                        while !shared.stopped.load(Ordering::Relaxed) {
+                            std::thread::sleep(every);
+                            flush();
+                        }
+                    })
+                    .expect("spawning the log flusher thread");
+            }
+            WriterKind::Task => {
+                tokio::spawn(async move {
+                    while !shared.stopped.load(Ordering::Relaxed) {
+                        tokio::time::sleep(every).await;
+                        flush();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stops the flusher (the writer stops when the last clone is dropped).
+    pub fn stop(&self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Closes this handle and, when it is the last one, waits until the writer has synced
+    /// everything and stopped. A task writer is not waited for.
+    pub fn close(self) {
+        self.stop();
+        let writer = self.writer.clone();
+        drop(self);
+        if Arc::strong_count(&writer) == 1 {
+            if let Some(handle) = writer.lock().expect("writer handle").take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Writes every job's ops in one `write`, syncs once if any job is durable, then answers
+    /// the jobs and, when the segment is full, begins the next one.
+    fn write_batch(&self, batch: &mut Vec<Job>) {
+        let durable = batch.iter().any(|j| j.durable && self.syncs_now(&j.ops));
+        let mut active = self.active.lock().expect("log writer");
+        let mut buf = Vec::new();
+        let mut placed = Vec::new();
+        for job in batch.iter_mut() {
+            for op in std::mem::take(&mut job.ops) {
+                let payload = op.encode(&mut buf);
+                placed.push((op, payload));
+            }
+        }
+        let result = self.append(&mut active, &buf, placed, durable);
+        self.batches.fetch_add(1, Ordering::Release);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, jobs = batch.len(), "log write failed");
+        }
+        for job in batch.drain(..) {
+            (job.done)(result.clone());
+        }
+        if result.is_ok() && active.end >= self.segment_bytes {
+            if let Err(e) = self.rotate(&mut active) {
+                tracing::error!(error = %e, "beginning a new log segment failed");
+            }
+        }
+    }
+
+    /// Whether a durable job of `ops` is synced before it is answered. Under `always`, every
+    /// one. Under `everysec` and `never`, entries are answered once written to the OS (a
+    /// `kill -9` keeps them; a power loss may cut the log back to the last sync) and the
+    /// flusher syncs them; votes, truncations, purges and the flusher's own empty job are
+    /// always synced.
+    fn syncs_now(&self, ops: &[LogOp]) -> bool {
+        self.policy == FsyncPolicy::Always
+            || ops.is_empty()
+            || ops.iter().any(|op| !matches!(op, LogOp::Append { .. }))
+    }
+
+    /// Writes `buf` at the end of the active segment, makes its ops visible to readers, and
+    /// syncs if asked.
+    fn append(
+        &self,
+        active: &mut Active,
+        buf: &[u8],
+        placed: Vec<(LogOp, usize)>,
+        durable: bool,
+    ) -> Result<(), StorageError> {
+        let purges = placed
+            .iter()
+            .any(|(op, _)| matches!(op, LogOp::PurgeTo { .. }));
+        if !buf.is_empty() {
+            let end = active.end + buf.len() as u64;
+            if end > active.len {
+                let step = GROW_BYTES.min(self.segment_bytes);
+                let len = end.div_ceil(step) * step;
+                active.file.set_len(len).map_err(err)?;
+                active.len = len;
+            }
+            active.file.write(active.end, buf).map_err(err)?;
+            let base = active.end;
+            active.end = end;
+            active.dirty = true;
+            let mut index = self.index.lock().expect("log index");
+            for (op, payload) in placed {
+                index.apply(op, active.id, base + payload as u64);
+            }
+        }
+        if durable && active.dirty {
+            active.file.sync_data().map_err(err)?;
+            active.dirty = false;
+            self.syncs.fetch_add(1, Ordering::Release);
+        }
+        if purges {
+            self.remove_dead_segments(active.id)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the full active segment (trimmed and synced) and begins the next with a
+    /// checkpoint, synced before any older segment may go.
+    fn rotate(&self, active: &mut Active) -> Result<(), StorageError> {
+        active.file.set_len(active.end).map_err(err)?;
+        active.file.sync_data().map_err(err)?;
+        active.dirty = false;
+        let id = active.id + 1;
+        let file = self.dir.open(id).map_err(err)?;
+        self.dir.sync().map_err(err)?;
+        let checkpoint = {
+            let mut index = self.index.lock().expect("log index");
+            index.segments.insert(
+                id,
+                Segment {
+                    file: file.clone(),
+                    live: 0,
+                },
+            );
+            index.checkpoint()
+        };
+        *active = Active {
+            id,
+            file,
+            end: 0,
+            len: 0,
+            dirty: false,
+        };
+        let mut buf = Vec::new();
+        for op in &checkpoint {
+            op.encode(&mut buf);
+        }
+        // The checkpoint only restates what the index holds: nothing to apply.
+        self.append(active, &buf, Vec::new(), true)?;
+        self.remove_dead_segments(id)
+    }
+
+    /// Removes the oldest segments while none of their entries is live.
+    fn remove_dead_segments(&self, active: u64) -> Result<(), StorageError> {
+        let mut removed = false;
+        loop {
+            let victim = {
+                let index = self.index.lock().expect("log index");
+                match index.segments.iter().next() {
+                    Some((id, s)) if *id != active && s.live == 0 => *id,
+                    _ => break,
+                }
+            };
+            self.dir.remove(victim).map_err(err)?;
+            self.index
+                .lock()
+                .expect("log index")
+                .segments
+                .remove(&victim);
+            removed = true;
+        }
+        if removed {
+            self.dir.sync().map_err(err)?;
+        }
+        Ok(())
+    }
+
+    fn sync_if_dirty(&self) {
+        let mut active = self.active.lock().expect("log writer");
+        if active.dirty && active.file.sync_data().is_ok() {
+            active.dirty = false;
+            self.syncs.fetch_add(1, Ordering::Release);
+        }
+    }
+}
+
+/// Replays every segment in order into an index, cuts a torn tail, and returns the segment
+/// to append to.
+fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
+    let mut ids = dir.segments().map_err(err)?;
+    ids.sort_unstable();
+    let mut index = Index::default();
+    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64, u64)> = None;
+    let mut k = 0;
+    while k < ids.len() {
+        let id = ids[k];
+        let file = dir.open(id).map_err(err)?;
+        let len = file.len().map_err(err)?;
+        let mut bytes = vec![0; len as usize];
+        file.read(0, &mut bytes).map_err(err)?;
+        index.segments.insert(
+            id,
+            Segment {
+                file: file.clone(),
+                live: 0,
+            },
+        );
+        let (end, damage) = replay(&bytes, id, &mut index)?;
+        if let Some(why) = damage {
+            let later = &ids[k + 1..];
+            if later.is_empty() {
+                tracing::warn!(
+                    segment = id,
+                    offset = end,
+                    reason = %why,
+                    "cutting a torn tail off the Raft log; leaders send those entries again"
+                );
+            } else {
+                tracing::error!(
+                    segment = id,
+                    offset = end,
+                    reason = %why,
+                    later_segments = later.len(),
+                    "a Raft log record before the last segment fails its checksum (damaged \
+                     medium); cutting the log there, and every later segment"
+                );
+                for gone in later {
+                    dir.remove(*gone).map_err(err)?;
+                }
+                dir.sync().map_err(err)?;
+                ids.truncate(k + 1);
+            }
+        }
+        if end < len {
+            // Cut the torn tail (or the zeros after the last record) so that the next
+            // records are written right after the last good one.
+            file.set_len(end).map_err(err)?;
+            file.sync_data().map_err(err)?;
+        }
+        last = Some((id, file, end, end));
+        k += 1;
+    }
+    let active = match last {
+        Some((id, file, end, len)) => Active {
+            id,
+            file,
+            end,
+            len,
+            dirty: false,
+        },
+        None => {
+            let file = dir.open(1).map_err(err)?;
+            dir.sync().map_err(err)?;
+            index.segments.insert(
+                1,
+                Segment {
+                    file: file.clone(),
+                    live: 0,
+                },
+            );
+            Active {
+                id: 1,
+                file,
+                end: 0,
+                len: 0,
+                dirty: false,
+            }
+        }
+    };
+    Ok((index, active))
+}
+
+/// Applies one segment's records to `index`; returns where the good records end and, if
+/// they end before a damaged record rather than at the segment's end, why.
+fn replay(
+    bytes: &[u8],
+    seg: u64,
+    index: &mut Index,
+) -> Result<(u64, Option<String>), StorageError> {
+    let mut off = 0usize;
+    while off + HEADER <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            // The zeros after the last record.
+            return Ok((off as u64, zeros_after(bytes, off)));
+        }
+        if len > MAX_RECORD || off + HEADER + len > bytes.len() {
+            return Ok((
+                off as u64,
+                Some(format!("a record of {len} bytes runs past the end")),
+            ));
+        }
+        let stored = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
+        let body = &bytes[off + HEADER..off + HEADER + len];
+        let computed = crc32c::crc32c(body);
+        if stored != computed {
+            return Ok((
+                off as u64,
+                Some(format!(
+                    "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+                )),
+            ));
+        }
+        let (op, payload) = LogOp::decode(body).map_err(|e| {
+            err(format!(
+                "Raft log segment {seg}, offset {off}: {e} (written by a newer replikv?)"
+            ))
+        })?;
+        index.apply(op, seg, (off + HEADER + payload) as u64);
+        off += HEADER + len;
+    }
+    if off < bytes.len() {
+        return Ok((off as u64, zeros_after(bytes, off)));
+    }
+    Ok((off as u64, None))
+}
+
+/// `None` if every byte from `off` on is zero (a clean end), else a description.
+fn zeros_after(bytes: &[u8], off: usize) -> Option<String> {
+    bytes[off..]
+        .iter()
+        .any(|b| *b != 0)
+        .then(|| "a partial record header".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(p: u32, index: u64, bytes: &[u8]) -> LogOp {
+        LogOp::Append {
+            p,
+            index,
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    /// A log in `dir` with 64 KiB segments.
+    fn small(dir: &Path) -> RaftLog {
+        let fs = FsLogDir::new(dir).unwrap();
+        RaftLog::open_with(
+            Box::new(fs),
+            FsyncPolicy::Never,
+            WriterKind::Thread,
+            64 << 10,
+        )
+        .unwrap()
+    }
+
+    fn indexes(log: &RaftLog, p: u32) -> Vec<u64> {
+        log.entries(p, 0..u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn appends_truncations_purges_and_fields_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+            let ops = (1..=10).map(|i| put(7, i, &[i as u8; 3])).collect();
+            log.write(true, ops).await.unwrap();
+            log.write(true, vec![put(8, 1, b"other")]).await.unwrap();
+            log.write(true, vec![LogOp::TruncateFrom { p: 7, index: 8 }])
+                .await
+                .unwrap();
+            log.write(true, vec![put(7, 8, b"new")]).await.unwrap();
+            log.write(
+                true,
+                vec![LogOp::PurgeTo {
+                    p: 7,
+                    index: 3,
+                    tag: b"t3".to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+            log.write(
+                false,
+                vec![LogOp::Meta {
+                    p: 7,
+                    name: "vote".into(),
+                    value: b"v1".to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+            log.close();
+        }
+        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(indexes(&log, 7), vec![4, 5, 6, 7, 8]);
+        assert_eq!(log.entry(7, 8).unwrap().unwrap(), b"new");
+        assert_eq!(log.entry(7, 5).unwrap().unwrap(), vec![5; 3]);
+        assert_eq!(log.last(8).unwrap().unwrap(), (1, b"other".to_vec()));
+        assert_eq!(log.purged(7), Some((3, b"t3".to_vec())));
+        assert_eq!(log.meta(7, "vote").unwrap(), b"v1");
+        assert_eq!(log.meta(8, "vote"), None);
+    }
+
+    /// A torn last record (a prefix of it reached the disk) is cut; the records before it and
+    /// new appends after it read back whole.
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_appends_continue_after_the_last_good_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = {
+            let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+            log.write(true, (1..=3).map(|i| put(0, i, b"abcdef")).collect())
+                .await
+                .unwrap();
+            log.close();
+            let mut segs: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(segs.len(), 1);
+            segs.pop().unwrap().unwrap().path()
+        };
+        // Tear the last record: drop its last 2 bytes, as if the write was cut.
+        let bytes = std::fs::read(&seg).unwrap();
+        let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
+        std::fs::write(&seg, &bytes[..end - 2]).unwrap();
+
+        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(indexes(&log, 0), vec![1, 2]);
+        log.write(true, vec![put(0, 3, b"again")]).await.unwrap();
+        log.close();
+        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(indexes(&log, 0), vec![1, 2, 3]);
+        assert_eq!(log.entry(0, 3).unwrap().unwrap(), b"again");
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_cuts_the_log_at_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+            for i in 1..=4 {
+                log.write(true, vec![put(0, i, &[0xaa; 100])])
+                    .await
+                    .unwrap();
+            }
+            log.close();
+        }
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        // Records are 8 + 13 + 100 bytes; flip a byte inside the third one's entry bytes.
+        bytes[2 * 121 + 50] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(indexes(&log, 0), vec![1, 2]);
+    }
+
+    /// Segments whose entries are all purged go, oldest first; what they held of purge points
+    /// and fields survives in the checkpoints of later segments.
+    #[tokio::test]
+    async fn purged_segments_are_removed_and_their_fields_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![0x5a; 1 << 10];
+        {
+            let log = small(dir.path());
+            log.write(
+                true,
+                vec![LogOp::Meta {
+                    p: 1,
+                    name: "vote".into(),
+                    value: b"early".to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+            // 150 KiB: three segments of 64 KiB.
+            for i in 1..=150 {
+                log.write(true, vec![put(1, i, &big)]).await.unwrap();
+            }
+            assert_eq!(log.segment_count(), 3);
+            log.write(
+                true,
+                vec![LogOp::PurgeTo {
+                    p: 1,
+                    index: 140,
+                    tag: b"p140".to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                log.segment_count(),
+                1,
+                "the first two segments hold only purged entries"
+            );
+            log.close();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let log = small(dir.path());
+        assert_eq!(indexes(&log, 1), (141..=150).collect::<Vec<_>>());
+        assert_eq!(log.purged(1), Some((140, b"p140".to_vec())));
+        assert_eq!(log.meta(1, "vote").unwrap(), b"early");
+        assert_eq!(log.entry(1, 150).unwrap().unwrap(), big);
+    }
+
+    /// Replay applies a truncation recorded in one segment to the entries of an older one.
+    #[tokio::test]
+    async fn a_truncation_in_a_later_segment_removes_entries_of_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = vec![1; 1 << 10];
+        {
+            let log = small(dir.path());
+            for i in 1..=70 {
+                log.write(true, vec![put(2, i, &big)]).await.unwrap();
+            }
+            // Segment 2 begins; truncate 30.. (entries in segment 1) and append afresh.
+            log.write(true, vec![LogOp::TruncateFrom { p: 2, index: 30 }])
+                .await
+                .unwrap();
+            for i in 30..=100 {
+                log.write(true, vec![put(2, i, b"second term")])
+                    .await
+                    .unwrap();
+            }
+            log.close();
+        }
+        let log = small(dir.path());
+        assert_eq!(indexes(&log, 2), (1..=100).collect::<Vec<_>>());
+        assert_eq!(log.entry(2, 50).unwrap().unwrap(), b"second term");
+        assert_eq!(log.entry(2, 29).unwrap().unwrap(), big);
+    }
+
+    /// `always` syncs every durable append; `everysec` answers appends once written and
+    /// leaves them to the flusher, but syncs a vote at once.
+    #[tokio::test]
+    async fn everysec_leaves_appends_to_the_flusher_and_syncs_votes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for policy in [FsyncPolicy::Always, FsyncPolicy::Everysec] {
+            let log = RaftLog::open(&dir.path().join(format!("{policy:?}")), policy).unwrap();
+            let before = log.sync_count();
+            log.write(true, vec![put(0, 1, b"e")]).await.unwrap();
+            let after_append = log.sync_count();
+            let vote = LogOp::Meta {
+                p: 0,
+                name: "vote".into(),
+                value: b"v".to_vec(),
+            };
+            log.write(true, vec![vote]).await.unwrap();
+            let after_vote = log.sync_count();
+            match policy {
+                FsyncPolicy::Always => assert_eq!(after_append, before + 1),
+                _ => assert!(after_append <= before + 1, "at most the flusher's sync"),
+            }
+            assert!(
+                after_vote > after_append,
+                "{policy:?}: a vote is synced at once"
+            );
+            if policy == FsyncPolicy::Everysec {
+                log.write(true, vec![put(0, 2, b"e")]).await.unwrap();
+                let unsynced = log.sync_count();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while log.sync_count() == unsynced {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the flusher never synced"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            log.close();
+        }
+    }
+
+    #[tokio::test]
+    async fn ranges_read_across_batches_and_partitions() {
+        let log = RaftLog::in_memory().unwrap();
+        for i in 1..=50u64 {
+            log.write(
+                i % 2 == 0,
+                vec![put(0, i, &i.to_le_bytes()), put(1, i, b"x")],
+            )
+            .await
+            .unwrap();
+        }
+        let got = log.entries(0, 10..20).unwrap();
+        assert_eq!(got.len(), 10);
+        for (i, bytes) in got {
+            assert_eq!(bytes, i.to_le_bytes());
+        }
+        assert_eq!(log.len(1), 50);
+    }
+}
