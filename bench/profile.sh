@@ -54,14 +54,17 @@ if cur:
     samples.append(cur)
 has = lambda s, p: any(p in l for l in s)
 storage = lambda s: s[0].startswith("replikv-storage")
+log_writer = lambda s: s[0].startswith("replikv-log-wri")
 # First match wins; each sample counts once.
 rules = [
-    ("storage: Raft log commit + fsync (redb)", lambda s: storage(s) and has(s, "durable_commit") and not has(s, "non_durable_commit")),
-    ("storage: state machine commit (redb, no fsync)", lambda s: storage(s) and has(s, "non_durable_commit")),
-    ("storage: commit bookkeeping (redb)", lambda s: storage(s) and has(s, "commit_with")),
-    ("storage: applying writes (redb inserts)", lambda s: storage(s) and has(s, "state_machine")),
-    ("storage: log appends (redb inserts)", lambda s: storage(s) and has(s, "log_store")),
-    ("storage: other", storage),
+    ("Raft log: fdatasync of a batch", lambda s: log_writer(s) and (has(s, "sync_data") or has(s, "fdatasync"))),
+    ("Raft log: write() of a batch", lambda s: log_writer(s) and has(s, "pwrite")),
+    ("Raft log: encoding, checksums, index", log_writer),
+    ("state: durable commit (redb; snapshots)", lambda s: storage(s) and has(s, "durable_commit") and not has(s, "non_durable_commit")),
+    ("state: commit without fsync (redb)", lambda s: storage(s) and has(s, "non_durable_commit")),
+    ("state: commit bookkeeping (redb)", lambda s: storage(s) and has(s, "commit_with")),
+    ("state: applying writes (redb inserts)", lambda s: storage(s) and has(s, "state_machine")),
+    ("state: other", storage),
     ("read index (openraft ensure_linearizable)", lambda s: has(s, "ensure_linearizable") or has(s, "read_rounds")),
     ("peer transport (frames, sockets)", lambda s: has(s, "replikv_cluster::transport") or has(s, "replikv_cluster::frame")),
     ("RESP connections and commands", lambda s: has(s, "replikv_resp")),

@@ -1,19 +1,22 @@
-//! The embedded storage engine behind a small interface. It knows nothing of Raft: it stores
-//! byte records in tables keyed by partition, and commits writes through one writer thread
-//! per database file. A node has two files (`Stores`): the logs, and the state machines.
+//! The embedded storage behind a small interface. It knows nothing of Raft: it stores byte
+//! records keyed by partition, and writes through one writer per store. A node has two
+//! (`Stores`):
+//! - the Raft logs ([`RaftLog`], `raft_log.rs`): append-only segment files in `log/`, with
+//!   every partition's entries, votes and commit points, and an in-memory index for reads;
+//! - the state machines ([`Store`], `store.rs`): one redb database, `state.redb`.
 //!
 //! ```text
-//!   callers ──submit(job)──► writer thread ──one redb write transaction per batch──► disk
-//!                            (drains every queued job, commits once, then answers them all)
+//!   callers ──submit(job)──► writer thread ──one batch: every queued job──► disk
+//!                            (log: one write + at most one fdatasync; state: one redb commit)
 //! ```
-//! The deterministic simulation opens the same stores in memory (`Stores::in_memory`), with
-//! the writer as a tokio task running the same loop body (`WriterKind::Task`).
 //! That single writer is the group commit: under `fsync: always`, many Raft groups' appends
-//! share one fsync. Reads open a redb read transaction (MVCC) and never wait for the writer.
+//! share one fsync. Readers never wait for a writer: the log's index points at bytes that are
+//! never overwritten, and redb reads are MVCC. The deterministic simulation opens the same
+//! stores on simulated disks, with each writer a tokio task running the same loop body
+//! (`WriterKind::Task`).
 //!
-//! Tables (all keyed by partition first, so one partition's records are contiguous):
-//! - `log`: (partition, index) → record bytes (the Raft layer adds its own checksums)
-//! - `meta`: (partition, name) → bytes (vote, committed, purged, applied, membership)
+//! The state file's tables (all keyed by partition first):
+//! - `meta`: (partition, name) → bytes (applied offset, membership)
 //! - `kv`: (partition, key) → value bytes (the state machine)
 //! - `snapshot`: partition → the latest snapshot's bytes
 

@@ -408,6 +408,8 @@ struct Active {
     len: u64,
     /// Records written since the last sync.
     dirty: bool,
+    /// Why the log stopped, after an I/O error.
+    failed: Option<String>,
 }
 
 type DoneFn = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
@@ -768,18 +770,26 @@ impl Shared {
                 placed.push((op, payload));
             }
         }
-        let result = self.append(&mut active, &buf, placed, durable);
+        let result = match &active.failed {
+            Some(why) => Err(err(format!(
+                "the Raft log stopped after an I/O error: {why}"
+            ))),
+            None => self.append(&mut active, &buf, placed, durable),
+        };
         self.batches.fetch_add(1, Ordering::Release);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, jobs = batch.len(), "log write failed");
-        }
         for job in batch.drain(..) {
             (job.done)(result.clone());
         }
-        if result.is_ok() && active.end >= self.segment_bytes {
-            if let Err(e) = self.rotate(&mut active) {
-                tracing::error!(error = %e, "beginning a new log segment failed");
-            }
+        let result = match result {
+            Ok(()) if active.end >= self.segment_bytes => self.rotate(&mut active),
+            other => other,
+        };
+        // After a failed write or fsync nothing says what reached the disk (a failed fsync
+        // may even have dropped the pages it could not write), so the log stops: every later
+        // job fails, and the node's Raft groups stop on the storage error.
+        if let (Err(e), None) = (&result, &active.failed) {
+            tracing::error!(error = %e, "the Raft log failed; it accepts no more writes");
+            active.failed = Some(e.to_string());
         }
     }
 
@@ -829,7 +839,7 @@ impl Shared {
             self.syncs.fetch_add(1, Ordering::Release);
         }
         if purges {
-            self.remove_dead_segments(active.id)?;
+            self.remove_dead_segments(active.id);
         }
         Ok(())
     }
@@ -860,6 +870,7 @@ impl Shared {
             end: 0,
             len: 0,
             dirty: false,
+            failed: None,
         };
         let mut buf = Vec::new();
         for op in &checkpoint {
@@ -867,12 +878,14 @@ impl Shared {
         }
         // The checkpoint only restates what the index holds: nothing to apply.
         self.append(active, &buf, Vec::new(), true)?;
-        self.remove_dead_segments(id)
+        self.remove_dead_segments(id);
+        Ok(())
     }
 
-    /// Removes the oldest segments while none of their entries is live.
-    fn remove_dead_segments(&self, active: u64) -> Result<(), StorageError> {
-        let mut removed = false;
+    /// Removes the oldest segments while none of their entries is live, syncing the
+    /// directory after each removal so that no crash can keep an older segment while a newer
+    /// one is gone. A removal that fails is left for the next purge.
+    fn remove_dead_segments(&self, active: u64) {
         loop {
             let victim = {
                 let index = self.index.lock().expect("log index");
@@ -881,18 +894,20 @@ impl Shared {
                     _ => break,
                 }
             };
-            self.dir.remove(victim).map_err(err)?;
+            let removed = match self.dir.remove(victim) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            };
+            if let Err(e) = removed.and_then(|()| self.dir.sync()) {
+                tracing::warn!(segment = victim, error = %e, "removing a purged log segment failed");
+                return;
+            }
             self.index
                 .lock()
                 .expect("log index")
                 .segments
                 .remove(&victim);
-            removed = true;
         }
-        if removed {
-            self.dir.sync().map_err(err)?;
-        }
-        Ok(())
     }
 
     fn sync_if_dirty(&self) {
@@ -967,6 +982,7 @@ fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
             end,
             len,
             dirty: false,
+            failed: None,
         },
         None => {
             let file = dir.open(1).map_err(err)?;
@@ -984,6 +1000,7 @@ fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
                 end: 0,
                 len: 0,
                 dirty: false,
+                failed: None,
             }
         }
     };
@@ -1288,6 +1305,72 @@ mod tests {
             }
             log.close();
         }
+    }
+
+    /// A segment whose writes fail from a given moment.
+    #[derive(Debug, Default)]
+    struct Failing {
+        inner: redb::backends::InMemoryBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl StorageBackend for Failing {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.inner.write(offset, data)
+        }
+    }
+
+    struct FailingDir(Arc<AtomicBool>);
+
+    impl LogDir for FailingDir {
+        fn segments(&self) -> io::Result<Vec<u64>> {
+            Ok(Vec::new())
+        }
+        fn open(&self, _id: u64) -> io::Result<Arc<dyn StorageBackend>> {
+            Ok(Arc::new(Failing {
+                fail: self.0.clone(),
+                ..Failing::default()
+            }))
+        }
+        fn remove(&self, _id: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// After a failed fsync nothing says what reached the disk: the write fails with the
+    /// error, and so does every later one, even once the disk would work again.
+    #[tokio::test]
+    async fn a_failed_fsync_stops_the_log() {
+        let fail = Arc::new(AtomicBool::new(false));
+        let dir = Box::new(FailingDir(fail.clone()));
+        let log =
+            RaftLog::open_with(dir, FsyncPolicy::Always, WriterKind::Task, SEGMENT_BYTES).unwrap();
+        log.write(true, vec![put(0, 1, b"a")]).await.unwrap();
+        fail.store(true, Ordering::Relaxed);
+        let e = log.write(true, vec![put(0, 2, b"b")]).await.unwrap_err();
+        assert!(e.0.contains("injected fsync failure"), "{e}");
+        fail.store(false, Ordering::Relaxed);
+        let e = log.write(true, vec![put(0, 3, b"c")]).await.unwrap_err();
+        assert!(e.0.contains("stopped after an I/O error"), "{e}");
+        assert_eq!(log.entry(0, 1).unwrap().unwrap(), b"a");
     }
 
     #[tokio::test]
