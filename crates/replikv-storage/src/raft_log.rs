@@ -23,8 +23,10 @@
 //! Invariants:
 //! - The state is what replaying every segment in order gives. Only whole segments are ever
 //!   removed, oldest first, and only when none of their entries is still live; every segment
-//!   but the first begins with a checkpoint (each partition's purge point and meta fields), so
-//!   the records a removed segment held are either dead or restated later.
+//!   but the first begins with a checkpoint (each partition's purge point and meta fields),
+//!   and every open writes one at the end of the last segment (a crash inside a rotation can
+//!   leave it without its own), so the records a removed segment held are either dead or
+//!   restated later.
 //! - A segment is complete and synced before the next one begins, so a record that fails its
 //!   checksum can only be a torn tail of the last segment (cut at open; the leader sends those
 //!   entries again) or damage of the medium (everything after it is cut, loudly).
@@ -485,6 +487,10 @@ impl RaftLog {
             syncs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
         });
+        {
+            let mut active = shared.active.lock().expect("log writer");
+            shared.checkpoint(&mut active)?;
+        }
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let writer_shared = shared.clone();
         let writer = match kind {
@@ -853,18 +859,14 @@ impl Shared {
         let id = active.id + 1;
         let file = self.dir.open(id).map_err(err)?;
         self.dir.sync().map_err(err)?;
-        let checkpoint = {
-            let mut index = self.index.lock().expect("log index");
-            index.segments.insert(
-                id,
-                Segment {
-                    file: file.clone(),
-                    live: 0,
-                },
-            );
-            index.checkpoint()
-        };
-        *active = Active {
+        self.index.lock().expect("log index").segments.insert(
+            id,
+            Segment {
+                file: file.clone(),
+                live: 0,
+            },
+        );
+        let mut next = Active {
             id,
             file,
             end: 0,
@@ -872,14 +874,24 @@ impl Shared {
             dirty: false,
             failed: None,
         };
-        let mut buf = Vec::new();
-        for op in &checkpoint {
-            op.encode(&mut buf);
-        }
-        // The checkpoint only restates what the index holds: nothing to apply.
-        self.append(active, &buf, Vec::new(), true)?;
+        // The new segment takes records only once its checkpoint is written and synced.
+        self.checkpoint(&mut next)?;
+        *active = next;
         self.remove_dead_segments(id);
         Ok(())
+    }
+
+    /// Restates every partition's purge point and fields at the end of `active`, synced:
+    /// what makes the segments before it removable. Written at each rotation, and at each
+    /// open, since a crash inside a rotation can leave the last segment without one.
+    fn checkpoint(&self, active: &mut Active) -> Result<(), StorageError> {
+        let ops = self.index.lock().expect("log index").checkpoint();
+        let mut buf = Vec::new();
+        for op in &ops {
+            op.encode(&mut buf);
+        }
+        // It only restates what the index holds: nothing to apply.
+        self.append(active, &buf, Vec::new(), true)
     }
 
     /// Removes the oldest segments while none of their entries is live, syncing the
@@ -1371,6 +1383,51 @@ mod tests {
         let e = log.write(true, vec![put(0, 3, b"c")]).await.unwrap_err();
         assert!(e.0.contains("stopped after an I/O error"), "{e}");
         assert_eq!(log.entry(0, 1).unwrap().unwrap(), b"a");
+    }
+
+    /// A power loss inside a rotation can leave the newest segment without its checkpoint.
+    /// The open restates the fields there, so removing the older segments loses no vote.
+    /// (Found by the simulation, `sim/src/disk.rs`.)
+    #[tokio::test]
+    async fn a_rotation_cut_before_its_checkpoint_loses_no_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let vote = LogOp::Meta {
+            p: 4,
+            name: "vote".into(),
+            value: b"v1".to_vec(),
+        };
+        {
+            let log = small(dir.path());
+            log.write(true, vec![vote]).await.unwrap();
+            for i in 1..=70 {
+                log.write(true, vec![put(4, i, &[7; 1 << 10])])
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(log.segment_count(), 2);
+            log.close();
+        }
+        // The next segment was created, and the power failed before its checkpoint.
+        std::fs::File::create(dir.path().join(format!("{:016x}.seg", 3))).unwrap();
+        {
+            let log = small(dir.path());
+            let purge = LogOp::PurgeTo {
+                p: 4,
+                index: 70,
+                tag: b"p70".to_vec(),
+            };
+            log.write(true, vec![purge]).await.unwrap();
+            assert_eq!(
+                log.segment_count(),
+                1,
+                "segments 1 and 2 hold only purged entries"
+            );
+            log.close();
+        }
+        let log = small(dir.path());
+        assert_eq!(log.meta(4, "vote").unwrap(), b"v1");
+        assert_eq!(log.purged(4), Some((70, b"p70".to_vec())));
+        assert_eq!(log.len(4), 0);
     }
 
     #[tokio::test]
