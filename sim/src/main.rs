@@ -19,14 +19,17 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replikv_raft::{LogId, LogStore, Raft, StateMachine};
-use replikv_storage::{FsyncPolicy, Store, Stores, WriterKind};
+use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
 use replikv_types::{KvOp, SetCond, StoredValue, WriteRequest};
 
-use disk::{CrashKind, Power, SharedPower, SimDisk};
+use disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
 use net::{NetState, SimNetwork};
 use store::{now, Obs, SharedObs, SimLog, SimSm, PARTITION};
 
 const KEYS: &[&str] = &["k0", "k1", "k2", "k3"];
+/// Raft log segments this small (the product's default is 64 MiB) are begun, checkpointed
+/// and removed once purged many times in a run.
+pub const SEGMENT_BYTES: u64 = 4 << 10;
 /// The virtual wall clock (`now_ms`) at step 0.
 const EPOCH_MS: u64 = 1_750_000_000_000;
 
@@ -85,11 +88,12 @@ struct Ack {
 struct Node {
     id: u64,
     config: Arc<Config>,
-    /// The node's two simulated disks (log, state): they outlive every incarnation.
-    log_disk: SimDisk,
+    /// The node's simulated Raft log directory (a disk per segment) and state disk: they
+    /// outlive every incarnation.
+    log_dir: SimLogDir,
     state_disk: SimDisk,
-    /// The current incarnation's stores (redb databases on the disks, task writers), and the
-    /// power supply of its disks.
+    /// The current incarnation's stores (the Raft log on the directory, a redb database on
+    /// the state disk, task writers), and the power supply of its disks.
     stores: Option<Stores>,
     power: SharedPower,
     /// Times the node has started.
@@ -125,6 +129,13 @@ struct Stats {
     torn: u64,
     /// Unsynced writes lost at crashes.
     writes_lost: u64,
+    /// Creations and removals of log segments not yet synced in their directory at a power
+    /// loss, and of those, the ones it undid.
+    dir_changes: u64,
+    dir_changes_lost: u64,
+    /// Log segments begun and removed (once their entries were all purged), over all nodes.
+    segments_created: u64,
+    segments_removed: u64,
     /// Restarts that came back with an older applied state (and re-applied), or a shorter log.
     sm_rollbacks: u64,
     log_rollbacks: u64,
@@ -297,7 +308,7 @@ impl Sim {
             nodes.push(Node {
                 id,
                 config,
-                log_disk: SimDisk::new(),
+                log_dir: SimLogDir::new(),
                 state_disk: SimDisk::new(),
                 stores: None,
                 power: Power::new(Default::default()),
@@ -334,7 +345,8 @@ impl Sim {
         }
     }
 
-    /// Starts (or restarts) node `k`: opens a redb database on each of its disks (after a
+    /// Starts (or restarts) node `k`: opens its Raft log on its log directory (the log replays
+    /// its segments and cuts a torn tail) and a redb database on its state disk (after a
     /// crash, redb repairs what the crash left), then the partition through replikv's open
     /// path: the log store checks every record and cuts a corrupt tail, demotes a vote of its
     /// own; openraft reads the applied state and the snapshot and re-applies the committed
@@ -352,19 +364,30 @@ impl Sim {
         n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         n.power = Power::new(n.alive.clone());
         let power = n.power.clone();
-        let open = |disk: &SimDisk, what: &str| {
-            let backend = disk.backend(power.clone());
-            Store::open_with_backend(backend, FsyncPolicy::Always, WriterKind::Task).map_err(|e| {
-                v(
-                    "redb opens the image a crash left",
-                    format!("node {id}: {what} database: {e}"),
-                )
-            })
-        };
-        let stores = Stores {
-            log: open(&n.log_disk, "log")?,
-            state: open(&n.state_disk, "state")?,
-        };
+        let log = RaftLog::open_with(
+            Box::new(n.log_dir.backend(power.clone())),
+            FsyncPolicy::Always,
+            WriterKind::Task,
+            SEGMENT_BYTES,
+        )
+        .map_err(|e| {
+            v(
+                "the Raft log opens the segments a crash left",
+                format!("node {id}: {e}"),
+            )
+        })?;
+        let state = Store::open_with_backend(
+            n.state_disk.backend(power.clone()),
+            FsyncPolicy::Always,
+            WriterKind::Task,
+        )
+        .map_err(|e| {
+            v(
+                "redb opens the image a crash left",
+                format!("node {id}: state database: {e}"),
+            )
+        })?;
+        let stores = Stores { log, state };
         if lost_append && n.starts > 0 {
             if let Some(from) = store::corrupt_log_tail(&stores.log) {
                 let mut obs = n.obs.lock().unwrap();
@@ -387,10 +410,14 @@ impl Sim {
             // (5) what the node acknowledged as durable survived the crash.
             let vote = now(log.clone().read_vote()).map_err(|e| read("vote", e))?;
             if let Some(saved) = obs.durable_vote {
+                // The saved vote, or a later one the node tried to save: a save in flight at
+                // the crash may persist (a vote record is one small write, and a torn write
+                // whose missing bytes were zeros anyway is whole). Later in openraft's order:
+                // leader ids (term, node) compare as pairs in the advanced leader-id mode.
+                let saved_id = (saved.leader_id.term, saved.leader_id.node_id);
                 let back = vote.map(|b| (b.leader_id.term, b.leader_id.node_id));
-                let ok = back.is_some_and(|(t, node)| {
-                    t > saved.leader_id.term
-                        || (t == saved.leader_id.term && node == saved.leader_id.node_id)
+                let ok = back.is_some_and(|b| {
+                    b == saved_id || (b > saved_id && obs.vote_history.contains(&b))
                 });
                 if !ok {
                     return Err(v(
@@ -547,15 +574,19 @@ impl Sim {
             self.nodes[k].power.lock().unwrap().set_tear(tear, seed);
         }
         let n = &mut self.nodes[k];
-        let effects = [
-            n.log_disk.crash(kind, &n.power),
-            n.state_disk.crash(kind, &n.power),
-        ];
+        let log_effects = n.log_dir.crash(kind, &n.power);
+        let state_effect = n.state_disk.crash(kind, &n.power);
         self.stats.power_losses += power as u64;
         self.stats.mid_io += mid_io as u64;
-        for e in &effects {
+        let disks = log_effects.segments.iter().map(|(_, e)| e);
+        for e in disks.chain([&state_effect]) {
             self.stats.torn += e.torn as u64;
             self.stats.writes_lost += (e.unsynced - e.kept) as u64;
+        }
+        if power {
+            let l = &log_effects.listing;
+            self.stats.dir_changes += l.unsynced as u64;
+            self.stats.dir_changes_lost += (l.unsynced - l.kept) as u64;
         }
         // The process is gone at this instant: its tasks touch neither disk nor network again.
         self.nodes[k]
@@ -571,8 +602,8 @@ impl Sim {
         n.restart_at = step + self.rng.random_range(100..3_000);
         if self.opts.verbose {
             eprintln!(
-                "step {step}: crash node {id} ({kind:?}; log disk {:?}, state disk {:?})",
-                effects[0], effects[1]
+                "step {step}: crash node {id} ({kind:?}; log directory {:?}, state disk {state_effect:?})",
+                log_effects
             );
         }
     }
@@ -772,11 +803,7 @@ impl Sim {
                 let state = now(log.get_log_state()).map_err(|e| read("log state", e))?;
                 let first = state.last_purged_log_id.map_or(0, |p| p.index + 1);
                 let stores = node.stores.as_ref().expect("a started node has stores");
-                let r = stores
-                    .log
-                    .read()
-                    .map_err(|e| v("storage reads succeed", format!("node {}: {e}", node.id)))?;
-                let len = r.log_len(PARTITION).unwrap_or(0);
+                let len = stores.log.len(PARTITION);
                 if let Some(last) = state.last_log_id.map(|l| l.index).filter(|&l| l >= first) {
                     if last - first + 1 != len {
                         return Err(v(
@@ -1111,6 +1138,9 @@ impl Sim {
     async fn finish(mut self, violation: Option<Violation>) -> SeedResult {
         self.stats.acked = self.acks.lock().unwrap().len() as u64;
         for n in &self.nodes {
+            let (created, removed) = n.log_dir.counts();
+            self.stats.segments_created += created;
+            self.stats.segments_removed += removed;
             if let Some(r) = &n.raft {
                 let _ = r.shutdown().await;
             }
@@ -1274,13 +1304,17 @@ fn main() -> ExitCode {
     }));
     let started = Instant::now();
     let (mut seeds, mut violations, mut det_checked, mut det_failed) = (0u64, 0u64, 0u64, 0u64);
+    // Log segments created and removed, over all seeds.
+    let mut segments = (0u64, 0u64);
     for seed in first..=last {
         let t = Instant::now();
         let r = run_seed(seed, &opts);
         seeds += 1;
         let s = &r.stats;
+        segments.0 += s.segments_created;
+        segments.1 += s.segments_removed;
         let mut line = format!(
-            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {} (power losses {}, {} of them mid-IO, torn disks {}, unsynced writes lost {}; restarts with an older applied state {}, a shorter log {}), partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
+            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {} (power losses {}, {} of them mid-IO, torn disks {}, unsynced writes lost {}, unsynced segment creations/removals {} undone {}; restarts with an older applied state {}, a shorter log {}), log segments created {} removed {}, partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
             r.trace.len(),
             s.max_term,
             s.max_committed,
@@ -1291,8 +1325,12 @@ fn main() -> ExitCode {
             s.mid_io,
             s.torn,
             s.writes_lost,
+            s.dir_changes,
+            s.dir_changes_lost,
             s.sm_rollbacks,
             s.log_rollbacks,
+            s.segments_created,
+            s.segments_removed,
             s.partitions,
             s.multi_leader_terms,
             r.sent,
@@ -1341,7 +1379,9 @@ fn main() -> ExitCode {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), {:.1}s ({:.1} seeds/min)",
+        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), log segments created {} removed {}, {:.1}s ({:.1} seeds/min)",
+        segments.0,
+        segments.1,
         secs,
         seeds as f64 * 60.0 / secs.max(1e-9)
     );

@@ -33,10 +33,10 @@ use replikv_checker::{check_linearizable, History, Op, OpKind, Outcome};
 use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::{Dialer, Handler, ReadHalf, Transport, WriteHalf};
 use replikv_cluster::{Node, NodeConfig, Replication, WallClock};
-use replikv_storage::{FsyncPolicy, Store, Stores, WriterKind};
+use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
 use replikv_types::{Consistency, KvOp, ReadPreference, SetCond, StoredValue};
 
-use crate::disk::{CrashKind, Power, SharedPower, SimDisk};
+use crate::disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
 use crate::{fnv, mix};
 
 const PEER_PORT: u16 = 7380;
@@ -80,7 +80,7 @@ enum Phase {
 /// What outlives a node's incarnations, shared by its host closure and the harness.
 struct Slot {
     id: u64,
-    log_disk: SimDisk,
+    log_dir: SimLogDir,
     state_disk: SimDisk,
     power: SharedPower,
     starts: u64,
@@ -190,18 +190,20 @@ fn sim_ns() -> u64 {
 fn open_stores(slot: &Rc<RefCell<Slot>>) -> Result<Stores, String> {
     let mut s = slot.borrow_mut();
     s.power = Power::new(Arc::new(AtomicBool::new(true)));
-    let open = |disk: &SimDisk, power: &SharedPower| {
-        Store::open_with_backend(
-            disk.backend(power.clone()),
-            FsyncPolicy::Always,
-            WriterKind::Task,
-        )
-        .map_err(|e| e.to_string())
-    };
-    Ok(Stores {
-        log: open(&s.log_disk, &s.power)?,
-        state: open(&s.state_disk, &s.power)?,
-    })
+    let log = RaftLog::open_with(
+        Box::new(s.log_dir.backend(s.power.clone())),
+        FsyncPolicy::Always,
+        WriterKind::Task,
+        crate::SEGMENT_BYTES,
+    )
+    .map_err(|e| format!("log: {e}"))?;
+    let state = Store::open_with_backend(
+        s.state_disk.backend(s.power.clone()),
+        FsyncPolicy::Always,
+        WriterKind::Task,
+    )
+    .map_err(|e| format!("state: {e}"))?;
+    Ok(Stores { log, state })
 }
 
 /// One incarnation of node `id`: stores from its disks, the node, its peer listener, and
@@ -514,7 +516,7 @@ impl Harness {
                 let (tear, seed) = (self.rng.random_bool(0.5), self.rng.random());
                 s.power.lock().unwrap().set_tear(tear, seed);
             }
-            s.log_disk.crash(kind, &s.power);
+            s.log_dir.crash(kind, &s.power);
             s.state_disk.crash(kind, &s.power);
             s.node = None;
             s.checked_commits = None;
@@ -681,7 +683,7 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
     for id in 1..=opts.nodes {
         let slot = Rc::new(RefCell::new(Slot {
             id,
-            log_disk: SimDisk::new(),
+            log_dir: SimLogDir::new(),
             state_disk: SimDisk::new(),
             power: Power::new(Arc::new(AtomicBool::new(true))),
             starts: 0,
@@ -794,8 +796,12 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         .count();
     let multi = h.leaders.values().filter(|s| s.len() > 1).count();
     let max_term = h.leaders.keys().map(|(_, t)| *t).max().unwrap_or(0);
+    let (created, removed) = h.slots.iter().fold((0, 0), |(c, r), s| {
+        let (c1, r1) = s.borrow().log_dir.counts();
+        (c + c1, r + r1)
+    });
     let summary = format!(
-        "seed {seed}: {} ops ({acked} acknowledged writes), {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, trace {:016x}, {:.1} s",
+        "seed {seed}: {} ops ({acked} acknowledged writes), {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, log segments created {created} removed {removed}, trace {:016x}, {:.1} s",
         history.ops.len(),
         h.crashes,
         h.power_losses,

@@ -1,6 +1,7 @@
-//! replikv's REAL storage, as the simulation runs it: `replikv_raft::LogStore` and
-//! `StateMachine` over `replikv_storage::Store`s opened on simulated disks (`crate::disk`,
-//! the storage writers as tokio tasks). This module only wraps them, for three things the real code
+//! replikv's REAL storage, as the simulation runs it: `replikv_raft::LogStore` over a
+//! `replikv_storage::RaftLog` on a simulated log directory and `StateMachine` over a
+//! `replikv_storage::Store` on a simulated disk (`crate::disk`, the storage writers as tokio
+//! tasks). This module only wraps them, for three things the real code
 //! does not do:
 //! - observe: every saved vote (for election safety), every append and vote save acknowledged
 //!   while the node was up (they must survive any crash), and every entry the node is told is
@@ -29,7 +30,7 @@ use openraft::{
 use replikv_raft::{
     Entry, LogId, LogStore, Membership, SnapshotMeta, StateMachine, StorageError, TypeConfig, Vote,
 };
-use replikv_storage::Store;
+use replikv_storage::{LogOp, RaftLog};
 use replikv_types::Replies;
 
 /// The partition every simulated node's group runs as.
@@ -110,25 +111,30 @@ pub fn now<T>(f: impl Future<Output = T>) -> T {
     }
 }
 
-/// `--bug lost-append`, at a restart, on the image the crash left, before the log store opens:
-/// the last `LOST_TAIL` records of the node's log are overwritten with bytes that fail their
-/// checksum, as a torn write would leave them. The real `LogStore::open` then cuts them (and
-/// clamps the commit point): the node loses entries it acknowledged as durable. Returns the
-/// first index corrupted.
-pub fn corrupt_log_tail(log: &Store) -> Option<u64> {
-    let records = log.read().ok()?.log_range(PARTITION, 0..u64::MAX).ok()?;
+/// `--bug lost-append`, at a restart, on the log the crash left, before the log store opens:
+/// the last `LOST_TAIL` entries of the node's log are written again with a flipped byte, so
+/// that their records (replikv-raft's, with their own CRC) fail their checksum. The real
+/// `LogStore::open` then cuts them (and clamps the commit point): the node loses entries it
+/// acknowledged as durable. Returns the first index corrupted.
+pub fn corrupt_log_tail(log: &RaftLog) -> Option<u64> {
+    let records = log.entries(PARTITION, 0..u64::MAX).ok()?;
     let from = records.len().saturating_sub(LOST_TAIL as usize);
-    let tail: Vec<(u64, Vec<u8>)> = records[from..].to_vec();
-    let first = tail.first()?.0;
-    log.write_now(move |w| {
-        for (i, mut raw) in tail {
-            let last = raw.len() - 1;
-            raw[last] ^= 0x5a;
-            w.log_put(PARTITION, i, &raw)?;
-        }
-        Ok(())
-    })
-    .ok()?;
+    let first = records.get(from)?.0;
+    let ops = records[from..]
+        .iter()
+        .map(|(i, raw)| {
+            let mut bytes = raw.clone();
+            if let Some(last) = bytes.last_mut() {
+                *last ^= 0x5a;
+            }
+            LogOp::Append {
+                p: PARTITION,
+                index: *i,
+                bytes,
+            }
+        })
+        .collect();
+    log.write_now(ops).ok()?;
     Some(first)
 }
 
