@@ -28,8 +28,9 @@
 //!   leave it without its own), so the records a removed segment held are either dead or
 //!   restated later.
 //! - A segment is complete and synced before the next one begins, so a record that fails its
-//!   checksum can only be a torn tail of the last segment (cut at open; the leader sends those
-//!   entries again) or damage of the medium (everything after it is cut, loudly).
+//!   checksum before the last segment is damage of the medium: the log refuses to open. In
+//!   the last segment it is taken for a torn tail and cut at open (the leader sends those
+//!   entries again); damage to the synced part of the last segment is cut the same way.
 //! - Entry bytes are never overwritten in place, so a reader holding a stale location still
 //!   reads the bytes it asked for.
 
@@ -88,7 +89,13 @@ pub struct FsLogDir {
 
 impl FsLogDir {
     pub fn new(path: &Path) -> io::Result<FsLogDir> {
-        std::fs::create_dir_all(path)?;
+        if !path.exists() {
+            std::fs::create_dir_all(path)?;
+            // The new directory's own entry must survive a power loss too.
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
         Ok(FsLogDir {
             path: path.to_path_buf(),
         })
@@ -670,17 +677,26 @@ impl RaftLog {
 
     /// The last entry of partition `p`.
     pub fn last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        // The location and its file under one lock: a truncation in between must not make
+        // the last entry look absent.
         let last = {
             let index = self.shared.index.lock().expect("log index");
-            index
+            let last = index
                 .parts
                 .get(&p)
-                .and_then(|part| part.entries.keys().next_back().copied())
+                .and_then(|part| part.entries.iter().next_back().map(|(i, l)| (*i, *l)));
+            last.and_then(|(i, loc)| {
+                let file = index.segments.get(&loc.seg)?.file.clone();
+                Some((i, loc, file))
+            })
         };
-        match last {
-            Some(i) => Ok(self.entries(p, i..i + 1)?.pop()),
-            None => Ok(None),
-        }
+        let Some((i, loc, file)) = last else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0; loc.len as usize];
+        file.read(loc.off, &mut bytes)
+            .map_err(|e| err(format!("reading log segment {}: {e}", loc.seg)))?;
+        Ok(Some((i, bytes)))
     }
 
     /// How many entries partition `p` holds.
@@ -768,7 +784,15 @@ impl Shared {
     fn write_batch(&self, batch: &mut Vec<Job>) {
         let durable = batch.iter().any(|j| j.durable && self.syncs_now(&j.ops));
         let mut active = self.active.lock().expect("log writer");
-        let mut buf = Vec::new();
+        let size: usize = batch
+            .iter()
+            .flat_map(|j| &j.ops)
+            .map(|op| match op {
+                LogOp::Append { bytes, .. } => bytes.len() + 32,
+                _ => 64,
+            })
+            .sum();
+        let mut buf = Vec::with_capacity(size);
         let mut placed = Vec::new();
         for job in batch.iter_mut() {
             for op in std::mem::take(&mut job.ops) {
@@ -783,19 +807,22 @@ impl Shared {
             None => self.append(&mut active, &buf, placed, durable),
         };
         self.batches.fetch_add(1, Ordering::Release);
-        for job in batch.drain(..) {
-            (job.done)(result.clone());
-        }
-        let result = match result {
+        let after = match &result {
             Ok(()) if active.end >= self.segment_bytes => self.rotate(&mut active),
-            other => other,
+            other => other.clone(),
         };
         // After a failed write or fsync nothing says what reached the disk (a failed fsync
         // may even have dropped the pages it could not write), so the log stops: every later
         // job fails, and the node's Raft groups stop on the storage error.
-        if let (Err(e), None) = (&result, &active.failed) {
+        if let (Err(e), None) = (&after, &active.failed) {
             tracing::error!(error = %e, "the Raft log failed; it accepts no more writes");
             active.failed = Some(e.to_string());
+        }
+        // Answered with the writer unlocked: a callback may queue (or, on a task writer,
+        // write) again.
+        drop(active);
+        for job in batch.drain(..) {
+            (job.done)(result.clone());
         }
     }
 
@@ -878,7 +905,58 @@ impl Shared {
         self.checkpoint(&mut next)?;
         *active = next;
         self.remove_dead_segments(id);
+        while self.compact_oldest(active)? {
+            self.remove_dead_segments(active.id);
+        }
         Ok(())
+    }
+
+    /// The entries of a quiet partition could keep the oldest segment, and with it every
+    /// later one, from ever being removed: the log would grow with everything the node ever
+    /// wrote. When the oldest segment's live entries are at most a quarter of a segment, they
+    /// are written again at the end of the active one (same indexes; replay keeps the later
+    /// copy), synced, which leaves the old segment dead. Returns whether it copied.
+    fn compact_oldest(&self, active: &mut Active) -> Result<bool, StorageError> {
+        let (seg, file, live) = {
+            let index = self.index.lock().expect("log index");
+            let Some((&seg, segment)) = index.segments.iter().next() else {
+                return Ok(false);
+            };
+            if seg == active.id || segment.live == 0 {
+                return Ok(false);
+            }
+            let mut live = Vec::new();
+            let mut bytes = 0;
+            for (p, part) in &index.parts {
+                for (i, loc) in &part.entries {
+                    if loc.seg == seg {
+                        live.push((*p, *i, *loc));
+                        bytes += loc.len as u64;
+                    }
+                }
+            }
+            if bytes > self.segment_bytes / 4 {
+                return Ok(false);
+            }
+            (seg, segment.file.clone(), live)
+        };
+        let mut buf = Vec::new();
+        let mut placed = Vec::with_capacity(live.len());
+        for (p, index, loc) in live {
+            let mut bytes = vec![0; loc.len as usize];
+            file.read(loc.off, &mut bytes)
+                .map_err(|e| err(format!("reading log segment {seg}: {e}")))?;
+            let op = LogOp::Append { p, index, bytes };
+            let payload = op.encode(&mut buf);
+            placed.push((op, payload));
+        }
+        tracing::debug!(
+            segment = seg,
+            entries = placed.len(),
+            "copying the live entries of the oldest log segment forward"
+        );
+        self.append(active, &buf, placed, true)?;
+        Ok(true)
     }
 
     /// Restates every partition's purge point and fields at the end of `active`, synced:
@@ -963,19 +1041,15 @@ fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
                     "cutting a torn tail off the Raft log; leaders send those entries again"
                 );
             } else {
-                tracing::error!(
-                    segment = id,
-                    offset = end,
-                    reason = %why,
-                    later_segments = later.len(),
-                    "a Raft log record before the last segment fails its checksum (damaged \
-                     medium); cutting the log there, and every later segment"
-                );
-                for gone in later {
-                    dir.remove(*gone).map_err(err)?;
-                }
-                dir.sync().map_err(err)?;
-                ids.truncate(k + 1);
+                // Every segment before the last was synced whole before the next began: this
+                // is damage, not a torn write. Cutting here would silently drop synced votes
+                // and acknowledged entries, and could bring back truncated ones.
+                return Err(err(format!(
+                    "the Raft log is damaged: segment {id} (of {}), offset {end}: {why}. \
+                     Refusing to start on it; move this node's data directory away and start \
+                     the node on an empty one to take a fresh copy from its replicas",
+                    ids.len()
+                )));
             }
         }
         if end < len {
@@ -1203,6 +1277,37 @@ mod tests {
         assert_eq!(indexes(&log, 0), vec![1, 2]);
     }
 
+    /// A record that fails its checksum before the last segment is damage, not a torn write:
+    /// the log refuses to open rather than drop what came after it.
+    #[tokio::test]
+    async fn damage_before_the_last_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = small(dir.path());
+            for i in 1..=100 {
+                log.write(true, vec![put(0, i, &[9; 1 << 10])])
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(log.segment_count(), 2);
+            log.close();
+        }
+        let first = dir.path().join(format!("{:016x}.seg", 1));
+        let mut bytes = std::fs::read(&first).unwrap();
+        bytes[5000] ^= 0x10;
+        std::fs::write(&first, &bytes).unwrap();
+        let fs = FsLogDir::new(dir.path()).unwrap();
+        let e = RaftLog::open_with(
+            Box::new(fs),
+            FsyncPolicy::Never,
+            WriterKind::Thread,
+            64 << 10,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("damaged: segment 1 (of 2)"), "{e}");
+        assert_eq!(std::fs::read(&first).unwrap(), bytes, "nothing was cut");
+    }
+
     /// Segments whose entries are all purged go, oldest first; what they held of purge points
     /// and fields survives in the checkpoints of later segments.
     #[tokio::test]
@@ -1428,6 +1533,43 @@ mod tests {
         assert_eq!(log.meta(4, "vote").unwrap(), b"v1");
         assert_eq!(log.purged(4), Some((70, b"p70".to_vec())));
         assert_eq!(log.len(4), 0);
+    }
+
+    /// A partition that wrote a few entries and then went quiet must not keep every segment
+    /// after its own: its entries are copied forward and the old segments go.
+    #[tokio::test]
+    async fn a_quiet_partition_does_not_pin_old_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = small(dir.path());
+            log.write(true, (1..=3).map(|i| put(1, i, b"quiet")).collect())
+                .await
+                .unwrap();
+            for i in 1..=600u64 {
+                log.write(true, vec![put(2, i, &[2; 1 << 10])])
+                    .await
+                    .unwrap();
+                if i % 10 == 0 {
+                    let purge = LogOp::PurgeTo {
+                        p: 2,
+                        index: i - 10,
+                        tag: Vec::new(),
+                    };
+                    log.write(true, vec![purge]).await.unwrap();
+                }
+            }
+            assert!(
+                log.segment_count() <= 3,
+                "{} segments for about 600 KiB written and 20 KiB live",
+                log.segment_count()
+            );
+            log.close();
+        }
+        let log = small(dir.path());
+        assert_eq!(indexes(&log, 1), vec![1, 2, 3]);
+        assert_eq!(log.entry(1, 2).unwrap().unwrap(), b"quiet");
+        assert_eq!(indexes(&log, 2), (591..=600).collect::<Vec<_>>());
+        assert_eq!(log.entry(2, 600).unwrap().unwrap(), vec![2; 1 << 10]);
     }
 
     #[tokio::test]
