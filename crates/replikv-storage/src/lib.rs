@@ -26,3 +26,20 @@ mod store;
 pub use raft_log::{FsLogDir, LogDir, LogOp, MemLogDir, RaftLog, SEGMENT_BYTES};
 
 pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, WriterKind};
+
+/// Shared by the tests of both stores.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::time::{Duration, Instant};
+
+    /// Waits until `syncs()` moves on from its value now (a flusher ran); panics with `what`
+    /// after `secs` seconds.
+    pub async fn wait_for_a_sync(syncs: impl Fn() -> u64, secs: u64, what: &str) {
+        let from = syncs();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while syncs() == from {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

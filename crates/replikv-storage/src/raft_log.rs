@@ -1410,15 +1410,7 @@ mod tests {
             );
             if policy == FsyncPolicy::Everysec {
                 log.write(true, vec![put(0, 2, b"e")]).await.unwrap();
-                let unsynced = log.sync_count();
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while log.sync_count() == unsynced {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "the flusher never synced"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                crate::test_util::wait_for_a_sync(|| log.sync_count(), 10, "no flusher sync").await;
             }
             log.close();
         }

@@ -735,15 +735,8 @@ mod tests {
                 "{policy:?}: {other} fsyncs for 20 other writes"
             );
             if policy == FsyncPolicy::Everysec {
-                let synced = store.sync_count();
-                let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                while store.sync_count() == synced {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "the everysec flusher never synced"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                let what = "the everysec flusher never synced";
+                crate::test_util::wait_for_a_sync(|| store.sync_count(), 30, what).await;
             }
             store.close();
         }
