@@ -47,7 +47,7 @@ use std::time::Duration;
 use redb::StorageBackend;
 use tokio::sync::mpsc;
 
-use crate::store::{FsyncPolicy, StorageError, WriterKind};
+use crate::store::{spawn_flusher, spawn_writer, FsyncPolicy, StorageError, WriterKind};
 
 /// A segment is closed and a new one begun once it holds this much (the default; tests and
 /// the simulation use smaller segments to exercise their turnover).
@@ -498,51 +498,30 @@ impl RaftLog {
             let mut active = shared.active.lock().expect("log writer");
             shared.checkpoint(&mut active)?;
         }
-        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (jobs, rx) = mpsc::unbounded_channel::<Job>();
         let writer_shared = shared.clone();
-        let writer = match kind {
-            WriterKind::Thread => Some(
-                std::thread::Builder::new()
-                    .name("replikv-log-writer".into())
-                    .spawn(move || {
-                        let mut batch = Vec::with_capacity(256);
-                        while let Some(first) = rx.blocking_recv() {
-                            batch.push(first);
-                            while let Ok(job) = rx.try_recv() {
-                                batch.push(job);
-                            }
-                            writer_shared.write_batch(&mut batch);
-                        }
-                        writer_shared.sync_if_dirty();
-                    })
-                    .map_err(err)?,
-            ),
-            WriterKind::Task => {
-                let runtime = tokio::runtime::Handle::try_current()
-                    .map_err(|e| err(format!("a task writer needs a tokio runtime: {e}")))?;
-                runtime.spawn(async move {
-                    let mut batch = Vec::with_capacity(256);
-                    while let Some(first) = rx.recv().await {
-                        batch.push(first);
-                        while let Ok(job) = rx.try_recv() {
-                            batch.push(job);
-                        }
-                        writer_shared.write_batch(&mut batch);
-                    }
-                    writer_shared.sync_if_dirty();
-                });
-                None
-            }
-        };
+        let finish_shared = shared.clone();
+        let mut batch = Vec::with_capacity(256);
+        let writer = spawn_writer(
+            kind,
+            "replikv-log-writer",
+            rx,
+            move |first, rx| {
+                batch.push(first);
+                while let Ok(job) = rx.try_recv() {
+                    batch.push(job);
+                }
+                writer_shared.write_batch(&mut batch);
+            },
+            move || finish_shared.sync_if_dirty(),
+        )?;
         let log = RaftLog {
             shared,
             jobs,
             writer: Arc::new(Mutex::new(writer)),
         };
-        match policy {
-            FsyncPolicy::Always => {}
-            FsyncPolicy::Everysec => log.start_flusher(Duration::from_secs(1)),
-            FsyncPolicy::Never => log.start_flusher(Duration::from_secs(10)),
+        if let Some(every) = policy.flush_every() {
+            log.start_flusher(every);
         }
         Ok(log)
     }
@@ -736,27 +715,10 @@ impl RaftLog {
                 });
             }
         };
-        match self.shared.kind {
-            WriterKind::Thread => {
-                std::thread::Builder::new()
-                    .name("replikv-log-flusher".into())
-                    .spawn(move || {
-                        while !shared.stopped.load(Ordering::Relaxed) {
-                            std::thread::sleep(every);
-                            flush();
-                        }
-                    })
-                    .expect("spawning the log flusher thread");
-            }
-            WriterKind::Task => {
-                tokio::spawn(async move {
-                    while !shared.stopped.load(Ordering::Relaxed) {
-                        tokio::time::sleep(every).await;
-                        flush();
-                    }
-                });
-            }
-        }
+        spawn_flusher(self.shared.kind, "replikv-log-flusher", every, move || {
+            flush();
+            !shared.stopped.load(Ordering::Relaxed)
+        });
     }
 
     /// Stops the flusher (the writer stops when the last clone is dropped).

@@ -48,6 +48,84 @@ pub enum FsyncPolicy {
     Never,
 }
 
+impl FsyncPolicy {
+    /// How often a store's background flusher syncs under this policy: never under `always`,
+    /// once a second under `everysec`, every 10 s under `never`.
+    pub fn flush_every(self) -> Option<Duration> {
+        match self {
+            FsyncPolicy::Always => None,
+            FsyncPolicy::Everysec => Some(Duration::from_secs(1)),
+            FsyncPolicy::Never => Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// Starts a store's writer on the executor `kind` names: `batch` runs for each job the writer
+/// wakes up for (it may drain more from the queue), and `finish` once every sender is gone.
+/// Returns the thread to join, for a thread writer.
+pub(crate) fn spawn_writer<J: Send + 'static>(
+    kind: WriterKind,
+    name: &str,
+    mut rx: mpsc::UnboundedReceiver<J>,
+    mut batch: impl FnMut(J, &mut mpsc::UnboundedReceiver<J>) + Send + 'static,
+    finish: impl FnOnce() + Send + 'static,
+) -> Result<Option<std::thread::JoinHandle<()>>, StorageError> {
+    match kind {
+        WriterKind::Thread => std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while let Some(first) = rx.blocking_recv() {
+                    batch(first, &mut rx);
+                }
+                finish();
+            })
+            .map(Some)
+            .map_err(err),
+        WriterKind::Task => {
+            let runtime = tokio::runtime::Handle::try_current()
+                .map_err(|e| err(format!("a task writer needs a tokio runtime: {e}")))?;
+            runtime.spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    batch(first, &mut rx);
+                }
+                finish();
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Runs `tick` every `every` on the executor `kind` names (the writer's), until it returns
+/// false: a store's background flusher.
+pub(crate) fn spawn_flusher(
+    kind: WriterKind,
+    name: &str,
+    every: Duration,
+    tick: impl Fn() -> bool + Send + 'static,
+) {
+    match kind {
+        WriterKind::Thread => {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    std::thread::sleep(every);
+                    while tick() {
+                        std::thread::sleep(every);
+                    }
+                })
+                .expect("spawning a flusher thread");
+        }
+        WriterKind::Task => {
+            tokio::spawn(async move {
+                tokio::time::sleep(every).await;
+                while tick() {
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    }
+}
+
 impl FromStr for FsyncPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -203,37 +281,20 @@ impl Store {
         }
         tx.commit().map_err(err)?;
         let db = Arc::new(db);
-        let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (jobs, rx) = mpsc::unbounded_channel::<Job>();
         let stopped = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(CommitCounts::default());
         let writer_db = db.clone();
         let writer_counts = counts.clone();
-        let writer = match kind {
-            WriterKind::Thread => Some(
-                std::thread::Builder::new()
-                    .name("replikv-storage-writer".into())
-                    .spawn(move || {
-                        let mut batch = Vec::with_capacity(256);
-                        while let Some(first) = rx.blocking_recv() {
-                            write_batch(&writer_db, &writer_counts, &mut batch, first, &mut rx);
-                        }
-                        close_durably(&writer_db);
-                    })
-                    .map_err(err)?,
-            ),
-            WriterKind::Task => {
-                let runtime = tokio::runtime::Handle::try_current()
-                    .map_err(|e| err(format!("a task writer needs a tokio runtime: {e}")))?;
-                runtime.spawn(async move {
-                    let mut batch = Vec::with_capacity(256);
-                    while let Some(first) = rx.recv().await {
-                        write_batch(&writer_db, &writer_counts, &mut batch, first, &mut rx);
-                    }
-                    close_durably(&writer_db);
-                });
-                None
-            }
-        };
+        let finish_db = writer_db.clone();
+        let mut batch = Vec::with_capacity(256);
+        let writer = spawn_writer(
+            kind,
+            "replikv-storage-writer",
+            rx,
+            move |first, rx| write_batch(&writer_db, &writer_counts, &mut batch, first, rx),
+            move || close_durably(&finish_db),
+        )?;
         let store = Store {
             db,
             jobs,
@@ -243,12 +304,14 @@ impl Store {
             stopped,
             writer: Arc::new(std::sync::Mutex::new(writer)),
         };
-        match policy {
-            FsyncPolicy::Always => {}
-            FsyncPolicy::Everysec => store.start_flusher(Duration::from_secs(1)),
-            // redb frees pages only at durable commits, so even `never` checkpoints now and
-            // then; nothing on the write path waits for it.
-            FsyncPolicy::Never => store.start_flusher(Duration::from_secs(10)),
+        // redb frees pages only at durable commits, so even `never` checkpoints now and then;
+        // nothing on the write path waits for it.
+        if let Some(every) = policy.flush_every() {
+            let flusher = store.clone();
+            spawn_flusher(kind, "replikv-storage-flusher", every, move || {
+                flusher.flush_once();
+                !flusher.stopped.load(Ordering::Relaxed)
+            });
         }
         Ok(store)
     }
@@ -271,32 +334,6 @@ impl Store {
     /// How many of those commits were durable (fsynced), failed ones included.
     pub fn sync_count(&self) -> u64 {
         self.counts.syncs.load(Ordering::Acquire)
-    }
-
-    /// Starts the periodic flush, on the same kind of executor as the writer.
-    fn start_flusher(&self, every: Duration) {
-        let store = self.clone();
-        match self.kind {
-            WriterKind::Thread => {
-                std::thread::Builder::new()
-                    .name("replikv-storage-flusher".into())
-                    .spawn(move || {
-                        while !store.stopped.load(Ordering::Relaxed) {
-                            std::thread::sleep(every);
-                            store.flush_once();
-                        }
-                    })
-                    .expect("spawning the flusher thread");
-            }
-            WriterKind::Task => {
-                tokio::spawn(async move {
-                    while !store.stopped.load(Ordering::Relaxed) {
-                        tokio::time::sleep(every).await;
-                        store.flush_once();
-                    }
-                });
-            }
-        }
     }
 
     /// One tick of the flusher: a durable empty job makes every earlier commit durable.
