@@ -47,7 +47,7 @@ use std::time::Duration;
 use redb::StorageBackend;
 use tokio::sync::mpsc;
 
-use crate::store::{spawn_flusher, spawn_writer, FsyncPolicy, StorageError, WriterKind};
+use crate::store::{err, spawn_flusher, spawn_writer, FsyncPolicy, StorageError, WriterKind};
 
 /// A segment is closed and a new one begun once it holds this much (the default; tests and
 /// the simulation use smaller segments to exercise their turnover).
@@ -66,10 +66,6 @@ const ENTRY: u8 = 1;
 const TRUNCATE: u8 = 2;
 const PURGE: u8 = 3;
 const META: u8 = 4;
-
-fn err(e: impl fmt::Display) -> StorageError {
-    StorageError(e.to_string())
-}
 
 /// Where segment files live: a directory for the server, memory or a simulated disk for tests.
 pub trait LogDir: Send + Sync + 'static {
@@ -977,7 +973,7 @@ fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
     let mut ids = dir.segments().map_err(err)?;
     ids.sort_unstable();
     let mut index = Index::default();
-    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64, u64)> = None;
+    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64)> = None;
     let mut k = 0;
     while k < ids.len() {
         let id = ids[k];
@@ -1020,15 +1016,15 @@ fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
             file.set_len(end).map_err(err)?;
             file.sync_data().map_err(err)?;
         }
-        last = Some((id, file, end, end));
+        last = Some((id, file, end));
         k += 1;
     }
     let active = match last {
-        Some((id, file, end, len)) => Active {
+        Some((id, file, end)) => Active {
             id,
             file,
             end,
-            len,
+            len: end,
             dirty: false,
             failed: None,
         },
@@ -1120,6 +1116,22 @@ mod tests {
         }
     }
 
+    fn purge(p: u32, index: u64, tag: &[u8]) -> LogOp {
+        LogOp::PurgeTo {
+            p,
+            index,
+            tag: tag.to_vec(),
+        }
+    }
+
+    fn vote(p: u32, value: &[u8]) -> LogOp {
+        LogOp::Meta {
+            p,
+            name: "vote".into(),
+            value: value.to_vec(),
+        }
+    }
+
     /// A log in `dir` with 64 KiB segments.
     fn small(dir: &Path) -> RaftLog {
         let fs = FsLogDir::new(dir).unwrap();
@@ -1152,26 +1164,8 @@ mod tests {
                 .await
                 .unwrap();
             log.write(true, vec![put(7, 8, b"new")]).await.unwrap();
-            log.write(
-                true,
-                vec![LogOp::PurgeTo {
-                    p: 7,
-                    index: 3,
-                    tag: b"t3".to_vec(),
-                }],
-            )
-            .await
-            .unwrap();
-            log.write(
-                false,
-                vec![LogOp::Meta {
-                    p: 7,
-                    name: "vote".into(),
-                    value: b"v1".to_vec(),
-                }],
-            )
-            .await
-            .unwrap();
+            log.write(true, vec![purge(7, 3, b"t3")]).await.unwrap();
+            log.write(false, vec![vote(7, b"v1")]).await.unwrap();
             log.close();
         }
         let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
@@ -1278,31 +1272,13 @@ mod tests {
         let big = vec![0x5a; 1 << 10];
         {
             let log = small(dir.path());
-            log.write(
-                true,
-                vec![LogOp::Meta {
-                    p: 1,
-                    name: "vote".into(),
-                    value: b"early".to_vec(),
-                }],
-            )
-            .await
-            .unwrap();
+            log.write(true, vec![vote(1, b"early")]).await.unwrap();
             // 150 KiB: three segments of 64 KiB.
             for i in 1..=150 {
                 log.write(true, vec![put(1, i, &big)]).await.unwrap();
             }
             assert_eq!(log.segment_count(), 3);
-            log.write(
-                true,
-                vec![LogOp::PurgeTo {
-                    p: 1,
-                    index: 140,
-                    tag: b"p140".to_vec(),
-                }],
-            )
-            .await
-            .unwrap();
+            log.write(true, vec![purge(1, 140, b"p140")]).await.unwrap();
             assert_eq!(
                 log.segment_count(),
                 1,
@@ -1355,11 +1331,7 @@ mod tests {
             let before = log.sync_count();
             log.write(true, vec![put(0, 1, b"e")]).await.unwrap();
             let after_append = log.sync_count();
-            let vote = LogOp::Meta {
-                p: 0,
-                name: "vote".into(),
-                value: b"v".to_vec(),
-            };
+            let vote = vote(0, b"v");
             log.write(true, vec![vote]).await.unwrap();
             let after_vote = log.sync_count();
             match policy {
@@ -1450,11 +1422,7 @@ mod tests {
     #[tokio::test]
     async fn a_rotation_cut_before_its_checkpoint_loses_no_field() {
         let dir = tempfile::tempdir().unwrap();
-        let vote = LogOp::Meta {
-            p: 4,
-            name: "vote".into(),
-            value: b"v1".to_vec(),
-        };
+        let vote = vote(4, b"v1");
         {
             let log = small(dir.path());
             log.write(true, vec![vote]).await.unwrap();
@@ -1470,11 +1438,7 @@ mod tests {
         std::fs::File::create(dir.path().join(format!("{:016x}.seg", 3))).unwrap();
         {
             let log = small(dir.path());
-            let purge = LogOp::PurgeTo {
-                p: 4,
-                index: 70,
-                tag: b"p70".to_vec(),
-            };
+            let purge = purge(4, 70, b"p70");
             log.write(true, vec![purge]).await.unwrap();
             assert_eq!(
                 log.segment_count(),
@@ -1504,11 +1468,7 @@ mod tests {
                     .await
                     .unwrap();
                 if i % 10 == 0 {
-                    let purge = LogOp::PurgeTo {
-                        p: 2,
-                        index: i - 10,
-                        tag: Vec::new(),
-                    };
+                    let purge = purge(2, i - 10, b"");
                     log.write(true, vec![purge]).await.unwrap();
                 }
             }

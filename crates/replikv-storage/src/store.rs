@@ -27,7 +27,7 @@ const MAX_JOBS_PER_COMMIT: usize = 4096;
 #[error("storage: {0}")]
 pub struct StorageError(pub String);
 
-fn err(e: impl std::fmt::Display) -> StorageError {
+pub(crate) fn err(e: impl std::fmt::Display) -> StorageError {
     StorageError(e.to_string())
 }
 
