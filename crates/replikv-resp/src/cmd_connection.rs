@@ -3,9 +3,10 @@
 //! replikv's own `REPLIKV.*`.
 
 use bytes::Bytes;
+use futures::FutureExt;
 
 use crate::codec::{Frame, Protocol};
-use crate::conn::{ok, settle, syntax_error, Answer, Args, ConnState};
+use crate::conn::{ok, settle, settle_all, settle_reads, syntax_error, Answer, Args, ConnState};
 use crate::service::Service;
 use replikv_types::{Consistency, ReadPreference};
 
@@ -80,12 +81,22 @@ pub(crate) async fn dispatch<S: Service>(
         return Answer::Now(args.arity_error());
     }
     if is_write {
+        settle_reads(state, answers).await;
         return crate::cmd_strings::write_command(service, state, &args).await;
     }
-    // Anything that is not a write first waits for this connection's queued writes.
-    settle(state, answers).await;
+    if let "GET" | "MGET" | "STRLEN" = args.name.as_str() {
+        // A read observes the connection's earlier writes, and runs beside its earlier reads.
+        settle(state, answers).await;
+        let mut read = crate::cmd_strings::read_command(service, state, &args);
+        // A read served here at once (under the leader's lease) needs no slot of its own.
+        return match (&mut read).now_or_never() {
+            Some(frame) => Answer::Now(frame),
+            None => Answer::Read(read),
+        };
+    }
+    // Anything else first waits for everything this connection has under way.
+    settle_all(state, answers).await;
     let frame = match args.name.as_str() {
-        "GET" | "MGET" | "STRLEN" => crate::cmd_strings::read_command(service, state, &args).await,
         "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" | "SCAN" | "KEYS"
         | "DBSIZE" => crate::cmd_keys::read_command(service, state, &args).await,
         "CLUSTER" => crate::cmd_cluster::cluster(service, &args),

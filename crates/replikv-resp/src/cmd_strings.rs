@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::FutureExt;
 use replikv_types::{Error, ExpireCond, KvOp, PartitionId, Reply, SetCond};
 
@@ -322,46 +323,75 @@ pub(crate) async fn read_values<S: Service>(
     state: &ConnState,
     keys: &[Bytes],
 ) -> Result<Vec<Option<replikv_types::ValueWithTtl>>, Frame> {
-    let read = state.read.unwrap_or(service.config().read_preference);
-    let reads = keys.iter().map(|k| {
-        let min = state.session.get(&service.partition_of(k)).copied();
-        service.get(k.clone(), read, min)
-    });
-    futures::future::join_all(reads)
-        .await
-        .into_iter()
-        .map(|r| r.map_err(|e| err(&e)))
-        .collect()
+    start_reads(service, state, keys).await
 }
 
-/// GET, MGET, STRLEN.
-pub(crate) async fn read_command<S: Service>(
+/// Starts reading `keys` with the connection's read preference and session token as they
+/// are now; the returned future owns everything it needs.
+fn start_reads<S: Service>(
     service: &S,
-    state: &mut ConnState,
+    state: &ConnState,
+    keys: &[Bytes],
+) -> BoxFuture<'static, Result<Vec<Option<replikv_types::ValueWithTtl>>, Frame>> {
+    let read = state.read.unwrap_or(service.config().read_preference);
+    if let [key] = keys {
+        let min = state.session.get(&service.partition_of(key)).copied();
+        let one = service.get(key.clone(), read, min);
+        return async move { one.await.map(|v| vec![v]).map_err(|e| err(&e)) }.boxed();
+    }
+    let reads: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let min = state.session.get(&service.partition_of(k)).copied();
+            service.get(k.clone(), read, min)
+        })
+        .collect();
+    async move {
+        futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(|e| err(&e)))
+            .collect()
+    }
+    .boxed()
+}
+
+/// GET, MGET, STRLEN: started now, answered when the returned future resolves, so that a
+/// pipeline's reads are served at once rather than one round trip after another.
+pub(crate) fn read_command<S: Service>(
+    service: &S,
+    state: &ConnState,
     args: &Args,
-) -> Frame {
+) -> BoxFuture<'static, Frame> {
     let keys: &[Bytes] = if args.name == "MGET" {
         &args.args[1..]
     } else {
         &args.args[1..2]
     };
-    let values = match read_values(service, state, keys).await {
-        Ok(v) => v,
-        Err(f) => return f,
-    };
-    match args.name.as_str() {
-        "MGET" => Frame::Array(
-            values
+    let values = start_reads(service, state, keys);
+    let name = args.name.clone();
+    async move {
+        let values = match values.await {
+            Ok(v) => v,
+            Err(f) => return f,
+        };
+        match name.as_str() {
+            "MGET" => Frame::Array(
+                values
+                    .into_iter()
+                    .map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null))
+                    .collect(),
+            ),
+            "STRLEN" => {
+                Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0))
+            }
+            _ => values
                 .into_iter()
-                .map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null))
-                .collect(),
-        ),
-        "STRLEN" => Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0)),
-        _ => values
-            .into_iter()
-            .next()
-            .flatten()
-            .map(|v| Frame::Bulk(v.data))
-            .unwrap_or(Frame::Null),
+                .next()
+                .flatten()
+                .map(|v| Frame::Bulk(v.data))
+                .unwrap_or(Frame::Null),
+        }
     }
+    .boxed()
 }

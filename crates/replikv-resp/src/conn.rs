@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -44,11 +45,16 @@ impl ConnState {
     }
 }
 
+/// A queued write's reply and the session token it produced.
+pub(crate) type Acked = BoxFuture<'static, (Frame, Vec<(PartitionId, Offset)>)>;
+
 /// A command's answer: ready now, or a queued write still to be acknowledged.
 pub(crate) enum Answer {
     Now(Frame),
     /// The reply, and the session token the write produced.
-    Later(BoxFuture<'static, (Frame, Vec<(PartitionId, Offset)>)>),
+    Later(Acked),
+    /// A read under way: later reads run beside it, a later write waits for it.
+    Read(BoxFuture<'static, Frame>),
 }
 
 pub(crate) fn err(e: &Error) -> Frame {
@@ -141,7 +147,7 @@ pub(crate) async fn flush_answers(
     answers: &mut Vec<Answer>,
     out: &mut BytesMut,
 ) {
-    settle(state, answers).await;
+    settle_all(state, answers).await;
     for a in answers.drain(..) {
         if let Answer::Now(f) = a {
             encode(&f, state.proto, out);
@@ -150,19 +156,37 @@ pub(crate) async fn flush_answers(
 }
 
 /// Waits for the connection's queued writes (keeping their answers in place), so that what
-/// follows observes them.
+/// follows observes them. Reads under way are left running.
 pub(crate) async fn settle(state: &mut ConnState, answers: &mut [Answer]) {
-    // Drive every queued write at once: each has its own deadline, and one waiting out a
-    // failover must not use up the time of those queued behind it.
+    resolve(state, answers, |a| matches!(a, Answer::Later(_))).await;
+}
+
+/// Waits for the reads under way only, before a write: it must not overtake a read the
+/// client sent earlier. Queued writes keep running.
+pub(crate) async fn settle_reads(state: &mut ConnState, answers: &mut [Answer]) {
+    resolve(state, answers, |a| matches!(a, Answer::Read(_))).await;
+}
+
+/// Waits for every queued write and read: what follows is ordered after all of them.
+pub(crate) async fn settle_all(state: &mut ConnState, answers: &mut [Answer]) {
+    resolve(state, answers, |_| true).await;
+}
+
+async fn resolve(state: &mut ConnState, answers: &mut [Answer], which: fn(&Answer) -> bool) {
+    // Drive every queued write (and read) at once: each has its own deadline, and one
+    // waiting out a failover must not use up the time of those queued behind it.
     let mut slots = Vec::new();
-    let mut pending = Vec::new();
+    let mut pending: Vec<Acked> = Vec::new();
     for (i, a) in answers.iter_mut().enumerate() {
-        if matches!(a, Answer::Later(_)) {
-            if let Answer::Later(fut) = std::mem::replace(a, Answer::Now(Frame::Null)) {
-                slots.push(i);
-                pending.push(fut);
-            }
+        if matches!(a, Answer::Now(_)) || !which(a) {
+            continue;
         }
+        match std::mem::replace(a, Answer::Now(Frame::Null)) {
+            Answer::Later(fut) => pending.push(fut),
+            Answer::Read(fut) => pending.push(Box::pin(fut.map(|f| (f, Vec::new())))),
+            Answer::Now(_) => unreachable!("only pending answers are taken"),
+        }
+        slots.push(i);
     }
     if pending.is_empty() {
         return;

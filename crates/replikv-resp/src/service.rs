@@ -111,12 +111,14 @@ pub trait Service: Send + Sync + 'static {
         level: Consistency,
     ) -> BoxFuture<'_, BoxFuture<'static, Result<WriteOutcome, Error>>>;
 
+    /// Starts a read; the future owns what it needs, so a connection can hold several
+    /// (a pipeline's reads run at once).
     fn get(
         &self,
         key: Bytes,
         read: ReadPreference,
         min_offset: Option<Offset>,
-    ) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>>;
+    ) -> BoxFuture<'static, Result<Option<ValueWithTtl>, Error>>;
 
     fn partition_of(&self, key: &[u8]) -> PartitionId;
 

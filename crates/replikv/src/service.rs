@@ -60,8 +60,9 @@ impl Service for NodeService {
         key: Bytes,
         read: ReadPreference,
         min_offset: Option<Offset>,
-    ) -> BoxFuture<'_, Result<Option<ValueWithTtl>, Error>> {
-        async move { self.node.get(key, read, min_offset).await }.boxed()
+    ) -> BoxFuture<'static, Result<Option<ValueWithTtl>, Error>> {
+        let node = self.node.clone();
+        async move { node.get(key, read, min_offset).await }.boxed()
     }
 
     fn partition_of(&self, key: &[u8]) -> PartitionId {

@@ -167,3 +167,45 @@ fn kill_all_a_leader_answers_nearest_reads_through_the_read_index() {
         );
     }
 }
+
+/// A pipeline's reads run beside each other (a forwarded read no longer waits for the one
+/// before it), but never beside the connection's writes: each read sees the writes sent
+/// before it and none sent after it, and the answers come back in the order sent.
+#[test]
+fn a_pipelines_reads_keep_their_place_among_its_writes() {
+    let c = Cluster::start(bin(), Options::default());
+    let mut conn = c.redis(1);
+    let keys: Vec<String> = (0..120).map(|i| format!("pipelined-{i}")).collect();
+    let mut pipe = redis::pipe();
+    for (i, k) in keys.iter().enumerate() {
+        pipe.cmd("GET").arg(k);
+        pipe.cmd("SET").arg(k).arg(i);
+        pipe.cmd("GET").arg(k);
+        pipe.cmd("STRLEN").arg(k);
+    }
+    // A run of reads over every partition (most forwarded from node 1), then one more write.
+    for k in &keys {
+        pipe.cmd("GET").arg(k);
+    }
+    pipe.cmd("SET").arg(&keys[0]).arg("last");
+    pipe.cmd("MGET").arg(&keys[0]).arg(&keys[1]);
+    let replies: Vec<redis::Value> = pipe.query(&mut conn).unwrap();
+    let bulk = |s: String| redis::Value::BulkString(s.into_bytes());
+    let mut expected = Vec::new();
+    for i in 0..keys.len() {
+        expected.push(redis::Value::Nil);
+        expected.push(redis::Value::Okay);
+        expected.push(bulk(i.to_string()));
+        expected.push(redis::Value::Int(i.to_string().len() as i64));
+    }
+    expected.extend((0..keys.len()).map(|i| bulk(i.to_string())));
+    expected.push(redis::Value::Okay);
+    expected.push(redis::Value::Array(vec![
+        bulk("last".into()),
+        bulk("1".into()),
+    ]));
+    assert_eq!(replies.len(), expected.len());
+    for (n, (got, want)) in replies.iter().zip(&expected).enumerate() {
+        assert_eq!(got, want, "reply {n} of the pipeline");
+    }
+}
