@@ -3,11 +3,14 @@
 # a flamegraph. Servers run on CPU 1 and the load generator on CPU 0, as in bench/compare.py.
 # Usage: bench/profile.sh LEVEL TEST [PIPELINE] [SECONDS]
 #   LEVEL: eventual | at_least:2 | quorum | all     TEST: set | get
+#   CLUSTER=1 bench/profile.sh ...: resp.redirect on and redis-benchmark --cluster, so each
+#   request goes to its partition's leader (no forwarding hop).
 # Writes target/profile/<level>-<test>-P<pipeline>.{perf.data,txt,svg} and prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LEVEL=${1:?LEVEL}; TEST=${2:?TEST}; P=${3:-1}; SECS=${4:-8}
-OUT=target/profile; NAME="${LEVEL//:/-}-$TEST-P$P"; DIR=$(mktemp -d)
+CLUSTER=${CLUSTER:-0}
+OUT=target/profile; NAME="${LEVEL//:/-}-$TEST-P$P$([ "$CLUSTER" = 1 ] && echo -cluster)"; DIR=$(mktemp -d)
 for tool in perf:linux-perf redis-benchmark:redis-tools taskset:util-linux; do
   command -v "${tool%%:*}" >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
@@ -20,11 +23,13 @@ PEERS=1=127.0.0.1:27202,2=127.0.0.1:27203,3=127.0.0.1:27204
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$DIR"; }
 trap cleanup EXIT
+printf 'resp:\n  redirect: %s\n' "$([ "$CLUSTER" = 1 ] && echo true || echo false)" >"$DIR/replikv.yaml"
+cluster_flag=(); [ "$CLUSTER" = 1 ] && cluster_flag=(--cluster)
 for i in 1 2 3; do
   REPLIKV_LOG=warn taskset -c 1 target/release/replikv server --node-id $i --peers $PEERS \
     --data-dir "$DIR/n$i" --resp-listen 127.0.0.1:$((27000 + i)) \
     --http-listen 127.0.0.1:$((27100 + i)) --peer-listen 127.0.0.1:$((27201 + i)) \
-    --consistency "$LEVEL" >"$DIR/n$i.log" 2>&1 &
+    --consistency "$LEVEL" --config "$DIR/replikv.yaml" >"$DIR/n$i.log" 2>&1 &
   pids+=($!)
 done
 for i in 1 2 3; do until curl -sf "http://127.0.0.1:$((27100 + i))/ready" >/dev/null; do sleep 0.1; done; done
@@ -32,7 +37,7 @@ for i in 1 2 3; do until curl -sf "http://127.0.0.1:$((27100 + i))/ready" >/dev/
 taskset -c 0 target/release/replikv bench --addr 127.0.0.1:27001 --workload set --sequential \
   --keys 100000 --requests 100000 --clients 32 --pipeline 16 >/dev/null
 taskset -c 0 redis-benchmark -p 27001 -t "$TEST" -n 100000000 -c 50 -P "$P" -r 100000 -d 100 -q \
-  >/dev/null 2>&1 &
+  "${cluster_flag[@]}" >/dev/null 2>&1 &
 load=$!
 sleep 2
 perf record -q -F 999 -g --call-graph dwarf,16384 -p "$(IFS=,; echo "${pids[*]}")" \

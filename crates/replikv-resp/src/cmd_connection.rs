@@ -84,10 +84,16 @@ pub(crate) async fn dispatch<S: Service>(
         settle_reads(state, answers).await;
         return crate::cmd_strings::write_command(service, state, &args).await;
     }
-    if let "GET" | "MGET" | "STRLEN" = args.name.as_str() {
+    let name = args.name.as_str();
+    if let "GET" | "MGET" | "STRLEN" | "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME"
+    | "PEXPIRETIME" = name
+    {
         // A read observes the connection's earlier writes, and runs beside its earlier reads.
         settle(state, answers).await;
-        let mut read = crate::cmd_strings::read_command(service, state, &args);
+        let mut read = match name {
+            "GET" | "MGET" | "STRLEN" => crate::cmd_strings::read_command(service, state, &args),
+            _ => crate::cmd_keys::key_read(service, state, &args),
+        };
         // A read served here at once (under the leader's lease) needs no slot of its own.
         return match (&mut read).now_or_never() {
             Some(frame) => Answer::Now(frame),
@@ -97,8 +103,7 @@ pub(crate) async fn dispatch<S: Service>(
     // Anything else first waits for everything this connection has under way.
     settle_all(state, answers).await;
     let frame = match args.name.as_str() {
-        "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" | "SCAN" | "KEYS"
-        | "DBSIZE" => crate::cmd_keys::read_command(service, state, &args).await,
+        "SCAN" | "KEYS" | "DBSIZE" => crate::cmd_keys::read_command(service, &args).await,
         "CLUSTER" => crate::cmd_cluster::cluster(service, &args),
         _ => connection_command(service, state, &args).await,
     };

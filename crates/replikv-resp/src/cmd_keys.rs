@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use replikv_types::{KvOp, PartitionId};
 
 use crate::cmd_strings::{expire_cond, now_ms, Combine};
@@ -65,40 +67,49 @@ pub(crate) fn build_write<S: Service>(
     ))
 }
 
-pub(crate) async fn read_command<S: Service>(
+/// EXISTS, TYPE and the TTL family: started now, answered when the returned future
+/// resolves (a pipeline's reads run together, as GET's do).
+pub(crate) fn key_read<S: Service>(
     service: &S,
-    state: &mut ConnState,
+    state: &ConnState,
     args: &Args,
-) -> Frame {
-    match args.name.as_str() {
-        "EXISTS" | "TYPE" | "TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME" => {
-            let keys: &[Bytes] = if args.name == "EXISTS" {
-                &args.args[1..]
-            } else {
-                &args.args[1..2]
-            };
-            let values = match crate::cmd_strings::read_values(service, state, keys).await {
-                Ok(v) => v,
-                Err(f) => return f,
-            };
-            let first = values.first().cloned().flatten();
-            match args.name.as_str() {
-                "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
-                "TYPE" => Frame::Simple(if first.is_some() { "string" } else { "none" }.into()),
-                name => Frame::Integer(match first {
-                    None => -2,
-                    Some(v) => match v.expire_at_ms {
-                        None => -1,
-                        Some(at) => match name {
-                            "TTL" => (at.saturating_sub(now_ms()) as i64 + 500) / 1000,
-                            "PTTL" => at.saturating_sub(now_ms()) as i64,
-                            "EXPIRETIME" => (at / 1000) as i64,
-                            _ => at as i64,
-                        },
+) -> BoxFuture<'static, Frame> {
+    let keys: &[Bytes] = if args.name == "EXISTS" {
+        &args.args[1..]
+    } else {
+        &args.args[1..2]
+    };
+    let values = crate::cmd_strings::start_reads(service, state, keys);
+    let name = args.name.clone();
+    async move {
+        let values = match values.await {
+            Ok(v) => v,
+            Err(f) => return f,
+        };
+        let first = values.first().cloned().flatten();
+        match name.as_str() {
+            "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
+            "TYPE" => Frame::Simple(if first.is_some() { "string" } else { "none" }.into()),
+            name => Frame::Integer(match first {
+                None => -2,
+                Some(v) => match v.expire_at_ms {
+                    None => -1,
+                    Some(at) => match name {
+                        "TTL" => (at.saturating_sub(now_ms()) as i64 + 500) / 1000,
+                        "PTTL" => at.saturating_sub(now_ms()) as i64,
+                        "EXPIRETIME" => (at / 1000) as i64,
+                        _ => at as i64,
                     },
-                }),
-            }
+                },
+            }),
         }
+    }
+    .boxed()
+}
+
+/// SCAN, KEYS, DBSIZE.
+pub(crate) async fn read_command<S: Service>(service: &S, args: &Args) -> Frame {
+    match args.name.as_str() {
         "SCAN" => scan(service, args).await,
         "KEYS" => match all_keys(service, Some(args.args[1].clone())).await {
             Ok(keys) => Frame::Array(keys.into_iter().map(Frame::Bulk).collect()),

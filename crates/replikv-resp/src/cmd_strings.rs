@@ -317,18 +317,9 @@ pub(crate) fn expire_cond(args: &Args, from: usize) -> Result<ExpireCond, Frame>
     Ok(cond)
 }
 
-/// Reads `keys` concurrently with the connection's read preference and session token.
-pub(crate) async fn read_values<S: Service>(
-    service: &S,
-    state: &ConnState,
-    keys: &[Bytes],
-) -> Result<Vec<Option<replikv_types::ValueWithTtl>>, Frame> {
-    start_reads(service, state, keys).await
-}
-
 /// Starts reading `keys` with the connection's read preference and session token as they
 /// are now; the returned future owns everything it needs.
-fn start_reads<S: Service>(
+pub(crate) fn start_reads<S: Service>(
     service: &S,
     state: &ConnState,
     keys: &[Bytes],

@@ -179,9 +179,11 @@ fn a_pipelines_reads_keep_their_place_among_its_writes() {
     let mut pipe = redis::pipe();
     for (i, k) in keys.iter().enumerate() {
         pipe.cmd("GET").arg(k);
+        pipe.cmd("EXISTS").arg(k);
         pipe.cmd("SET").arg(k).arg(i);
         pipe.cmd("GET").arg(k);
         pipe.cmd("STRLEN").arg(k);
+        pipe.cmd("TTL").arg(k);
     }
     // A run of reads over every partition (most forwarded from node 1), then one more write.
     for k in &keys {
@@ -194,9 +196,11 @@ fn a_pipelines_reads_keep_their_place_among_its_writes() {
     let mut expected = Vec::new();
     for i in 0..keys.len() {
         expected.push(redis::Value::Nil);
+        expected.push(redis::Value::Int(0));
         expected.push(redis::Value::Okay);
         expected.push(bulk(i.to_string()));
         expected.push(redis::Value::Int(i.to_string().len() as i64));
+        expected.push(redis::Value::Int(-1));
     }
     expected.extend((0..keys.len()).map(|i| bulk(i.to_string())));
     expected.push(redis::Value::Okay);
