@@ -507,7 +507,7 @@ def scenario_reads(args, pin, work, res):
         pin, port, "get", 50, 2 if warm else args.secs, 1, size=256, keys=keys, read=read))
     with Redis(pin, work) as r:
         preload_resp(pin, r.resp(), keys, 256)
-        wait_for(lambda: r.in_sync(2), "redis replica in sync")
+        settle(r)
         res.add("reads", "leader GET c50", "redis", "primary", repeat(args, g(r.resp())))
         res.add("reads", "follower GET c50", "redis", "replica (asynchronous)", repeat(args, g(r.resp(2))))
     with Etcd(pin, work) as e:
@@ -519,6 +519,7 @@ def scenario_reads(args, pin, work, res):
                 repeat(args, lambda warm: etcd_bench(pin, fol, "get-serial", 50, 2 if warm else args.secs, 1, keys=keys)))
     with Replikv(pin, work) as k:
         preload_resp(pin, k.resp(), keys, 256)
+        settle(k)
         res.add("reads", "leader GET c50", "replikv", "primary (read index, linearizable), clients on node 1",
                 repeat(args, g(k.resp(), "primary")))
         res.add("reads", "follower GET c50", "replikv", "secondary (bounded staleness), clients on node 2",
@@ -532,6 +533,7 @@ def scenario_ycsb(args, pin, work, res):
         ctx = Redis(pin, work) if system == "redis" else Replikv(pin, work)
         with ctx as s:
             preload_resp(pin, s.resp(), keys, 100)
+            settle(s)
             for w, case in loads:
                 res.add("ycsb", f"{case} zipf 0.99 c50", system,
                         "primary, no persistence" if system == "redis" else "quorum writes, primary reads",
