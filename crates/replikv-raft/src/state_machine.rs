@@ -285,8 +285,7 @@ impl KvView {
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<StoredValue>, String> {
         let raw = self
             .store
-            .read()
-            .and_then(|r| r.kv_get(self.partition, key))
+            .kv_get_latest(self.partition, key)
             .map_err(|e| e.to_string())?;
         Ok(raw
             .and_then(|r| StoredValue::decode(&r))
