@@ -103,7 +103,7 @@ pub(crate) async fn dispatch<S: Service>(
     // Anything else first waits for everything this connection has under way.
     settle_all(state, answers).await;
     let frame = match args.name.as_str() {
-        "SCAN" | "KEYS" | "DBSIZE" => crate::cmd_keys::read_command(service, &args).await,
+        "SCAN" | "KEYS" | "DBSIZE" => crate::cmd_keys::listing_command(service, &args).await,
         "CLUSTER" => crate::cmd_cluster::cluster(service, &args),
         _ => connection_command(service, state, &args).await,
     };

@@ -9,7 +9,6 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::FutureExt;
 use replikv_types::{KvOp, PartitionId};
 
 use crate::cmd_strings::{expire_cond, now_ms, Combine};
@@ -67,27 +66,20 @@ pub(crate) fn build_write<S: Service>(
     ))
 }
 
-/// EXISTS, TYPE and the TTL family: started now, answered when the returned future
-/// resolves (a pipeline's reads run together, as GET's do).
+/// EXISTS, TYPE and the TTL family, started now (see `start_read`).
 pub(crate) fn key_read<S: Service>(
     service: &S,
     state: &ConnState,
     args: &Args,
 ) -> BoxFuture<'static, Frame> {
-    let keys: &[Bytes] = if args.name == "EXISTS" {
+    let keys = if args.name == "EXISTS" {
         &args.args[1..]
     } else {
         &args.args[1..2]
     };
-    let values = crate::cmd_strings::start_reads(service, state, keys);
-    let name = args.name.clone();
-    async move {
-        let values = match values.await {
-            Ok(v) => v,
-            Err(f) => return f,
-        };
+    crate::cmd_strings::start_read(service, state, args, keys, |name, values| {
         let first = values.first().cloned().flatten();
-        match name.as_str() {
+        match name {
             "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
             "TYPE" => Frame::Simple(if first.is_some() { "string" } else { "none" }.into()),
             name => Frame::Integer(match first {
@@ -103,12 +95,11 @@ pub(crate) fn key_read<S: Service>(
                 },
             }),
         }
-    }
-    .boxed()
+    })
 }
 
 /// SCAN, KEYS, DBSIZE.
-pub(crate) async fn read_command<S: Service>(service: &S, args: &Args) -> Frame {
+pub(crate) async fn listing_command<S: Service>(service: &S, args: &Args) -> Frame {
     match args.name.as_str() {
         "SCAN" => scan(service, args).await,
         "KEYS" => match all_keys(service, Some(args.args[1].clone())).await {

@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use replikv_types::{Error, ExpireCond, KvOp, PartitionId, Reply, SetCond};
+use replikv_types::{Error, ExpireCond, KvOp, PartitionId, Reply, SetCond, ValueWithTtl};
 
 use crate::codec::Frame;
 use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
@@ -323,13 +323,8 @@ pub(crate) fn start_reads<S: Service>(
     service: &S,
     state: &ConnState,
     keys: &[Bytes],
-) -> BoxFuture<'static, Result<Vec<Option<replikv_types::ValueWithTtl>>, Frame>> {
+) -> BoxFuture<'static, Result<Vec<Option<ValueWithTtl>>, Frame>> {
     let read = state.read.unwrap_or(service.config().read_preference);
-    if let [key] = keys {
-        let min = state.session.get(&service.partition_of(key)).copied();
-        let one = service.get(key.clone(), read, min);
-        return async move { one.await.map(|v| vec![v]).map_err(|e| err(&e)) }.boxed();
-    }
     let reads: Vec<_> = keys
         .iter()
         .map(|k| {
@@ -347,42 +342,51 @@ pub(crate) fn start_reads<S: Service>(
     .boxed()
 }
 
-/// GET, MGET, STRLEN: started now, answered when the returned future resolves, so that a
-/// pipeline's reads are served at once rather than one round trip after another.
+/// A read command started now and answered when the returned future resolves, so that a
+/// pipeline's reads are served together rather than one round trip after another:
+/// `render` turns the values of `keys` into the reply to the command `args` names.
+pub(crate) fn start_read<S: Service>(
+    service: &S,
+    state: &ConnState,
+    args: &Args,
+    keys: &[Bytes],
+    render: fn(&str, Vec<Option<ValueWithTtl>>) -> Frame,
+) -> BoxFuture<'static, Frame> {
+    let values = start_reads(service, state, keys);
+    let name = args.name.clone();
+    async move {
+        match values.await {
+            Ok(v) => render(&name, v),
+            Err(f) => f,
+        }
+    }
+    .boxed()
+}
+
+/// GET, MGET, STRLEN.
 pub(crate) fn read_command<S: Service>(
     service: &S,
     state: &ConnState,
     args: &Args,
 ) -> BoxFuture<'static, Frame> {
-    let keys: &[Bytes] = if args.name == "MGET" {
+    let keys = if args.name == "MGET" {
         &args.args[1..]
     } else {
         &args.args[1..2]
     };
-    let values = start_reads(service, state, keys);
-    let name = args.name.clone();
-    async move {
-        let values = match values.await {
-            Ok(v) => v,
-            Err(f) => return f,
-        };
-        match name.as_str() {
-            "MGET" => Frame::Array(
-                values
-                    .into_iter()
-                    .map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null))
-                    .collect(),
-            ),
-            "STRLEN" => {
-                Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0))
-            }
-            _ => values
+    start_read(service, state, args, keys, |name, values| match name {
+        "MGET" => Frame::Array(
+            values
                 .into_iter()
-                .next()
-                .flatten()
-                .map(|v| Frame::Bulk(v.data))
-                .unwrap_or(Frame::Null),
-        }
-    }
-    .boxed()
+                .map(|v| v.map(|v| Frame::Bulk(v.data)).unwrap_or(Frame::Null))
+                .collect(),
+        ),
+        "STRLEN" => Frame::Integer(values[0].as_ref().map(|v| v.data.len() as i64).unwrap_or(0)),
+        _ => values
+            .into_iter()
+            .next()
+            .flatten()
+            .map(|v| Frame::Bulk(v.data))
+            .unwrap_or(Frame::Null),
+    })
 }

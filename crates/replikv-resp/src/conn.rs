@@ -29,6 +29,10 @@ pub struct ConnState {
     /// Session token: offset of this connection's last acknowledged write per partition.
     pub session: HashMap<PartitionId, Offset>,
     pub quit: bool,
+    /// Whether the pipeline's answers hold a write (`Later`) or a read (`Read`) still under
+    /// way: the wait before each command skips the scan of the answers when none does.
+    pending_writes: bool,
+    pending_reads: bool,
 }
 
 impl ConnState {
@@ -41,6 +45,8 @@ impl ConnState {
             read: None,
             session: HashMap::new(),
             quit: false,
+            pending_writes: false,
+            pending_reads: false,
         }
     }
 }
@@ -109,6 +115,11 @@ async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
                     let answer =
                         crate::cmd_connection::dispatch(&*service, &mut state, &mut answers, args)
                             .await;
+                    match answer {
+                        Answer::Later(_) => state.pending_writes = true,
+                        Answer::Read(_) => state.pending_reads = true,
+                        Answer::Now(_) => {}
+                    }
                     answers.push(answer);
                     if state.quit {
                         break;
@@ -158,27 +169,38 @@ pub(crate) async fn flush_answers(
 /// Waits for the connection's queued writes (keeping their answers in place), so that what
 /// follows observes them. Reads under way are left running.
 pub(crate) async fn settle(state: &mut ConnState, answers: &mut [Answer]) {
-    resolve(state, answers, |a| matches!(a, Answer::Later(_))).await;
+    resolve(state, answers, true, false).await;
 }
 
 /// Waits for the reads under way only, before a write: it must not overtake a read the
 /// client sent earlier. Queued writes keep running.
 pub(crate) async fn settle_reads(state: &mut ConnState, answers: &mut [Answer]) {
-    resolve(state, answers, |a| matches!(a, Answer::Read(_))).await;
+    resolve(state, answers, false, true).await;
 }
 
 /// Waits for every queued write and read: what follows is ordered after all of them.
 pub(crate) async fn settle_all(state: &mut ConnState, answers: &mut [Answer]) {
-    resolve(state, answers, |_| true).await;
+    resolve(state, answers, true, true).await;
 }
 
-async fn resolve(state: &mut ConnState, answers: &mut [Answer], which: fn(&Answer) -> bool) {
+/// Waits for the queued writes and/or reads the flags name, keeping their answers in place.
+async fn resolve(state: &mut ConnState, answers: &mut [Answer], writes: bool, reads: bool) {
+    let writes = writes && std::mem::take(&mut state.pending_writes);
+    let reads = reads && std::mem::take(&mut state.pending_reads);
+    if !writes && !reads {
+        return;
+    }
     // Drive every queued write (and read) at once: each has its own deadline, and one
     // waiting out a failover must not use up the time of those queued behind it.
     let mut slots = Vec::new();
     let mut pending: Vec<Acked> = Vec::new();
     for (i, a) in answers.iter_mut().enumerate() {
-        if matches!(a, Answer::Now(_)) || !which(a) {
+        let take = match a {
+            Answer::Later(_) => writes,
+            Answer::Read(_) => reads,
+            Answer::Now(_) => false,
+        };
+        if !take {
             continue;
         }
         match std::mem::replace(a, Answer::Now(Frame::Null)) {
@@ -187,9 +209,6 @@ async fn resolve(state: &mut ConnState, answers: &mut [Answer], which: fn(&Answe
             Answer::Now(_) => unreachable!("only pending answers are taken"),
         }
         slots.push(i);
-    }
-    if pending.is_empty() {
-        return;
     }
     for (i, (frame, tokens)) in slots
         .into_iter()
