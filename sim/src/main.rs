@@ -189,23 +189,23 @@ impl Node {
         now(self.sm.clone()?.applied_state()).ok()?.0
     }
 
-    /// The node's keys and values, as its state machine's `kv` table holds them.
+    /// The node's keys and values, as its state machine holds them (its overlay over the
+    /// `kv` table).
     fn kv(&self) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, String> {
-        let stores = self.stores.as_ref().ok_or("the node is down")?;
-        let r = stores.state.read().map_err(|e| e.to_string())?;
+        let sm = self.sm.as_ref().ok_or("the node is down")?;
         let mut out = BTreeMap::new();
         let mut bad = None;
-        r.kv_for_each(PARTITION, b"", |k, raw| match StoredValue::decode(raw) {
-            Some(val) => {
-                out.insert(k.to_vec(), val.data.to_vec());
-                true
-            }
-            None => {
-                bad = Some(String::from_utf8_lossy(k).into_owned());
-                false
-            }
-        })
-        .map_err(|e| e.to_string())?;
+        sm.view()
+            .contents(|k, raw| match StoredValue::decode(raw) {
+                Some(val) => {
+                    out.insert(k.to_vec(), val.data.to_vec());
+                    true
+                }
+                None => {
+                    bad = Some(String::from_utf8_lossy(k).into_owned());
+                    false
+                }
+            })?;
         match bad {
             Some(k) => Err(format!("undecodable value of key {k}")),
             None => Ok(out),
@@ -401,6 +401,12 @@ impl Sim {
                 format!("node {id}: {e}"),
             )
         })?;
+        // A checkpoint every few keys (of the workload's four), so that checkpoints land
+        // between crashes and power losses, not only at snapshots.
+        let sm = sm.with_checkpoint_limits(replikv_raft::CheckpointLimits {
+            keys: 2,
+            bytes: usize::MAX,
+        });
         let read = |what: &str, e: replikv_raft::StorageError| {
             v("storage reads succeed", format!("node {id}: {what}: {e}"))
         };

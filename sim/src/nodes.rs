@@ -86,8 +86,9 @@ struct Slot {
     starts: u64,
     /// The running incarnation's node and stores (None while it is down or starting).
     node: Option<(Arc<Node>, Stores)>,
-    /// The state store's commit count at the last digest check: unchanged, nothing to check.
-    checked_commits: Option<u64>,
+    /// The state store's commit count and the sum of the groups' applied indexes at the
+    /// last digest check: both unchanged, nothing to check.
+    checked: Option<(u64, u64)>,
     /// Peer requests served, and their answers, by kind (for `-v`).
     counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
 }
@@ -228,6 +229,12 @@ async fn run_host(
         origin: tokio::time::Instant::now(),
     };
     cfg.seed = Some(work.seed ^ (id << 48) ^ (starts << 32));
+    // A checkpoint every few keys, so that checkpoints land between crashes and power
+    // losses, not only at snapshots.
+    cfg.checkpoint = replikv_raft::CheckpointLimits {
+        keys: 3,
+        bytes: usize::MAX,
+    };
     cfg.skip_read_index = bug == NodeBug::SkipReadIndex;
     cfg.ack_before_commit = bug == NodeBug::AckBeforeCommit;
     let transport = Transport::with_dialer(
@@ -361,12 +368,35 @@ async fn client(node: Arc<Node>, work: Rc<Workload>, id: u64, starts: u64, c: u6
     }
 }
 
-/// The applied log id and content digest of each partition in a node's state store, read in
-/// one transaction (the applied id is committed with the applies).
 /// A replica's applied log id (term, index), if any.
 type Applied = Option<(u64, u64)>;
 
-fn state_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
+/// The digest of one partition's keys and values.
+#[derive(Default)]
+struct Digest {
+    h: u64,
+    bad: Option<String>,
+}
+
+impl Digest {
+    fn add(&mut self, k: &[u8], raw: &[u8]) {
+        match StoredValue::decode(raw) {
+            Some(v) => self.h = mix(mix(self.h, fnv(k)), fnv(&v.data)),
+            None => self.bad = Some(String::from_utf8_lossy(k).into_owned()),
+        }
+    }
+
+    fn finish(self, p: u32) -> Result<u64, String> {
+        match self.bad {
+            Some(k) => Err(format!("partition {p}: undecodable value of key {k}")),
+            None => Ok(self.h),
+        }
+    }
+}
+
+/// The applied log id and content digest of each partition in a node's state *file*, read in
+/// one transaction (a checkpoint commits the applied id with the keys it covers).
+fn file_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
     let r = stores.state.read().map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     for p in 0..PARTITIONS {
@@ -378,20 +408,29 @@ fn state_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, Strin
             .map_err(|e| e.to_string())?
             .flatten()
             .map(|l| (l.leader_id.term, l.index));
-        let mut h = 0u64;
-        let mut bad = None;
+        let mut d = Digest::default();
         r.kv_for_each(p, b"", |k, raw| {
-            match StoredValue::decode(raw) {
-                Some(v) => h = mix(mix(h, fnv(k)), fnv(&v.data)),
-                None => bad = Some(String::from_utf8_lossy(k).into_owned()),
-            }
+            d.add(k, raw);
             true
         })
         .map_err(|e| e.to_string())?;
-        if let Some(k) = bad {
-            return Err(format!("partition {p}: undecodable value of key {k}"));
-        }
-        out.insert(p, (applied, h));
+        out.insert(p, (applied, d.finish(p)?));
+    }
+    Ok(out)
+}
+
+/// The applied log id and content digest of each partition as the node's state machines
+/// hold them: the in-memory overlay over the file, read consistently.
+fn view_digests(node: &Node) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
+    let mut out = BTreeMap::new();
+    for g in node.groups() {
+        let mut d = Digest::default();
+        let applied = g.view.contents(|k, raw| {
+            d.add(k, raw);
+            true
+        })?;
+        let applied = applied.map(|l| (l.leader_id.term, l.index));
+        out.insert(g.partition, (applied, d.finish(g.partition)?));
     }
     Ok(out)
 }
@@ -467,18 +506,34 @@ impl Harness {
                     ),
                 );
             }
-            let commits = stores.state.commit_count();
-            if s.checked_commits == Some(commits) {
+            // Applies change the state machines without a commit (they go to the overlay):
+            // check again when either moved.
+            let applied: u64 = node
+                .groups()
+                .map(|g| {
+                    g.raft
+                        .metrics()
+                        .borrow()
+                        .last_applied
+                        .map_or(0, |l| l.index)
+                })
+                .sum();
+            let stamp = (stores.state.commit_count(), applied);
+            if s.checked == Some(stamp) {
                 continue;
             }
-            s.checked_commits = Some(commits);
-            let digests = state_digests(&stores).map_err(|e| {
-                (
-                    step,
-                    "the state store reads back",
-                    format!("node {id}: {e}"),
-                )
-            })?;
+            s.checked = Some(stamp);
+            // Both the file's checkpoints and the state machines' views: equal applied ids,
+            // equal contents, whichever of the two each digest comes from.
+            let digests = file_digests(&stores)
+                .and_then(|f| Ok(f.into_iter().chain(view_digests(&node)?)))
+                .map_err(|e| {
+                    (
+                        step,
+                        "the state store reads back",
+                        format!("node {id}: {e}"),
+                    )
+                })?;
             for (p, (applied, digest)) in digests {
                 let Some((term, index)) = applied else {
                     continue;
@@ -519,7 +574,7 @@ impl Harness {
             s.log_dir.crash(kind, &s.power);
             s.state_disk.crash(kind, &s.power);
             s.node = None;
-            s.checked_commits = None;
+            s.checked = None;
         }
         sim.crash(host_name(id));
         self.crashes += 1;
@@ -622,10 +677,10 @@ impl Harness {
         let mut seen: BTreeMap<u32, (Applied, u64, u64)> = BTreeMap::new();
         for slot in &self.slots {
             let s = slot.borrow();
-            let Some((_, stores)) = &s.node else {
+            let Some((node, _)) = &s.node else {
                 return Err(format!("node {} is not up", s.id));
             };
-            for (p, (applied, digest)) in state_digests(stores)? {
+            for (p, (applied, digest)) in view_digests(node)? {
                 match seen.get(&p) {
                     None => {
                         seen.insert(p, (applied, digest, s.id));
@@ -688,7 +743,7 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             power: Power::new(Arc::new(AtomicBool::new(true))),
             starts: 0,
             node: None,
-            checked_commits: None,
+            checked: None,
             counts: Default::default(),
         }));
         let (s, w, p, r) = (

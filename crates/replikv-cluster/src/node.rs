@@ -12,7 +12,7 @@ use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use replikv_placement::{place, Member, PartitionPlacement, PlacementTable};
-use replikv_raft::{AppendWaiters, KvView, Raft};
+use replikv_raft::{AppendWaiters, CheckpointLimits, KvView, Raft};
 use replikv_storage::Stores;
 use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
 
@@ -42,6 +42,10 @@ pub struct NodeConfig {
     /// every start of a node: the high bits of request ids come from it, and an incarnation
     /// reusing them could take an old entry for one of its own waiting writes.
     pub seed: Option<u64>,
+    /// When each partition's state machine checkpoints its applied writes into the state
+    /// file (`replikv-raft/src/overlay.rs`). The simulation makes it small, so that
+    /// checkpoints land between its crashes.
+    pub checkpoint: CheckpointLimits,
 }
 
 /// The time of day a node stamps writes with and checks expiry against.
@@ -136,6 +140,7 @@ impl NodeConfig {
             ack_before_commit: false,
             clock: WallClock::System,
             seed: None,
+            checkpoint: CheckpointLimits::default(),
         }
     }
 }
@@ -412,6 +417,7 @@ async fn start_group(
     let p = part.partition;
     let (log, sm) =
         replikv_raft::open_partition(stores, p).map_err(|e| format!("partition {p}: {e}"))?;
+    let sm = sm.with_checkpoint_limits(cfg.checkpoint);
     let waiters = log.waiters();
     let view = sm.view();
     let network = GroupNetwork {

@@ -15,6 +15,7 @@
 #![allow(clippy::result_large_err)]
 
 mod log_store;
+mod overlay;
 mod purge_gate;
 mod record;
 mod snapshot;
@@ -23,6 +24,7 @@ mod state_machine;
 use std::io::Cursor;
 
 pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore};
+pub use overlay::CheckpointLimits;
 pub use purge_gate::PurgeGate;
 pub use record::{decode_record, encode_record, RecordError};
 pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};

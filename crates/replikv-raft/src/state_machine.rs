@@ -1,9 +1,11 @@
-//! [`StateMachine`]: applies committed entries of one partition to the `kv` table, keeps the
-//! applied offset and membership beside them (same transaction, so they never disagree), and
-//! builds and installs snapshots. [`KvView`] is the read side the front ends use.
+//! [`StateMachine`]: applies committed entries of one partition into its [`Overlay`], which
+//! checkpoints them into the `kv` table in large batches with the applied offset and
+//! membership beside them (same transaction, so they never disagree), and builds and installs
+//! snapshots. [`KvView`] is the read side the front ends use: the overlay over the file.
 //!
-//! Applies are committed without fsync: the log already holds every applied entry durably,
-//! and openraft re-applies from the log whatever a crash rolled back.
+//! Checkpoints are committed without fsync: the log already holds every applied entry
+//! durably, and openraft re-applies from the log whatever a crash (or a checkpoint not yet
+//! taken) left out of the file.
 
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use replikv_storage::{Store, WriteTx};
 use replikv_types::{apply_op, KeyTable, Replies, StoredValue, WriteRequest};
 
+use crate::overlay::{merge_for_each, CheckpointLimits, Layer, Layers, Overlay};
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
 use crate::PurgeGate;
 use crate::{
@@ -31,6 +34,9 @@ pub struct StateMachine {
     snapshot_seq: Arc<AtomicU64>,
     /// Tells the log store when a snapshot is durable (`purge_gate.rs`).
     gate: PurgeGate,
+    /// Applied writes not yet checkpointed into the file (`overlay.rs`).
+    overlay: Arc<Overlay>,
+    limits: CheckpointLimits,
 }
 
 impl StateMachine {
@@ -51,7 +57,15 @@ impl StateMachine {
             partition,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             gate: PurgeGate::new(durable),
+            overlay: Arc::default(),
+            limits: CheckpointLimits::default(),
         })
+    }
+
+    /// The same state machine, checkpointing its applies at `limits` instead of the default.
+    pub fn with_checkpoint_limits(mut self, limits: CheckpointLimits) -> StateMachine {
+        self.limits = limits;
+        self
     }
 
     /// The gate the partition's log store purges through.
@@ -63,40 +77,138 @@ impl StateMachine {
         KvView {
             store: self.store.clone(),
             partition: self.partition,
+            overlay: self.overlay.clone(),
         }
+    }
+
+    /// Freezes the overlay's active layer, if it holds anything, and queues its checkpoint;
+    /// does not wait for it.
+    fn checkpoint(&self) {
+        let Some(layer) = self.overlay.freeze() else {
+            return;
+        };
+        let p = self.partition;
+        let (written, check, overlay) = (layer.clone(), self.overlay.clone(), self.overlay.clone());
+        self.store.submit(
+            false,
+            Box::new(move |w| {
+                if check.failure().is_some() {
+                    return Ok(());
+                }
+                write_layer(w, p, &written)
+            }),
+            Box::new(move |res| overlay.landed(&layer, res.map_err(|e| e.0))),
+        );
+    }
+
+    /// Checkpoints everything applied so far and waits until the file holds it.
+    async fn checkpoint_all(&self) -> Result<(), StorageError> {
+        self.checkpoint();
+        // The writer commits jobs in order and answers a batch's jobs in order: once this
+        // empty job is answered, every layer frozen before it has landed.
+        self.store
+            .write(false, |_| Ok(()))
+            .await
+            .map_err(storage_error)?;
+        self.failed()
+    }
+
+    fn failed(&self) -> Result<(), StorageError> {
+        match self.overlay.failure() {
+            Some(e) => Err(storage_error(format!(
+                "partition {}: a checkpoint of applied writes failed: {e}",
+                self.partition
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The applied offset and membership in the file.
+    fn file_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
+        let r = self.store.read().map_err(read_error)?;
+        file_applied(&r, self.partition)
     }
 }
 
-/// Applies a write request's writes, in order, inside the writer's transaction.
-fn apply_request(
+fn file_applied(
+    r: &replikv_storage::ReadTx,
+    p: u32,
+) -> Result<(Option<LogId>, Membership), StorageError> {
+    let applied = r
+        .meta_get(p, APPLIED)
+        .map_err(read_error)?
+        .map(|b| bincode::deserialize::<Option<LogId>>(&b).map_err(read_error))
+        .transpose()?
+        .flatten();
+    let membership = r
+        .meta_get(p, MEMBERSHIP)
+        .map_err(read_error)?
+        .map(|b| bincode::deserialize::<Membership>(&b).map_err(read_error))
+        .transpose()?
+        .unwrap_or_default();
+    Ok((applied, membership))
+}
+
+/// A frozen layer's keys, offset and membership, in the writer's transaction.
+fn write_layer(
     w: &mut WriteTx<'_>,
     p: u32,
-    req: &WriteRequest,
-) -> Result<Replies, replikv_storage::StorageError> {
-    let mut table = PartitionTable { w, p };
+    layer: &Layer,
+) -> Result<(), replikv_storage::StorageError> {
+    for (k, v) in &layer.keys {
+        match v {
+            Some(v) => w.kv_put(p, k, v)?,
+            None => {
+                w.kv_delete(p, k)?;
+            }
+        }
+    }
+    if let Some(m) = &layer.membership {
+        w.meta_put(
+            p,
+            MEMBERSHIP,
+            &bincode::serialize(m).expect("membership serialises"),
+        )?;
+    }
+    if let Some(last) = layer.applied {
+        let raw = bincode::serialize(&Some(last)).expect("log id serialises");
+        w.meta_put(p, APPLIED, &raw)?;
+    }
+    Ok(())
+}
+
+/// Applies a write request's writes, in order.
+fn apply_request<T: KeyTable>(table: &mut T, req: &WriteRequest) -> Result<Replies, T::Error> {
     let mut replies = Vec::with_capacity(req.ops.len());
     for op in &req.ops {
-        replies.push(apply_op(&mut table, op, req.now_ms)?);
+        replies.push(apply_op(table, op, req.now_ms)?);
     }
     Ok(Replies(replies))
 }
 
-/// Partition `p`'s keys in the writer's transaction.
-struct PartitionTable<'a, 't> {
-    w: &'a mut WriteTx<'t>,
+/// Partition `p`'s keys as an apply sees them: the overlay's active layer takes the writes,
+/// reads fall through the layers to the file.
+struct OverlayTable<'a> {
+    layers: &'a mut Layers,
+    store: &'a Store,
     p: u32,
 }
 
-impl KeyTable for PartitionTable<'_, '_> {
+impl KeyTable for OverlayTable<'_> {
     type Error = replikv_storage::StorageError;
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Self::Error> {
-        self.w.kv_get(self.p, key)
+        match self.layers.lookup(key) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
+            None => self.store.kv_get_latest(self.p, key),
+        }
     }
     fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), Self::Error> {
-        self.w.kv_put(self.p, key, encoded)
+        self.layers.active.set(key, Some(encoded));
+        Ok(())
     }
     fn delete(&mut self, key: &[u8]) -> Result<(), Self::Error> {
-        self.w.kv_delete(self.p, key).map(|_| ())
+        self.layers.active.set(key, None);
+        Ok(())
     }
 }
 
@@ -104,20 +216,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), StorageError> {
-        let r = self.store.read().map_err(read_error)?;
-        let applied = r
-            .meta_get(self.partition, APPLIED)
-            .map_err(read_error)?
-            .map(|b| bincode::deserialize::<Option<LogId>>(&b).map_err(read_error))
-            .transpose()?
-            .flatten();
-        let membership = r
-            .meta_get(self.partition, MEMBERSHIP)
-            .map_err(read_error)?
-            .map(|b| bincode::deserialize::<Membership>(&b).map_err(read_error))
-            .transpose()?
-            .unwrap_or_default();
-        Ok((applied, membership))
+        // The overlay's layers are newer than the file; at start-up they are empty.
+        let (applied, membership) = self.overlay.applied();
+        match (applied, membership) {
+            (Some(a), Some(m)) => Ok((Some(a), m)),
+            (Some(a), None) => Ok((Some(a), self.file_applied()?.1)),
+            (None, _) => self.file_applied(),
+        }
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Replies>, StorageError>
@@ -125,34 +230,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let p = self.partition;
-        self.store
-            .write(false, move |w| {
-                let mut replies = Vec::with_capacity(entries.len());
-                let mut last = None;
-                for entry in &entries {
-                    last = Some(entry.log_id);
-                    let reply = match &entry.payload {
-                        EntryPayload::Blank => Replies::default(),
-                        EntryPayload::Normal(req) => apply_request(w, p, req)?,
-                        EntryPayload::Membership(m) => {
-                            let stored = Membership::new(Some(entry.log_id), m.clone());
-                            let raw = bincode::serialize(&stored).expect("membership serialises");
-                            w.meta_put(p, MEMBERSHIP, &raw)?;
-                            Replies::default()
-                        }
+        self.failed()?;
+        let entries = entries.into_iter();
+        let mut replies = Vec::with_capacity(entries.size_hint().0);
+        let mut full = false;
+        for entry in entries {
+            // One entry at a time under the lock: readers see each entry whole, and wait for
+            // no more than one.
+            let mut layers = self.overlay.write();
+            let reply = match &entry.payload {
+                EntryPayload::Blank => Replies::default(),
+                EntryPayload::Normal(req) => {
+                    let mut table = OverlayTable {
+                        layers: &mut layers,
+                        store: &self.store,
+                        p: self.partition,
                     };
-                    replies.push(reply);
+                    apply_request(&mut table, req).map_err(storage_error)?
                 }
-                if let Some(last) = last {
-                    let raw = bincode::serialize(&Some(last)).expect("log id serialises");
-                    w.meta_put(p, APPLIED, &raw)?;
+                EntryPayload::Membership(m) => {
+                    layers.active.membership = Some(Membership::new(Some(entry.log_id), m.clone()));
+                    Replies::default()
                 }
-                Ok(replies)
-            })
-            .await
-            .map_err(storage_error)
+            };
+            layers.active.applied = Some(entry.log_id);
+            full = Overlay::is_full(&layers, self.limits);
+            drop(layers);
+            replies.push(reply);
+        }
+        if full {
+            self.checkpoint();
+        }
+        Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -170,6 +279,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let raw = snapshot.into_inner();
+        // What was applied before lands first, so that no layer of it outlives the install.
+        self.checkpoint_all().await?;
         // A snapshot that fails its checksum must never be installed. openraft treats this
         // error as fatal for the group, which stops it rather than serve wrong data.
         let file = SnapshotFile::decode(&raw).map_err(|e| {
@@ -221,20 +332,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let p = self.partition;
+        // The snapshot is read from the file, so the file must hold what was applied.
+        self.checkpoint_all().await?;
         let r = self.store.read().map_err(read_error)?;
         // Applied offset, membership and keys come from one read transaction: they agree.
-        let last_log_id = r
-            .meta_get(p, APPLIED)
-            .map_err(read_error)?
-            .map(|b| bincode::deserialize::<Option<LogId>>(&b).map_err(read_error))
-            .transpose()?
-            .flatten();
-        let last_membership = r
-            .meta_get(p, MEMBERSHIP)
-            .map_err(read_error)?
-            .map(|b| bincode::deserialize::<Membership>(&b).map_err(read_error))
-            .transpose()?
-            .unwrap_or_default();
+        let (last_log_id, last_membership) = file_applied(&r, p)?;
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_log_id {
             Some(id) => format!(
@@ -273,23 +375,68 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-/// Read access to one partition's keys, outside the Raft core.
+/// Read access to one partition's keys, outside the Raft core: its overlay over the file.
 #[derive(Clone)]
 pub struct KvView {
     store: Store,
     partition: u32,
+    overlay: Arc<Overlay>,
 }
 
 impl KvView {
     /// The live value of `key` at `now_ms`.
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<StoredValue>, String> {
-        let raw = self
-            .store
-            .kv_get_latest(self.partition, key)
-            .map_err(|e| e.to_string())?;
+        // A key no layer holds was last written by a checkpoint that has landed (a layer
+        // leaves only then), so the file read after this has it.
+        let layered = self
+            .overlay
+            .read()
+            .lookup(key)
+            .map(|v| v.map(<[u8]>::to_vec));
+        let raw = match layered {
+            Some(raw) => raw,
+            None => self
+                .store
+                .kv_get_latest(self.partition, key)
+                .map_err(|e| e.to_string())?,
+        };
         Ok(raw
             .and_then(|r| StoredValue::decode(&r))
             .filter(|v| v.is_live(now_ms)))
+    }
+
+    /// Calls `f` for every key of the partition from `start` in key order, with its raw
+    /// value, until `f` returns false: the overlay merged over one read of the file. Returns
+    /// the last entry applied in the state it read.
+    fn for_each(
+        &self,
+        start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<Option<LogId>, String> {
+        let (changes, layered, read) = self.overlay.changes_from(start, || self.store.read());
+        let r = read.map_err(|e| e.to_string())?;
+        let applied = match layered {
+            Some(a) => Some(a),
+            None => {
+                file_applied(&r, self.partition)
+                    .map_err(|e| e.to_string())?
+                    .0
+            }
+        };
+        merge_for_each(
+            &changes,
+            |each| r.kv_for_each(self.partition, start, each),
+            f,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(applied)
+    }
+
+    /// Calls `f` for every key of the partition in key order, with its raw value (expired
+    /// ones included), and returns the last entry applied in that state: what a checker
+    /// compares between replicas.
+    pub fn contents(&self, f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<Option<LogId>, String> {
+        self.for_each(b"", f)
     }
 
     /// Live keys from `start` in key order, at most `limit`, for which `keep` holds; also
@@ -301,10 +448,9 @@ impl KvView {
         now_ms: u64,
         mut keep: impl FnMut(&[u8]) -> bool,
     ) -> Result<(Vec<Bytes>, Option<Vec<u8>>), String> {
-        let r = self.store.read().map_err(|e| e.to_string())?;
         let mut keys = Vec::new();
         let mut next = None;
-        r.kv_for_each(self.partition, start, |k, v| {
+        self.for_each(start, |k, v| {
             if keys.len() >= limit {
                 next = Some(k.to_vec());
                 return false;
@@ -314,23 +460,20 @@ impl KvView {
                 keys.push(Bytes::copy_from_slice(k));
             }
             true
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         Ok((keys, next))
     }
 
     /// A digest of the partition's contents (keys and raw values), for convergence checks.
     pub fn digest(&self) -> Result<(u64, u32), String> {
-        let r = self.store.read().map_err(|e| e.to_string())?;
         let mut count = 0u64;
         let mut crc = 0u32;
-        r.kv_for_each(self.partition, b"", |k, v| {
+        self.for_each(b"", |k, v| {
             count += 1;
             crc = crc32c::crc32c_append(crc, k);
             crc = crc32c::crc32c_append(crc, v);
             true
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         Ok((count, crc))
     }
 }

@@ -40,7 +40,7 @@ pub enum FsyncPolicy {
     #[default]
     Always,
     /// As `always` for durable writes (the Raft log, votes, snapshots), plus a background
-    /// flush once a second that also makes the other writes (applies) durable.
+    /// flush once a second that also makes the other writes (checkpoints of applies) durable.
     Everysec,
     /// As `always` for durable writes, with a checkpoint every 10 s. Durable writes stay
     /// fsynced: an unsynced Raft log lets a crash of every node lose acknowledged writes and

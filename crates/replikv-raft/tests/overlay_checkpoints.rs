@@ -1,0 +1,213 @@
+//! Applies go into the state machine's in-memory overlay and reach the state file in
+//! checkpoints (`overlay.rs`). These tests apply real entries through openraft's state
+//! machine trait, with checkpoints every few keys, and check what readers, snapshots and a
+//! restart over the same file see.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{CommittedLeaderId, EntryPayload};
+use replikv_raft::{CheckpointLimits, Entry, KvView, LogId, SnapshotFile, StateMachine};
+use replikv_storage::{FsyncPolicy, Store, Stores};
+use replikv_types::{KvOp, SetCond, WriteRequest};
+
+const P: u32 = 3;
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(1, 1), index)
+}
+
+fn entry(index: u64, op: KvOp) -> Entry {
+    Entry {
+        log_id: log_id(index),
+        payload: EntryPayload::Normal(WriteRequest {
+            req_id: index,
+            now_ms: 1_000,
+            ops: vec![op],
+        }),
+    }
+}
+
+fn set(key: &str, value: &str) -> KvOp {
+    KvOp::Set {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::copy_from_slice(value.as_bytes()),
+        expire_at_ms: None,
+        keep_ttl: false,
+        cond: SetCond::Always,
+        get: false,
+    }
+}
+
+fn del(key: &str) -> KvOp {
+    KvOp::Del {
+        keys: vec![Bytes::copy_from_slice(key.as_bytes())],
+    }
+}
+
+/// The ops of entries 1..=n: sets of 12 keys, overwrites and deletes, so that checkpoints
+/// (every 4 keys) cut through runs of changes to the same keys.
+fn ops(n: u64) -> Vec<KvOp> {
+    (1..=n)
+        .map(|i| match i % 5 {
+            0 => del(&format!("k{:02}", (i * 7) % 12)),
+            _ => set(&format!("k{:02}", (i * 5) % 12), &format!("v{i}")),
+        })
+        .collect()
+}
+
+/// What applying `ops` in order leaves: key → value.
+fn model(ops: &[KvOp]) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for op in ops {
+        match op {
+            KvOp::Set { key, value, .. } => {
+                m.insert(
+                    String::from_utf8(key.to_vec()).unwrap(),
+                    String::from_utf8(value.to_vec()).unwrap(),
+                );
+            }
+            KvOp::Del { keys } => {
+                m.remove(std::str::from_utf8(&keys[0]).unwrap());
+            }
+            _ => unreachable!(),
+        }
+    }
+    m
+}
+
+fn contents(view: &KvView) -> BTreeMap<String, String> {
+    let (keys, next) = view.scan(b"", usize::MAX, 1_000, |_| true).unwrap();
+    assert_eq!(next, None);
+    keys.iter()
+        .map(|k| {
+            let v = view
+                .get(k, 1_000)
+                .unwrap()
+                .expect("a scanned key has a value");
+            (
+                String::from_utf8(k.to_vec()).unwrap(),
+                String::from_utf8(v.data.to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn small(store: &Store) -> StateMachine {
+    StateMachine::open(store.clone(), P)
+        .unwrap()
+        .with_checkpoint_limits(CheckpointLimits {
+            keys: 4,
+            bytes: usize::MAX,
+        })
+}
+
+async fn wait_until_quiet(store: &Store) {
+    // An empty job is answered after every job queued before it (the writer is in order).
+    store.write(false, |_| Ok(())).await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_scans_snapshots_and_restarts_see_what_was_applied_around_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(dir.path(), FsyncPolicy::Never).unwrap();
+    let mut sm = small(&stores.state);
+    let view = sm.view();
+    let all = ops(40);
+    for (i, op) in all.iter().enumerate() {
+        let index = i as u64 + 1;
+        sm.apply([entry(index, op.clone())]).await.unwrap();
+        // Every apply is visible at once, through every layer and the file.
+        assert_eq!(contents(&view), model(&all[..=i]), "after entry {index}");
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(index)));
+    }
+    // A scan from the middle, a page at a time, gives the same keys in order.
+    let (first, next) = view.scan(b"k03", 2, 1_000, |_| true).unwrap();
+    let (rest, _) = view
+        .scan(&next.clone().unwrap(), usize::MAX, 1_000, |_| true)
+        .unwrap();
+    let paged: Vec<_> = first.iter().chain(&rest).cloned().collect();
+    let expected: Vec<_> = model(&all)
+        .into_keys()
+        .filter(|k| k.as_str() >= "k03")
+        .map(Bytes::from)
+        .collect();
+    assert_eq!(paged, expected);
+
+    // A restart over the file: it holds a checkpoint (every 4 keys), whose offset agrees
+    // with its keys, and the rest is re-applied from there.
+    wait_until_quiet(&stores.state).await;
+    let mut restarted = small(&stores.state);
+    let (at, _) = restarted.applied_state().await.unwrap();
+    let at = at.expect("at least one checkpoint landed").index;
+    let reread = restarted.view();
+    assert_eq!(contents(&reread), model(&all[..at as usize]));
+    for (i, op) in all.iter().enumerate().skip(at as usize) {
+        restarted
+            .apply([entry(i as u64 + 1, op.clone())])
+            .await
+            .unwrap();
+    }
+    assert_eq!(contents(&reread), model(&all));
+    assert_eq!(reread.digest().unwrap(), view.digest().unwrap());
+
+    // A snapshot holds everything applied, though the limits were not reached.
+    let snapshot = sm.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(40)));
+    let file = SnapshotFile::decode(snapshot.snapshot.get_ref()).unwrap();
+    assert_eq!(file.pairs.len(), model(&all).len());
+    assert_eq!(
+        small(&stores.state).applied_state().await.unwrap().0,
+        Some(log_id(40))
+    );
+}
+
+#[tokio::test]
+async fn a_snapshot_install_replaces_every_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(dir.path(), FsyncPolicy::Never).unwrap();
+    // The snapshot: 10 entries applied elsewhere.
+    let source_dir = tempfile::tempdir().unwrap();
+    let source = Stores::open(source_dir.path(), FsyncPolicy::Never).unwrap();
+    let mut leader = small(&source.state);
+    let theirs: Vec<KvOp> = (1..=10).map(|i| set(&format!("s{i}"), "x")).collect();
+    for (i, op) in theirs.iter().enumerate() {
+        leader
+            .apply([entry(i as u64 + 1, op.clone())])
+            .await
+            .unwrap();
+    }
+    let snapshot = leader.build_snapshot().await.unwrap();
+
+    // This replica applied other entries (some checkpointed, some not) before it.
+    let mut sm = small(&stores.state);
+    let view = sm.view();
+    for (i, op) in ops(6).into_iter().enumerate() {
+        sm.apply([entry(i as u64 + 1, op)]).await.unwrap();
+    }
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(contents(&view), model(&theirs));
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(10)));
+}
+
+/// Checkpoints leave the overlay once they land, so a key's value is the file's again.
+#[tokio::test]
+async fn layers_leave_once_their_checkpoint_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(dir.path(), FsyncPolicy::Never).unwrap();
+    let mut sm = small(&stores.state);
+    for i in 1..=8u64 {
+        sm.apply([entry(i, set(&format!("k{i}"), "v"))])
+            .await
+            .unwrap();
+    }
+    // Eight keys at four per checkpoint: two checkpoints, and an empty active layer.
+    wait_until_quiet(&stores.state).await;
+    let r = stores.state.read().unwrap();
+    for i in 1..=8u64 {
+        assert!(r.kv_get(P, format!("k{i}").as_bytes()).unwrap().is_some());
+    }
+}
