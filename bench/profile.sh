@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LEVEL=${1:?LEVEL}; TEST=${2:?TEST}; P=${3:-1}; SECS=${4:-8}
 CLUSTER=${CLUSTER:-0}
-OUT=target/profile; NAME="${LEVEL//:/-}-$TEST-P$P$([ "$CLUSTER" = 1 ] && echo -cluster)"; DIR=$(mktemp -d)
+OUT=target/profile; NAME="${LEVEL//:/-}-$TEST-P$P$([ "$CLUSTER" = 1 ] && echo -cluster || true)"; DIR=$(mktemp -d)
 for tool in perf:linux-perf redis-benchmark:redis-tools taskset:util-linux; do
   command -v "${tool%%:*}" >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}" >/dev/null
@@ -68,8 +68,9 @@ rules = [
     ("state: durable commit (redb; snapshots)", lambda s: storage(s) and has(s, "durable_commit") and not has(s, "non_durable_commit")),
     ("state: commit without fsync (redb)", lambda s: storage(s) and has(s, "non_durable_commit")),
     ("state: commit bookkeeping (redb)", lambda s: storage(s) and has(s, "commit_with")),
-    ("state: applying writes (redb inserts)", lambda s: storage(s) and has(s, "state_machine")),
+    ("state: checkpoints of applied writes (redb inserts)", lambda s: storage(s) and has(s, "state_machine")),
     ("state: other", storage),
+    ("state: applying writes (into the overlay)", lambda s: has(s, "replikv_raft::state_machine") or has(s, "replikv_raft::overlay")),
     ("read index (openraft ensure_linearizable)", lambda s: has(s, "ensure_linearizable") or has(s, "read_rounds")),
     ("peer transport (frames, sockets)", lambda s: has(s, "replikv_cluster::transport") or has(s, "replikv_cluster::frame")),
     ("RESP connections and commands", lambda s: has(s, "replikv_resp")),
