@@ -122,6 +122,11 @@ impl Overlay {
         self.read().applied()
     }
 
+    /// How many frozen layers wait for their checkpoint to land.
+    pub fn frozen(&self) -> usize {
+        self.read().frozen.len()
+    }
+
     /// Whether the active layer has reached `limits`.
     pub fn is_full(layers: &Layers, limits: CheckpointLimits) -> bool {
         layers.active.keys.len() >= limits.keys || layers.active.bytes >= limits.bytes
@@ -149,23 +154,39 @@ impl Overlay {
         }
     }
 
-    /// Every change from `start` on (newest value per key), the newest applied offset in the
+    /// The changes from `start` on (newest value per key), the newest applied offset in the
     /// layers, and `open()`'s result, taken while no layer can leave the overlay: together
-    /// they are one consistent state.
+    /// they are one consistent state. At most `max` keys are taken from each layer, so a
+    /// page of a scan costs what the page needs, not the whole overlay: when a layer has
+    /// more, the changes stop short of the first key not taken (returned as the bound), and
+    /// a reader must stop there too.
     pub fn changes_from<R>(
         &self,
         start: &[u8],
+        max: usize,
         open: impl FnOnce() -> R,
-    ) -> (Changes, Option<LogId>, R) {
+    ) -> (Changes, Option<Vec<u8>>, Option<LogId>, R) {
         let layers = self.read();
         let mut changes = Changes::new();
+        let mut bound: Option<Vec<u8>> = None;
+        // Oldest first: a newer layer's value replaces an older one's.
         for layer in layers.frozen.iter().map(|l| &**l).chain([&layers.active]) {
-            for (k, v) in layer.keys.range(start.to_vec()..) {
+            let mut range = layer.keys.range(start.to_vec()..);
+            for (k, v) in range.by_ref().take(max) {
                 changes.insert(k.clone(), v.clone());
             }
+            if let Some((next, _)) = range.next() {
+                if bound.as_ref().is_none_or(|b| next < b) {
+                    bound = Some(next.clone());
+                }
+            }
+        }
+        // Below the bound every layer's keys were all taken; at and above it, not.
+        if let Some(b) = &bound {
+            changes.split_off(b);
         }
         let opened = open();
-        (changes, layers.applied().0, opened)
+        (changes, bound, layers.applied().0, opened)
     }
 }
 
@@ -288,6 +309,41 @@ mod tests {
         overlay.landed(&second, Ok(()));
         assert_eq!(overlay.read().lookup(b"k"), None);
         assert_eq!(overlay.read().lookup(b"other"), Some(Some(&b"o"[..])));
+    }
+
+    #[test]
+    fn a_bounded_read_of_the_changes_stops_where_a_layer_was_cut() {
+        let overlay = Overlay::default();
+        for k in ["a", "c", "e", "g"] {
+            overlay.write().active.set(k.as_bytes(), Some(b"old"));
+        }
+        overlay.freeze().unwrap();
+        for k in ["b", "c", "d"] {
+            overlay.write().active.set(k.as_bytes(), None);
+        }
+        let keys = |c: &Changes| -> Vec<String> {
+            c.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(k),
+                        if v.is_some() { "" } else { "-" }
+                    )
+                })
+                .collect()
+        };
+        // Two keys per layer: the frozen one stops before e, the active one before d.
+        let (changes, bound, _, ()) = overlay.changes_from(b"", 2, || ());
+        assert_eq!(keys(&changes), ["a", "b-", "c-"]);
+        assert_eq!(bound.as_deref(), Some(&b"d"[..]));
+        // From c: the frozen layer gives c, e (stops before g); the active one c, d (all).
+        let (changes, bound, _, ()) = overlay.changes_from(b"c", 2, || ());
+        assert_eq!(keys(&changes), ["c-", "d-", "e"]);
+        assert_eq!(bound.as_deref(), Some(&b"g"[..]));
+        // Unbounded: everything, newest first.
+        let (changes, bound, _, ()) = overlay.changes_from(b"", usize::MAX, || ());
+        assert_eq!(keys(&changes), ["a", "b-", "c-", "d-", "e", "g"]);
+        assert_eq!(bound, None);
     }
 
     #[test]

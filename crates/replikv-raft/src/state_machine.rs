@@ -104,6 +104,11 @@ impl StateMachine {
     /// Checkpoints everything applied so far and waits until the file holds it.
     async fn checkpoint_all(&self) -> Result<(), StorageError> {
         self.checkpoint();
+        self.frozen_landed().await
+    }
+
+    /// Waits until every layer frozen so far has landed.
+    async fn frozen_landed(&self) -> Result<(), StorageError> {
         // The writer commits jobs in order and answers a batch's jobs in order: once this
         // empty job is answered, every layer frozen before it has landed.
         self.store
@@ -259,6 +264,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             replies.push(reply);
         }
         if full {
+            // One layer at a time waits for the writer: when applies outrun checkpoints
+            // (a replica catching up), they wait here, so the overlay holds at most two
+            // layers, as before the overlay they waited for every commit.
+            if self.overlay.frozen() > 0 {
+                self.frozen_landed().await?;
+            }
             self.checkpoint();
         }
         Ok(replies)
@@ -406,14 +417,18 @@ impl KvView {
     }
 
     /// Calls `f` for every key of the partition from `start` in key order, with its raw
-    /// value, until `f` returns false: the overlay merged over one read of the file. Returns
-    /// the last entry applied in the state it read.
+    /// value, until `f` returns false: the overlay merged over one read of the file, taking
+    /// at most `max` keys from each overlay layer. Returns the last entry applied in the
+    /// state it read, and the key to resume from when it stopped at that cut before `f`
+    /// asked to stop.
     fn for_each(
         &self,
         start: &[u8],
-        f: impl FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<Option<LogId>, String> {
-        let (changes, layered, read) = self.overlay.changes_from(start, || self.store.read());
+        max: usize,
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(Option<LogId>, Option<Vec<u8>>), String> {
+        let (changes, bound, layered, read) =
+            self.overlay.changes_from(start, max, || self.store.read());
         let r = read.map_err(|e| e.to_string())?;
         let applied = match layered {
             Some(a) => Some(a),
@@ -423,20 +438,30 @@ impl KvView {
                     .0
             }
         };
+        // Whether `f` asked to stop; if it did not, a cut in the overlay is where to resume
+        // (whether the file reached it or ended before it).
+        let mut stopped = false;
         merge_for_each(
             &changes,
             |each| r.kv_for_each(self.partition, start, each),
-            f,
+            |k, v| {
+                if bound.as_ref().is_some_and(|b| k >= b.as_slice()) {
+                    return false;
+                }
+                stopped = !f(k, v);
+                !stopped
+            },
         )
         .map_err(|e| e.to_string())?;
-        Ok(applied)
+        let resume = if stopped { None } else { bound };
+        Ok((applied, resume))
     }
 
     /// Calls `f` for every key of the partition in key order, with its raw value (expired
     /// ones included), and returns the last entry applied in that state: what a checker
     /// compares between replicas.
     pub fn contents(&self, f: impl FnMut(&[u8], &[u8]) -> bool) -> Result<Option<LogId>, String> {
-        self.for_each(b"", f)
+        Ok(self.for_each(b"", usize::MAX, f)?.0)
     }
 
     /// Live keys from `start` in key order, at most `limit`, for which `keep` holds; also
@@ -450,7 +475,9 @@ impl KvView {
     ) -> Result<(Vec<Bytes>, Option<Vec<u8>>), String> {
         let mut keys = Vec::new();
         let mut next = None;
-        self.for_each(start, |k, v| {
+        // The page visits at most about `limit` overlay keys per layer (plus one to see
+        // the key after the page), as it visits at most about `limit` of the file's.
+        let (_, resume) = self.for_each(start, limit.saturating_add(1), |k, v| {
             if keys.len() >= limit {
                 next = Some(k.to_vec());
                 return false;
@@ -461,14 +488,14 @@ impl KvView {
             }
             true
         })?;
-        Ok((keys, next))
+        Ok((keys, next.or(resume)))
     }
 
     /// A digest of the partition's contents (keys and raw values), for convergence checks.
     pub fn digest(&self) -> Result<(u64, u32), String> {
         let mut count = 0u64;
         let mut crc = 0u32;
-        self.for_each(b"", |k, v| {
+        self.contents(|k, v| {
             count += 1;
             crc = crc32c::crc32c_append(crc, k);
             crc = crc32c::crc32c_append(crc, v);
