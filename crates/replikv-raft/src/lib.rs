@@ -5,7 +5,8 @@
 //! ```text
 //!  Raft core ──append(entries)──► LogStore ──job──► Store writer (group commit, fsync)
 //!      │                             └─ on flush: AppendWaiters (req_id → offset)
-//!      └──apply(entries)──► StateMachine ──job──► Store writer (no fsync: the log is durable)
+//!      └──apply(entries)──► StateMachine ──► Overlay (memory) ──checkpoint job──► Store writer
+//!                                                       (thousands of keys at a time, no fsync: the log is durable)
 //! ```
 //! Every log record and snapshot carries a CRC32C; a record that fails it is cut from the
 //! tail when the log store opens, and a snapshot that fails it is refused.

@@ -399,21 +399,21 @@ impl KvView {
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<StoredValue>, String> {
         // A key no layer holds was last written by a checkpoint that has landed (a layer
         // leaves only then), so the file read after this has it.
+        // Decoded under the lock: one copy of a value the overlay holds, not two.
         let layered = self
             .overlay
             .read()
             .lookup(key)
-            .map(|v| v.map(<[u8]>::to_vec));
-        let raw = match layered {
-            Some(raw) => raw,
+            .map(|v| v.and_then(StoredValue::decode));
+        let value = match layered {
+            Some(value) => value,
             None => self
                 .store
                 .kv_get_latest(self.partition, key)
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| e.to_string())?
+                .and_then(|r| StoredValue::decode(&r)),
         };
-        Ok(raw
-            .and_then(|r| StoredValue::decode(&r))
-            .filter(|v| v.is_live(now_ms)))
+        Ok(value.filter(|v| v.is_live(now_ms)))
     }
 
     /// Calls `f` for every key of the partition from `start` in key order, with its raw
