@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use replikv_raft::{LogId, LogStore, Raft, StateMachine};
 use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
-use replikv_types::{KvOp, SetCond, StoredValue, WriteRequest};
+use replikv_types::{KvOp, Ops, SetCond, StoredValue, WriteRequest};
 
 use disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
 use net::{NetState, SimNetwork};
@@ -731,14 +731,14 @@ impl Sim {
         let req = WriteRequest {
             req_id,
             now_ms: EPOCH_MS + step,
-            ops: vec![KvOp::Set {
+            ops: Ops::encode(&[KvOp::Set {
                 key: Bytes::from(key.clone()),
                 value: Bytes::from(value.clone()),
                 expire_at_ms: None,
                 keep_ttl: false,
                 cond: SetCond::Always,
                 get: false,
-            }],
+            }]),
         };
         self.stats.writes += 1;
         let acks = self.acks.clone();
@@ -885,8 +885,8 @@ impl Sim {
                         let set = match &e.payload {
                             openraft::EntryPayload::Normal(WriteRequest {
                                 req_id, ops, ..
-                            }) => match ops.as_slice() {
-                                [KvOp::Set { key, value, .. }] => {
+                            }) => match ops.decode().as_deref() {
+                                Ok([KvOp::Set { key, value, .. }]) => {
                                     Some((*req_id, key.to_vec(), value.to_vec()))
                                 }
                                 _ => None,

@@ -1,4 +1,4 @@
-//! Peer frames, version 1. Every message between nodes travels as
+//! Peer frames, version 2. Every message between nodes travels as
 //!
 //! ```text
 //! u32 LE len | u32 LE crc32c(rest) | rest = u8 version | u8 kind | u64 LE id | payload
@@ -6,10 +6,16 @@
 //! where `len` counts `crc32c` and `rest`. A frame that fails its checksum, names an unknown
 //! version or kind, or is longer than [`MAX_FRAME_BYTES`] closes the connection: the peer
 //! reconnects and openraft resends what was lost.
+//!
+//! Version 2 changed how a log entry's writes are encoded (one byte string, `Ops`). Nodes of
+//! versions 1 and 2 do not talk: each closes the other's connections with
+//! "unknown peer frame version". Upgraded one node at a time, a 3-node cluster keeps two
+//! nodes of one version together at every step; each restarted node catches up once a
+//! second one runs the new version.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 /// Large enough for a snapshot chunk plus headers; small enough to bound a bad header.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const HEADER: usize = 4 + 4 + 1 + 1 + 8;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use replikv_raft::{AppendWaiters, Raft, TypeConfig};
-use replikv_types::{Commit, Error, KvOp, PartitionId, Reply, WriteRequest};
+use replikv_types::{Commit, Error, KvOp, Ops, PartitionId, Reply, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::node::WallClock;
@@ -149,7 +149,7 @@ async fn run(
         let req = WriteRequest {
             req_id: id,
             now_ms: clock.now_ms(),
-            ops,
+            ops: Ops::encode(&ops),
         };
         let applied = match raft.client_write_ff(req).await {
             Ok(rx) => rx,

@@ -1,9 +1,18 @@
 //! The on-disk form of one log record: `[version u8][crc32c u32 LE of body][body]`, where the
-//! body is the bincode of an openraft entry. Version 1 is the only format so far.
+//! body is the bincode of an openraft entry.
+//!
+//! - Version 2 (written now): a normal entry's writes are one byte string ([`Ops`]).
+//! - Version 1 (still read, so a log written before stays readable): the writes were a
+//!   sequence of `KvOp`s. Decoding it re-encodes them as [`Ops`].
+
+use openraft::{EntryPayload, LogId, Membership};
+use replikv_types::{KvOp, Ops, WriteRequest};
+use serde::Deserialize;
 
 use crate::Entry;
 
 const RECORD_V1: u8 = 1;
+const RECORD_V2: u8 = 2;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum RecordError {
@@ -32,7 +41,7 @@ impl std::fmt::Display for RecordError {
 pub fn encode_record(entry: &Entry) -> Vec<u8> {
     let body = bincode::serialize(entry).expect("entries always serialise");
     let mut out = Vec::with_capacity(5 + body.len());
-    out.push(RECORD_V1);
+    out.push(RECORD_V2);
     out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     out.extend_from_slice(&body);
     out
@@ -42,8 +51,9 @@ pub fn decode_record(raw: &[u8]) -> Result<Entry, RecordError> {
     if raw.len() < 5 {
         return Err(RecordError::Truncated);
     }
-    if raw[0] != RECORD_V1 {
-        return Err(RecordError::UnknownVersion(raw[0]));
+    let version = raw[0];
+    if version != RECORD_V1 && version != RECORD_V2 {
+        return Err(RecordError::UnknownVersion(version));
     }
     let stored = u32::from_le_bytes(raw[1..5].try_into().expect("4 bytes"));
     let body = &raw[5..];
@@ -51,7 +61,48 @@ pub fn decode_record(raw: &[u8]) -> Result<Entry, RecordError> {
     if stored != computed {
         return Err(RecordError::Checksum { stored, computed });
     }
-    bincode::deserialize(body).map_err(|e| RecordError::Decode(e.to_string()))
+    let decode_error = |e: bincode::Error| RecordError::Decode(e.to_string());
+    if version == RECORD_V2 {
+        return bincode::deserialize(body).map_err(decode_error);
+    }
+    let v1: EntryV1 = bincode::deserialize(body).map_err(decode_error)?;
+    Ok(Entry {
+        log_id: v1.log_id,
+        payload: match v1.payload {
+            PayloadV1::Blank => EntryPayload::Blank,
+            PayloadV1::Normal(r) => EntryPayload::Normal(WriteRequest {
+                req_id: r.req_id,
+                now_ms: r.now_ms,
+                ops: Ops::encode(&r.ops),
+            }),
+            PayloadV1::Membership(m) => EntryPayload::Membership(m),
+        },
+    })
+}
+
+/// A version 1 entry: openraft's `Entry` and `EntryPayload`, field for field and variant for
+/// variant, with the writes as a sequence.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct EntryV1 {
+    log_id: LogId<u64>,
+    payload: PayloadV1,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+enum PayloadV1 {
+    Blank,
+    Normal(WriteRequestV1),
+    Membership(Membership<u64, openraft::BasicNode>),
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct WriteRequestV1 {
+    req_id: u64,
+    now_ms: u64,
+    ops: Vec<KvOp>,
 }
 
 #[cfg(test)]
@@ -74,5 +125,76 @@ mod tests {
             Err(RecordError::Checksum { .. })
         ));
         assert_eq!(decode_record(&raw[..3]), Err(RecordError::Truncated));
+        raw[0] = 9;
+        assert_eq!(decode_record(&raw), Err(RecordError::UnknownVersion(9)));
+    }
+
+    fn ops() -> Vec<KvOp> {
+        vec![
+            KvOp::Set {
+                key: "a".into(),
+                value: "1".into(),
+                expire_at_ms: Some(7),
+                keep_ttl: false,
+                cond: replikv_types::SetCond::Always,
+                get: true,
+            },
+            KvOp::Del {
+                keys: vec!["b".into(), "c".into()],
+            },
+        ]
+    }
+
+    #[test]
+    fn normal_entries_round_trip_with_their_writes() {
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 3), 9),
+            payload: EntryPayload::Normal(WriteRequest {
+                req_id: 5,
+                now_ms: 1_000,
+                ops: Ops::encode(&ops()),
+            }),
+        };
+        let raw = encode_record(&entry);
+        assert_eq!(raw[0], RECORD_V2);
+        let back = decode_record(&raw).unwrap();
+        assert_eq!(back, entry);
+        let EntryPayload::Normal(req) = back.payload else {
+            panic!("not a normal entry")
+        };
+        assert_eq!(req.ops.decode().unwrap(), ops());
+    }
+
+    /// A log written before the writes were one byte string still opens: its version 1
+    /// records decode to the same entries.
+    #[test]
+    fn version_1_records_still_decode() {
+        let log_id = LogId::new(CommittedLeaderId::new(4, 1), 12);
+        let v1_record = |payload: PayloadV1| {
+            let body = bincode::serialize(&EntryV1 { log_id, payload }).unwrap();
+            let mut raw = vec![RECORD_V1];
+            raw.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            raw.extend_from_slice(&body);
+            raw
+        };
+        let normal = decode_record(&v1_record(PayloadV1::Normal(WriteRequestV1 {
+            req_id: 77,
+            now_ms: 5,
+            ops: ops(),
+        })))
+        .unwrap();
+        assert_eq!(normal.log_id, log_id);
+        let EntryPayload::Normal(req) = normal.payload else {
+            panic!("not a normal entry")
+        };
+        assert_eq!((req.req_id, req.now_ms), (77, 5));
+        assert_eq!(req.ops.decode().unwrap(), ops());
+
+        let blank = decode_record(&v1_record(PayloadV1::Blank)).unwrap();
+        assert!(matches!(blank.payload, EntryPayload::Blank));
+
+        let members = Membership::new(vec![[1, 2, 3].into()], None);
+        let change = decode_record(&v1_record(PayloadV1::Membership(members.clone()))).unwrap();
+        assert_eq!(change.payload, EntryPayload::Membership(members));
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use replikv_storage::{Store, WriteTx};
-use replikv_types::{apply_op, KeyTable, Replies, StoredValue, WriteRequest};
+use replikv_types::{apply_op, KeyTable, KvOp, Replies, StoredValue};
 
 use crate::overlay::{merge_for_each, CheckpointLimits, Layer, Layers, Overlay};
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
@@ -183,10 +183,14 @@ fn write_layer(
 }
 
 /// Applies a write request's writes, in order.
-fn apply_request<T: KeyTable>(table: &mut T, req: &WriteRequest) -> Result<Replies, T::Error> {
-    let mut replies = Vec::with_capacity(req.ops.len());
-    for op in &req.ops {
-        replies.push(apply_op(table, op, req.now_ms)?);
+fn apply_request<T: KeyTable>(
+    table: &mut T,
+    ops: &[KvOp],
+    now_ms: u64,
+) -> Result<Replies, T::Error> {
+    let mut replies = Vec::with_capacity(ops.len());
+    for op in ops {
+        replies.push(apply_op(table, op, now_ms)?);
     }
     Ok(Replies(replies))
 }
@@ -240,6 +244,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut replies = Vec::with_capacity(entries.size_hint().0);
         let mut full = false;
         for entry in entries {
+            // Decoded before the lock is taken: readers wait only for the evaluation.
+            let ops = match &entry.payload {
+                EntryPayload::Normal(req) => req
+                    .ops
+                    .decode()
+                    .map_err(|e| storage_error(format!("log entry {}: {e}", entry.log_id)))?,
+                _ => Vec::new(),
+            };
             // One entry at a time under the lock: readers see each entry whole, and wait for
             // no more than one.
             let mut layers = self.overlay.write();
@@ -251,7 +263,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         store: &self.store,
                         p: self.partition,
                     };
-                    apply_request(&mut table, req).map_err(storage_error)?
+                    apply_request(&mut table, &ops, req.now_ms).map_err(storage_error)?
                 }
                 EntryPayload::Membership(m) => {
                     layers.active.membership = Some(Membership::new(Some(entry.log_id), m.clone()));

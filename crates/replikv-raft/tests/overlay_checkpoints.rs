@@ -10,7 +10,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload};
 use replikv_raft::{CheckpointLimits, Entry, KvView, LogId, SnapshotFile, StateMachine};
 use replikv_storage::{FsyncPolicy, Store, Stores};
-use replikv_types::{KvOp, SetCond, WriteRequest};
+use replikv_types::{KvOp, Ops, SetCond, WriteRequest};
 
 const P: u32 = 3;
 
@@ -24,7 +24,7 @@ fn entry(index: u64, op: KvOp) -> Entry {
         payload: EntryPayload::Normal(WriteRequest {
             req_id: index,
             now_ms: 1_000,
-            ops: vec![op],
+            ops: Ops::encode(&[op]),
         }),
     }
 }
