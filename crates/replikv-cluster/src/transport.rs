@@ -639,6 +639,16 @@ async fn read_requests(
             let f = match frame::decode(&mut buf) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
+                Err(e @ frame::FrameError::Version(_)) => {
+                    // Not a passing fault: it repeats on every reconnect until both nodes
+                    // run one version, so the operator must see it.
+                    tracing::warn!(
+                        peer = ?from,
+                        error = %e,
+                        "a peer speaks another frame version: every node needs the same replikv"
+                    );
+                    return e.to_string();
+                }
                 Err(e) => return e.to_string(),
             };
             match (f.kind, from) {
@@ -717,6 +727,75 @@ mod tests {
         });
         let peer = transport.add_peer(2, addr);
         (transport, peer)
+    }
+
+    /// Answers pings; counts the hellos it was given.
+    struct PingHandler(AtomicUsize);
+
+    impl Handler for PingHandler {
+        fn accept(
+            self: Arc<Self>,
+            _from: NodeId,
+            _req: PeerRequest,
+        ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
+            let pong: BoxFuture<'static, PeerResponse> =
+                Box::pin(futures::future::ready(PeerResponse::Pong(Vec::new())));
+            Box::pin(futures::future::ready(pong))
+        }
+        fn hello(&self, _hello: &Hello) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A node of an older frame version (before the writes of an entry were one byte string)
+    /// is refused at its first frame: the connection closes and nothing it sent is taken.
+    /// A hello of this version on the same listener is taken.
+    #[tokio::test]
+    async fn a_peer_of_another_frame_version_is_refused() {
+        let transport = Transport::new(Hello {
+            node_id: 2,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(PingHandler(AtomicUsize::new(0)));
+        let (_stop, stop_rx) = watch::channel(false);
+        tokio::spawn(transport.serve(listener, handler.clone(), stop_rx));
+        let hello = bincode::serialize(&Hello {
+            node_id: 1,
+            resp_addr: String::new(),
+            http_addr: String::new(),
+        })
+        .unwrap();
+        let mut frame = BytesMut::new();
+        frame::encode(Kind::Hello, 0, &hello, &mut frame);
+
+        // The same hello, stamped with version 1 (the checksum covers the version byte).
+        let mut old = frame.to_vec();
+        old[8] = 1;
+        let crc = crc32c::crc32c(&old[8..]);
+        old[4..8].copy_from_slice(&crc.to_le_bytes());
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&old).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a version-1 peer's connection stayed open: {read:?}"
+        );
+        assert_eq!(handler.0.load(Ordering::SeqCst), 0, "its hello was taken");
+
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&frame).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while handler.0.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "this version's hello was not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// A peer whose connections are accepted and read but never answered (a process that
