@@ -49,12 +49,6 @@ impl Ops {
     }
 }
 
-impl From<Vec<KvOp>> for Ops {
-    fn from(ops: Vec<KvOp>) -> Ops {
-        Ops::encode(&ops)
-    }
-}
-
 impl std::fmt::Debug for Ops {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.decode() {
