@@ -9,9 +9,10 @@
 //!
 //! Version 2 changed how a log entry's writes are encoded (one byte string, `Ops`). Nodes of
 //! versions 1 and 2 do not talk: each closes the other's connections with
-//! "unknown peer frame version". Upgraded one node at a time, a 3-node cluster keeps two
-//! nodes of one version together at every step; each restarted node catches up once a
-//! second one runs the new version.
+//! "unknown peer frame version" (reported at warn). Upgraded one node at a time, a 3-node
+//! cluster has no majority of one version while the second node restarts: the two running
+//! nodes differ, so writes pause until it is back. Going back to version 1 is not
+//! supported: those builds take log records of version 2 for a damaged tail and cut them.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 

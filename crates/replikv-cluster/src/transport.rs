@@ -489,7 +489,20 @@ pub struct Transport {
     dialer: Arc<dyn Dialer>,
     peers: RwLock<BTreeMap<NodeId, Arc<PeerClient>>>,
     pub faults: Arc<Faults>,
+    /// When a peer of another frame version was last reported at warn level.
+    version_warned: Arc<Mutex<Option<Instant>>>,
 }
+
+/// Where a served connection comes from, for what is logged about it.
+#[derive(Clone)]
+struct Origin {
+    remote: Option<std::net::SocketAddr>,
+    version_warned: Arc<Mutex<Option<Instant>>>,
+}
+
+/// A peer of another frame version is reported at warn at most this often: an old node
+/// dials again for every request it sends.
+const VERSION_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl Transport {
     /// A transport that dials peers over TCP.
@@ -503,6 +516,7 @@ impl Transport {
             dialer,
             peers: RwLock::default(),
             faults: Arc::default(),
+            version_warned: Arc::default(),
         })
     }
 
@@ -567,7 +581,21 @@ impl Transport {
     /// Serves one accepted peer connection (what [`Transport::serve`] does for each TCP
     /// connection; the simulation calls it for its own streams).
     pub fn serve_stream(&self, rd: ReadHalf, wr: WriteHalf, handler: Arc<dyn Handler>) {
-        tokio::spawn(serve_conn(rd, wr, handler, self.faults.clone()));
+        self.serve_from(rd, wr, handler, None);
+    }
+
+    fn serve_from(
+        &self,
+        rd: ReadHalf,
+        wr: WriteHalf,
+        handler: Arc<dyn Handler>,
+        remote: Option<std::net::SocketAddr>,
+    ) {
+        let origin = Origin {
+            remote,
+            version_warned: self.version_warned.clone(),
+        };
+        tokio::spawn(serve_conn(rd, wr, handler, self.faults.clone(), origin));
     }
 
     pub fn link_stats(&self, peer: NodeId) -> Option<LinkStats> {
@@ -584,10 +612,10 @@ impl Transport {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                    Ok((stream, remote)) => {
                         let _ = stream.set_nodelay(true);
                         let (rd, wr) = stream.into_split();
-                        self.serve_stream(Box::new(rd), Box::new(wr), handler.clone());
+                        self.serve_from(Box::new(rd), Box::new(wr), handler.clone(), Some(remote));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "peer accept failed");
@@ -605,6 +633,7 @@ async fn serve_conn(
     mut wr: WriteHalf,
     handler: Arc<dyn Handler>,
     faults: Arc<Faults>,
+    origin: Origin,
 ) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
     let writer = tokio::spawn(async move {
@@ -620,7 +649,7 @@ async fn serve_conn(
             out.clear();
         }
     });
-    let why = read_requests(&mut rd, &handler, &faults, &tx).await;
+    let why = read_requests(&mut rd, &handler, &faults, &tx, &origin).await;
     tracing::debug!(reason = %why, "peer connection ended");
     drop(tx);
     let _ = writer.await;
@@ -631,6 +660,7 @@ async fn read_requests(
     handler: &Arc<dyn Handler>,
     faults: &Arc<Faults>,
     tx: &mpsc::UnboundedSender<Bytes>,
+    origin: &Origin,
 ) -> String {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut from: Option<NodeId> = None;
@@ -641,12 +671,17 @@ async fn read_requests(
                 Ok(None) => break,
                 Err(e @ frame::FrameError::Version(_)) => {
                     // Not a passing fault: it repeats on every reconnect until both nodes
-                    // run one version, so the operator must see it.
-                    tracing::warn!(
-                        peer = ?from,
-                        error = %e,
-                        "a peer speaks another frame version: every node needs the same replikv"
-                    );
+                    // run one version, so the operator must see it (the hello, which
+                    // would name the node, is the frame that failed).
+                    let mut last = origin.version_warned.lock().expect("version_warned");
+                    if last.is_none_or(|t| t.elapsed() >= VERSION_WARNING_EVERY) {
+                        *last = Some(Instant::now());
+                        tracing::warn!(
+                            remote = ?origin.remote,
+                            error = %e,
+                            "a peer speaks another frame version: every node needs the same replikv"
+                        );
+                    }
                     return e.to_string();
                 }
                 Err(e) => return e.to_string(),
@@ -748,8 +783,8 @@ mod tests {
     }
 
     /// A node of an older frame version (before the writes of an entry were one byte string)
-    /// is refused at its first frame: the connection closes and nothing it sent is taken.
-    /// A hello of this version on the same listener is taken.
+    /// is refused at its first frame, for its version: the connection closes and the
+    /// mismatch is reported. A hello of this version on the same listener is taken.
     #[tokio::test]
     async fn a_peer_of_another_frame_version_is_refused() {
         let transport = Transport::new(Hello {
@@ -761,7 +796,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(PingHandler(AtomicUsize::new(0)));
         let (_stop, stop_rx) = watch::channel(false);
-        tokio::spawn(transport.serve(listener, handler.clone(), stop_rx));
+        tokio::spawn(transport.clone().serve(listener, handler.clone(), stop_rx));
         let hello = bincode::serialize(&Hello {
             node_id: 1,
             resp_addr: String::new(),
@@ -784,7 +819,10 @@ mod tests {
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
             "a version-1 peer's connection stayed open: {read:?}"
         );
-        assert_eq!(handler.0.load(Ordering::SeqCst), 0, "its hello was taken");
+        assert!(
+            transport.version_warned.lock().unwrap().is_some(),
+            "closed, but not for its version (nothing was reported)"
+        );
 
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(&frame).await.unwrap();

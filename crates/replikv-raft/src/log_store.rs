@@ -6,7 +6,9 @@
 //!   `fsync: always`): openraft 0.9 answers the leader when `append` returns, so this is what
 //!   keeps a follower from acknowledging an entry it could lose;
 //! - at open, any record that fails its checksum is cut together with everything after it
-//!   (a torn or corrupt tail); the leader sends those entries again.
+//!   (a torn or corrupt tail); the leader sends those entries again. A record whose
+//!   checksum holds but whose format is unknown (a newer replikv wrote it) is not cut: the
+//!   open fails.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -18,7 +20,7 @@ use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
 use replikv_storage::{LogOp, RaftLog};
 use tokio::sync::oneshot;
 
-use crate::record::{decode_record, encode_record};
+use crate::record::{decode_record, encode_record, RecordError};
 use crate::{read_error, storage_error, Entry, LogId, PurgeGate, StorageError, TypeConfig, Vote};
 
 const VOTE: &str = "vote";
@@ -171,6 +173,15 @@ impl LogStore {
         else {
             return Ok(());
         };
+        if matches!(why, RecordError::UnknownVersion(_) | RecordError::Decode(_)) {
+            // Its checksum held: this is no torn write but a format this build does not
+            // read (a newer replikv wrote it). Cutting would drop committed entries.
+            return Err(read_error(format!(
+                "partition {}: log record {bad}: {why}. It was written by a newer replikv; \
+                 refusing to open the log rather than cut it (run the newer version)",
+                self.partition
+            )));
+        }
         let last = records.last().map(|(i, _)| *i).unwrap_or(bad);
         tracing::warn!(
             partition = self.partition,

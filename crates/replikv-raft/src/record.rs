@@ -83,14 +83,12 @@ pub fn decode_record(raw: &[u8]) -> Result<Entry, RecordError> {
 /// A version 1 entry: openraft's `Entry` and `EntryPayload`, field for field and variant for
 /// variant, with the writes as a sequence.
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 struct EntryV1 {
     log_id: LogId<u64>,
     payload: PayloadV1,
 }
 
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 enum PayloadV1 {
     Blank,
     Normal(WriteRequestV1),
@@ -98,7 +96,7 @@ enum PayloadV1 {
 }
 
 #[derive(Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
+#[cfg_attr(test, derive(serde::Serialize, Debug, Clone))]
 struct WriteRequestV1 {
     req_id: u64,
     now_ms: u64,
@@ -165,19 +163,31 @@ mod tests {
         assert_eq!(req.ops.decode().unwrap(), ops());
     }
 
-    /// A log written before the writes were one byte string still opens: its version 1
-    /// records decode to the same entries.
+    openraft::declare_raft_types!(
+        /// The type configuration of the builds that wrote version 1: writes as a sequence.
+        V1Config:
+            D = WriteRequestV1,
+            R = (),
+            NodeId = u64,
+            Node = openraft::BasicNode,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+    );
+
+    /// A log written before the writes were one byte string still opens: version 1 records,
+    /// made here by openraft's own `Entry` as those builds made them, decode to the same
+    /// entries.
     #[test]
     fn version_1_records_still_decode() {
         let log_id = LogId::new(CommittedLeaderId::new(4, 1), 12);
-        let v1_record = |payload: PayloadV1| {
-            let body = bincode::serialize(&EntryV1 { log_id, payload }).unwrap();
+        let v1_record = |payload: EntryPayload<V1Config>| {
+            let entry = openraft::Entry::<V1Config> { log_id, payload };
+            let body = bincode::serialize(&entry).unwrap();
             let mut raw = vec![RECORD_V1];
             raw.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
             raw.extend_from_slice(&body);
             raw
         };
-        let normal = decode_record(&v1_record(PayloadV1::Normal(WriteRequestV1 {
+        let normal = decode_record(&v1_record(EntryPayload::Normal(WriteRequestV1 {
             req_id: 77,
             now_ms: 5,
             ops: ops(),
@@ -190,11 +200,11 @@ mod tests {
         assert_eq!((req.req_id, req.now_ms), (77, 5));
         assert_eq!(req.ops.decode().unwrap(), ops());
 
-        let blank = decode_record(&v1_record(PayloadV1::Blank)).unwrap();
+        let blank = decode_record(&v1_record(EntryPayload::Blank)).unwrap();
         assert!(matches!(blank.payload, EntryPayload::Blank));
 
         let members = Membership::new(vec![[1, 2, 3].into()], None);
-        let change = decode_record(&v1_record(PayloadV1::Membership(members.clone()))).unwrap();
+        let change = decode_record(&v1_record(EntryPayload::Membership(members.clone()))).unwrap();
         assert_eq!(change.payload, EntryPayload::Membership(members));
     }
 }
