@@ -42,11 +42,6 @@ impl Ops {
     pub fn decode(&self) -> Result<Vec<KvOp>, String> {
         bincode::deserialize(&self.0).map_err(|e| format!("undecodable writes: {e}"))
     }
-
-    /// The encoded size.
-    pub fn encoded_len(&self) -> usize {
-        self.0.len()
-    }
 }
 
 impl std::fmt::Debug for Ops {
