@@ -23,7 +23,9 @@
 mod raft_log;
 mod store;
 
-pub use raft_log::{FsLogDir, LogDir, LogOp, MemLogDir, RaftLog, SEGMENT_BYTES};
+pub use raft_log::{
+    Damage, DamagedLog, FsLogDir, LogDir, LogOp, MemLogDir, Opened, RaftLog, SEGMENT_BYTES,
+};
 
 pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, WriterKind};
 

@@ -18,7 +18,16 @@
 //! - `PURGE`: `[index u64 LE][tag]`: entries up to `index` are gone; `tag` is the caller's
 //!   description of the last purged entry (its log id);
 //! - `META`: `[name length u8][name][value]`: the latest value of a named field (vote,
-//!   commit point).
+//!   commit point);
+//! - `SYNCED` (partition 0): `[upto u64 LE]`: every byte of this segment before `upto` had
+//!   been synced when this record was written. The first record of a batch written after a
+//!   sync, and the last one written at a clean close: what tells damage from a torn write
+//!   (`recover.rs`);
+//! - `CUT` (partition 0): `[segment u64 LE][offset u64 LE]`: segment `segment` ends at
+//!   `offset`. The first record of the segment a repair of damage creates (`recover.rs`).
+//!
+//! Older segments hold no `SYNCED` or `CUT` records and read the same; a build without these
+//! kinds refuses a log that has them (an unknown kind), so going back to one is not supported.
 //!
 //! Invariants:
 //! - The state is what replaying every segment in order gives. Only whole segments are ever
@@ -29,8 +38,8 @@
 //!   restated later.
 //! - A segment is complete and synced before the next one begins, so a record that fails its
 //!   checksum before the last segment is damage of the medium: the log refuses to open. In
-//!   the last segment it is taken for a torn tail and cut at open (the leader sends those
-//!   entries again); damage to the synced part of the last segment is cut the same way.
+//!   the last segment the tear rule (`recover.rs`) tells a torn tail, which is cut, from
+//!   damage, which is handed to the caller to refuse or repair, never cut silently.
 //! - Entry bytes are never overwritten in place, so a reader holding a stale location still
 //!   reads the bytes it asked for.
 
@@ -49,6 +58,13 @@ use tokio::sync::mpsc;
 
 use crate::store::{err, spawn_flusher, spawn_writer, FsyncPolicy, StorageError, WriterKind};
 
+mod recover;
+
+pub use recover::{Damage, DamagedLog};
+
+#[cfg(test)]
+mod recover_tests;
+
 /// A segment is closed and a new one begun once it holds this much (the default; tests and
 /// the simulation use smaller segments to exercise their turnover).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -66,6 +82,13 @@ const ENTRY: u8 = 1;
 const TRUNCATE: u8 = 2;
 const PURGE: u8 = 3;
 const META: u8 = 4;
+const SYNCED: u8 = 5;
+const CUT: u8 = 6;
+
+/// Whether `kind` names a record kind this build reads.
+fn is_kind(kind: u8) -> bool {
+    (ENTRY..=CUT).contains(&kind)
+}
 
 /// Where segment files live: a directory for the server, memory or a simulated disk for tests.
 pub trait LogDir: Send + Sync + 'static {
@@ -76,6 +99,22 @@ pub trait LogDir: Send + Sync + 'static {
     fn remove(&self, id: u64) -> io::Result<()>;
     /// Makes the creation and removal of segments durable.
     fn sync(&self) -> io::Result<()>;
+    /// How messages name segment `id` (a file's path, for an operator to find it).
+    fn name(&self, id: u64) -> String {
+        format!("log segment {id}")
+    }
+    /// Creates segment `id` holding exactly `bytes`, synced and durable. A crash may leave
+    /// it absent or, where the directory cannot do better (this default), holding a prefix:
+    /// [`FsLogDir`] writes a temporary file and renames it, so the segment exists whole or
+    /// not at all.
+    fn create_whole(&self, id: u64, bytes: &[u8]) -> io::Result<Arc<dyn StorageBackend>> {
+        let file = self.open(id)?;
+        file.set_len(bytes.len() as u64)?;
+        file.write(0, bytes)?;
+        file.sync_data()?;
+        self.sync()?;
+        Ok(file)
+    }
 }
 
 /// Segments as files `<id in hex>.seg` in a directory.
@@ -134,6 +173,22 @@ impl LogDir for FsLogDir {
 
     fn sync(&self) -> io::Result<()> {
         std::fs::File::open(&self.path)?.sync_all()
+    }
+
+    fn name(&self, id: u64) -> String {
+        self.file(id).display().to_string()
+    }
+
+    fn create_whole(&self, id: u64, bytes: &[u8]) -> io::Result<Arc<dyn StorageBackend>> {
+        use std::io::Write;
+        let tmp = self.path.join(format!("{id:016x}.seg.tmp"));
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, self.file(id))?;
+        self.sync()?;
+        self.open(id)
     }
 }
 
@@ -242,11 +297,7 @@ impl LogOp {
                 buf.extend_from_slice(value);
             }
         }
-        let body = &buf[start + HEADER..];
-        let len = body.len() as u32;
-        let crc = crc32c::crc32c(body);
-        buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+        seal(buf, start);
         payload
     }
 
@@ -298,6 +349,66 @@ impl LogOp {
             other => return Err(format!("unknown record kind {other}")),
         })
     }
+}
+
+/// Fills in the header of the record that begins at `start` and runs to the end of `buf`.
+fn seal(buf: &mut [u8], start: usize) {
+    let body = &buf[start + HEADER..];
+    let len = body.len() as u32;
+    let crc = crc32c::crc32c(body);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A record body as replay reads it: a change to the log, or a mark about the segment.
+enum Record {
+    Op(LogOp),
+    Synced(u64),
+    Cut { seg: u64, offset: u64 },
+}
+
+/// Decodes a record body whose checksum held; for an entry, also where its bytes start.
+fn decode_record(body: &[u8]) -> Result<(Record, usize), String> {
+    let kind = body.first().copied();
+    if kind != Some(SYNCED) && kind != Some(CUT) {
+        return LogOp::decode(body).map(|(op, payload)| (Record::Op(op), payload));
+    }
+    let num = |at: usize| {
+        body.get(5 + at..13 + at)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| format!("mark record of {} bytes is too short", body.len()))
+    };
+    Ok(match kind {
+        Some(SYNCED) => (Record::Synced(num(0)?), 0),
+        _ => (
+            Record::Cut {
+                seg: num(0)?,
+                offset: num(8)?,
+            },
+            0,
+        ),
+    })
+}
+
+fn encode_mark(kind: u8, values: &[u64], buf: &mut Vec<u8>) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; HEADER]);
+    buf.push(kind);
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    for v in values {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    seal(buf, start);
+}
+
+/// A `SYNCED` record: every byte of its segment before `upto` is on the disk.
+fn encode_synced(upto: u64, buf: &mut Vec<u8>) {
+    encode_mark(SYNCED, &[upto], buf);
+}
+
+/// A `CUT` record: segment `seg` ends at `offset`.
+fn encode_cut(seg: u64, offset: u64, buf: &mut Vec<u8>) {
+    encode_mark(CUT, &[seg, offset], buf);
 }
 
 /// Where an entry's bytes are.
@@ -380,6 +491,23 @@ impl Index {
         }
     }
 
+    /// Where partition `p`'s entries with index in `range` are, and their segments' files.
+    fn locate(&self, p: u32, range: Range<u64>) -> (Vec<(u64, Loc)>, Files) {
+        let Some(part) = self.parts.get(&p) else {
+            return Default::default();
+        };
+        let locs: Vec<(u64, Loc)> = part.entries.range(range).map(|(i, l)| (*i, *l)).collect();
+        let mut files: Files = BTreeMap::new();
+        for (_, loc) in &locs {
+            if let (std::collections::btree_map::Entry::Vacant(slot), Some(s)) =
+                (files.entry(loc.seg), self.segments.get(&loc.seg))
+            {
+                slot.insert(s.file.clone());
+            }
+        }
+        (locs, files)
+    }
+
     /// The records that restate every purge point and field: a new segment's first records.
     fn checkpoint(&self) -> Vec<LogOp> {
         let mut ops = Vec::new();
@@ -403,6 +531,43 @@ impl Index {
     }
 }
 
+type Files = BTreeMap<u64, Arc<dyn StorageBackend>>;
+
+/// Reads the entries at `locs` (in order), with one read per run of nearby records.
+fn read_locs(locs: &[(u64, Loc)], files: &Files) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let mut out = Vec::with_capacity(locs.len());
+    let mut i = 0;
+    while i < locs.len() {
+        let first = locs[i].1;
+        let mut j = i + 1;
+        let mut end = first.off + first.len as u64;
+        while j < locs.len() {
+            let l = locs[j].1;
+            if l.seg != first.seg || l.off < end || l.off - end > READ_GAP {
+                break;
+            }
+            let next_end = l.off + l.len as u64;
+            if next_end - first.off > READ_RUN {
+                break;
+            }
+            end = next_end;
+            j += 1;
+        }
+        let file = files
+            .get(&first.seg)
+            .ok_or_else(|| err(format!("log segment {} is gone", first.seg)))?;
+        let mut buf = vec![0; (end - first.off) as usize];
+        file.read(first.off, &mut buf)
+            .map_err(|e| err(format!("reading log segment {}: {e}", first.seg)))?;
+        for (index, loc) in &locs[i..j] {
+            let from = (loc.off - first.off) as usize;
+            out.push((*index, buf[from..from + loc.len as usize].to_vec()));
+        }
+        i = j;
+    }
+    Ok(out)
+}
+
 /// The writer's own state: the segment it appends to.
 struct Active {
     id: u64,
@@ -413,8 +578,47 @@ struct Active {
     len: u64,
     /// Records written since the last sync.
     dirty: bool,
+    /// Every byte of the segment before this was synced.
+    synced_to: u64,
+    /// The `upto` of the last `SYNCED` mark written in this segment.
+    marked: u64,
     /// Why the log stopped, after an I/O error.
     failed: Option<String>,
+}
+
+impl Active {
+    /// Appending to segment `id` at `end`, nothing of it known to be synced yet.
+    fn at(id: u64, file: Arc<dyn StorageBackend>, end: u64) -> Active {
+        Active {
+            id,
+            file,
+            end,
+            len: end,
+            dirty: false,
+            synced_to: 0,
+            marked: 0,
+            failed: None,
+        }
+    }
+
+    fn note_synced(&mut self) {
+        self.dirty = false;
+        self.synced_to = self.end;
+    }
+}
+
+/// How an opened log runs: the fsync policy, its writer, its segments' size.
+#[derive(Clone, Copy)]
+struct OpenOptions {
+    policy: FsyncPolicy,
+    kind: WriterKind,
+    segment_bytes: u64,
+}
+
+/// An opened log, or one whose newest segment is damaged (`recover.rs`).
+pub enum Opened {
+    Ready(RaftLog),
+    Damaged(Box<DamagedLog>),
 }
 
 type DoneFn = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
@@ -471,21 +675,70 @@ impl RaftLog {
     }
 
     /// Opens the log on any [`LogDir`], with segments of about `segment_bytes`: replays
-    /// every segment, cuts a torn tail, and starts the writer.
+    /// every segment, cuts a torn tail, and starts the writer. Damage (`recover.rs`) is an
+    /// error: use [`RaftLog::open_checked`] to repair it.
     pub fn open_with(
         dir: Box<dyn LogDir>,
         policy: FsyncPolicy,
         kind: WriterKind,
         segment_bytes: u64,
     ) -> Result<RaftLog, StorageError> {
-        let (index, active) = recover(dir.as_ref())?;
+        match RaftLog::open_checked(dir, policy, kind, segment_bytes)? {
+            Opened::Ready(log) => Ok(log),
+            Opened::Damaged(d) => Err(d.refusal("nothing was asked to repair it")),
+        }
+    }
+
+    /// As [`RaftLog::open_with`], but damage in the newest segment comes back as a
+    /// [`DamagedLog`], with nothing written, for the caller to repair or refuse.
+    pub fn open_checked(
+        dir: Box<dyn LogDir>,
+        policy: FsyncPolicy,
+        kind: WriterKind,
+        segment_bytes: u64,
+    ) -> Result<Opened, StorageError> {
+        let open = OpenOptions {
+            policy,
+            kind,
+            segment_bytes: segment_bytes.max(1),
+        };
+        let recovered = recover::recover(dir.as_ref())?;
+        Ok(match recovered.damage {
+            None => Opened::Ready(RaftLog::start(
+                dir,
+                recovered.index,
+                recovered.active,
+                open,
+            )?),
+            Some(damage) => Opened::Damaged(Box::new(DamagedLog {
+                dir,
+                index: recovered.index,
+                active: recovered.active,
+                damage,
+                open,
+            })),
+        })
+    }
+
+    /// Writes the open's checkpoint and starts the writer.
+    fn start(
+        dir: Box<dyn LogDir>,
+        index: Index,
+        active: Active,
+        open: OpenOptions,
+    ) -> Result<RaftLog, StorageError> {
+        let OpenOptions {
+            policy,
+            kind,
+            segment_bytes,
+        } = open;
         let shared = Arc::new(Shared {
             dir,
             index: Mutex::new(index),
             active: Mutex::new(active),
             policy,
             kind,
-            segment_bytes: segment_bytes.max(1),
+            segment_bytes,
             batches: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
@@ -509,7 +762,7 @@ impl RaftLog {
                 }
                 writer_shared.write_batch(&mut batch);
             },
-            move || finish_shared.sync_if_dirty(),
+            move || finish_shared.close_segment(),
         )?;
         let log = RaftLog {
             shared,
@@ -592,54 +845,14 @@ impl RaftLog {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        let (locs, files) = {
-            let index = self.shared.index.lock().expect("log index");
-            let Some(part) = index.parts.get(&p) else {
-                return Ok(Vec::new());
-            };
-            let locs: Vec<(u64, Loc)> = part.entries.range(range).map(|(i, l)| (*i, *l)).collect();
-            let mut files: BTreeMap<u64, Arc<dyn StorageBackend>> = BTreeMap::new();
-            for (_, loc) in &locs {
-                if let (std::collections::btree_map::Entry::Vacant(slot), Some(s)) =
-                    (files.entry(loc.seg), index.segments.get(&loc.seg))
-                {
-                    slot.insert(s.file.clone());
-                }
-            }
-            (locs, files)
-        };
-        let mut out = Vec::with_capacity(locs.len());
-        let mut i = 0;
-        while i < locs.len() {
-            // One read for a run of nearby records in one segment.
-            let first = locs[i].1;
-            let mut j = i + 1;
-            let mut end = first.off + first.len as u64;
-            while j < locs.len() {
-                let l = locs[j].1;
-                if l.seg != first.seg || l.off < end || l.off - end > READ_GAP {
-                    break;
-                }
-                let next_end = l.off + l.len as u64;
-                if next_end - first.off > READ_RUN {
-                    break;
-                }
-                end = next_end;
-                j += 1;
-            }
-            let file = files
-                .get(&first.seg)
-                .ok_or_else(|| err(format!("log segment {} is gone", first.seg)))?;
-            let mut buf = vec![0; (end - first.off) as usize];
-            file.read(first.off, &mut buf)
-                .map_err(|e| err(format!("reading log segment {}: {e}", first.seg)))?;
-            for (index, loc) in &locs[i..j] {
-                let from = (loc.off - first.off) as usize;
-                out.push((*index, buf[from..from + loc.len as usize].to_vec()));
-            }
-            i = j;
-        }
-        Ok(out)
+        // Located under the lock, read outside it: entry bytes are never overwritten.
+        let (locs, files) = self
+            .shared
+            .index
+            .lock()
+            .expect("log index")
+            .locate(p, range);
+        read_locs(&locs, &files)
     }
 
     /// Entry `index` of partition `p`.
@@ -750,8 +963,15 @@ impl Shared {
                 _ => 64,
             })
             .sum();
-        let mut buf = Vec::with_capacity(size);
+        let mut buf = Vec::with_capacity(size + 32);
         let mut placed = Vec::new();
+        // A batch after a sync says so first: replay tells damage of the synced part from a
+        // torn write by these marks (`recover.rs`).
+        let has_records = batch.iter().any(|j| !j.ops.is_empty());
+        if has_records && active.synced_to > active.marked {
+            encode_synced(active.synced_to, &mut buf);
+            active.marked = active.synced_to;
+        }
         for job in batch.iter_mut() {
             for op in std::mem::take(&mut job.ops) {
                 let payload = op.encode(&mut buf);
@@ -826,7 +1046,7 @@ impl Shared {
         }
         if durable && active.dirty {
             active.file.sync_data().map_err(err)?;
-            active.dirty = false;
+            active.note_synced();
             self.syncs.fetch_add(1, Ordering::Release);
         }
         if purges {
@@ -840,7 +1060,7 @@ impl Shared {
     fn rotate(&self, active: &mut Active) -> Result<(), StorageError> {
         active.file.set_len(active.end).map_err(err)?;
         active.file.sync_data().map_err(err)?;
-        active.dirty = false;
+        active.note_synced();
         let id = active.id + 1;
         let file = self.dir.open(id).map_err(err)?;
         self.dir.sync().map_err(err)?;
@@ -851,14 +1071,7 @@ impl Shared {
                 live: 0,
             },
         );
-        let mut next = Active {
-            id,
-            file,
-            end: 0,
-            len: 0,
-            dirty: false,
-            failed: None,
-        };
+        let mut next = Active::at(id, file, 0);
         // The new segment takes records only once its checkpoint is written and synced.
         self.checkpoint(&mut next)?;
         *active = next;
@@ -958,150 +1171,26 @@ impl Shared {
         }
     }
 
-    fn sync_if_dirty(&self) {
+    /// At the writer's end: syncs what is written, then marks it all synced, so that the
+    /// next open can tell damage anywhere in the segment from a torn write (`recover.rs`).
+    fn close_segment(&self) {
         let mut active = self.active.lock().expect("log writer");
+        if active.failed.is_some() {
+            return;
+        }
         if active.dirty && active.file.sync_data().is_ok() {
-            active.dirty = false;
+            active.note_synced();
             self.syncs.fetch_add(1, Ordering::Release);
         }
-    }
-}
-
-/// Replays every segment in order into an index, cuts a torn tail, and returns the segment
-/// to append to.
-fn recover(dir: &dyn LogDir) -> Result<(Index, Active), StorageError> {
-    let mut ids = dir.segments().map_err(err)?;
-    ids.sort_unstable();
-    let mut index = Index::default();
-    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64)> = None;
-    let mut k = 0;
-    while k < ids.len() {
-        let id = ids[k];
-        let file = dir.open(id).map_err(err)?;
-        let len = file.len().map_err(err)?;
-        let mut bytes = vec![0; len as usize];
-        file.read(0, &mut bytes).map_err(err)?;
-        index.segments.insert(
-            id,
-            Segment {
-                file: file.clone(),
-                live: 0,
-            },
-        );
-        let (end, damage) = replay(&bytes, id, &mut index)?;
-        if let Some(why) = damage {
-            let later = &ids[k + 1..];
-            if later.is_empty() {
-                tracing::warn!(
-                    segment = id,
-                    offset = end,
-                    reason = %why,
-                    "cutting a torn tail off the Raft log; leaders send those entries again"
-                );
-            } else {
-                // Every segment before the last was synced whole before the next began: this
-                // is damage, not a torn write. Cutting here would silently drop synced votes
-                // and acknowledged entries, and could bring back truncated ones.
-                return Err(err(format!(
-                    "the Raft log is damaged: segment {id} (of {}), offset {end}: {why}. \
-                     Refusing to start on it; move this node's data directory away and start \
-                     the node on an empty one to take a fresh copy from its replicas",
-                    ids.len()
-                )));
+        if !active.dirty && active.synced_to > active.marked {
+            let mut buf = Vec::new();
+            encode_synced(active.synced_to, &mut buf);
+            active.marked = active.synced_to;
+            if let Err(e) = self.append(&mut active, &buf, Vec::new(), true) {
+                tracing::warn!(error = %e, "writing the Raft log's closing sync mark failed");
             }
         }
-        if end < len {
-            // Cut the torn tail (or the zeros after the last record) so that the next
-            // records are written right after the last good one.
-            file.set_len(end).map_err(err)?;
-            file.sync_data().map_err(err)?;
-        }
-        last = Some((id, file, end));
-        k += 1;
     }
-    let active = match last {
-        Some((id, file, end)) => Active {
-            id,
-            file,
-            end,
-            len: end,
-            dirty: false,
-            failed: None,
-        },
-        None => {
-            let file = dir.open(1).map_err(err)?;
-            dir.sync().map_err(err)?;
-            index.segments.insert(
-                1,
-                Segment {
-                    file: file.clone(),
-                    live: 0,
-                },
-            );
-            Active {
-                id: 1,
-                file,
-                end: 0,
-                len: 0,
-                dirty: false,
-                failed: None,
-            }
-        }
-    };
-    Ok((index, active))
-}
-
-/// Applies one segment's records to `index`; returns where the good records end and, if
-/// they end before a damaged record rather than at the segment's end, why.
-fn replay(
-    bytes: &[u8],
-    seg: u64,
-    index: &mut Index,
-) -> Result<(u64, Option<String>), StorageError> {
-    let mut off = 0usize;
-    while off + HEADER <= bytes.len() {
-        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
-        if len == 0 {
-            // The zeros after the last record.
-            return Ok((off as u64, zeros_after(bytes, off)));
-        }
-        if len > MAX_RECORD || off + HEADER + len > bytes.len() {
-            return Ok((
-                off as u64,
-                Some(format!("a record of {len} bytes runs past the end")),
-            ));
-        }
-        let stored = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
-        let body = &bytes[off + HEADER..off + HEADER + len];
-        let computed = crc32c::crc32c(body);
-        if stored != computed {
-            return Ok((
-                off as u64,
-                Some(format!(
-                    "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
-                )),
-            ));
-        }
-        let (op, payload) = LogOp::decode(body).map_err(|e| {
-            err(format!(
-                "Raft log segment {seg}, offset {off}: {e} (written by a newer replikv?)"
-            ))
-        })?;
-        index.apply(op, seg, (off + HEADER + payload) as u64);
-        off += HEADER + len;
-    }
-    if off < bytes.len() {
-        return Ok((off as u64, zeros_after(bytes, off)));
-    }
-    Ok((off as u64, None))
-}
-
-/// `None` if every byte from `off` on is zero (a clean end), else a description.
-fn zeros_after(bytes: &[u8], off: usize) -> Option<String> {
-    bytes[off..]
-        .iter()
-        .any(|b| *b != 0)
-        .then(|| "a partial record header".to_string())
 }
 
 #[cfg(test)]
@@ -1193,10 +1282,11 @@ mod tests {
             assert_eq!(segs.len(), 1);
             segs.pop().unwrap().unwrap().path()
         };
-        // Tear the last record: drop its last 2 bytes, as if the write was cut.
+        // Tear the last entry: drop its last 2 bytes and the closing sync mark after it
+        // (`HEADER` + 13 bytes), as if the write was cut.
         let bytes = std::fs::read(&seg).unwrap();
         let end = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
-        std::fs::write(&seg, &bytes[..end - 2]).unwrap();
+        std::fs::write(&seg, &bytes[..end - (HEADER + 13) - 2]).unwrap();
 
         let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
         assert_eq!(indexes(&log, 0), vec![1, 2]);
@@ -1205,32 +1295,6 @@ mod tests {
         let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
         assert_eq!(indexes(&log, 0), vec![1, 2, 3]);
         assert_eq!(log.entry(0, 3).unwrap().unwrap(), b"again");
-    }
-
-    #[tokio::test]
-    async fn a_flipped_byte_cuts_the_log_at_its_record() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
-            for i in 1..=4 {
-                log.write(true, vec![put(0, i, &[0xaa; 100])])
-                    .await
-                    .unwrap();
-            }
-            log.close();
-        }
-        let seg = std::fs::read_dir(dir.path())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
-        let mut bytes = std::fs::read(&seg).unwrap();
-        // Records are 8 + 13 + 100 bytes; flip a byte inside the third one's entry bytes.
-        bytes[2 * 121 + 50] ^= 0x01;
-        std::fs::write(&seg, &bytes).unwrap();
-        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
-        assert_eq!(indexes(&log, 0), vec![1, 2]);
     }
 
     /// A record that fails its checksum before the last segment is damage, not a torn write:
@@ -1260,7 +1324,7 @@ mod tests {
             64 << 10,
         )
         .unwrap_err();
-        assert!(e.0.contains("damaged: segment 1 (of 2)"), "{e}");
+        assert!(e.0.contains("(segment 1 of 2)"), "{e}");
         assert_eq!(std::fs::read(&first).unwrap(), bytes, "nothing was cut");
     }
 

@@ -1,0 +1,522 @@
+//! Opening the log: every segment is replayed in order into the index, and where the newest
+//! segment's good records end is judged — a torn tail, which is cut, or damage, which is never
+//! cut silently.
+//!
+//! **The tear rule.** Replay of a segment stops at the first record that fails: its header is
+//! cut short, its length is zero with non-zero bytes after it, runs past the end of the file
+//! or beyond [`MAX_RECORD`], or its checksum does not match (the *stop*). Then:
+//! 1. Every byte from the stop to the end of the file is zero: the clean end (the zeros a
+//!    segment grows by), not a stop at all.
+//! 2. No valid record anywhere after the stop (every byte offset is tried): a **tear**, the
+//!    incomplete last record or the garbage after the last complete one that a crash leaves.
+//!    Cut at the stop.
+//! 3. Valid records after the stop, and a sync mark among them says the bytes at the stop had
+//!    been synced: **damage**.
+//! 4. Valid records after the stop, no such mark: the bytes at the stop may be part of the
+//!    unsynced tail, which a power loss can persist out of order. A torn write leaves whole
+//!    sectors unwritten, and unwritten bytes of a segment read as zeros (a segment grows by
+//!    zero-filled extension and no byte of it is written twice): if an aligned 512-byte
+//!    sector between the stop and the next valid record is all zeros, it is a **tear** (cut
+//!    at the stop, with everything after it: never synced, so never acknowledged under
+//!    `fsync: always`); otherwise **damage**.
+//!
+//! In a segment before the newest, any stop is damage: each was synced whole before the next
+//! began. The one exception is a stop that the next segment's first record names (a `CUT`):
+//! the cut a repair made (below), whose trim of the damaged segment a crash interrupted.
+//!
+//! **Damage** is never cut here. [`RaftLog::open_checked`] returns a [`DamagedLog`] with the
+//! stop and the valid records after it, and the caller decides: refuse to start
+//! ([`DamagedLog::refusal`]), or [`DamagedLog::repair`]: a new segment is created whole
+//! (atomically: it exists with all its bytes or not at all) holding a `CUT` of the damaged
+//! segment at the stop, a checkpoint, and the caller's records (what it must remember about
+//! what was lost); then the damaged segment is trimmed at the stop. A crash at any point
+//! leaves either the damage as found (the repair runs again) or the repair whole.
+
+use std::sync::Arc;
+
+use redb::StorageBackend;
+
+use super::{
+    decode_record, err, read_locs, Active, Index, LogDir, LogOp, Record, Segment, StorageError,
+    HEADER, MAX_RECORD,
+};
+
+/// The unit a torn write leaves unwritten.
+const SECTOR: usize = 512;
+/// The resynchronising scan gives up (and calls the stop damage) after checksumming this many
+/// times the segment's bytes: a bound on the work of a scan through hostile bytes.
+const SCAN_WORK_FACTOR: usize = 64;
+
+/// What replaying the segments gave: the index, the segment to append to, and any damage.
+pub(super) struct Recovered {
+    pub index: Index,
+    pub active: Active,
+    pub damage: Option<Damage>,
+}
+
+/// Damage in the newest segment: a record that fails, with valid records after it.
+#[derive(Clone, Debug)]
+pub struct Damage {
+    pub segment: u64,
+    /// The segment's file, as its directory names it.
+    pub file: String,
+    /// Where the good records end.
+    pub offset: u64,
+    pub reason: String,
+    /// Whether a later sync mark proves the damaged bytes had been synced.
+    pub proven_synced: bool,
+    /// The valid records after the damage, in order: what a repair discards.
+    pub after: Vec<LogOp>,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at offset {}: {}, and {} valid records follow it ({}), so it is damage of the \
+             medium, not a torn write",
+            self.file,
+            self.offset,
+            self.reason,
+            self.after.len(),
+            if self.proven_synced {
+                "a later sync mark shows those bytes had been synced"
+            } else {
+                "no zeroed sector, as a torn write would leave"
+            }
+        )
+    }
+}
+
+/// Where one segment's replay stopped, and why (`None`: at its clean end).
+struct Stop {
+    end: usize,
+    why: Option<String>,
+}
+
+/// Replays every segment in order into an index and judges the newest one's end (module
+/// note). A tear is cut; damage is returned, with nothing cut.
+pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
+    let mut ids = dir.segments().map_err(err)?;
+    ids.sort_unstable();
+    let mut index = Index::default();
+    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64)> = None;
+    let mut damage = None;
+    for (k, &id) in ids.iter().enumerate() {
+        let file = dir.open(id).map_err(err)?;
+        let len = file.len().map_err(err)?;
+        let mut bytes = vec![0; len as usize];
+        file.read(0, &mut bytes).map_err(err)?;
+        index.segments.insert(
+            id,
+            Segment {
+                file: file.clone(),
+                live: 0,
+            },
+        );
+        let stop = replay(&bytes, id, &mut index)?;
+        let mut end = stop.end as u64;
+        if let Some(why) = stop.why {
+            match ids.get(k + 1) {
+                Some(&next) => {
+                    if !cut_by_next(dir, next, id, end)? {
+                        // Every segment before the last was synced whole before the next
+                        // began: this is damage, not a torn write. Cutting here would drop
+                        // synced votes and acknowledged entries, and could bring back
+                        // truncated ones.
+                        return Err(err(format!(
+                            "the Raft log is damaged: {} (segment {id} of {}), offset {end}: \
+                             {why}. Refusing to start on it; move this node's data directory \
+                             away and start the node on an empty one to take a fresh copy \
+                             from its replicas",
+                            dir.name(id),
+                            ids.len()
+                        )));
+                    }
+                    // A repair's cut, whose trim a crash interrupted: the segment ends here.
+                    tracing::info!(segment = id, offset = end, "finishing a repair's cut");
+                    file.set_len(end).map_err(err)?;
+                    file.sync_data().map_err(err)?;
+                }
+                None => match judge(&bytes, stop.end, why) {
+                    Judgement::Tear(why) => {
+                        tracing::warn!(
+                            segment = id,
+                            offset = end,
+                            reason = %why,
+                            "cutting a torn tail off the Raft log (an incomplete last write); \
+                             leaders send those entries again"
+                        );
+                    }
+                    Judgement::Damage(mut d) => {
+                        d.segment = id;
+                        d.file = dir.name(id);
+                        // The segment is left exactly as found until the caller decides.
+                        end = len;
+                        damage = Some(d);
+                    }
+                },
+            }
+        }
+        if end < len {
+            // Cut the torn tail (or the zeros after the last record) so that the next
+            // records are written right after the last good one.
+            file.set_len(end).map_err(err)?;
+            file.sync_data().map_err(err)?;
+        }
+        last = Some((id, file, end));
+    }
+    let active = match last {
+        Some((id, file, end)) => Active::at(id, file, damage.as_ref().map_or(end, |d| d.offset)),
+        None => {
+            let file = dir.open(1).map_err(err)?;
+            dir.sync().map_err(err)?;
+            index.segments.insert(
+                1,
+                Segment {
+                    file: file.clone(),
+                    live: 0,
+                },
+            );
+            Active::at(1, file, 0)
+        }
+    };
+    Ok(Recovered {
+        index,
+        active,
+        damage,
+    })
+}
+
+/// Applies one segment's records to `index`; stops at the first record that fails.
+fn replay(bytes: &[u8], seg: u64, index: &mut Index) -> Result<Stop, StorageError> {
+    let mut off = 0usize;
+    loop {
+        match read_at(bytes, off) {
+            Read::End => {
+                return Ok(Stop {
+                    end: off,
+                    why: None,
+                })
+            }
+            Read::Bad(why) => {
+                return Ok(Stop {
+                    end: off,
+                    why: Some(why),
+                })
+            }
+            Read::Good { len, body } => {
+                let (record, payload) = decode_record(body).map_err(|e| {
+                    err(format!(
+                        "Raft log segment {seg}, offset {off}: {e} (written by a newer replikv?)"
+                    ))
+                })?;
+                if let Record::Op(op) = record {
+                    index.apply(op, seg, (off + HEADER + payload) as u64);
+                }
+                off += HEADER + len;
+            }
+        }
+    }
+}
+
+enum Read<'a> {
+    /// Only zeros from here on.
+    End,
+    Bad(String),
+    Good {
+        len: usize,
+        body: &'a [u8],
+    },
+}
+
+/// Reads the record at `off`, checking its length and checksum.
+fn read_at(bytes: &[u8], off: usize) -> Read<'_> {
+    if off + HEADER > bytes.len() {
+        return match bytes[off.min(bytes.len())..].iter().all(|b| *b == 0) {
+            true => Read::End,
+            false => Read::Bad("a partial record header".into()),
+        };
+    }
+    let len = u32::from_le_bytes(bytes[off..off + 4].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return match bytes[off..].iter().all(|b| *b == 0) {
+            true => Read::End,
+            false => Read::Bad("a record header of zero length before non-zero bytes".into()),
+        };
+    }
+    if len > MAX_RECORD || off + HEADER + len > bytes.len() {
+        return Read::Bad(format!("a record of {len} bytes runs past the end"));
+    }
+    let stored = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().expect("4 bytes"));
+    let body = &bytes[off + HEADER..off + HEADER + len];
+    let computed = crc32c::crc32c(body);
+    if stored != computed {
+        return Read::Bad(format!(
+            "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+        ));
+    }
+    Read::Good { len, body }
+}
+
+enum Judgement {
+    Tear(String),
+    Damage(Damage),
+}
+
+/// Decides whether the newest segment's stop at `stop` is a tear or damage (module note).
+fn judge(bytes: &[u8], stop: usize, why: String) -> Judgement {
+    let Some(first) = next_valid(bytes, stop) else {
+        return Judgement::Tear(format!("{why}; no valid record after it"));
+    };
+    let mut after = Vec::new();
+    let mut proven_synced = false;
+    let mut off = first;
+    loop {
+        match read_at(bytes, off) {
+            Read::End => break,
+            Read::Bad(_) => match next_valid(bytes, off) {
+                Some(next) => off = next,
+                None => break,
+            },
+            Read::Good { len, body } => {
+                match decode_record(body) {
+                    Ok((Record::Op(op), _)) => after.push(op),
+                    Ok((Record::Synced(upto), _)) => {
+                        proven_synced |= upto as usize > stop && upto as usize <= off
+                    }
+                    Ok((Record::Cut { .. }, _)) | Err(_) => {}
+                }
+                off += HEADER + len;
+            }
+        }
+    }
+    if !proven_synced && zeroed_sector(bytes, stop, first) {
+        return Judgement::Tear(format!(
+            "{why}; a zeroed sector follows (a write cut short), and nothing after it was \
+             synced"
+        ));
+    }
+    Judgement::Damage(Damage {
+        segment: 0,
+        file: String::new(),
+        offset: stop as u64,
+        reason: why,
+        proven_synced,
+        after,
+    })
+}
+
+/// The first offset after `stop` where a valid record begins, trying every byte offset (the
+/// damaged record's own length may be the damaged bytes). `None` also when the work bound is
+/// reached first... which makes the caller call it damage, never a silent cut: see
+/// [`next_valid_bounded`].
+fn next_valid(bytes: &[u8], stop: usize) -> Option<usize> {
+    match next_valid_bounded(bytes, stop, SCAN_WORK_FACTOR * bytes.len().max(1 << 20)) {
+        Scan::Found(at) => Some(at),
+        Scan::None => None,
+        // Too much work to tell: treat the bytes right after the stop as a valid record, so
+        // that the stop is judged damage (refused or repaired), never cut as a tear.
+        Scan::GaveUp => Some(stop + 1),
+    }
+}
+
+enum Scan {
+    Found(usize),
+    None,
+    GaveUp,
+}
+
+fn next_valid_bounded(bytes: &[u8], stop: usize, mut budget: usize) -> Scan {
+    // The damaged record's own length first: damage inside a body leaves it intact.
+    if let Some(len) = bytes
+        .get(stop..stop + 4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+    {
+        let next = stop + HEADER + len;
+        if len > 0 && len <= MAX_RECORD && is_valid(bytes, next) {
+            return Scan::Found(next);
+        }
+    }
+    let mut at = stop + 1;
+    while at + HEADER < bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        // A body holds at least its kind and partition; its kind is one of the known ones.
+        if (5..=MAX_RECORD).contains(&len)
+            && at + HEADER + len <= bytes.len()
+            && super::is_kind(bytes[at + HEADER])
+        {
+            if budget < len {
+                return Scan::GaveUp;
+            }
+            budget -= len;
+            if is_valid(bytes, at) {
+                return Scan::Found(at);
+            }
+        }
+        at += 1;
+    }
+    Scan::None
+}
+
+/// Whether a record that passes its checksum and decodes begins at `at`.
+fn is_valid(bytes: &[u8], at: usize) -> bool {
+    match read_at(bytes, at) {
+        Read::Good { body, .. } => decode_record(body).is_ok(),
+        _ => false,
+    }
+}
+
+/// Whether an aligned sector lying wholly between `from` and `to` is all zeros.
+fn zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
+    let mut s = from.div_ceil(SECTOR) * SECTOR;
+    while s + SECTOR <= to.min(bytes.len()) {
+        if bytes[s..s + SECTOR].iter().all(|b| *b == 0) {
+            return true;
+        }
+        s += SECTOR;
+    }
+    false
+}
+
+/// Whether segment `next` begins with a repair's cut of segment `seg` at `offset`.
+fn cut_by_next(dir: &dyn LogDir, next: u64, seg: u64, offset: u64) -> Result<bool, StorageError> {
+    let file = dir.open(next).map_err(err)?;
+    let len = file.len().map_err(err)? as usize;
+    let mut head = vec![0; len.min(HEADER + 64)];
+    file.read(0, &mut head).map_err(err)?;
+    Ok(match read_at(&head, 0) {
+        Read::Good { body, .. } => matches!(
+            decode_record(body),
+            Ok((Record::Cut { seg: s, offset: o }, _)) if s == seg && o == offset
+        ),
+        _ => false,
+    })
+}
+
+/// A log whose newest segment is damaged (module note): the state replayed up to the damage,
+/// readable, and nothing written yet. [`DamagedLog::repair`] or [`DamagedLog::refusal`].
+pub struct DamagedLog {
+    pub(super) dir: Box<dyn LogDir>,
+    pub(super) index: Index,
+    pub(super) active: Active,
+    pub(super) damage: Damage,
+    pub(super) open: super::OpenOptions,
+}
+
+impl DamagedLog {
+    pub fn damage(&self) -> &Damage {
+        &self.damage
+    }
+
+    /// Every partition with records before the damage.
+    pub fn partitions(&self) -> Vec<u32> {
+        self.index.parts.keys().copied().collect()
+    }
+
+    /// Entries of partition `p` before the damage, with index in `range`.
+    pub fn entries(
+        &self,
+        p: u32,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let (locs, files) = self.index.locate(p, range);
+        read_locs(&locs, &files)
+    }
+
+    /// The last entry of partition `p` before the damage.
+    pub fn last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let Some(&last) = self
+            .index
+            .parts
+            .get(&p)
+            .and_then(|x| x.entries.keys().last())
+        else {
+            return Ok(None);
+        };
+        Ok(self.entries(p, last..last + 1)?.pop())
+    }
+
+    /// Partition `p`'s field `name` as of the damage.
+    pub fn meta(&self, p: u32, name: &str) -> Option<Vec<u8>> {
+        self.index.parts.get(&p)?.meta.get(name).cloned()
+    }
+
+    /// Partition `p`'s purge point as of the damage.
+    pub fn purged(&self, p: u32) -> Option<(u64, Vec<u8>)> {
+        self.index.parts.get(&p)?.purged.clone()
+    }
+
+    /// The error to start with when nothing can replace what the damage lost: names the
+    /// file, the offset, `why` no repair is possible, and how to recover.
+    pub fn refusal(&self, why: &str) -> StorageError {
+        let d = &self.damage;
+        err(format!(
+            "the Raft log is damaged: {d}. Refusing to start: {why}. To recover, restore this \
+             node's data directory from a backup, or start it on an empty one if other \
+             replicas hold the data; or, to start anyway and lose every record from that \
+             offset on, cut the file there (truncate -s {} {}) and start again",
+            d.offset, d.file
+        ))
+    }
+
+    /// Repairs the log (module note): the damaged segment ends at the damage, and `ops` (the
+    /// caller's account of what was lost) are written in the same new segment as the cut.
+    pub fn repair(self, ops: Vec<LogOp>) -> Result<super::RaftLog, StorageError> {
+        let DamagedLog {
+            dir,
+            mut index,
+            active,
+            damage,
+            open,
+        } = self;
+        let id = active.id + 1;
+        let mut buf = Vec::new();
+        super::encode_cut(damage.segment, damage.offset, &mut buf);
+        for op in index.checkpoint() {
+            op.encode(&mut buf);
+        }
+        let mut placed = Vec::new();
+        for op in ops {
+            let payload = op.encode(&mut buf);
+            placed.push((op, payload));
+        }
+        let file = dir.create_whole(id, &buf).map_err(err)?;
+        index.segments.insert(
+            id,
+            Segment {
+                file: file.clone(),
+                live: 0,
+            },
+        );
+        for (op, payload) in placed {
+            index.apply(op, id, payload as u64);
+        }
+        // The new segment holds the cut: now the damaged one may lose its tail.
+        active.file.set_len(damage.offset).map_err(err)?;
+        active.file.sync_data().map_err(err)?;
+        tracing::error!(
+            file = %damage.file,
+            offset = damage.offset,
+            discarded_records = damage.after.len(),
+            "the Raft log was damaged; cut at the damage, with what was lost recorded"
+        );
+        let mut next = Active::at(id, file, buf.len() as u64);
+        next.synced_to = next.end;
+        super::RaftLog::start(dir, index, next, open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zeroed_sector_must_lie_wholly_inside_the_range() {
+        let mut bytes = vec![1u8; 4 * SECTOR];
+        bytes[SECTOR..2 * SECTOR].fill(0);
+        assert!(zeroed_sector(&bytes, 10, 2 * SECTOR));
+        assert!(!zeroed_sector(&bytes, SECTOR + 1, 4 * SECTOR));
+        assert!(!zeroed_sector(&bytes, 0, 2 * SECTOR - 1));
+    }
+}
