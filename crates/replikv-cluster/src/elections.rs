@@ -115,7 +115,11 @@ impl Node {
             *g.elections.hold_until.lock().expect("election hold") = Instant::now();
         }
         let majority = g.placement.replicas.len() / 2 + 1;
-        let allowed = !g.elections.held() && self.reachable_replicas(g) >= majority;
+        // A replica recovering from a damaged log may lack writes it acknowledged: it must
+        // not lead until the leader has sent them again (`replikv-raft`'s `damage.rs`).
+        let allowed = !g.elections.held()
+            && self.reachable_replicas(g) >= majority
+            && g.recovery.high_water().is_none();
         if g.elections.allowed.swap(allowed, Ordering::Relaxed) != allowed {
             g.raft.runtime_config().elect(allowed);
             tracing::debug!(partition = g.partition, allowed, "election timer");

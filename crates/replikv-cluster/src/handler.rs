@@ -119,6 +119,24 @@ impl Node {
                     while let Some(wait) = g.lease.vote_wait(Instant::now()) {
                         tokio::time::sleep(wait).await;
                     }
+                    // A replica recovering from a damaged log votes as if it still held what
+                    // it lost (`replikv-raft`'s `damage.rs`): a candidate short of that is
+                    // refused here, before openraft compares it with the shorter real log.
+                    if !g.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
+                        let vote = g.raft.metrics().borrow().vote;
+                        tracing::info!(
+                            partition = p,
+                            candidate = rpc.vote.leader_id().voted_for(),
+                            candidate_last = ?rpc.last_log_id,
+                            high_water = ?g.recovery.high_water(),
+                            "vote refused: recovering from a damaged log"
+                        );
+                        return PeerResponse::Vote(Ok(openraft::raft::VoteResponse {
+                            vote,
+                            vote_granted: false,
+                            last_log_id: g.recovery.high_water(),
+                        }));
+                    }
                     PeerResponse::Vote(g.raft.vote(rpc).await)
                 }
                 None => PeerResponse::NoSuchPartition(p),

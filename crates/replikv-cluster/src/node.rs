@@ -166,6 +166,9 @@ pub struct Group {
     pub(crate) read_rounds: crate::read_rounds::ReadRounds,
     /// This leader's read lease, and the wait before votes (see `lease.rs`).
     pub(crate) lease: crate::lease::ReadLease,
+    /// Set while this replica recovers from a damaged log (`replikv-raft`'s `damage.rs`): it
+    /// votes only for candidates holding up to the high water, and does not campaign.
+    pub(crate) recovery: replikv_raft::Recovery,
 }
 
 impl Group {
@@ -419,6 +422,7 @@ async fn start_group(
         replikv_raft::open_partition(stores, p).map_err(|e| format!("partition {p}: {e}"))?;
     let sm = sm.with_checkpoint_limits(cfg.checkpoint);
     let waiters = log.waiters();
+    let recovery = log.recovery();
     let view = sm.view();
     let network = GroupNetwork {
         transport,
@@ -428,6 +432,10 @@ async fn start_group(
         .await
         .map_err(|e| format!("partition {p}: {e}"))?;
     let elections = crate::elections::ElectionGate::new();
+    if recovery.high_water().is_some() {
+        // Not even before the gate's first check (`elections.rs`).
+        raft.runtime_config().elect(false);
+    }
     let restarted = raft.is_initialized().await.map_err(|e| e.to_string())?;
     // A restarted replica no longer knows when it last heard from its leader: with read
     // leases on, it waits one lease before answering votes (`lease.rs`).
@@ -490,5 +498,6 @@ async fn start_group(
         elections,
         read_rounds: Default::default(),
         lease,
+        recovery,
     })
 }

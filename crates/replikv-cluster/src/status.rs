@@ -63,6 +63,9 @@ pub struct PartitionStatus {
     /// election timeout. A "leader" without it is cut off: openraft 0.9 keeps it in the
     /// Leader state until it sees a higher term, but it refuses writes and reads.
     pub reaches_majority: bool,
+    /// While this replica recovers from a damaged log: the offset its log must reach again
+    /// before it votes for a candidate short of it or campaigns (durability.md).
+    pub recovering_to: Option<u64>,
     pub replicas: Vec<ReplicaStatus>,
 }
 
@@ -171,6 +174,7 @@ impl Node {
                 .leader_offset()
                 .map(|c| c.saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0))),
             reaches_majority: self.reaches_majority(g.partition),
+            recovering_to: g.recovery.high_water().map(|l| l.index),
             replicas,
         }
     }

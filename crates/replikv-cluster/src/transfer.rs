@@ -178,6 +178,13 @@ impl Node {
                 leader: None,
             });
         };
+        if let Some(hw) = g.recovery.high_water() {
+            return Err(Error::TryAgain(format!(
+                "node {} is recovering partition {p} from a damaged log (up to {hw}); it takes \
+                 no leadership until then",
+                self.id()
+            )));
+        }
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
         let term_wait = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
@@ -275,6 +282,7 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
                 let p = g.partition;
                 let count = stable.entry(p).or_default();
                 let wants = g.placement.preferred_leader == node.id()
+                    && g.recovery.high_water().is_none()
                     && g.leader().is_some_and(|l| l != node.id())
                     && node.staleness(g).is_some_and(|s| {
                         s < Duration::from_millis(node.cfg.replication.election_timeout_min_ms)

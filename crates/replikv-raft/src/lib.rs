@@ -8,13 +8,15 @@
 //!      └──apply(entries)──► StateMachine ──► Overlay (memory) ──checkpoint job──► Store writer
 //!                                                       (thousands of keys at a time, no fsync: the log is durable)
 //! ```
-//! Every log record and snapshot carries a CRC32C; a record that fails it is cut from the
-//! tail when the log store opens, and a snapshot that fails it is refused.
+//! Every log record and snapshot carries a CRC32C; a torn log tail is cut when the log opens,
+//! damage to the log is refused or repaired by `damage.rs`, and a snapshot that fails its
+//! checksum is refused.
 
 // openraft's storage traits fix the error type (`openraft::StorageError`, over 200 bytes);
 // the helpers that feed them return it too rather than convert at every call.
 #![allow(clippy::result_large_err)]
 
+mod damage;
 mod log_store;
 mod overlay;
 mod purge_gate;
@@ -24,7 +26,8 @@ mod state_machine;
 
 use std::io::Cursor;
 
-pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore};
+pub use damage::{open_stores, repair_log};
+pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore, Recovery};
 pub use overlay::CheckpointLimits;
 pub use purge_gate::PurgeGate;
 pub use record::{decode_record, encode_record, RecordError};
@@ -64,5 +67,20 @@ pub fn open_partition(
 ) -> Result<(LogStore, StateMachine), StorageError> {
     let sm = StateMachine::open(stores.state.clone(), partition)?;
     let log = LogStore::open(stores.log.clone(), partition, sm.purge_gate())?;
+    // The log is purged only below a snapshot the state file holds durably; a state file
+    // behind the purge point lost a durable commit (redb rolls back a newest commit whose
+    // pages fail their checksums after a crash, silently), and openraft would rebuild a
+    // snapshot from it: refuse instead.
+    let applied = sm.applied_in_file()?.map(|l| l.index);
+    if let Some(purged) = stores.log.purged(partition).map(|(i, _)| i) {
+        if applied.is_none_or(|a| a < purged) {
+            return Err(read_error(format!(
+                "partition {partition}: the state file's applied offset ({applied:?}) is behind \
+                 the log's purge point ({purged}): the state file lost a durable commit. \
+                 Refusing to start on it; move this node's data directory away and start the \
+                 node on an empty one to take a fresh copy from its replicas"
+            )));
+        }
+    }
     Ok((log, sm))
 }

@@ -8,7 +8,10 @@
 //! - at open, any record that fails its checksum is cut together with everything after it
 //!   (a torn or corrupt tail); the leader sends those entries again. A record whose
 //!   checksum holds but whose format is unknown (a newer replikv wrote it) is not cut: the
-//!   open fails.
+//!   open fails;
+//! - a partition whose log was cut at damage (`damage.rs`) is *recovering* until an append
+//!   reaches its high water; the append that does clears the mark in the same batch
+//!   ([`Recovery`]).
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -23,8 +26,41 @@ use tokio::sync::oneshot;
 use crate::record::{decode_record, encode_record, RecordError};
 use crate::{read_error, storage_error, Entry, LogId, PurgeGate, StorageError, TypeConfig, Vote};
 
-const VOTE: &str = "vote";
+pub(crate) const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
+/// The high water of a partition whose log was cut at damage (`damage.rs`).
+pub(crate) const RECOVER_TO: &str = "recover_to";
+
+/// Whether a log ending at `log` holds everything a log ending at `high_water` held that can
+/// matter: the same (term, index) or a later one. A later term suffices whatever the index:
+/// its leader's log held every entry committed before it, and a log with an entry of that
+/// term holds that leader's log up to it. (Not `LogId`'s own order, which also compares the
+/// leader's node id.)
+pub(crate) fn covers(log: &LogId, high_water: &LogId) -> bool {
+    (log.leader_id.term, log.index) >= (high_water.leader_id.term, high_water.index)
+}
+
+/// A replica's recovery from a damaged log (`damage.rs`): the high water its log must reach
+/// again before it votes for any candidate below it or campaigns. Shared by the log store,
+/// which clears it, and the node, which asks it.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery(Arc<Mutex<Option<LogId>>>);
+
+impl Recovery {
+    /// The high water, while recovering.
+    pub fn high_water(&self) -> Option<LogId> {
+        *self.0.lock().expect("recovery")
+    }
+
+    /// Whether this replica may vote for a candidate whose log ends at `candidate_last`: as
+    /// if it still held what it lost.
+    pub fn may_vote_for(&self, candidate_last: Option<&LogId>) -> bool {
+        match self.high_water() {
+            None => true,
+            Some(hw) => candidate_last.is_some_and(|l| covers(l, &hw)),
+        }
+    }
+}
 
 /// Batches whose append times are remembered, for replica lag in milliseconds.
 const APPEND_CLOCK_BATCHES: usize = 4096;
@@ -118,6 +154,7 @@ pub struct LogStore {
     waiters: Arc<AppendWaiters>,
     /// Purges wait here for a snapshot being installed (`purge_gate.rs`).
     gate: PurgeGate,
+    recovery: Recovery,
 }
 
 impl LogStore {
@@ -128,10 +165,26 @@ impl LogStore {
             partition,
             waiters: Arc::new(AppendWaiters::default()),
             gate,
+            recovery: Recovery::default(),
         };
         log.cut_corrupt_tail()?;
         log.demote_saved_vote()?;
+        let high_water: Option<LogId> = log.read_meta::<Option<LogId>>(RECOVER_TO)?.flatten();
+        if let Some(hw) = high_water {
+            tracing::warn!(
+                partition,
+                high_water = %hw,
+                "recovering from a damaged log: votes only for candidates holding up to the \
+                 high water, and no campaign, until the leader has sent it that far again"
+            );
+        }
+        *log.recovery.0.lock().expect("recovery") = high_water;
         Ok(log)
+    }
+
+    /// This partition's recovery from a damaged log, if any (see [`Recovery`]).
+    pub fn recovery(&self) -> Recovery {
+        self.recovery.clone()
     }
 
     /// A node that led before it stopped would restart as leader: openraft 0.9 restores a
@@ -352,17 +405,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut records = Vec::new();
         let mut proposed = Vec::new();
         let mut last = None;
+        let mut last_id = None;
         for entry in entries {
             if let EntryPayload::Normal(req) = &entry.payload {
                 proposed.push((req.req_id, entry.log_id.index));
             }
             last = Some(entry.log_id.index);
+            last_id = Some(entry.log_id);
             records.push(LogOp::Append {
                 p,
                 index: entry.log_id.index,
                 bytes: encode_record(&entry),
             });
         }
+        // Back at the high water of a recovery: this batch makes it an ordinary replica
+        // again, and says so on disk in the same write.
+        let recovered = match (self.recovery.high_water(), last_id) {
+            (Some(hw), Some(id)) if covers(&id, &hw) => {
+                let none: Option<LogId> = None;
+                let bytes = bincode::serialize(&none).map_err(storage_error)?;
+                records.push(self.meta_op(RECOVER_TO, bytes));
+                true
+            }
+            _ => false,
+        };
         let waiters = self.waiters.clone();
         // Written to this node's log now (the writer commits it in order); `eventual` writes
         // are acknowledged here, the others once the commit is durable.
@@ -382,6 +448,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         match done_rx.await {
             Ok(Ok(())) => {
+                if recovered {
+                    tracing::info!(
+                        partition = p,
+                        "recovered from the damaged log: the leader has sent everything it held"
+                    );
+                    *self.recovery.0.lock().expect("recovery") = None;
+                }
                 if let Some(last) = last {
                     waiters.flushed(last);
                 }

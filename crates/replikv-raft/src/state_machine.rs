@@ -25,7 +25,7 @@ use crate::{
 };
 
 const APPLIED: &str = "applied";
-const MEMBERSHIP: &str = "membership";
+pub(crate) const MEMBERSHIP: &str = "membership";
 
 #[derive(Clone)]
 pub struct StateMachine {
@@ -126,6 +126,11 @@ impl StateMachine {
             ))),
             None => Ok(()),
         }
+    }
+
+    /// The applied offset in the file.
+    pub(crate) fn applied_in_file(&self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.file_applied()?.0)
     }
 
     /// The applied offset and membership in the file.

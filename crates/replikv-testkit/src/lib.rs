@@ -262,6 +262,13 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) {
+        if let Err(why) = self.try_spawn(id) {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts node `id`; an error, with its log's last lines, if the process exits first.
+    fn try_spawn(&mut self, id: u64) -> Result<(), String> {
         let bin = self.bin.clone();
         let n = self.nodes.get_mut(&id).expect("known node");
         let log = fs::OpenOptions::new()
@@ -305,14 +312,17 @@ impl Cluster {
                 .call()
                 .is_ok()
             {
-                return;
+                return Ok(());
             }
             let exited = n.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                panic!(
+                if exited.is_some() {
+                    n.child = None;
+                }
+                return Err(format!(
                     "node {id} did not come up ({exited:?}); its log:\n{}",
                     n.log_tail()
-                );
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -348,6 +358,41 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) {
         assert!(!self.nodes[&id].is_running(), "node {id} is still running");
         self.spawn(id);
+    }
+
+    /// Starts a killed node again; `Err` with its log's last lines when it refuses to start.
+    pub fn try_restart(&mut self, id: u64) -> Result<(), String> {
+        assert!(!self.nodes[&id].is_running(), "node {id} is still running");
+        self.try_spawn(id)
+    }
+
+    /// The newest segment of stopped node `id`'s Raft log, and how far its records go (the
+    /// zeros a segment grows by are not counted).
+    pub fn newest_log_segment(&self, id: u64) -> (PathBuf, usize) {
+        assert!(!self.nodes[&id].is_running(), "node {id} is running");
+        let dir = self.nodes[&id].data_dir.join("log");
+        let newest = fs::read_dir(&dir)
+            .expect("log directory")
+            .map(|e| e.expect("log entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .max()
+            .expect("a log segment");
+        let bytes = fs::read(&newest).expect("segment");
+        let written = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        (newest, written)
+    }
+
+    /// Damages stopped node `id`'s newest log segment as bit rot would: inverts `len` bytes
+    /// at `fraction` of its written length. Returns the file and the offset damaged.
+    pub fn damage_log(&self, id: u64, fraction: f64, len: usize) -> (PathBuf, usize) {
+        let (path, written) = self.newest_log_segment(id);
+        let mut bytes = fs::read(&path).expect("segment");
+        let at = ((written as f64 * fraction) as usize).min(written.saturating_sub(len));
+        for b in &mut bytes[at..at + len] {
+            *b = !*b;
+        }
+        fs::write(&path, &bytes).expect("writing the damaged segment");
+        (path, at)
     }
 
     fn signal(&self, id: u64, sig: i32) {

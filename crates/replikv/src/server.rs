@@ -9,7 +9,7 @@ use clap::Args;
 use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::Transport;
 use replikv_cluster::Node;
-use replikv_storage::{FsyncPolicy, Stores};
+use replikv_storage::FsyncPolicy;
 use replikv_types::{Consistency, ReadPreference};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -155,7 +155,8 @@ pub fn init_logging() {
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     // 1. Storage.
-    let stores = Stores::open(&cfg.data_dir, cfg.storage.fsync)
+    let members = cfg.peers.keys().copied().collect();
+    let stores = replikv_raft::open_stores(&cfg.data_dir, cfg.storage.fsync, cfg.node_id, &members)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
     // 2. Listeners (port 0 is allowed; the bound addresses are printed).
     let peer_bind = cfg

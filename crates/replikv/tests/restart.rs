@@ -1,8 +1,7 @@
 //! Restarts from disk (DESIGN.md section 3, catch-up and durability): a replica that missed
 //! less than the backlog catches up from the log; one that missed more receives a snapshot;
 //! `kill -9` of every node loses no acknowledged write, under every `fsync` policy (the Raft
-//! log is fsynced on every append); a corrupt log tail is detected and cut, and the replica
-//! recovers from its peers.
+//! log is fsynced on every append). Torn and damaged logs: `log_damage.rs`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +9,6 @@ use std::thread;
 use std::time::Duration;
 
 use redis::Commands;
-use replikv_storage::Stores;
 use replikv_testkit::{wait_until, Cluster, Options};
 
 fn bin() -> &'static std::path::Path {
@@ -171,44 +169,4 @@ fn kill_9_of_every_node_loses_no_acknowledged_write(fsync: &'static str) {
         &lost[..lost.len().min(5)]
     );
     c.wait_converged(Duration::from_secs(30));
-}
-
-#[test]
-fn corrupt_log_tail_is_cut_on_restart_and_the_replica_recovers() {
-    let mut c = Cluster::start(
-        bin(),
-        Options {
-            rebalance_leaders: false,
-            ..Options::default()
-        },
-    );
-    fill(&c, 1, "k", 200);
-    c.wait_converged(Duration::from_secs(20));
-    let victim = 3;
-    c.kill(victim);
-
-    // Flip a byte among the last records of the stopped node's Raft log: the records from
-    // there on fail their checksum.
-    let dir = c.node(victim).data_dir.join(Stores::LOG_DIR);
-    let last = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .expect("a log segment");
-    let mut bytes = std::fs::read(&last).unwrap();
-    let end = bytes.iter().rposition(|b| *b != 0).expect("records") + 1;
-    bytes[end - 200] ^= 0xff;
-    std::fs::write(&last, &bytes).unwrap();
-
-    c.restart(victim);
-    assert!(
-        c.node(victim).log_text().contains("cutting a torn tail"),
-        "{}",
-        c.node(victim).log_tail()
-    );
-    fill(&c, 1, "after", 50);
-    c.wait_converged(Duration::from_secs(30));
-    let v: i64 = c.redis(victim).get("k199").unwrap();
-    assert_eq!(v, 199);
 }

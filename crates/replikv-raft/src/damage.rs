@@ -1,0 +1,255 @@
+//! What a node does when its Raft log is damaged: a record in the newest segment fails its
+//! checksum with valid records after it (`replikv-storage`'s `raft_log/recover.rs` has the rule
+//! that tells this from a torn write). Whatever followed the damage is lost to this node, and
+//! some of it may be committed entries that this node acknowledged.
+//!
+//! - **No other voter.** A partition whose only voter is this node (a single-node cluster, or
+//!   a replication factor of 1) has no one to take the lost entries from: the node refuses to
+//!   start, naming the file and offset (`DamagedLog::refusal`).
+//! - **Other voters.** The log is cut at the damage, and each partition records its *high
+//!   water*: the greatest (term, index) it may have held before (the last discarded entry;
+//!   or, for a partition with no entry after the damage, one past its last entry, since the
+//!   damaged record itself may have been its next). Until its log again reaches the high
+//!   water (`LogStore`'s [`Recovery`]), the replica votes only for candidates whose log reaches
+//!   it, and does not campaign (`replikv-cluster`'s `handler.rs`, `elections.rs`): it votes as
+//!   if it still held what it lost, so no candidate missing a write it acknowledged can win
+//!   with its vote. Its acknowledgements of new entries stay sound (openraft appends only
+//!   after the leader's consistency check), so it keeps replicating and catches up from the
+//!   leader; once an entry at or past the high water from a leader is on its disk, it is an
+//!   ordinary replica again.
+//! - **Votes.** A vote record after the damage (votes only grow) restores the vote; so does
+//!   the leader of the newest discarded entry (this node had accepted it as leader of that
+//!   term). A damaged record that was itself a vote, with nothing of the partition after it,
+//!   cannot be restored: that window is a vote for a candidate that then had nothing
+//!   accepted by this node, and docs/design/durability.md says why a second vote in that term
+//!   cannot give it a second leader that works.
+
+use std::collections::BTreeSet;
+
+use openraft::EntryPayload;
+use replikv_storage::{DamagedLog, LogOp, RaftLog, Store};
+
+use crate::log_store::{covers, RECOVER_TO, VOTE};
+use crate::record::decode_record;
+use crate::{LogId, Membership, Vote};
+
+type Result<T> = std::result::Result<T, replikv_storage::StorageError>;
+
+fn err(e: impl std::fmt::Display) -> replikv_storage::StorageError {
+    replikv_storage::StorageError(e.to_string())
+}
+
+/// Repairs node `me`'s damaged log when every partition that may have lost entries has
+/// another voter, and refuses otherwise (module note). `state` is the node's state file, for
+/// the memberships it holds; `members`, the cluster's configured members, stand in for a
+/// partition whose membership nothing recorded yet.
+pub fn repair_log(
+    me: u64,
+    members: &BTreeSet<u64>,
+    state: &Store,
+    log: DamagedLog,
+) -> Result<RaftLog> {
+    let mut parts: BTreeSet<u32> = log.partitions().into_iter().collect();
+    parts.extend(log.damage().after.iter().map(partition_of));
+    let mut ops = Vec::new();
+    let mut alone = Vec::new();
+    for p in parts {
+        let lost = Lost::of(&log, p)?;
+        let mut voters = latest_membership(&log, state, p, &lost)?;
+        if voters.is_empty() {
+            voters = members.clone();
+        }
+        if !voters.iter().any(|v| *v != me) {
+            alone.push(p);
+            continue;
+        }
+        let before = log
+            .meta(p, RECOVER_TO)
+            .map(|raw| bincode::deserialize::<Option<LogId>>(&raw).map_err(err))
+            .transpose()?
+            .flatten();
+        let vote_before = log
+            .meta(p, VOTE)
+            .map(|raw| bincode::deserialize::<Vote>(&raw).map_err(err))
+            .transpose()?;
+        let high_water = lost.high_water(&log, p, vote_before.as_ref())?;
+        let high_water = match before {
+            Some(b) if covers(&b, &high_water) => b,
+            _ => high_water,
+        };
+        tracing::error!(
+            partition = p,
+            discarded_entries = lost.entries.len(),
+            first_discarded = lost.entries.first().map(|l| l.index),
+            last_discarded = lost.entries.last().map(|l| l.index),
+            high_water = %high_water,
+            "Raft log damaged: discarding this partition's records after the damage; it votes \
+             only for candidates holding up to the high water, and campaigns only after the \
+             leader has sent it that far again"
+        );
+        ops.push(meta(
+            p,
+            RECOVER_TO,
+            bincode::serialize(&Some(high_water)).map_err(err)?,
+        ));
+        if let Some(v) = lost.restored_vote(vote_before.as_ref()) {
+            ops.push(meta(p, VOTE, bincode::serialize(&v).map_err(err)?));
+        }
+    }
+    if !alone.is_empty() {
+        return Err(log.refusal(&format!(
+            "partition(s) {alone:?} have no replica but this node to take the lost entries from"
+        )));
+    }
+    log.repair(ops)
+}
+
+fn meta(p: u32, name: &str, value: Vec<u8>) -> LogOp {
+    LogOp::Meta {
+        p,
+        name: name.to_string(),
+        value,
+    }
+}
+
+fn partition_of(op: &LogOp) -> u32 {
+    match op {
+        LogOp::Append { p, .. }
+        | LogOp::TruncateFrom { p, .. }
+        | LogOp::PurgeTo { p, .. }
+        | LogOp::Meta { p, .. } => *p,
+    }
+}
+
+/// What partition `p` had after the damage: its discarded entries' ids (in log order), the
+/// newest membership among them, and its last vote record there.
+struct Lost {
+    entries: Vec<LogId>,
+    membership: Option<(LogId, BTreeSet<u64>)>,
+    vote: Option<Vote>,
+}
+
+impl Lost {
+    fn of(log: &DamagedLog, p: u32) -> Result<Lost> {
+        let mut lost = Lost {
+            entries: Vec::new(),
+            membership: None,
+            vote: None,
+        };
+        for op in &log.damage().after {
+            match op {
+                LogOp::Append { p: q, bytes, .. } if *q == p => {
+                    // Its checksum held: a record this build cannot read is a newer format,
+                    // and losing track of it could undercount what was lost.
+                    let entry = decode_record(bytes).map_err(|e| {
+                        err(format!("partition {p}: a record after the damage: {e}"))
+                    })?;
+                    if let EntryPayload::Membership(m) = &entry.payload {
+                        lost.membership = Some((entry.log_id, m.voter_ids().collect()));
+                    }
+                    lost.entries.push(entry.log_id);
+                }
+                LogOp::Meta { p: q, name, value } if *q == p && name == VOTE => {
+                    lost.vote = Some(bincode::deserialize(value).map_err(err)?);
+                }
+                _ => {}
+            }
+        }
+        Ok(lost)
+    }
+
+    /// The greatest (term, index) partition `p` may have held (module note).
+    fn high_water(&self, log: &DamagedLog, p: u32, vote: Option<&Vote>) -> Result<LogId> {
+        let newest = self
+            .entries
+            .iter()
+            .copied()
+            .reduce(|a, b| if covers(&b, &a) { b } else { a });
+        if let Some(id) = newest {
+            return Ok(id);
+        }
+        // Nothing of it after the damage: the damaged record may have been its next entry,
+        // of a term no later than its vote's.
+        let last = match log.last(p)? {
+            Some((_, raw)) => Some(decode_record(&raw).map_err(err)?.log_id),
+            None => log
+                .purged(p)
+                .map(|(_, tag)| bincode::deserialize::<Option<LogId>>(&tag).map_err(err))
+                .transpose()?
+                .flatten(),
+        };
+        let term = [
+            last.map(|l| l.leader_id.term),
+            vote.map(|v| v.leader_id.term),
+            self.vote.as_ref().map(|v| v.leader_id.term),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
+        let index = last.map_or(0, |l| l.index) + 1;
+        Ok(LogId::new(openraft::CommittedLeaderId::new(term, 0), index))
+    }
+
+    /// The vote to restore, when what was lost holds a later one than `before`.
+    fn restored_vote(&self, before: Option<&Vote>) -> Option<Vote> {
+        let term = |v: Option<&Vote>| v.map_or(0, |v| v.leader_id.term);
+        let mut best = before.copied();
+        if let Some(v) = self.vote {
+            // Written after `before`: votes only grow.
+            best = Some(v);
+        }
+        if let Some(id) = self.entries.iter().max_by_key(|l| l.leader_id.term) {
+            // This node took that entry from the leader of its term.
+            if id.leader_id.term > term(best.as_ref()) {
+                best = Some(Vote::new(id.leader_id.term, id.leader_id.node_id));
+            }
+        }
+        (best.as_ref() != before).then_some(best).flatten()
+    }
+}
+
+/// The voters of partition `p` in its newest membership: among the state file's, the log's
+/// before the damage, and the discarded entries'.
+fn latest_membership(
+    log: &DamagedLog,
+    state: &Store,
+    p: u32,
+    lost: &Lost,
+) -> Result<BTreeSet<u64>> {
+    let mut best: Option<(Option<LogId>, BTreeSet<u64>)> = None;
+    let mut consider = |at: Option<LogId>, voters: BTreeSet<u64>| {
+        if best.as_ref().is_none_or(|(b, _)| at >= *b) {
+            best = Some((at, voters));
+        }
+    };
+    let r = state.read().map_err(err)?;
+    if let Some(raw) = r.meta_get(p, crate::state_machine::MEMBERSHIP)? {
+        let m: Membership = bincode::deserialize(&raw).map_err(err)?;
+        consider(*m.log_id(), m.membership().voter_ids().collect());
+    }
+    for (i, raw) in log.entries(p, 0..u64::MAX)? {
+        let entry =
+            decode_record(&raw).map_err(|e| err(format!("partition {p}: log record {i}: {e}")))?;
+        if let EntryPayload::Membership(m) = &entry.payload {
+            consider(Some(entry.log_id), m.voter_ids().collect());
+        }
+    }
+    if let Some((at, voters)) = &lost.membership {
+        consider(Some(*at), voters.clone());
+    }
+    Ok(best.map(|(_, v)| v).unwrap_or_default())
+}
+
+/// Opens node `me`'s stores under `dir`, repairing a damaged log where the node's partitions
+/// have other voters (module note). `members`: the cluster's configured members.
+pub fn open_stores(
+    dir: &std::path::Path,
+    policy: replikv_storage::FsyncPolicy,
+    me: u64,
+    members: &BTreeSet<u64>,
+) -> Result<replikv_storage::Stores> {
+    replikv_storage::Stores::open_repairing(dir, policy, |state, log| {
+        repair_log(me, members, state, log)
+    })
+}
