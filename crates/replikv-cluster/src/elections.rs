@@ -115,11 +115,11 @@ impl Node {
             *g.elections.hold_until.lock().expect("election hold") = Instant::now();
         }
         let majority = g.placement.replicas.len() / 2 + 1;
-        // A replica recovering from a damaged log may lack writes it acknowledged: it must
-        // not lead until the leader has sent them again (`replikv-raft`'s `damage.rs`).
+        // Not while unfit to lead: recovering from a damaged log (it may lack writes it
+        // acknowledged), or with a disk that takes no new data.
         let allowed = !g.elections.held()
             && self.reachable_replicas(g) >= majority
-            && g.recovery.high_water().is_none();
+            && self.unfit_to_lead(g).is_none();
         if g.elections.allowed.swap(allowed, Ordering::Relaxed) != allowed {
             g.raft.runtime_config().elect(allowed);
             tracing::debug!(partition = g.partition, allowed, "election timer");
@@ -219,6 +219,7 @@ pub(crate) fn spawn(node: Arc<Node>) {
         let mut tick = tokio::time::interval(PING_EVERY);
         loop {
             tick.tick().await;
+            node.watch_disk();
             for g in node.groups.values() {
                 node.update_election_gate(g);
                 node.campaign_if_leader_gone(g);

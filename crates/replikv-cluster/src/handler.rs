@@ -102,6 +102,25 @@ impl Node {
                 let Some(g) = self.group(p).cloned() else {
                     return PeerResponse::NoSuchPartition(p);
                 };
+                // New entries are new data: not into the disk's reserve, which is for votes,
+                // checkpoints and purges. The leader gets no acknowledgement and retries them
+                // as if this node were away. This node still hears the leader as from a Raft
+                // heartbeat, which is this message without its entries: so it knows the
+                // leader and its term, and commits (up to `prev_log_id`, which the leader
+                // vouched for, openraft's `commit_entries`) what it already holds.
+                if !rpc.entries.is_empty() {
+                    if let Some(why) = self.space.refusal() {
+                        let heartbeat = openraft::raft::AppendEntriesRequest {
+                            vote: rpc.vote,
+                            prev_log_id: rpc.prev_log_id,
+                            leader_commit: rpc.leader_commit,
+                            entries: Vec::new(),
+                        };
+                        let _ = g.raft.append_entries(heartbeat).await;
+                        g.lease.leader_heard();
+                        return PeerResponse::Unavailable(why);
+                    }
+                }
                 let entries = rpc.entries.len();
                 let started = Instant::now();
                 let r = g.raft.append_entries(rpc).await;
@@ -142,6 +161,9 @@ impl Node {
                 None => PeerResponse::NoSuchPartition(p),
             },
             PeerRequest::InstallSnapshot(p, rpc) => match self.group(p) {
+                Some(_) if self.space.refusing() => {
+                    PeerResponse::Unavailable(self.space.refusal().unwrap_or_default())
+                }
                 Some(g) => {
                     let done = rpc.done;
                     let r = g.raft.install_snapshot(rpc).await;

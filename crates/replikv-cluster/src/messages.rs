@@ -41,6 +41,9 @@ pub enum PeerResponse {
     NoSuchPartition(PartitionId),
     /// The answer to a ping: where this node stands in each partition it leads.
     Pong(Vec<LeaderMark>),
+    /// The node cannot take the request now (its disk is full): the sender backs off and
+    /// retries, as from an unreachable node.
+    Unavailable(String),
 }
 
 /// A leader's position, for its followers' staleness bound (`lag.rs`).

@@ -41,6 +41,8 @@ pub struct Metrics {
     sync_batch: HistogramVec,
     storage_commits: IntCounterVec,
     storage_fsyncs: IntCounterVec,
+    disk_free: IntGaugeVec,
+    disk_refusing: IntGaugeVec,
     /// Last offsets folded into the counters above, to add only what is new.
     seen: Mutex<HashMap<(String, u32, u64), u64>>,
 }
@@ -215,6 +217,18 @@ impl Metrics {
                 "Of those commits, the ones that waited for the disk (fsync)",
                 &["node", "store"],
             ),
+            disk_free: igauge(
+                &r,
+                "replikv_storage_free_bytes",
+                "Free space of the data directory's disk",
+                &["node"],
+            ),
+            disk_refusing: igauge(
+                &r,
+                "replikv_storage_disk_full",
+                "1 while the node refuses new data: its disk is full or below storage.min_free_bytes",
+                &["node"],
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -330,6 +344,12 @@ impl Metrics {
             self.advance(&self.storage_commits, &labels, key("commits"), st.commits);
             self.advance(&self.storage_fsyncs, &labels, key("fsyncs"), st.fsyncs);
         }
+        self.disk_free
+            .with_label_values(&[&self.node])
+            .set(status.disk.free_bytes.min(i64::MAX as u64) as i64);
+        self.disk_refusing
+            .with_label_values(&[&self.node])
+            .set(status.disk.refusing.is_some() as i64);
         for part in &status.partitions {
             let ps = part.partition.to_string();
             let labels = [KS, ps.as_str(), self.node.as_str()];

@@ -53,6 +53,12 @@ fn transport_err<E: std::error::Error>(e: TransportError) -> RPCError<u64, Basic
     }
 }
 
+/// The peer cannot take the request now (its disk is full): openraft backs off from an
+/// unreachable node and tries again.
+fn unavailable<E: std::error::Error>(why: String) -> RPCError<u64, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(&TransportError::Unreachable(why)))
+}
+
 fn unexpected<E: std::error::Error>(resp: &PeerResponse) -> RPCError<u64, BasicNode, E> {
     let e = TransportError::Protocol(format!("unexpected answer {resp:?}"));
     RPCError::Network(NetworkError::new(&e))
@@ -93,6 +99,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
             PeerResponse::AppendEntries(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
+            PeerResponse::Unavailable(why) => Err(unavailable(why)),
             other => Err(unexpected(&other)),
         }
     }
@@ -110,6 +117,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
             PeerResponse::InstallSnapshot(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
+            PeerResponse::Unavailable(why) => Err(unavailable(why)),
             other => Err(unexpected(&other)),
         }
     }

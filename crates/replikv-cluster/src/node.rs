@@ -201,6 +201,11 @@ pub struct Node {
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
     /// Last leader seen for partitions this node does not host.
     pub(crate) leader_hints: Mutex<HashMap<PartitionId, NodeId>>,
+    /// The free space of the data directory's disk: below its reserve the node takes no new
+    /// data (`replikv-storage`'s `space.rs`).
+    pub(crate) space: Arc<replikv_storage::DiskSpace>,
+    /// Whether the disk refused new data at the last check, to log each change once.
+    pub(crate) disk_refusing: std::sync::atomic::AtomicBool,
     /// This node's random draws, seeded by `cfg.seed` when it is set.
     rng: Mutex<StdRng>,
 }
@@ -245,12 +250,15 @@ impl Node {
         let me = transport.me().clone();
         let mut endpoints = BTreeMap::new();
         endpoints.insert(cfg.node_id, (me.resp_addr.clone(), me.http_addr.clone()));
+        let space = stores.log.space();
         let node = Arc::new(Node {
             metrics: Arc::new(Metrics::new(cfg.node_id)),
             cfg,
             transport,
             placement,
             groups,
+            space,
+            disk_refusing: std::sync::atomic::AtomicBool::new(false),
             stores,
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
@@ -377,7 +385,56 @@ impl Node {
 
     /// Whether every local partition has a leader (the `/ready` check).
     pub fn ready(&self) -> bool {
-        self.groups.values().all(|g| g.leader().is_some())
+        self.readiness().is_ok()
+    }
+
+    /// The `/ready` check with its reason: the disk takes new data, and every local
+    /// partition has a leader.
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(why) = self.space.refusal() {
+            return Err(format!("writes refused: {why}"));
+        }
+        match self.groups.values().find(|g| g.leader().is_none()) {
+            Some(g) => Err(format!("partition {} has no leader", g.partition)),
+            None => Ok(()),
+        }
+    }
+
+    /// Why this replica of `g` must not take leadership now, if it must not: it is
+    /// recovering from a damaged log (it may lack writes it acknowledged), or its disk takes
+    /// no new data (it could not append a client's write).
+    pub(crate) fn unfit_to_lead(&self, g: &Group) -> Option<String> {
+        if let Some(hw) = g.recovery.high_water() {
+            return Some(format!(
+                "node {} is recovering partition {} from a damaged log (up to {hw})",
+                self.id(),
+                g.partition
+            ));
+        }
+        self.space
+            .refusal()
+            .map(|why| format!("node {}: {why}", self.id()))
+    }
+
+    /// Reads the disk's free space again (every ping period), and says so when the node
+    /// starts or stops refusing new data.
+    pub(crate) fn watch_disk(&self) {
+        use std::sync::atomic::Ordering;
+        let refusing = self.space.refresh();
+        if self.disk_refusing.swap(refusing, Ordering::Relaxed) != refusing {
+            match self.space.refusal() {
+                Some(why) => tracing::error!(
+                    free_bytes = self.space.free_bytes(),
+                    min_free_bytes = self.space.min_free_bytes(),
+                    "disk full: {why}; writes are refused and this node hands off its \
+                     leaderships until there is room again (reads still work)"
+                ),
+                None => tracing::info!(
+                    free_bytes = self.space.free_bytes(),
+                    "the disk has room again: this node takes writes again"
+                ),
+            }
+        }
     }
 
     /// Stops every group (their Raft cores) and the storage flusher.

@@ -23,6 +23,17 @@ pub struct NodeStatus {
     /// The node's two redb files (`log`, `state`): commits and fsyncs since it started.
     #[serde(default)]
     pub storage: Vec<StoreStatus>,
+    /// The data directory's disk: free space, the reserve, and why new data is refused.
+    pub disk: DiskStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DiskStatus {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub min_free_bytes: u64,
+    /// Set while writes are refused (the disk is full, or below `min_free_bytes`).
+    pub refusing: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +142,12 @@ impl Node {
                     fsyncs: self.stores.state.sync_count(),
                 },
             ],
+            disk: DiskStatus {
+                free_bytes: self.space.free_bytes(),
+                total_bytes: self.space.total_bytes(),
+                min_free_bytes: self.space.min_free_bytes(),
+                refusing: self.space.refusal(),
+            },
         }
     }
 

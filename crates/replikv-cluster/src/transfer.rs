@@ -178,11 +178,9 @@ impl Node {
                 leader: None,
             });
         };
-        if let Some(hw) = g.recovery.high_water() {
+        if let Some(why) = self.unfit_to_lead(&g) {
             return Err(Error::TryAgain(format!(
-                "node {} is recovering partition {p} from a damaged log (up to {hw}); it takes \
-                 no leadership until then",
-                self.id()
+                "{why}: it takes no leadership until then"
             )));
         }
         // Waiting out the lease is the protocol: votes are refused until it expires.
@@ -219,6 +217,41 @@ impl Node {
         Err(Error::TryAgain(format!(
             "campaign for partition {p} did not win"
         )))
+    }
+}
+
+impl Node {
+    /// Hands leadership of `g`, which this node leads but cannot serve writes for (its disk
+    /// takes no new data), to the reachable replica that holds the most of its log.
+    fn hand_off(self: &Arc<Self>, g: &Arc<Group>) {
+        if g.transferring.load(Ordering::SeqCst) {
+            return;
+        }
+        let window = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
+        let matched = g
+            .raft
+            .metrics()
+            .borrow()
+            .replication
+            .clone()
+            .unwrap_or_default();
+        let target = g
+            .placement
+            .replicas
+            .iter()
+            .filter(|id| **id != self.id())
+            .filter(|id| self.replicas_heard_within(&[**id], window) == 1)
+            .max_by_key(|id| matched.get(*id).copied().flatten().map(|l| l.index));
+        let Some(&to) = target else { return };
+        let (node, p) = (self.clone(), g.partition);
+        tokio::spawn(async move {
+            match node.transfer_leadership(p, to).await {
+                Ok(()) => {
+                    tracing::info!(partition = p, to, "leadership handed off: the disk is full")
+                }
+                Err(e) => tracing::debug!(partition = p, to, error = %e, "hand-off not done yet"),
+            }
+        });
     }
 }
 
@@ -281,8 +314,12 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
             for g in node.groups.values() {
                 let p = g.partition;
                 let count = stable.entry(p).or_default();
+                if g.is_leader() && node.space.refusing() {
+                    node.hand_off(g);
+                    continue;
+                }
                 let wants = g.placement.preferred_leader == node.id()
-                    && g.recovery.high_water().is_none()
+                    && node.unfit_to_lead(g).is_none()
                     && g.leader().is_some_and(|l| l != node.id())
                     && node.staleness(g).is_some_and(|s| {
                         s < Duration::from_millis(node.cfg.replication.election_timeout_min_ms)

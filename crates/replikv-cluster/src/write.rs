@@ -369,6 +369,13 @@ impl Node {
                 "leadership of partition {p} is moving; retry"
             )));
         }
+        // A write this leader cannot make durable fails now, having changed nothing.
+        if let Some(why) = self.space.refusal() {
+            return Err(Error::DiskFull(format!(
+                "node {} leads partition {p}, and {why}",
+                self.id()
+            )));
+        }
         // Reachability comes from the peers' ping answers, not from openraft's last quorum
         // acknowledgement: under a heavy write load acknowledgements queue behind fsyncs and
         // would make a healthy leader look cut off.

@@ -351,15 +351,15 @@ async fn promote(
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.node.ready() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": "a partition has no leader"})),
-        )
-            .into_response()
-    }
+    let why = match state.node.readiness() {
+        Ok(()) => return (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
+        Err(why) => why,
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"ready": false, "reason": why})),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -21,12 +21,14 @@
 //! - `snapshot`: partition → the latest snapshot's bytes
 
 mod raft_log;
+mod space;
 mod store;
 
 pub use raft_log::{
     Damage, DamagedLog, FsLogDir, LogDir, LogOp, MemLogDir, Opened, RaftLog, SEGMENT_BYTES,
 };
 
+pub use space::{is_no_space, DiskSpace};
 pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, WriterKind};
 
 /// Shared by the tests of both stores.
@@ -34,14 +36,19 @@ pub use store::{FsyncPolicy, ReadTx, StorageError, Store, Stores, WriteTx, Write
 pub(crate) mod test_util {
     use std::time::{Duration, Instant};
 
+    /// Waits until `cond()` holds; panics with `what` after `secs` seconds.
+    pub async fn wait_until(secs: u64, what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until `syncs()` moves on from its value now (a flusher ran); panics with `what`
     /// after `secs` seconds.
     pub async fn wait_for_a_sync(syncs: impl Fn() -> u64, secs: u64, what: &str) {
         let from = syncs();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while syncs() == from {
-            assert!(Instant::now() < deadline, "{what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until(secs, what, || syncs() != from).await;
     }
 }

@@ -54,6 +54,11 @@ pub struct Options {
     /// Node id → the rate of that node's clocks (monotonic and wall), through libfaketime
     /// (Debian's `faketime`): 0.95 runs 5% slow. Nodes not listed keep the real clock.
     pub clock_rates: BTreeMap<u64, f64>,
+    /// Node id → the size in bytes of a tmpfs mounted on that node's data directory before
+    /// it first starts (needs root), so that its disk can fill ([`Cluster::resize_tmpfs`]).
+    pub tmpfs: BTreeMap<u64, u64>,
+    /// `storage.min_free_bytes`, when set.
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Default for Options {
@@ -77,6 +82,8 @@ impl Default for Options {
             ack_before_commit: false,
             namespaces: false,
             clock_rates: BTreeMap::new(),
+            tmpfs: BTreeMap::new(),
+            min_free_bytes: None,
         }
     }
 }
@@ -157,6 +164,33 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
     }
 }
 
+fn mount_tmpfs(dir: &Path, bytes: u64) -> std::io::Result<()> {
+    run_mount(&[
+        "-t",
+        "tmpfs",
+        "-o",
+        &format!("size={bytes}"),
+        "tmpfs",
+        &dir.display().to_string(),
+    ])
+}
+
+fn run_mount(args: &[&str]) -> std::io::Result<()> {
+    run_mount_cmd("mount", args)
+}
+
+fn run_mount_cmd(cmd: &str, args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new(cmd).args(args).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 /// libfaketime's multi-threaded build, from Debian's `faketime` package.
 fn faketime_library() -> PathBuf {
     let found = fs::read_dir("/usr/lib")
@@ -195,6 +229,9 @@ impl Cluster {
         for id in ids {
             let data_dir = dir.path().join(format!("node{id}"));
             fs::create_dir_all(&data_dir)?;
+            if let Some(bytes) = opts.tmpfs.get(&id) {
+                mount_tmpfs(&data_dir, *bytes)?;
+            }
             nodes.insert(
                 id,
                 Node {
@@ -220,7 +257,7 @@ impl Cluster {
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease} }}\n\
-                 storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
+                 storage: {{ fsync: {fsync}{min_free} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
                  resp: {{ redirect: {redirect} }}\n\
                  debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
                 id = n.id,
@@ -238,6 +275,10 @@ impl Cluster {
                 lag = opts.max_lag_ms,
                 rebal = opts.rebalance_leaders,
                 fsync = opts.fsync,
+                min_free = opts
+                    .min_free_bytes
+                    .map(|b| format!(", min_free_bytes: {b}"))
+                    .unwrap_or_default(),
                 maxk = opts.max_key_bytes,
                 maxv = opts.max_value_bytes,
                 redirect = opts.redirect,
@@ -382,6 +423,29 @@ impl Cluster {
         (newest, written)
     }
 
+    /// Sets the size of the tmpfs under node `id`'s data directory (see [`Options::tmpfs`]),
+    /// running or not: smaller fills its disk, larger gives room back.
+    pub fn resize_tmpfs(&self, id: u64, bytes: u64) -> std::io::Result<()> {
+        let dir = &self.nodes[&id].data_dir;
+        run_mount(&[
+            "-o",
+            &format!("remount,size={bytes}"),
+            &dir.display().to_string(),
+        ])
+    }
+
+    /// Bytes in use on the tmpfs under node `id`'s data directory.
+    pub fn tmpfs_used(&self, id: u64) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.nodes[&id].data_dir.as_os_str().as_bytes())
+            .expect("path without NUL");
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid path and a writable statvfs.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs of node {id}'s data directory");
+        (st.f_blocks - st.f_bfree) as u64 * st.f_frsize as u64
+    }
+
     /// Damages stopped node `id`'s newest log segment as bit rot would: inverts `len` bytes
     /// at `fraction` of its written length. Returns the file and the offset damaged.
     pub fn damage_log(&self, id: u64, fraction: f64, len: usize) -> (PathBuf, usize) {
@@ -475,6 +539,18 @@ impl Cluster {
     }
 
     /// The sum of a Prometheus metric's samples on node `id`.
+    /// `/ready` of node `id`: `Ok` on 200, else the answer's body (it gives the reason).
+    pub fn readiness(&self, id: u64) -> Result<(), String> {
+        let url = format!("http://{}/ready", self.nodes[&id].http);
+        match ureq::get(&url).timeout(Duration::from_secs(5)).call() {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code, r)) => {
+                Err(format!("{code}: {}", r.into_string().unwrap_or_default()))
+            }
+            Err(e) => panic!("/ready of node {id}: {e}"),
+        }
+    }
+
     pub fn metric(&self, id: u64, name: &str) -> f64 {
         let text = self
             .http_text(id, "/metrics")
@@ -708,6 +784,11 @@ impl Drop for Cluster {
                 }
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+        }
+        for id in self.opts.tmpfs.keys() {
+            if let Some(n) = self.nodes.get(id) {
+                let _ = run_mount_cmd("umount", &[&n.data_dir.display().to_string()]);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The one error type, with variants grouped by what the caller must decide: retry on
 //! another node (`NotLeader`, `Moved`), retry later (`ClusterDown`, `TryAgain`, `NoQuorum`,
-//! `Timeout`), or give up and fix the request (`InvalidArgument`, `TooLarge`, `ReadOnly`,
+//! `Timeout`, `DiskFull`), or give up and fix the request (`InvalidArgument`, `TooLarge`, `ReadOnly`,
 //! `UnknownKeyspace`). Front ends convert it once, at the edge, to RESP and to HTTP.
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,10 @@ pub enum Error {
     /// A fault inside this node (storage error, shut down). Logged where it happens.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The leader cannot make the write durable: its disk is full, or below the reserve
+    /// `storage.min_free_bytes`. Nothing was written; reads still work.
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl Error {
@@ -84,6 +88,11 @@ impl Error {
                 }
             }
             Error::UnknownKeyspace(_) | Error::Internal(_) => format!("ERR {self}"),
+            // Redis's prefix for "cannot persist, writes disabled" (stop-writes-on-bgsave-error).
+            Error::DiskFull(m) => format!(
+                "MISCONF Errors writing to the disk: {m}. Commands that may modify the data set \
+                 are disabled until there is room again; reads still work"
+            ),
         }
     }
 
@@ -97,6 +106,7 @@ impl Error {
             Error::Moved { .. } => 421,
             Error::Timeout { .. } => 504,
             Error::Internal(_) => 500,
+            Error::DiskFull(_) => 507,
             Error::NotLeader { .. }
             | Error::ClusterDown { .. }
             | Error::NoQuorum { .. }

@@ -40,6 +40,21 @@ pub use replikv_cluster::Replication;
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
     pub fsync: FsyncPolicy,
+    /// Free space kept in reserve: below it the node takes no new data. Unset: 128 MiB, or a
+    /// quarter of the filesystem when that is smaller (docs/CONFIG.md).
+    pub min_free_bytes: Option<u64>,
+}
+
+/// The reserve when `storage.min_free_bytes` is unset: room for every partition's pending
+/// state-file checkpoints (at most two layers of 4 MiB each, eight partitions) twice over.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 128 << 20;
+
+impl Storage {
+    /// The reserve for a filesystem of `total_bytes`.
+    pub fn min_free_bytes(&self, total_bytes: u64) -> u64 {
+        self.min_free_bytes
+            .unwrap_or_else(|| DEFAULT_MIN_FREE_BYTES.min(total_bytes / 4))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -9,7 +9,7 @@ use clap::Args;
 use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::Transport;
 use replikv_cluster::Node;
-use replikv_storage::FsyncPolicy;
+use replikv_storage::{DiskSpace, FsyncPolicy};
 use replikv_types::{Consistency, ReadPreference};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -158,6 +158,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let members = cfg.peers.keys().copied().collect();
     let stores = replikv_raft::open_stores(&cfg.data_dir, cfg.storage.fsync, cfg.node_id, &members)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
+    let total = DiskSpace::new(&cfg.data_dir, 0).total_bytes();
+    let space = Arc::new(DiskSpace::new(
+        &cfg.data_dir,
+        cfg.storage.min_free_bytes(total),
+    ));
+    tracing::info!(
+        free_bytes = space.free_bytes(),
+        min_free_bytes = space.min_free_bytes(),
+        "disk space of the data directory"
+    );
+    stores.log.watch_space(space);
     // 2. Listeners (port 0 is allowed; the bound addresses are printed).
     let peer_bind = cfg
         .listen

@@ -208,8 +208,33 @@ impl StorageBackend for SegmentFile {
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.0.read_exact_at(out, offset)
     }
+    /// Grows by `fallocate`: the room is reserved, or the call fails having changed nothing
+    /// (`ENOSPC` on a full disk), so no later write into it can fail for lack of space. The
+    /// new bytes read as zeros, which the tear rule relies on (`recover.rs`).
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        use std::os::fd::AsRawFd;
+        let current = self.0.metadata()?.len();
+        if len <= current {
+            return self.0.set_len(len);
+        }
+        // SAFETY: a valid open descriptor; mode 0 allocates [current, len) and extends the size.
+        let rc = unsafe {
+            libc::fallocate(
+                self.0.as_raw_fd(),
+                0,
+                current as libc::off_t,
+                (len - current) as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // A filesystem without fallocate: extend, as before.
+            Some(libc::EOPNOTSUPP) => self.0.set_len(len),
+            _ => Err(e),
+        }
     }
     fn sync_data(&self) -> io::Result<()> {
         self.0.sync_data()
@@ -639,7 +664,14 @@ struct Shared {
     batches: AtomicU64,
     syncs: AtomicU64,
     stopped: AtomicBool,
+    /// The free space of the disk under the log, once the node watches it.
+    space: std::sync::OnceLock<Arc<crate::DiskSpace>>,
 }
+
+/// Retries of a segment's growth on a full disk.
+const NO_SPACE_RETRY: Duration = Duration::from_millis(100);
+static UNLIMITED: std::sync::LazyLock<crate::DiskSpace> =
+    std::sync::LazyLock::new(crate::DiskSpace::unlimited);
 
 /// The node's Raft logs. Cheap to clone; the writer stops when the last clone is dropped.
 #[derive(Clone)]
@@ -742,6 +774,7 @@ impl RaftLog {
             batches: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            space: std::sync::OnceLock::new(),
         });
         {
             let mut active = shared.active.lock().expect("log writer");
@@ -777,6 +810,20 @@ impl RaftLog {
 
     pub fn policy(&self) -> FsyncPolicy {
         self.shared.policy
+    }
+
+    /// Reports a full disk to `space` (the log waits for room rather than failing); the first
+    /// call wins.
+    pub fn watch_space(&self, space: Arc<crate::DiskSpace>) {
+        let _ = self.shared.space.set(space);
+    }
+
+    /// The disk space this log reports to (unlimited until [`RaftLog::watch_space`]).
+    pub fn space(&self) -> Arc<crate::DiskSpace> {
+        match self.shared.space.get() {
+            Some(s) => s.clone(),
+            None => Arc::new(crate::DiskSpace::unlimited()),
+        }
     }
 
     pub fn writer_kind(&self) -> WriterKind {
@@ -982,7 +1029,15 @@ impl Shared {
             Some(why) => Err(err(format!(
                 "the Raft log stopped after an I/O error: {why}"
             ))),
-            None => self.append(&mut active, &buf, placed, durable),
+            None => {
+                let end = active.end + buf.len() as u64;
+                let (a, room) = self.grow_when_room(active, end);
+                active = a;
+                match room {
+                    Ok(()) => self.append(&mut active, &buf, placed, durable),
+                    Err(e) => Err(err(e)),
+                }
+            }
         };
         self.batches.fetch_add(1, Ordering::Release);
         let after = match &result {
@@ -1029,12 +1084,7 @@ impl Shared {
             .any(|(op, _)| matches!(op, LogOp::PurgeTo { .. }));
         if !buf.is_empty() {
             let end = active.end + buf.len() as u64;
-            if end > active.len {
-                let step = GROW_BYTES.min(self.segment_bytes);
-                let len = end.div_ceil(step) * step;
-                active.file.set_len(len).map_err(err)?;
-                active.len = len;
-            }
+            self.grow(active, end).map_err(err)?;
             active.file.write(active.end, buf).map_err(err)?;
             let base = active.end;
             active.end = end;
@@ -1055,14 +1105,85 @@ impl Shared {
         Ok(())
     }
 
+    /// Makes the active segment at least `end` bytes long, in steps of [`GROW_BYTES`]. Fails
+    /// having changed nothing when the disk has no room (`space.rs`).
+    fn grow(&self, active: &mut Active, end: u64) -> io::Result<()> {
+        if end > active.len {
+            let step = GROW_BYTES.min(self.segment_bytes);
+            let len = end.div_ceil(step) * step;
+            active.file.set_len(len)?;
+            active.len = len;
+        }
+        Ok(())
+    }
+
+    /// Grows the active segment to hold `end` bytes, waiting while the disk is full: a
+    /// failed growth wrote nothing, so the batch is simply written once there is room, and
+    /// the log never stops for it. Gives up when the log is stopped, or on any other error.
+    fn grow_when_room<'a>(
+        &'a self,
+        mut active: std::sync::MutexGuard<'a, Active>,
+        end: u64,
+    ) -> (std::sync::MutexGuard<'a, Active>, io::Result<()>) {
+        let mut waited = false;
+        let result = loop {
+            match self.grow(&mut active, end) {
+                Ok(()) => break Ok(()),
+                Err(e)
+                    if crate::space::is_no_space(&e)
+                        && self.kind == WriterKind::Thread
+                        && !self.stopped.load(Ordering::Relaxed) =>
+                {
+                    if !waited {
+                        tracing::error!(
+                            segment = active.id,
+                            error = %e,
+                            "the disk is full: the Raft log waits for room to grow (writes are \
+                             refused meanwhile)"
+                        );
+                        waited = true;
+                    }
+                    self.space().set_full(true);
+                    // Only this thread changes the active segment: unlocked while it waits.
+                    drop(active);
+                    std::thread::sleep(NO_SPACE_RETRY);
+                    active = self.active.lock().expect("log writer");
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if waited {
+            tracing::info!("the disk has room again: the Raft log writes on");
+            self.space().set_full(false);
+        }
+        (active, result)
+    }
+
+    /// The disk space this log watches (unlimited unless [`RaftLog::watch_space`] was called).
+    fn space(&self) -> &crate::DiskSpace {
+        self.space.get().map_or(&UNLIMITED, |s| s.as_ref())
+    }
+
     /// Closes the full active segment (trimmed and synced) and begins the next with a
     /// checkpoint, synced before any older segment may go.
     fn rotate(&self, active: &mut Active) -> Result<(), StorageError> {
+        // The next segment first, with room for its checkpoint: on a full disk the rotation
+        // is left for a later batch, and the active segment grows on meanwhile.
+        let id = active.id + 1;
+        let file = self.dir.open(id).map_err(err)?;
+        let mut next = Active::at(id, file.clone(), 0);
+        if let Err(e) = self.grow(&mut next, GROW_BYTES.min(self.segment_bytes)) {
+            if crate::space::is_no_space(&e) {
+                tracing::warn!(segment = id, error = %e, "no room to begin the next log segment yet");
+                drop((next, file));
+                let _ = self.dir.remove(id);
+                return Ok(());
+            }
+            return Err(err(e));
+        }
         active.file.set_len(active.end).map_err(err)?;
         active.file.sync_data().map_err(err)?;
         active.note_synced();
-        let id = active.id + 1;
-        let file = self.dir.open(id).map_err(err)?;
         self.dir.sync().map_err(err)?;
         self.index.lock().expect("log index").segments.insert(
             id,
@@ -1071,7 +1192,6 @@ impl Shared {
                 live: 0,
             },
         );
-        let mut next = Active::at(id, file, 0);
         // The new segment takes records only once its checkpoint is written and synced.
         self.checkpoint(&mut next)?;
         *active = next;
@@ -1120,6 +1240,13 @@ impl Shared {
             let op = LogOp::Append { p, index, bytes };
             let payload = op.encode(&mut buf);
             placed.push((op, payload));
+        }
+        if let Err(e) = self.grow(active, active.end + buf.len() as u64) {
+            if crate::space::is_no_space(&e) {
+                // Only an optimisation: left for a rotation with room.
+                return Ok(false);
+            }
+            return Err(err(e));
         }
         tracing::debug!(
             segment = seg,
@@ -1478,6 +1605,83 @@ mod tests {
         let e = log.write(true, vec![put(0, 3, b"c")]).await.unwrap_err();
         assert!(e.0.contains("stopped after an I/O error"), "{e}");
         assert_eq!(log.entry(0, 1).unwrap().unwrap(), b"a");
+    }
+
+    /// A segment whose growth fails with `ENOSPC` while `full` is set, as `fallocate` does
+    /// on a full disk: nothing is written.
+    #[derive(Debug, Default)]
+    struct NoRoom {
+        inner: redb::backends::InMemoryBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    impl StorageBackend for NoRoom {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            if len > self.inner.len()? && self.full.load(Ordering::Relaxed) {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.inner.write(offset, data)
+        }
+    }
+
+    struct NoRoomDir(Arc<AtomicBool>);
+
+    impl LogDir for NoRoomDir {
+        fn segments(&self) -> io::Result<Vec<u64>> {
+            Ok(Vec::new())
+        }
+        fn open(&self, _id: u64) -> io::Result<Arc<dyn StorageBackend>> {
+            Ok(Arc::new(NoRoom {
+                full: self.0.clone(),
+                ..NoRoom::default()
+            }))
+        }
+        fn remove(&self, _id: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A full disk does not stop the log: a write that needs the segment to grow waits,
+    /// says so to the disk-space watch, and is written once there is room; nothing fails.
+    #[tokio::test]
+    async fn a_full_disk_makes_writes_wait_not_fail() {
+        let full = Arc::new(AtomicBool::new(false));
+        let dir = Box::new(NoRoomDir(full.clone()));
+        let log = RaftLog::open_with(dir, FsyncPolicy::Always, WriterKind::Thread, SEGMENT_BYTES)
+            .unwrap();
+        let space = Arc::new(crate::DiskSpace::unlimited());
+        log.watch_space(space.clone());
+        log.write(true, vec![put(0, 1, b"a")]).await.unwrap();
+        full.store(true, Ordering::Relaxed);
+        // More than the room the first growth made (4 MiB).
+        let big = vec![7u8; (GROW_BYTES + 1) as usize];
+        let writer = {
+            let log = log.clone();
+            tokio::spawn(async move { log.write(true, vec![put(0, 2, &big)]).await })
+        };
+        crate::test_util::wait_until(10, "the log reports the full disk", || space.full()).await;
+        assert!(!writer.is_finished(), "a write finished on a full disk");
+        full.store(false, Ordering::Relaxed);
+        writer.await.unwrap().unwrap();
+        assert!(!space.full());
+        log.write(true, vec![put(0, 3, b"c")]).await.unwrap();
+        assert_eq!(indexes(&log, 0), vec![1, 2, 3]);
+        log.close();
     }
 
     /// A power loss inside a rotation can leave the newest segment without its checkpoint.

@@ -100,7 +100,7 @@ pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
     let mut ids = dir.segments().map_err(err)?;
     ids.sort_unstable();
     let mut index = Index::default();
-    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64)> = None;
+    let mut last: Option<(u64, Arc<dyn StorageBackend>, u64, u64)> = None;
     let mut damage = None;
     for (k, &id) in ids.iter().enumerate() {
         let file = dir.open(id).map_err(err)?;
@@ -115,7 +115,10 @@ pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
             },
         );
         let stop = replay(&bytes, id, &mut index)?;
-        let mut end = stop.end as u64;
+        let end = stop.end as u64;
+        // Whether to cut the file at `end`: not for the zeros of a clean end (room already
+        // allocated; keeping it lets a start on a full disk write its checkpoint).
+        let mut cut = false;
         if let Some(why) = stop.why {
             match ids.get(k + 1) {
                 Some(&next) => {
@@ -135,11 +138,11 @@ pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
                     }
                     // A repair's cut, whose trim a crash interrupted: the segment ends here.
                     tracing::info!(segment = id, offset = end, "finishing a repair's cut");
-                    file.set_len(end).map_err(err)?;
-                    file.sync_data().map_err(err)?;
+                    cut = true;
                 }
                 None => match judge(&bytes, stop.end, why) {
                     Judgement::Tear(why) => {
+                        cut = true;
                         tracing::warn!(
                             segment = id,
                             offset = end,
@@ -152,22 +155,27 @@ pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
                         d.segment = id;
                         d.file = dir.name(id);
                         // The segment is left exactly as found until the caller decides.
-                        end = len;
                         damage = Some(d);
                     }
                 },
             }
         }
-        if end < len {
-            // Cut the torn tail (or the zeros after the last record) so that the next
-            // records are written right after the last good one.
+        let mut kept = len;
+        if cut {
+            // Cut the torn tail so that the next records are written right after the last
+            // good one, over zeros.
             file.set_len(end).map_err(err)?;
             file.sync_data().map_err(err)?;
+            kept = end;
         }
-        last = Some((id, file, end));
+        last = Some((id, file, end, kept));
     }
     let active = match last {
-        Some((id, file, end)) => Active::at(id, file, damage.as_ref().map_or(end, |d| d.offset)),
+        Some((id, file, end, len)) => {
+            let mut active = Active::at(id, file, end);
+            active.len = len;
+            active
+        }
         None => {
             let file = dir.open(1).map_err(err)?;
             dir.sync().map_err(err)?;
