@@ -45,17 +45,26 @@ pub enum Fault {
     /// exact, 5% fast, within `lease_margin_ms`); each cycle isolates a leader, which must
     /// stop serving reads under its lease before the others elect a new one.
     ClockDrift,
-    /// Each cycle draws one of the faults above (except `clock-drift`, which is set up when
-    /// the cluster starts).
+    /// Every node's data directory is on a tmpfs; each cycle cuts the tmpfs of a partition's
+    /// leader down to what it holds plus 1 MiB (below `storage.min_free_bytes`): it must
+    /// refuse writes with `-MISCONF`, hand off its leaderships and lag, and catch up once the
+    /// tmpfs is grown back.
+    DiskFull,
+    /// Each cycle draws one of the faults above (except `clock-drift` and `disk-full`, which
+    /// are set up when the cluster starts).
     Mixed,
 }
+
+/// Each node's tmpfs in a `disk-full` run, and the reserve below which it refuses new data.
+pub const DISK_FULL_TMPFS_BYTES: u64 = 2 << 30;
+pub const DISK_FULL_MIN_FREE_BYTES: u64 = 16 << 20;
 
 /// Clock rates of the nodes in a `clock-drift` run, by node id from 1: the slowest and the
 /// fastest differ by 10.5%, inside the default lease margin (100 ms of 600 ms).
 pub const CLOCK_RATES: [f64; 3] = [0.95, 1.0, 1.05];
 
 /// Every fault a full campaign runs, in order.
-pub const ALL: [Fault; 14] = [
+pub const ALL: [Fault; 15] = [
     Fault::KillOne,
     Fault::KillLeader,
     Fault::KillMinority,
@@ -69,6 +78,7 @@ pub const ALL: [Fault; 14] = [
     Fault::Loss,
     Fault::Delay,
     Fault::ClockDrift,
+    Fault::DiskFull,
     Fault::Mixed,
 ];
 
@@ -88,6 +98,7 @@ impl Fault {
             Fault::Loss => "loss",
             Fault::Delay => "delay",
             Fault::ClockDrift => "clock-drift",
+            Fault::DiskFull => "disk-full",
             Fault::Mixed => "mixed",
         }
     }
@@ -99,6 +110,12 @@ impl Fault {
             Fault::KillMinority | Fault::Bridge => 5,
             _ => 3,
         }
+    }
+
+    /// Faults that need the cluster started for them (clock rates, tmpfs data directories),
+    /// so `mixed` never draws them.
+    pub fn set_up_at_start(self) -> bool {
+        matches!(self, Fault::ClockDrift | Fault::DiskFull)
     }
 }
 
@@ -127,6 +144,8 @@ pub struct Injected {
     paused: Vec<u64>,
     net: bool,
     delays: Vec<PacketDelay>,
+    /// Nodes whose tmpfs was cut down, to grow back.
+    filled: Vec<u64>,
 }
 
 /// The leader of a random partition as a live node sees it, or a random live node.
@@ -155,7 +174,7 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
         let fits: Vec<Fault> = ALL[..ALL.len() - 1]
             .iter()
             .copied()
-            .filter(|f| f.nodes() <= c.nodes.len() as u64 && *f != Fault::ClockDrift)
+            .filter(|f| f.nodes() <= c.nodes.len() as u64 && !f.set_up_at_start())
             .collect();
         *fits.choose(rng).expect("faults")
     } else {
@@ -168,6 +187,7 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
         paused: Vec::new(),
         net: false,
         delays: Vec::new(),
+        filled: Vec::new(),
     };
     let n = c.nodes.len();
     match fault {
@@ -281,6 +301,16 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
             }
             done.detail = "hold packets between nodes 30 ms ± 30 ms (reordered)".into();
         }
+        Fault::DiskFull => {
+            let (id, why) = some_leader(c, rng);
+            let used = c.tmpfs_used(id);
+            c.resize_tmpfs(id, used + (1 << 20))?;
+            done.filled.push(id);
+            done.detail = format!(
+                "fill node {id}'s disk ({why}): its tmpfs cut to the {} MiB it holds plus 1 MiB",
+                used >> 20
+            );
+        }
         Fault::Mixed => unreachable!("drawn above"),
     }
     Ok(done)
@@ -299,6 +329,11 @@ pub fn heal(c: &mut Cluster, injected: Injected) -> String {
     drop(injected.delays);
     if injected.net {
         c.heal();
+    }
+    for id in injected.filled {
+        if let Err(e) = c.resize_tmpfs(id, DISK_FULL_TMPFS_BYTES) {
+            notes.push(format!("growing node {id}'s tmpfs back failed: {e}"));
+        }
     }
     for id in injected.paused {
         c.resume(id);

@@ -220,6 +220,14 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         } else {
             Default::default()
         },
+        tmpfs: if spec.fault == Fault::DiskFull {
+            (1..=spec.fault.nodes())
+                .map(|id| (id, fault::DISK_FULL_TMPFS_BYTES))
+                .collect()
+        } else {
+            Default::default()
+        },
+        min_free_bytes: (spec.fault == Fault::DiskFull).then_some(fault::DISK_FULL_MIN_FREE_BYTES),
         ..Options::default()
     };
     let mut cluster = match Cluster::try_start(&spec.bin, opts) {

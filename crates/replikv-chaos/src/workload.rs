@@ -112,6 +112,7 @@ pub fn classify(e: &redis::RedisError) -> Outcome {
         || text.contains("CLUSTERDOWN")
         || text.contains("TRYAGAIN")
         || text.contains("READONLY")
+        || text.contains("MISCONF")
     {
         Outcome::Failed
     } else {
