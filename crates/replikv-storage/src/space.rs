@@ -45,14 +45,28 @@ impl DiskSpace {
 
     /// A filesystem that never runs out (memory, the simulation's disks).
     pub fn unlimited() -> DiskSpace {
-        DiskSpace {
+        DiskSpace::simulated(0, u64::MAX)
+    }
+
+    /// No filesystem behind it: the free space is whatever [`DiskSpace::set_free_bytes`]
+    /// last said (the seam the deterministic simulation fills a node's disk through).
+    pub fn simulated(min_free_bytes: u64, free_bytes: u64) -> DiskSpace {
+        let space = DiskSpace {
             path: PathBuf::new(),
-            min_free_bytes: 0,
-            free: AtomicU64::new(u64::MAX),
+            min_free_bytes,
+            free: AtomicU64::new(free_bytes),
             total: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
             full: AtomicBool::new(false),
-        }
+        };
+        space.refresh();
+        space
+    }
+
+    /// Sets the free space of a [`DiskSpace::simulated`] one (a real one reads it again at
+    /// its next refresh).
+    pub fn set_free_bytes(&self, free: u64) {
+        self.free.store(free, Ordering::Relaxed);
     }
 
     /// Reads the free space again; returns whether new writes are refused now.
@@ -60,14 +74,15 @@ impl DiskSpace {
         if let Some((free, total)) = statvfs(&self.path) {
             self.free.store(free, Ordering::Relaxed);
             self.total.store(total, Ordering::Relaxed);
-            let low = self.low.load(Ordering::Relaxed);
-            let now_low = if low {
-                free < self.min_free_bytes.saturating_add(HYSTERESIS_BYTES)
-            } else {
-                free < self.min_free_bytes
-            };
-            self.low.store(now_low, Ordering::Relaxed);
         }
+        let free = self.free.load(Ordering::Relaxed);
+        let low = self.low.load(Ordering::Relaxed);
+        let now_low = if low {
+            free < self.min_free_bytes.saturating_add(HYSTERESIS_BYTES)
+        } else {
+            free < self.min_free_bytes
+        };
+        self.low.store(now_low, Ordering::Relaxed);
         self.refusing()
     }
 
