@@ -558,6 +558,134 @@ impl SimLogDir {
     }
 }
 
+/// Where bit rot inverted bytes of a log segment (`SimLogDir::rot`).
+#[derive(Clone, Copy, Debug)]
+pub struct Rot {
+    pub segment: u64,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// One record of a segment image: where it lies, its kind and its partition.
+struct Record {
+    start: usize,
+    kind: u8,
+    partition: u32,
+}
+
+/// The kind byte of an entry record (`replikv_storage`'s raft_log format).
+const ENTRY_RECORD: u8 = 1;
+
+/// The records of a segment image from offset 0 while they run valid, and where the last
+/// one ends. The framing is `replikv_storage`'s (raft_log/mod.rs: `[len u32 LE][crc32c u32
+/// LE of body][body]`, the body `[kind u8][partition u32 LE]...`); the simulation reads it
+/// only to place bit rot where the tear rule must call it damage.
+fn records(bytes: &[u8]) -> (Vec<Record>, usize) {
+    const HEADER: usize = 8;
+    let (mut out, mut at) = (Vec::new(), 0);
+    while at + HEADER <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        let end = at + HEADER + len;
+        if len < 5 || end > bytes.len() || crc32c::crc32c(&bytes[at + HEADER..end]) != crc {
+            break;
+        }
+        let body = &bytes[at + HEADER..end];
+        out.push(Record {
+            start: at,
+            kind: body[0],
+            partition: u32::from_le_bytes(body[1..5].try_into().expect("4 bytes")),
+        });
+        at = end;
+    }
+    (out, at)
+}
+
+impl SimLogDir {
+    /// Every segment the restart will open, with its records (for `-v`): kind, partition and
+    /// index (or field name), with offsets.
+    pub fn describe(&self) -> String {
+        let dir = self.dir.lock().unwrap();
+        let mut out = String::new();
+        for (id, inode) in dir.live.current() {
+            let disk = dir.files[&inode].disk.lock().unwrap();
+            let bytes = &disk.live.written;
+            let (recs, end) = records(bytes);
+            out.push_str(&format!(
+                "  segment {id} ({} bytes, records end at {end}):",
+                bytes.len()
+            ));
+            for r in &recs {
+                let body = &bytes[r.start + 8..];
+                let what = match r.kind {
+                    1..=3 => format!(
+                        "{}{}",
+                        ["", "A", "T", "P"][r.kind as usize],
+                        u64::from_le_bytes(body[5..13].try_into().expect("8 bytes"))
+                    ),
+                    4 => String::from_utf8_lossy(&body[6..6 + body[5] as usize]).into_owned(),
+                    5 => "synced".into(),
+                    _ => "cut".into(),
+                };
+                out.push_str(&format!(" {}:p{}:{what}", r.start, r.partition));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+impl SimLogDir {
+    /// Bit rot while the node is down (after its crash, before its restart): inverts `len`
+    /// bytes of the newest segment the restart will open, in records that had been synced,
+    /// at a place drawn from `rng`. The place always has a whole record after it in the file
+    /// (with `entry_of`, an entry of that partition), because a synced record with nothing
+    /// valid after it is exactly what a write torn by a crash leaves, and the tear rule cuts
+    /// it (docs/design/durability.md): that is damage no log can tell from a tear. `None`
+    /// when the segment has no such place (or a write not yet synced covers it).
+    pub fn rot(&self, rng: &mut ChaCha8Rng, len: usize, entry_of: Option<u32>) -> Option<Rot> {
+        let dir = self.dir.lock().unwrap();
+        assert!(dir.restart.is_none(), "bit rot while the node is down");
+        let (&segment, &inode) = dir.live.current().iter().next_back()?;
+        let disk = dir.files.get(&inode)?;
+        let mut disk = disk.disk.lock().unwrap();
+        assert!(disk.restart.is_none(), "bit rot while the node is down");
+        let image = &mut disk.live;
+        let (written, _) = records(&image.written);
+        let (_, synced_end) = records(&image.synced);
+        let follows = written
+            .iter()
+            .rev()
+            .find(|r| entry_of.is_none_or(|p| r.kind == ENTRY_RECORD && r.partition == p))?;
+        let hi = follows.start.min(synced_end);
+        if hi < len {
+            return None;
+        }
+        let offset = rng.random_range(0..=hi - len);
+        let range = offset..offset + len;
+        // A write since the last sync that touches the range would put old bytes back at
+        // the next sync: rot only what no pending write covers.
+        let pending = image.unsynced.iter().any(|op| match op {
+            Op::Write { offset: o, data } => *o < range.end && o + data.len() > range.start,
+            Op::SetLen(l) => *l < range.end,
+        });
+        if pending || image.written[range.clone()] != image.synced[range.clone()] {
+            return None;
+        }
+        for b in image.written[range.clone()]
+            .iter_mut()
+            .chain(image.synced[range].iter_mut())
+        {
+            *b = !*b;
+        }
+        Some(Rot {
+            segment,
+            offset,
+            len,
+        })
+    }
+}
+
 /// `replikv_storage::LogDir` over one incarnation's view of a `SimLogDir`.
 pub struct LogDirBackend {
     dir: Arc<Mutex<Dir>>,
@@ -878,6 +1006,63 @@ mod tests {
             }
         }
         assert!(rotated && removed);
+    }
+
+    /// Bit rot (`SimLogDir::rot`) lands where the tear rule must call it damage: the real
+    /// log, reopened on the rotted image, reports damage at or before the rotted bytes in the
+    /// rotted segment, every time.
+    #[test]
+    fn bit_rot_in_synced_records_is_found_as_damage() {
+        use replikv_storage::{FsyncPolicy, LogOp, Opened, RaftLog, WriterKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let mut found = 0;
+        for seed in 0..40u64 {
+            let mut dir = SimLogDir::new();
+            let power = Power::new(Default::default());
+            let log = open_small_log(&dir, &power);
+            for i in 1..=(10 + seed) {
+                log.write_now(vec![LogOp::Append {
+                    p: 0,
+                    index: i,
+                    bytes: vec![i as u8; 60],
+                }])
+                .unwrap();
+            }
+            dir.crash(CrashKind::Process, &power);
+            drop(log);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let Some(rot) = dir.rot(&mut rng, 16, Some(0)) else {
+                continue;
+            };
+            let opened = RaftLog::open_checked(
+                Box::new(dir.backend(Power::new(Default::default()))),
+                FsyncPolicy::Always,
+                WriterKind::Task,
+                1024,
+            )
+            .unwrap();
+            let Opened::Damaged(d) = opened else {
+                panic!("seed {seed}: {rot:?} opened as a whole log");
+            };
+            let damage = d.damage();
+            assert_eq!(damage.segment, rot.segment, "seed {seed}");
+            assert!(
+                damage.offset as usize <= rot.offset,
+                "seed {seed}: {damage}"
+            );
+            assert!(
+                damage
+                    .after
+                    .iter()
+                    .any(|op| matches!(op, LogOp::Append { .. })),
+                "seed {seed}: an entry follows the rot"
+            );
+            found += 1;
+        }
+        assert!(found >= 30, "only {found} of 40 logs had room for bit rot");
     }
 
     /// The power fails inside a rotation, after the new segment's creation is synced in the

@@ -18,8 +18,8 @@ use openraft::RaftLogReader;
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use replikv_raft::{LogId, LogStore, Raft, StateMachine};
-use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
+use replikv_raft::{LogId, LogStore, Raft, Recovery, StateMachine, Vote};
+use replikv_storage::{DamagedLog, FsyncPolicy, LogOp, Opened, RaftLog, Store, Stores, WriterKind};
 use replikv_types::{KvOp, Ops, SetCond, StoredValue, WriteRequest};
 
 use disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
@@ -32,6 +32,10 @@ const KEYS: &[&str] = &["k0", "k1", "k2", "k3"];
 pub const SEGMENT_BYTES: u64 = 4 << 10;
 /// The virtual wall clock (`now_ms`) at step 0.
 const EPOCH_MS: u64 = 1_750_000_000_000;
+/// Bytes inverted by one bit rot: the issue's repro (16 bytes of an entry).
+const ROT_BYTES: usize = 16;
+/// The log store's field holding a partition's vote (`replikv-raft`'s log_store.rs).
+const VOTE_FIELD: &str = "vote";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Bug {
@@ -41,6 +45,9 @@ enum Bug {
     LostAppend,
     /// The state machine applies each batch of entries in reverse order.
     ApplyReversed,
+    /// A replica repaired after bit rot acts as if the repair had recorded no high water: it
+    /// votes for any candidate openraft would, and campaigns.
+    ForgetHighWater,
     /// Not a replikv bug: network delays drawn from an OS-seeded RNG, to show that
     /// `--check-determinism` catches a leak of outside entropy.
     Nondeterministic,
@@ -52,6 +59,7 @@ impl Bug {
             Bug::None => "",
             Bug::LostAppend => " --bug lost-append",
             Bug::ApplyReversed => " --bug apply-reversed",
+            Bug::ForgetHighWater => " --bug forget-high-water",
             Bug::Nondeterministic => " --bug nondeterministic",
         }
     }
@@ -66,6 +74,9 @@ struct Opts {
     snapshots: bool,
     verbose: bool,
     unseeded_tokio: bool,
+    /// Bit rot in the newest log segment of crashed nodes (off by default until the open
+    /// findings in README.md are fixed: with it, seeds 1..=300 fail in 10).
+    bit_rot: bool,
 }
 
 /// One entry the checker has seen committed.
@@ -109,6 +120,16 @@ struct Node {
     alive: store::Alive,
     /// Step at which a crashed node comes back.
     restart_at: u64,
+    /// The current (or, while down, the last) incarnation's recovery from a damaged log, as
+    /// its log store keeps it; and the one its vote and campaign rules ask (the same, except
+    /// under `--bug forget-high-water`).
+    recovery: Recovery,
+    gate: Recovery,
+    /// Whether its election timer is off (while recovering it does not campaign).
+    elect_off: bool,
+    /// Bit rot to apply before its next restart (the two-of-three fault): `Some(entry_of)`,
+    /// see `SimLogDir::rot`.
+    rot_next: Option<Option<u32>>,
     checked_upto: u64,
     /// The stores' commit counts at the last check that read them, and the commit point and
     /// applied index it found: while the counts stay the same, nothing stored has changed.
@@ -140,6 +161,21 @@ struct Stats {
     sm_rollbacks: u64,
     log_rollbacks: u64,
     partitions: u64,
+    /// Restarts after bit rot in the newest log segment (repaired), restarts that drew bit rot
+    /// but whose segment had no synced record with a record after it, and the two-of-three
+    /// events (every node killed, a majority rotted, the rest back last).
+    rot: u64,
+    rot_no_room: u64,
+    rot_majority: u64,
+    /// Records after the damage that repairs discarded, of them entries of the partition.
+    rot_records_discarded: u64,
+    rot_entries_discarded: u64,
+    /// Votes a recovering replica refused, recoveries completed (the high water reached
+    /// again), and repairs that could not restore the last vote saved (docs/design/
+    /// durability.md: a damaged record that was itself the vote).
+    votes_refused_recovering: u64,
+    recoveries: u64,
+    votes_lost_to_rot: u64,
     multi_leader_terms: u64,
     max_term: u64,
     max_committed: u64,
@@ -233,6 +269,9 @@ fn mix(h: u64, v: u64) -> u64 {
 
 static PANIC: Mutex<Option<String>> = Mutex::new(None);
 
+/// The one liveness check (the others are safety).
+const LIVENESS: &str = "convergence after healing";
+
 /// `REPLIKV_SIM_TRACE=1`: print every AppendEntries sent, every log read and purge, and every
 /// node's term/leader/vote each 50 steps, to stderr (for analysing one seed).
 pub fn trace_on() -> bool {
@@ -259,6 +298,67 @@ struct Sim {
     /// Per-step probabilities of a crash and of a new partition (drawn per seed).
     crash_p: f64,
     cut_p: f64,
+    /// Bit rot's own stream (so that a seed that draws none runs as it did before bit rot
+    /// existed), its probability at a restart of the fault phase, and the per-step
+    /// probability of the two-of-three event.
+    rot_rng: ChaCha8Rng,
+    rot_p: f64,
+    rot_majority_p: f64,
+}
+
+/// What a repair discarded, read from the damaged log before the repair.
+struct Discarded {
+    /// Lowest index of the partition appended or truncated after the damage: from there on
+    /// the repaired log may hold less, or older entries, than the node acknowledged.
+    first: Option<u64>,
+    records: u64,
+    entries: u64,
+    /// The least vote (term, node) the repaired log must hold: the vote as of the damage, a
+    /// vote record after it, or the leader of an entry after it (`damage.rs`).
+    vote_floor: Option<(u64, u64)>,
+}
+
+impl Discarded {
+    fn of(d: &DamagedLog) -> Result<Discarded, String> {
+        let vote = |raw: &[u8]| {
+            bincode::deserialize::<Vote>(raw)
+                .map(|v| (v.leader_id.term, v.leader_id.node_id))
+                .map_err(|e| e.to_string())
+        };
+        let mut out = Discarded {
+            first: None,
+            records: d.damage().after.len() as u64,
+            entries: 0,
+            vote_floor: d
+                .meta(PARTITION, VOTE_FIELD)
+                .map(|v| vote(&v))
+                .transpose()?,
+        };
+        let floor = |v: (u64, u64), out: &mut Discarded| {
+            out.vote_floor = out.vote_floor.max(Some(v));
+        };
+        for op in &d.damage().after {
+            match op {
+                LogOp::Append { p, index, bytes } if *p == PARTITION => {
+                    let e = replikv_raft::decode_record(bytes).map_err(|e| e.to_string())?;
+                    out.entries += 1;
+                    out.first = Some(out.first.map_or(*index, |f| f.min(*index)));
+                    floor(
+                        (e.log_id.leader_id.term, e.log_id.leader_id.node_id),
+                        &mut out,
+                    );
+                }
+                LogOp::TruncateFrom { p, index } if *p == PARTITION => {
+                    out.first = Some(out.first.map_or(*index, |f| f.min(*index)));
+                }
+                LogOp::Meta { p, name, value } if *p == PARTITION && name == VOTE_FIELD => {
+                    floor(vote(value)?, &mut out);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Sim {
@@ -270,6 +370,16 @@ impl Sim {
         let max_delay_ms = [2, 10, 40][rng.random_range(0..3)];
         let crash_p = [0.0001, 0.0003, 0.001][rng.random_range(0..3)];
         let cut_p = [0.0001, 0.0003, 0.001][rng.random_range(0..3)];
+        let mut rot_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb17_2075);
+        let (rot_p, rot_majority_p) = if opts.nodes >= 2 && opts.bit_rot {
+            (
+                [0.0, 0.1, 0.3][rot_rng.random_range(0..3)],
+                [0.0, 0.0, 0.0001][rot_rng.random_range(0..3)],
+            )
+        } else {
+            // A single node refuses damage (no other replica holds what it lost).
+            (0.0, 0.0)
+        };
         let net = Arc::new(Mutex::new(NetState {
             rng: net_rng,
             rafts: BTreeMap::new(),
@@ -280,6 +390,7 @@ impl Sim {
             lost: 0,
             kinds: [0; 3],
             os_entropy: opts.bug == Bug::Nondeterministic,
+            votes_refused_recovering: 0,
         }));
         let mut nodes = Vec::new();
         for id in 1..=opts.nodes {
@@ -320,6 +431,10 @@ impl Sim {
                 raft: None,
                 alive: Default::default(),
                 restart_at: 0,
+                recovery: Recovery::default(),
+                gate: Recovery::default(),
+                elect_off: false,
+                rot_next: None,
                 checked_upto: 0,
                 checked_at: None,
                 last_seen: (0, 0),
@@ -342,6 +457,97 @@ impl Sim {
             hash: 0,
             crash_p,
             cut_p,
+            rot_rng,
+            rot_p,
+            rot_majority_p,
+        }
+    }
+
+    /// Whether any node but `k` is recovering from a damaged log (a down node: as its last
+    /// incarnation left it).
+    fn others_recovering(&self, k: usize) -> bool {
+        (0..self.nodes.len()).any(|o| o != k && self.nodes[o].recovery.high_water().is_some())
+    }
+
+    /// Bit rot before node `k`'s restart: the rot the two-of-three event left it, or, in the
+    /// fault phase, one drawn at `rot_p`. Not while another node is recovering: two damaged
+    /// replicas whose lost entries no third one holds leave the group without a leader for
+    /// good, which is right (those entries may be committed) but ends the run's liveness.
+    /// The two-of-three event makes that case with a third replica that holds them.
+    fn rot(&mut self, k: usize, step: u64) -> Option<disk::Rot> {
+        if self.nodes[k].starts == 0 {
+            return None;
+        }
+        let forced = self.nodes[k].rot_next.take();
+        let drawn = step < self.opts.steps && self.rot_rng.random_bool(self.rot_p);
+        let entry_of = match forced {
+            Some(entry_of) => entry_of,
+            None if drawn && !self.others_recovering(k) => None,
+            None => return None,
+        };
+        let rot = self.nodes[k]
+            .log_dir
+            .rot(&mut self.rot_rng, ROT_BYTES, entry_of);
+        match rot {
+            Some(_) => self.stats.rot += 1,
+            None => self.stats.rot_no_room += 1,
+        }
+        rot
+    }
+
+    /// The two-of-three event (with N nodes: a majority of N): every node is killed (a
+    /// process crash, so each log comes back as written), bit rot hits a majority of them,
+    /// each in front of an entry, so that each repair discards entries and records a high
+    /// water, and the others, whose logs end furthest, come back 1.5–3 s after the last of
+    /// them. Until then the damaged replicas must elect no leader (each refuses the other's
+    /// shorter log, and none campaigns): losing the entries they discarded would lose
+    /// commits. Then they vote for the intact replica, which holds everything they lost.
+    async fn rot_majority(&mut self, step: u64) {
+        let n = self.nodes.len();
+        let last = |node: &Node| {
+            node.log
+                .clone()
+                .and_then(|mut l| now(l.get_log_state()).ok())
+                .and_then(|s| s.last_log_id)
+                .map(|l| (l.leader_id.term, l.index))
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&k| std::cmp::Reverse((last(&self.nodes[k]), k)));
+        let intact = n - (n / 2 + 1);
+        for k in 0..n {
+            self.crash(k, step, CrashKind::Process).await;
+        }
+        let mut back = step;
+        for &k in &order[intact..] {
+            self.nodes[k].rot_next = Some(Some(PARTITION));
+            self.nodes[k].restart_at = step + self.rot_rng.random_range(100..1_000);
+            back = back.max(self.nodes[k].restart_at);
+        }
+        for &k in &order[..intact] {
+            self.nodes[k].restart_at = back + self.rot_rng.random_range(1_500..3_000);
+        }
+        self.stats.rot_majority += 1;
+        if self.opts.verbose {
+            eprintln!(
+                "step {step}: every node killed; bit rot for nodes {:?}, node(s) {:?} back last",
+                order[intact..].iter().map(|&k| k + 1).collect::<Vec<_>>(),
+                order[..intact].iter().map(|&k| k + 1).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    /// A replica recovering from a damaged log does not campaign (as `replikv-cluster`'s
+    /// elections.rs holds its election timer off): its timer is off from its start until
+    /// the append that reaches its high water.
+    fn gate_campaigns(&mut self) {
+        for n in &mut self.nodes {
+            let Some(raft) = &n.raft else { continue };
+            let recovering = n.gate.high_water().is_some();
+            if recovering != n.elect_off {
+                raft.runtime_config().elect(!recovering);
+                n.elect_off = recovering;
+                self.stats.recoveries += !recovering as u64;
+            }
         }
     }
 
@@ -359,12 +565,22 @@ impl Sim {
             detail,
         };
         let lost_append = self.opts.bug == Bug::LostAppend;
+        if self.opts.verbose && self.opts.bit_rot && self.nodes[k].starts > 0 {
+            let n = &self.nodes[k];
+            eprint!(
+                "step {step}: node {} log before its restart:\n{}",
+                n.id,
+                n.log_dir.describe()
+            );
+        }
+        let rot = self.rot(k, step);
+        let members: BTreeSet<u64> = self.nodes.iter().map(|n| n.id).collect();
         let n = &mut self.nodes[k];
         let id = n.id;
         n.alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         n.power = Power::new(n.alive.clone());
         let power = n.power.clone();
-        let log = RaftLog::open_with(
+        let opened = RaftLog::open_checked(
             Box::new(n.log_dir.backend(power.clone())),
             FsyncPolicy::Always,
             WriterKind::Task,
@@ -387,6 +603,89 @@ impl Sim {
                 format!("node {id}: state database: {e}"),
             )
         })?;
+        // The server's open (`replikv_raft::open_stores`): damage goes to the repair, which
+        // cuts it where other replicas hold what it lost. Damage must be found exactly where
+        // bit rot was put: rot in synced records with a record after them is never a tear,
+        // and a crash's torn tail is never damage.
+        let (log, discarded) = match (opened, rot) {
+            (Opened::Ready(log), None) => (log, None),
+            (Opened::Ready(_), Some(r)) => {
+                return Err(v(
+                    "bit rot in synced records is found as damage, never cut as a tear",
+                    format!("node {id}: {r:?} opened as a whole log"),
+                ))
+            }
+            (Opened::Damaged(d), None) => {
+                return Err(v(
+                    "a crash alone leaves no damage (a torn tail is cut)",
+                    format!("node {id}: {}", d.damage()),
+                ))
+            }
+            (Opened::Damaged(d), Some(r)) => {
+                let discarded = Discarded::of(&d).map_err(|e| {
+                    v(
+                        "the records after the damage decode",
+                        format!("node {id}: {e}"),
+                    )
+                })?;
+                if self.opts.verbose {
+                    eprintln!(
+                        "step {step}: node {id}: bit rot of {} bytes at offset {} of segment {}: {}; {} records after it, {} entries (from index {:?})",
+                        r.len,
+                        r.offset,
+                        r.segment,
+                        d.damage(),
+                        discarded.records,
+                        discarded.entries,
+                        discarded.first
+                    );
+                    let ops: Vec<String> = d
+                        .damage()
+                        .after
+                        .iter()
+                        .map(|op| match op {
+                            LogOp::Append { p, index, .. } => format!("p{p} append {index}"),
+                            LogOp::TruncateFrom { p, index } => format!("p{p} truncate {index}"),
+                            LogOp::PurgeTo { p, index, .. } => format!("p{p} purge {index}"),
+                            LogOp::Meta { p, name, .. } => format!("p{p} {name}"),
+                        })
+                        .collect();
+                    let held = d
+                        .entries(PARTITION, 0..u64::MAX)
+                        .map(|e| (e.first().map(|x| x.0), e.last().map(|x| x.0), e.len()));
+                    eprintln!(
+                        "  discarded: {ops:?}; before the damage: entries (first, last, count) {held:?}, purged {:?}",
+                        d.purged(PARTITION).map(|x| x.0)
+                    );
+                }
+                let log = replikv_raft::repair_log(id, &members, &state, *d).map_err(|e| {
+                    v(
+                        "a damaged log is repaired where other replicas hold what it lost",
+                        format!("node {id}: {e}"),
+                    )
+                })?;
+                self.stats.rot_records_discarded += discarded.records;
+                self.stats.rot_entries_discarded += discarded.entries;
+                (log, Some(discarded))
+            }
+        };
+        // What the node acknowledged from the damage on is lost to it, legitimately (the
+        // repair's high water keeps the group from losing it): the durability check (5)
+        // starts from the cut, and the checker reads those indexes again.
+        if let Some(d) = &discarded {
+            // The first index the repaired log does not hold (0: it holds none).
+            let end = log
+                .last(PARTITION)
+                .ok()
+                .flatten()
+                .map(|(i, _)| i)
+                .or_else(|| log.purged(PARTITION).map(|(i, _)| i))
+                .map_or(0, |i| i + 1);
+            let from = d.first.unwrap_or(u64::MAX).min(end);
+            let mut obs = n.obs.lock().unwrap();
+            obs.durable_log.split_off(&from);
+            obs.recheck_from = obs.recheck_from.min(from);
+        }
         let stores = Stores { log, state };
         if lost_append && n.starts > 0 {
             if let Some(from) = store::corrupt_log_tail(&stores.log) {
@@ -422,9 +721,19 @@ impl Sim {
                 // leader ids (term, node) compare as pairs in the advanced leader-id mode.
                 let saved_id = (saved.leader_id.term, saved.leader_id.node_id);
                 let back = vote.map(|b| (b.leader_id.term, b.leader_id.node_id));
-                let ok = back.is_some_and(|b| {
+                let mut ok = back.is_some_and(|b| {
                     b == saved_id || (b > saved_id && obs.vote_history.contains(&b))
                 });
+                // After a repair: at least every vote the repair can know of, and one the
+                // node saved. A damaged record that was itself the last vote cannot be
+                // restored (durability.md says why that window is harmless).
+                if let (false, Some(d), Some(b)) = (ok, &discarded, back) {
+                    if b >= d.vote_floor.unwrap_or_default() && obs.vote_history.contains(&b) {
+                        ok = true;
+                        obs.durable_vote = vote;
+                        self.stats.votes_lost_to_rot += 1;
+                    }
+                }
                 if !ok {
                     return Err(v(
                         "acknowledged votes survive a crash",
@@ -511,6 +820,12 @@ impl Sim {
         }
         n.stores = Some(stores);
         n.checked_at = None;
+        n.recovery = log.recovery();
+        n.gate = if self.opts.bug == Bug::ForgetHighWater {
+            Recovery::default()
+        } else {
+            n.recovery.clone()
+        };
         n.log = Some(log.clone());
         n.sm = Some(sm.clone());
         let log = SimLog {
@@ -531,7 +846,18 @@ impl Sim {
         let raft = Raft::new(n.id, n.config.clone(), network, log, sm)
             .await
             .map_err(|e| v("a node restarts", format!("node {id}: Raft::new: {e}")))?;
-        self.net.lock().unwrap().rafts.insert(n.id, raft.clone());
+        // Before its first election timeout could fire (`gate_campaigns` keeps it so).
+        n.elect_off = n.gate.high_water().is_some();
+        if n.elect_off {
+            raft.runtime_config().elect(false);
+        }
+        self.net.lock().unwrap().rafts.insert(
+            n.id,
+            net::Peer {
+                raft: raft.clone(),
+                recovery: n.gate.clone(),
+            },
+        );
         n.raft = Some(raft);
         Ok(())
     }
@@ -622,6 +948,15 @@ impl Sim {
 
     async fn faults(&mut self, step: u64) {
         let n = self.nodes.len();
+        // Bit rot on a majority, with every node killed (drawn from its own stream first,
+        // every step, so that the other draws stay as they were).
+        if self.rot_rng.random_bool(self.rot_majority_p)
+            && n >= 3
+            && self.up().len() == n
+            && (0..n).all(|k| self.nodes[k].recovery.high_water().is_none())
+        {
+            self.rot_majority(step).await;
+        }
         // Crash one node.
         if self.rng.random_bool(self.crash_p) {
             let up = self.up();
@@ -929,6 +1264,16 @@ impl Sim {
                     format!("node {}: {f}", node.id),
                 ));
             }
+            if is_leader && node.gate.high_water().is_some() {
+                return Err(v(
+                    "a replica recovering from a damaged log never leads",
+                    format!(
+                        "node {} leads with vote {vote}, recovering to {:?}",
+                        node.id,
+                        node.gate.high_water()
+                    ),
+                ));
+            }
             if is_leader {
                 let lid = (vote.leader_id.term, vote.leader_id.node_id);
                 if lid.1 != node.id || !vote.committed {
@@ -1014,7 +1359,7 @@ impl Sim {
             let applied = n.applied().map_or(0, |a| a.index);
             if n.raft.is_none() || applied < max_committed {
                 return Err(v(
-                    "convergence after healing",
+                    LIVENESS,
                     format!("node {} applied {applied} of {max_committed}", n.id),
                 ));
             }
@@ -1116,6 +1461,7 @@ impl Sim {
                     }
                 }
             }
+            self.gate_campaigns();
             tokio::time::sleep(Duration::from_millis(1)).await;
             // Nodes whose power failed inside a storage call during this step: their tasks
             // are fenced already; shut them down before the checker looks.
@@ -1152,6 +1498,7 @@ impl Sim {
             }
         }
         let net = self.net.lock().unwrap();
+        self.stats.votes_refused_recovering = net.votes_refused_recovering;
         SeedResult {
             violation,
             trace: std::mem::take(&mut self.trace),
@@ -1207,8 +1554,9 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 }
 
 const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [--nodes N] [--steps N]
-                   [--settle N] [--check-determinism [K]] [--bug lost-append|apply-reversed|nondeterministic]
-                   [--no-snapshots] [--unseeded-tokio] [-v]
+                   [--settle N] [--check-determinism [K]]
+                   [--bug lost-append|apply-reversed|forget-high-water|nondeterministic]
+                   [--bit-rot] [--expect-violation] [--no-snapshots] [--unseeded-tokio] [-v]
   --seeds 1..100   seeds 1 to 100, both ends included (1..=100 too; a plain N means 1..N); default 1..20
   --seed S         replay one seed
   --steps N        fault-phase steps of 1 ms simulated time (default 10000)
@@ -1216,6 +1564,9 @@ const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [-
   --check-determinism [K]  run the first K seeds (default all) twice; compare per-step trace hashes
   --bug lost-append        inject a log-store bug: acked appends lost on a crash
   --bug apply-reversed     inject a state-machine bug: each applied batch in reverse order
+  --bit-rot                bit rot in crashed nodes' newest log segment (repaired at restart)
+  --bug forget-high-water  a replica repaired after bit rot votes and campaigns as if whole
+  --expect-violation       self-test: succeed only if some seed fails a safety check (with --bug)
   --bug nondeterministic   self-test of --check-determinism: network delays from OS entropy
   --unseeded-tokio         build the runtime without rng_seed (to see whether it matters)";
 
@@ -1232,9 +1583,11 @@ fn main() -> ExitCode {
         snapshots: true,
         verbose: false,
         unseeded_tokio: false,
+        bit_rot: false,
     };
     let (mut first, mut last) = (1u64, 20u64);
     let mut determinism: Option<u64> = None;
+    let mut expect_violation = false;
     while let Some(a) = args.next() {
         let mut val = |name: &str| -> String {
             args.next().unwrap_or_else(|| {
@@ -1264,12 +1617,15 @@ fn main() -> ExitCode {
             "--steps" => opts.steps = num(val("--steps")),
             "--settle" => opts.settle = num(val("--settle")),
             "--no-snapshots" => opts.snapshots = false,
+            "--bit-rot" => opts.bit_rot = true,
             "--unseeded-tokio" => opts.unseeded_tokio = true,
             "-v" | "--verbose" => opts.verbose = true,
+            "--expect-violation" => expect_violation = true,
             "--bug" => {
                 opts.bug = match val("--bug").as_str() {
                     "lost-append" => Bug::LostAppend,
                     "apply-reversed" => Bug::ApplyReversed,
+                    "forget-high-water" => Bug::ForgetHighWater,
                     "nondeterministic" => Bug::Nondeterministic,
                     other => {
                         eprintln!("unknown bug {other}\n{USAGE}");
@@ -1312,6 +1668,9 @@ fn main() -> ExitCode {
     let (mut seeds, mut violations, mut det_checked, mut det_failed) = (0u64, 0u64, 0u64, 0u64);
     // Log segments created and removed, over all seeds.
     let mut segments = (0u64, 0u64);
+    // Seeds whose nodes restarted on a log with bit rot, and of those with the two-of-three
+    // event; seeds that failed a safety check (what `--expect-violation` counts).
+    let (mut rot_seeds, mut rot_majority_seeds, mut caught) = (0u64, 0u64, 0u64);
     for seed in first..=last {
         let t = Instant::now();
         let r = run_seed(seed, &opts);
@@ -1319,8 +1678,10 @@ fn main() -> ExitCode {
         let s = &r.stats;
         segments.0 += s.segments_created;
         segments.1 += s.segments_removed;
+        rot_seeds += (s.rot > 0) as u64;
+        rot_majority_seeds += (s.rot_majority > 0) as u64;
         let mut line = format!(
-            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {} (power losses {}, {} of them mid-IO, torn disks {}, unsynced writes lost {}, unsynced segment creations/removals {} undone {}; restarts with an older applied state {}, a shorter log {}), log segments created {} removed {}, partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
+            "seed {seed}: {} steps, term {}, committed {}, writes {} acked {}, crashes {} (power losses {}, {} of them mid-IO, torn disks {}, unsynced writes lost {}, unsynced segment creations/removals {} undone {}; restarts with an older applied state {}, a shorter log {}), log segments created {} removed {}, bit rot {} (no room {}, on a majority {}; records discarded {}, entries {}; votes refused while recovering {}, recoveries {}, votes lost {}), partitions {}, terms with 2+ leaders {}, rpcs {} (append {} vote {} snapshot {}) lost {}, trace {:016x}, {:.2}s",
             r.trace.len(),
             s.max_term,
             s.max_committed,
@@ -1337,6 +1698,14 @@ fn main() -> ExitCode {
             s.log_rollbacks,
             s.segments_created,
             s.segments_removed,
+            s.rot,
+            s.rot_no_room,
+            s.rot_majority,
+            s.rot_records_discarded,
+            s.rot_entries_discarded,
+            s.votes_refused_recovering,
+            s.recoveries,
+            s.votes_lost_to_rot,
             s.partitions,
             s.multi_leader_terms,
             r.sent,
@@ -1370,8 +1739,9 @@ fn main() -> ExitCode {
         println!("{line}");
         if let Some(v) = r.violation {
             violations += 1;
+            caught += (v.invariant != LIVENESS) as u64;
             println!(
-                "VIOLATION seed {seed} step {}: {}: {}\n  replay: replikv-sim --seed {seed} --nodes {} --steps {} --settle {}{}{}",
+                "VIOLATION seed {seed} step {}: {}: {}\n  replay: replikv-sim --seed {seed} --nodes {} --steps {} --settle {}{}{}{}",
                 v.step,
                 v.invariant,
                 v.detail,
@@ -1380,17 +1750,29 @@ fn main() -> ExitCode {
                 opts.settle,
                 opts.bug.flag(),
                 if opts.snapshots { "" } else { " --no-snapshots" },
+                if opts.bit_rot { " --bit-rot" } else { "" },
             );
         }
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), log segments created {} removed {}, {:.1}s ({:.1} seeds/min)",
+        "{seeds} seeds, {violations} violations, determinism checked on {det_checked} seeds ({det_failed} failed), log segments created {} removed {}, bit rot in {rot_seeds} seeds ({rot_majority_seeds} on a majority), {:.1}s ({:.1} seeds/min)",
         segments.0,
         segments.1,
         secs,
         seeds as f64 * 60.0 / secs.max(1e-9)
     );
+    if expect_violation {
+        // The self-test: a safety check must catch the injected bug (a seed that only
+        // failed to converge does not count).
+        return if caught > 0 && det_failed == 0 {
+            println!("the checks caught the injected bug in {caught} of {seeds} seeds");
+            ExitCode::SUCCESS
+        } else {
+            println!("SELF-TEST FAILED: no seed caught the injected bug");
+            ExitCode::FAILURE
+        };
+    }
     if violations > 0 || det_failed > 0 {
         ExitCode::FAILURE
     } else {

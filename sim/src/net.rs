@@ -2,6 +2,12 @@
 //! seam of docs/design/simulation.md stage 1) that hands each RPC to the target node's current
 //! `Raft` handle after a seeded delay, and drops requests or responses, refuses cut links and
 //! crashed nodes. Requests are not serialized (replikv's frames and CRCs are not exercised).
+//!
+//! One rule of the real node's peer handler is applied here, because stage 1 has no
+//! `replikv_cluster::Node` and votes go straight to openraft: a replica recovering from a
+//! damaged log refuses a candidate whose last log id does not reach its high water
+//! (`Recovery::may_vote_for`, as `replikv-cluster`'s `handler.rs` does before openraft sees
+//! the request).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -18,7 +24,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use replikv_raft::{Raft, TypeConfig};
+use replikv_raft::{Raft, Recovery, TypeConfig};
 
 #[derive(Debug)]
 struct SimNetErr(&'static str);
@@ -29,10 +35,17 @@ impl std::fmt::Display for SimNetErr {
 }
 impl std::error::Error for SimNetErr {}
 
+/// A node that is up, as its peers reach it: its `Raft`, and the recovery its vote rule asks.
+#[derive(Clone)]
+pub struct Peer {
+    pub raft: Raft,
+    pub recovery: Recovery,
+}
+
 pub struct NetState {
     pub rng: ChaCha8Rng,
     /// Nodes that are up, by id.
-    pub rafts: BTreeMap<u64, Raft>,
+    pub rafts: BTreeMap<u64, Peer>,
     /// Directed links `(from, to)` that are cut.
     pub cut: BTreeSet<(u64, u64)>,
     /// Probability that a request, or its response, is lost.
@@ -44,6 +57,9 @@ pub struct NetState {
     pub kinds: [u64; 3],
     /// Self-test of the determinism check: draw delays from OS entropy.
     pub os_entropy: bool,
+    /// Votes refused because the voter was recovering from a damaged log and the candidate
+    /// fell short of its high water.
+    pub votes_refused_recovering: u64,
 }
 
 pub type Net = Arc<Mutex<NetState>>;
@@ -84,7 +100,7 @@ impl NetState {
         }
     }
 
-    fn target(&self, from: u64, to: u64) -> Option<Raft> {
+    fn target(&self, from: u64, to: u64) -> Option<Peer> {
         if self.cut.contains(&(from, to)) {
             return None;
         }
@@ -191,8 +207,8 @@ impl RaftNetwork<TypeConfig> for SimConn {
                 rpc.entries.last().map(|e| e.log_id.index)
             );
         }
-        rpc!(self, option, |t: Raft| async move {
-            t.append_entries(rpc).await
+        rpc!(self, option, |t: Peer| async move {
+            t.raft.append_entries(rpc).await
         })
     }
 
@@ -205,8 +221,8 @@ impl RaftNetwork<TypeConfig> for SimConn {
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
         self.net.lock().unwrap().kinds[2] += 1;
-        rpc!(self, option, |t: Raft| async move {
-            t.install_snapshot(rpc).await
+        rpc!(self, option, |t: Peer| async move {
+            t.raft.install_snapshot(rpc).await
         })
     }
 
@@ -216,6 +232,21 @@ impl RaftNetwork<TypeConfig> for SimConn {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         self.net.lock().unwrap().kinds[1] += 1;
-        rpc!(self, option, |t: Raft| async move { t.vote(rpc).await })
+        let net = self.net.clone();
+        rpc!(self, option, |t: Peer| async move {
+            // As `replikv-cluster`'s handler.rs: a replica recovering from a damaged log votes
+            // as if it still held what it lost, so a candidate short of its high water is
+            // refused before openraft compares it with the shorter real log.
+            if !t.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
+                net.lock().unwrap().votes_refused_recovering += 1;
+                let vote = t.raft.metrics().borrow().vote;
+                return Ok(VoteResponse {
+                    vote,
+                    vote_granted: false,
+                    last_log_id: t.recovery.high_water(),
+                });
+            }
+            t.raft.vote(rpc).await
+        })
     }
 }
