@@ -684,6 +684,11 @@ impl Sim {
             let from = d.first.unwrap_or(u64::MAX).min(end);
             let mut obs = n.obs.lock().unwrap();
             obs.durable_log.split_off(&from);
+            // A repair that mends a gap at the log's start purges up to the state file's
+            // applied point: those entries are applied, not lost.
+            if let Some((purged, _)) = log.purged(PARTITION) {
+                obs.durable_log = obs.durable_log.split_off(&(purged + 1));
+            }
             obs.recheck_from = obs.recheck_from.min(from);
         }
         let stores = Stores { log, state };

@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use openraft::EntryPayload;
 use replikv_storage::{DamagedLog, LogOp, RaftLog, Store};
 
-use crate::log_store::{covers, RECOVER_TO, VOTE};
+use crate::log_store::{covers, COMMITTED, RECOVER_TO, VOTE};
 use crate::record::decode_record;
 use crate::{LogId, Membership, Vote};
 
@@ -63,11 +63,17 @@ pub fn repair_log(
             alone.push(p);
             continue;
         }
-        let before = log
+        // An earlier repair's high water, before the damage or among what it discards (a
+        // second damage can hit the first repair's own records; found by the simulation).
+        let recorded = log
             .meta(p, RECOVER_TO)
             .map(|raw| bincode::deserialize::<Option<LogId>>(&raw).map_err(err))
             .transpose()?
             .flatten();
+        let before = match (recorded, lost.recover_to) {
+            (Some(a), Some(b)) => Some(if covers(&a, &b) { a } else { b }),
+            (a, b) => a.or(b),
+        };
         let vote_before = log
             .meta(p, VOTE)
             .map(|raw| bincode::deserialize::<Vote>(&raw).map_err(err))
@@ -87,6 +93,7 @@ pub fn repair_log(
              only for candidates holding up to the high water, and campaigns only after the \
              leader has sent it that far again"
         );
+        ops.extend(mend_the_start(&log, state, p, &lost)?);
         ops.push(meta(
             p,
             RECOVER_TO,
@@ -121,12 +128,103 @@ fn partition_of(op: &LogOp) -> u32 {
     }
 }
 
+/// Records after the damage may already have removed older segments: a purge (a segment
+/// goes once all its entries are purged) or a rotation's compaction (a segment goes once its
+/// live entries are copied forward). Discarding them leaves the log without entries it held,
+/// at its start (found by the simulation). So:
+/// - the discarded purges are kept: a purge only ever follows a snapshot the state file holds
+///   durably;
+/// - if the log still does not run without a gap from its purge point, or ends below the
+///   state file's applied point `A`, it is purged up to `A` (which holds everything up to
+///   there, and never lies below the purge point), what runs on without a gap from `A + 1` is
+///   kept and the rest cut, and the stored snapshot is dropped so that openraft builds one at
+///   `A` (it requires a snapshot at or past the purge point). A partition whose state file has applied nothing, and whose
+///   log was never purged, starts empty. The leader sends the rest; the high water covers
+///   what this replica held.
+fn mend_the_start(log: &DamagedLog, state: &Store, p: u32, lost: &Lost) -> Result<Vec<LogOp>> {
+    let mut ops = Vec::new();
+    let mut purged = log.purged(p).map(|(i, _)| i);
+    if let Some((index, tag)) = &lost.purge {
+        if purged.is_none_or(|i| *index > i) {
+            ops.push(LogOp::PurgeTo {
+                p,
+                index: *index,
+                tag: tag.clone(),
+            });
+            purged = Some(*index);
+        }
+    }
+    let runs_from = |from: u64| -> Result<bool> {
+        let kept = log.entries(p, from..u64::MAX)?;
+        Ok(kept
+            .iter()
+            .map(|(i, _)| *i)
+            .eq(from..from + kept.len() as u64))
+    };
+    let applied = state
+        .read()
+        .map_err(err)?
+        .meta_get(p, crate::state_machine::APPLIED)?
+        .map(|raw| bincode::deserialize::<Option<LogId>>(&raw).map_err(err))
+        .transpose()?
+        .flatten();
+    // The cut may also leave the log ending below what the state machine applied: openraft
+    // would then purge up to the applied point past its snapshot (its invariant: a purge
+    // never passes the snapshot). The same mend serves.
+    let log_end = log.last(p)?.map(|(i, _)| i).max(purged);
+    let behind = applied.is_some_and(|a| log_end.is_none_or(|e| a.index > e));
+    if !behind && runs_from(purged.map_or(0, |i| i + 1))? {
+        return Ok(ops);
+    }
+    let restart_at = match applied {
+        Some(a) if purged.is_none_or(|i| a.index >= i) => {
+            ops.push(LogOp::PurgeTo {
+                p,
+                index: a.index,
+                tag: bincode::serialize(&Some(a)).map_err(err)?,
+            });
+            state.write_now(move |w| w.snapshot_delete(p))?;
+            if !runs_from(a.index + 1)? {
+                ops.push(LogOp::TruncateFrom {
+                    p,
+                    index: a.index + 1,
+                });
+            }
+            a.index + 1
+        }
+        None if purged.is_none() => {
+            ops.push(LogOp::TruncateFrom { p, index: 0 });
+            0
+        }
+        _ => {
+            return Err(log.refusal(&format!(
+                "partition {p}: its log has a gap at its start, and its state file's applied \
+                 offset ({applied:?}) is behind the log's purge point ({purged:?}), so no \
+                 repair in place can give it a consistent start"
+            )))
+        }
+    };
+    // The saved commit point may lie in what is gone; openraft takes the applied point then.
+    let none: Option<LogId> = None;
+    ops.push(meta(p, COMMITTED, bincode::serialize(&none).map_err(err)?));
+    tracing::error!(
+        partition = p,
+        restart_at,
+        "Raft log damaged: the records after the damage had removed older segments; this \
+         partition's log restarts at the state file's applied point"
+    );
+    Ok(ops)
+}
+
 /// What partition `p` had after the damage: its discarded entries' ids (in log order), the
-/// newest membership among them, and its last vote record there.
+/// newest membership among them, its last vote and high-water records there, and its
+/// furthest purge.
 struct Lost {
     entries: Vec<LogId>,
     membership: Option<(LogId, BTreeSet<u64>)>,
     vote: Option<Vote>,
+    recover_to: Option<LogId>,
+    purge: Option<(u64, Vec<u8>)>,
 }
 
 impl Lost {
@@ -135,6 +233,8 @@ impl Lost {
             entries: Vec::new(),
             membership: None,
             vote: None,
+            recover_to: None,
+            purge: None,
         };
         for op in &log.damage().after {
             match op {
@@ -151,6 +251,19 @@ impl Lost {
                 }
                 LogOp::Meta { p: q, name, value } if *q == p && name == VOTE => {
                     lost.vote = Some(bincode::deserialize(value).map_err(err)?);
+                }
+                LogOp::Meta { p: q, name, value } if *q == p && name == RECOVER_TO => {
+                    let hw: Option<LogId> = bincode::deserialize(value).map_err(err)?;
+                    if let Some(hw) = hw {
+                        if lost.recover_to.is_none_or(|b| covers(&hw, &b)) {
+                            lost.recover_to = Some(hw);
+                        }
+                    }
+                }
+                LogOp::PurgeTo { p: q, index, tag }
+                    if *q == p && lost.purge.as_ref().is_none_or(|(i, _)| index > i) =>
+                {
+                    lost.purge = Some((*index, tag.clone()));
                 }
                 _ => {}
             }

@@ -27,7 +27,7 @@ use crate::record::{decode_record, encode_record, RecordError};
 use crate::{read_error, storage_error, Entry, LogId, PurgeGate, StorageError, TypeConfig, Vote};
 
 pub(crate) const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
+pub(crate) const COMMITTED: &str = "committed";
 /// The high water of a partition whose log was cut at damage (`damage.rs`).
 pub(crate) const RECOVER_TO: &str = "recover_to";
 

@@ -24,7 +24,7 @@ use crate::{
     read_error, storage_error, Entry, LogId, Membership, SnapshotMeta, StorageError, TypeConfig,
 };
 
-const APPLIED: &str = "applied";
+pub(crate) const APPLIED: &str = "applied";
 pub(crate) const MEMBERSHIP: &str = "membership";
 
 #[derive(Clone)]

@@ -627,6 +627,11 @@ impl WriteTx<'_> {
         self.snapshot.insert(p, bytes).map_err(err)?;
         Ok(())
     }
+
+    pub fn snapshot_delete(&mut self, p: u32) -> Result<(), StorageError> {
+        self.snapshot.remove(p).map_err(err)?;
+        Ok(())
+    }
 }
 
 /// A read-only, consistent view.
