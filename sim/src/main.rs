@@ -1561,7 +1561,7 @@ fn parse_range(s: &str) -> Result<(u64, u64), String> {
 const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [--nodes N] [--steps N]
                    [--settle N] [--check-determinism [K]]
                    [--bug lost-append|apply-reversed|forget-high-water|nondeterministic]
-                   [--bit-rot] [--expect-violation] [--no-snapshots] [--unseeded-tokio] [-v]
+                   [--no-bit-rot] [--expect-violation] [--no-snapshots] [--unseeded-tokio] [-v]
   --seeds 1..100   seeds 1 to 100, both ends included (1..=100 too; a plain N means 1..N); default 1..20
   --seed S         replay one seed
   --steps N        fault-phase steps of 1 ms simulated time (default 10000)
@@ -1569,7 +1569,8 @@ const USAGE: &str = "usage: replikv-sim [--seeds A..B | --seeds N | --seed S] [-
   --check-determinism [K]  run the first K seeds (default all) twice; compare per-step trace hashes
   --bug lost-append        inject a log-store bug: acked appends lost on a crash
   --bug apply-reversed     inject a state-machine bug: each applied batch in reverse order
-  --bit-rot                bit rot in crashed nodes' newest log segment (repaired at restart)
+  --no-bit-rot             no bit rot in crashed nodes' newest log segment (on by default:
+                           repaired at restart, docs/design/durability.md)
   --bug forget-high-water  a replica repaired after bit rot votes and campaigns as if whole
   --expect-violation       self-test: succeed only if some seed fails a safety check (with --bug)
   --bug nondeterministic   self-test of --check-determinism: network delays from OS entropy
@@ -1588,7 +1589,7 @@ fn main() -> ExitCode {
         snapshots: true,
         verbose: false,
         unseeded_tokio: false,
-        bit_rot: false,
+        bit_rot: true,
     };
     let (mut first, mut last) = (1u64, 20u64);
     let mut determinism: Option<u64> = None;
@@ -1623,6 +1624,7 @@ fn main() -> ExitCode {
             "--settle" => opts.settle = num(val("--settle")),
             "--no-snapshots" => opts.snapshots = false,
             "--bit-rot" => opts.bit_rot = true,
+            "--no-bit-rot" => opts.bit_rot = false,
             "--unseeded-tokio" => opts.unseeded_tokio = true,
             "-v" | "--verbose" => opts.verbose = true,
             "--expect-violation" => expect_violation = true,
@@ -1755,7 +1757,7 @@ fn main() -> ExitCode {
                 opts.settle,
                 opts.bug.flag(),
                 if opts.snapshots { "" } else { " --no-snapshots" },
-                if opts.bit_rot { " --bit-rot" } else { "" },
+                if opts.bit_rot { "" } else { " --no-bit-rot" },
             );
         }
     }
