@@ -10,7 +10,7 @@ use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::Transport;
 use replikv_cluster::Node;
 use replikv_storage::{FsyncPolicy, Stores};
-use replikv_types::{Consistency, ReadPreference};
+use replikv_types::{ConnLimit, Consistency, ReadPreference};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -57,6 +57,9 @@ pub struct ServerArgs {
     /// always, everysec or never.
     #[arg(long, env = "REPLIKV_FSYNC")]
     pub fsync: Option<String>,
+    /// RESP clients served at once (Redis's maxclients; default 10000).
+    #[arg(long, env = "REPLIKV_MAXCLIENTS")]
+    pub maxclients: Option<u64>,
 }
 
 /// File, then environment and flags (clap resolves those two: a flag wins).
@@ -116,6 +119,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.write_timeout_ms {
         cfg.replication.write_timeout_ms = v;
+    }
+    if let Some(v) = args.maxclients {
+        cfg.limits.maxclients = v;
     }
     if let Some(v) = &args.fsync {
         cfg.storage.fsync = v
@@ -188,7 +194,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
     let peers = tokio::spawn(transport.serve(peer, handler, stop_rx.clone()));
     let service = Arc::new(crate::service::NodeService::new(node.clone(), &cfg));
-    let resp_task = tokio::spawn(replikv_resp::serve(resp, service, stop_rx.clone()));
+    let clients = ConnLimit::new(usize::try_from(cfg.limits.maxclients).unwrap_or(usize::MAX));
+    let resp_task = tokio::spawn(replikv_resp::serve(resp, service, clients, stop_rx.clone()));
     let http_cfg = replikv_http::HttpConfig {
         max_key_bytes: cfg.limits.max_key_bytes,
         max_value_bytes: cfg.limits.max_value_bytes,
