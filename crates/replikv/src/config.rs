@@ -49,6 +49,8 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// RESP clients open at once, with Redis's name, default and range.
     pub maxclients: u64,
+    /// HTTP connections open at once.
+    pub max_http_connections: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -75,7 +77,8 @@ pub struct Debug {
 pub const MAX_VALUE_BYTES_CAP: usize = 32 << 20;
 /// Redis's default `maxclients`.
 pub const DEFAULT_MAXCLIENTS: u64 = 10_000;
-/// Redis's bound for `maxclients` (an unsigned 32-bit count).
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: u64 = 1024;
+/// Redis's bound for `maxclients` (an unsigned 32-bit count); also HTTP's.
 pub const MAX_CONNECTIONS_CAP: u64 = u32::MAX as u64;
 
 impl Default for Config {
@@ -112,6 +115,7 @@ impl Default for Limits {
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
             maxclients: DEFAULT_MAXCLIENTS,
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
         }
     }
 }
@@ -223,7 +227,13 @@ impl Config {
                 ),
             );
         }
-        for (field, n) in [("limits.maxclients", self.limits.maxclients)] {
+        for (field, n) in [
+            ("limits.maxclients", self.limits.maxclients),
+            (
+                "limits.max_http_connections",
+                self.limits.max_http_connections,
+            ),
+        ] {
             if n == 0 || n > MAX_CONNECTIONS_CAP {
                 return fail(
                     field,
@@ -338,6 +348,10 @@ storage: { fsync: always }
         for (yaml, field) in [
             ("limits: { maxclients: 0 }", "limits.maxclients"),
             ("limits: { maxclients: 4294967296 }", "limits.maxclients"),
+            (
+                "limits: { max_http_connections: 0 }",
+                "limits.max_http_connections",
+            ),
         ] {
             let e = Config::from_yaml(yaml).unwrap().validate().unwrap_err();
             assert!(

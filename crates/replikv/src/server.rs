@@ -194,12 +194,21 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
     let peers = tokio::spawn(transport.serve(peer, handler, stop_rx.clone()));
     let service = Arc::new(crate::service::NodeService::new(node.clone(), &cfg));
-    let clients = ConnLimit::new(usize::try_from(cfg.limits.maxclients).unwrap_or(usize::MAX));
-    let resp_task = tokio::spawn(replikv_resp::serve(resp, service, clients, stop_rx.clone()));
+    let cap = |n: u64| ConnLimit::new(usize::try_from(n).unwrap_or(usize::MAX));
+    let clients = cap(cfg.limits.maxclients);
+    let http_connections = cap(cfg.limits.max_http_connections);
+    let resp_task = tokio::spawn(replikv_resp::serve(
+        resp,
+        service,
+        clients.clone(),
+        stop_rx.clone(),
+    ));
     let http_cfg = replikv_http::HttpConfig {
         max_key_bytes: cfg.limits.max_key_bytes,
         max_value_bytes: cfg.limits.max_value_bytes,
         fault_injection: cfg.debug.fault_injection,
+        connections: http_connections.clone(),
+        listeners: vec![("resp", clients), ("http", http_connections)],
     };
     let http_task = tokio::spawn(replikv_http::serve(http, node.clone(), http_cfg, stop_rx));
     // The line tests and `replikv cluster` read to learn the bound addresses.
