@@ -47,9 +47,10 @@ pub struct Storage {
 pub struct Limits {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
-    /// RESP clients open at once, with Redis's name, default and range.
+    /// RESP clients open at once, with Redis's name, default and range. Start-up lowers it
+    /// when the descriptor limit cannot hold it beside the peers' reserve (`fds.rs`).
     pub maxclients: u64,
-    /// HTTP connections open at once.
+    /// HTTP connections open at once; lowered the same way.
     pub max_http_connections: u64,
 }
 

@@ -1,5 +1,6 @@
-//! `replikv server`: load configuration, open storage, bind listeners, start the partition
-//! groups, serve RESP, HTTP and peers until SIGINT or SIGTERM.
+//! `replikv server`: load configuration, raise the open files limit, open storage, bind
+//! listeners, share the descriptors out (`fds.rs`), start the partition groups, serve RESP,
+//! HTTP and peers until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,7 +58,8 @@ pub struct ServerArgs {
     /// always, everysec or never.
     #[arg(long, env = "REPLIKV_FSYNC")]
     pub fsync: Option<String>,
-    /// RESP clients served at once (Redis's maxclients; default 10000).
+    /// RESP clients served at once (Redis's maxclients; default 10000); lowered at start-up
+    /// when the open files limit cannot hold it beside the peers' reserve.
     #[arg(long, env = "REPLIKV_MAXCLIENTS")]
     pub maxclients: Option<u64>,
 }
@@ -144,10 +146,13 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging();
     let cfg = load(&args)?;
+    // Before anything is opened. A raise the kernel refuses is logged and leaves the limit
+    // as it was; the budget below then works with that.
+    let nofile = crate::fds::raise_nofile().context("reading the open files limit")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, nofile))
 }
 
 pub fn init_logging() {
@@ -159,7 +164,7 @@ pub fn init_logging() {
         .try_init();
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
     // 1. Storage.
     let stores = Stores::open(&cfg.data_dir, cfg.storage.fsync)
         .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
@@ -180,7 +185,25 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP listener {}", cfg.listen.http))?;
     let (resp_addr, http_addr, peer_addr) =
         (resp.local_addr()?, http.local_addr()?, peer.local_addr()?);
-    // 3. Partition groups.
+    // 3. File descriptors: what is open now (runtime, storage, listeners) is counted into
+    // the peers' reserve, and clients and HTTP connections are capped to fit beside it.
+    let budget = crate::fds::Budget::fit(
+        nofile.soft,
+        cfg.limits.maxclients,
+        cfg.limits.max_http_connections,
+        cfg.peers.len(),
+        crate::fds::open_now(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    crate::fds::report(
+        &nofile,
+        cfg.limits.maxclients,
+        cfg.limits.max_http_connections,
+        &budget,
+    );
+    let clients = ConnLimit::new(budget.maxclients);
+    let http_connections = ConnLimit::new(budget.max_http_connections);
+    // 4. Partition groups.
     let transport = Transport::new(Hello {
         node_id: cfg.node_id,
         resp_addr: resp_addr.to_string(),
@@ -189,14 +212,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let node = Node::start(cfg.node_config(), stores, transport.clone())
         .await
         .map_err(anyhow::Error::msg)?;
-    // 4. Serve.
+    // 5. Serve.
     let (stop_tx, stop_rx) = watch::channel(false);
     let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
     let peers = tokio::spawn(transport.serve(peer, handler, stop_rx.clone()));
     let service = Arc::new(crate::service::NodeService::new(node.clone(), &cfg));
-    let cap = |n: u64| ConnLimit::new(usize::try_from(n).unwrap_or(usize::MAX));
-    let clients = cap(cfg.limits.maxclients);
-    let http_connections = cap(cfg.limits.max_http_connections);
     let resp_task = tokio::spawn(replikv_resp::serve(
         resp,
         service,
