@@ -43,6 +43,9 @@ pub struct Metrics {
     storage_fsyncs: IntCounterVec,
     disk_free: IntGaugeVec,
     disk_refusing: IntGaugeVec,
+    connections: IntGaugeVec,
+    max_connections: IntGaugeVec,
+    rejected_connections: IntCounterVec,
     /// Last offsets folded into the counters above, to add only what is new.
     seen: Mutex<HashMap<(String, u32, u64), u64>>,
 }
@@ -229,6 +232,24 @@ impl Metrics {
                 "1 while the node refuses new data: its disk is full or below storage.min_free_bytes",
                 &["node"],
             ),
+            connections: igauge(
+                &r,
+                "replikv_connections",
+                "Connections open now on a front end's listener (resp: clients, http)",
+                &["node", "listener"],
+            ),
+            max_connections: igauge(
+                &r,
+                "replikv_max_connections",
+                "The cap on a listener's open connections (resp: maxclients), as fitted to the open files limit",
+                &["node", "listener"],
+            ),
+            rejected_connections: counter(
+                &r,
+                "replikv_rejected_connections_total",
+                "Connections refused because their listener was at its cap",
+                &["node", "listener"],
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -329,6 +350,18 @@ impl Metrics {
         if value > prev {
             counter.with_label_values(labels).inc_by(value - prev);
         }
+    }
+
+    /// Refreshes a front end's connection gauges (the front ends count their own
+    /// connections; call before [`Metrics::render`]).
+    pub fn listener(&self, listener: &str, open: usize, max: usize, rejected: u64) {
+        let labels = [self.node.as_str(), listener];
+        self.connections.with_label_values(&labels).set(open as i64);
+        self.max_connections
+            .with_label_values(&labels)
+            .set(max as i64);
+        let key = (format!("rejected:{listener}"), 0, 0);
+        self.advance(&self.rejected_connections, &labels, key, rejected);
     }
 
     /// Refreshes the state gauges from `status` and renders the Prometheus text format.

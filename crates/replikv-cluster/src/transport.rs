@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::frame::{self, Kind};
 use crate::messages::{Hello, PeerRequest, PeerResponse};
-use replikv_types::NodeId;
+use replikv_types::{AcceptBackoff, NodeId};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// After a failed dial, requests to that peer fail at once for this long.
@@ -602,24 +602,36 @@ impl Transport {
         self.peer(peer).map(|p| p.stats())
     }
 
-    /// Accepts peer connections until `shutdown` turns true.
+    /// Accepts peer connections until `shutdown` turns true. Peers are never capped here:
+    /// the front ends' caps leave them a reserve of descriptors (`replikv/src/fds.rs`), so
+    /// an `accept` that fails anyway (EMFILE: something else used them up) is retried after
+    /// a pause, and reported at most every [`AcceptBackoff::WARN_EVERY`].
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         handler: Arc<dyn Handler>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut backoff = AcceptBackoff::default();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, remote)) => {
+                        backoff.succeeded();
                         let _ = stream.set_nodelay(true);
                         let (rd, wr) = stream.into_split();
                         self.serve_from(Box::new(rd), Box::new(wr), handler.clone(), Some(remote));
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "peer accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let (wait, warn) = backoff.failed(Instant::now().into_std());
+                        if let Some(more) = warn {
+                            tracing::warn!(error = %e, failures_since_last_warning = more,
+                                retry_in_ms = wait.as_millis() as u64, "peer accept failed");
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = shutdown.changed() => return,
+                        }
                     }
                 },
                 _ = shutdown.changed() => return,

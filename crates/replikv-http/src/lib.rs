@@ -14,8 +14,18 @@
 //!
 //! Session tokens: a write answers `X-Replikv-Session: <partition>:<offset>`; a read that
 //! sends it back is served by a replica only once that replica has applied the offset.
+//!
+//! Connections: at most `limits.max_http_connections` are open at once (`Limited`, the
+//! listener axum serves from). One beyond that is answered `503 Service Unavailable` with
+//! `Connection: close` and closed at once, so a flood of HTTP connections cannot use the
+//! descriptors kept for peers. The cap is the HTTP API's own: RESP clients at `maxclients`
+//! do not touch it, so `/health` and `/ready` still answer then.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -24,10 +34,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use replikv_cluster::Node;
-use replikv_types::{Consistency, Error, KvOp, ReadPreference, SetCond, DEFAULT_KEYSPACE};
+use replikv_types::{
+    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, KvOp, ReadPreference, SetCond,
+    WarnEvery, DEFAULT_KEYSPACE,
+};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 const SESSION_HEADER: &str = "x-replikv-session";
@@ -37,6 +51,11 @@ pub struct HttpConfig {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub fault_injection: bool,
+    /// The HTTP API's connections (`limits.max_http_connections`, after start-up fitted it
+    /// to the descriptor limit).
+    pub connections: Arc<ConnLimit>,
+    /// Every listener's connections, by name (`resp`, `http`), for `/metrics`.
+    pub listeners: Vec<(&'static str, Arc<ConnLimit>)>,
 }
 
 #[derive(Clone)]
@@ -70,14 +89,19 @@ pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
         .with_state(AppState { node, cfg })
 }
 
-/// Serves the API on `listener` until `shutdown` turns true.
+/// Serves the API on `listener` until `shutdown` turns true, at most
+/// `cfg.connections.max()` connections at once.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
     cfg: HttpConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let app = router(node, cfg);
+    let limited = Limited::new(listener, cfg.connections.clone());
+    serve_app(limited, router(node, cfg), shutdown).await;
+}
+
+async fn serve_app(listener: Limited, app: Router, mut shutdown: watch::Receiver<bool>) {
     let stop = async move {
         let _ = shutdown.changed().await;
     };
@@ -86,6 +110,140 @@ pub async fn serve(
         .await
     {
         tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// What a connection beyond the cap reads before it is closed.
+static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = json!({
+        "error": "TOO_MANY_CONNECTIONS",
+        "message": "max number of HTTP connections reached; retry later",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// How often a full HTTP connection table is reported while connections keep being refused.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// The listener axum serves from: it accepts, keeps a place under the cap for each
+/// connection it hands over (released when hyper drops it), refuses those beyond the cap
+/// itself, and paces failed accepts (axum's own waits a second and logs every failure).
+struct Limited {
+    listener: TcpListener,
+    limit: Arc<ConnLimit>,
+    backoff: AcceptBackoff,
+    full: WarnEvery,
+}
+
+impl Limited {
+    fn new(listener: TcpListener, limit: Arc<ConnLimit>) -> Limited {
+        Limited {
+            listener,
+            limit,
+            backoff: AcceptBackoff::default(),
+            full: WarnEvery::new(FULL_WARNING_EVERY),
+        }
+    }
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
+        loop {
+            let (stream, remote) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    let (wait, warn) = self.backoff.failed(Instant::now());
+                    if let Some(more) = warn {
+                        tracing::warn!(error = %e, failures_since_last_warning = more,
+                            retry_in_ms = wait.as_millis() as u64, "HTTP accept failed");
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            self.backoff.succeeded();
+            match self.limit.try_open() {
+                Some(slot) => {
+                    let _ = stream.set_nodelay(true);
+                    return (
+                        Counted {
+                            stream,
+                            _slot: slot,
+                        },
+                        remote,
+                    );
+                }
+                None => {
+                    if let Some(more) = self.full.due(Instant::now()) {
+                        tracing::warn!(max_http_connections = self.limit.max(),
+                            refused_since_last_warning = more, %remote,
+                            "HTTP connections at their limit: refusing new ones with 503");
+                    }
+                    if let Ok(stream) = stream.into_std() {
+                        refuse(stream, &TOO_MANY_CONNECTIONS);
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An accepted connection and its place under the cap.
+struct Counted {
+    stream: TcpStream,
+    _slot: ConnSlot,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -363,6 +521,10 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    for (name, limit) in &state.cfg.listeners {
+        let m = &state.node.metrics;
+        m.listener(name, limit.open(), limit.max(), limit.rejected());
+    }
     let text = state.node.metrics.render(&state.node.status());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -389,4 +551,81 @@ async fn faults_set(
     tracing::warn!(blocked = ?b.blocked, "fault injection: peer links cut");
     state.node.transport.faults.set_blocked(b.blocked.clone());
     Ok(Json(json!({"blocked": b.blocked})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP listener capped at 4 connections, serving `/health`.
+    fn capped_server(
+        rt: &tokio::runtime::Runtime,
+    ) -> (String, Arc<ConnLimit>, watch::Sender<bool>) {
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let limit = ConnLimit::new(4);
+        let (stop, stop_rx) = watch::channel(false);
+        let app = Router::new().route("/health", get(|| async { Json(json!({"status": "ok"})) }));
+        rt.spawn(serve_app(
+            Limited::new(listener, limit.clone()),
+            app,
+            stop_rx,
+        ));
+        (url, limit, stop)
+    }
+
+    fn wait_for(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Connections beyond the cap are refused cleanly: each reads a whole `503` with
+    /// `Retry-After` and `Connection: close` (the decision documented in docs/CONFIG.md:
+    /// refused, not queued, so a flood never holds more descriptors than the cap), those
+    /// within it keep being served, and a place freed by a close is taken again.
+    #[test]
+    fn connections_beyond_the_cap_get_a_503_and_a_freed_place_serves_again() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (url, limit, _stop) = capped_server(&rt);
+        // Four clients, each keeping its connection open between requests (keep-alive).
+        let held: Vec<ureq::Agent> = (0..4)
+            .map(|_| {
+                let agent = ureq::AgentBuilder::new().build();
+                let r = agent.get(&url).call().expect("a connection within the cap");
+                r.into_string().unwrap();
+                agent
+            })
+            .collect();
+        wait_for("four connections held", || limit.open() == 4);
+        for _ in 0..50 {
+            match ureq::get(&url).call() {
+                Err(ureq::Error::Status(503, r)) => {
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    assert_eq!(r.header("connection"), Some("close"));
+                    let body: serde_json::Value = r.into_json().unwrap();
+                    assert_eq!(body["error"], "TOO_MANY_CONNECTIONS");
+                }
+                other => panic!("a connection beyond the cap got {other:?}"),
+            }
+        }
+        assert_eq!(limit.rejected(), 50);
+        assert_eq!(limit.open(), 4, "refused connections never took a place");
+        for agent in &held {
+            let r = agent
+                .get(&url)
+                .call()
+                .expect("a held connection is still served");
+            assert_eq!(r.status(), 200);
+            r.into_string().unwrap();
+        }
+        drop(held);
+        wait_for("the held connections to close", || limit.open() == 0);
+        let r = ureq::get(&url)
+            .call()
+            .expect("served again once places are free");
+        assert_eq!(r.status(), 200);
+    }
 }

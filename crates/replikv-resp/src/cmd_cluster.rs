@@ -7,10 +7,10 @@
 use bytes::Bytes;
 
 use crate::codec::Frame;
-use crate::conn::Args;
+use crate::conn::{Args, ConnState};
 use crate::service::Service;
 
-pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
+pub(crate) fn info<S: Service>(service: &S, state: &ConnState, args: &Args) -> Frame {
     let f = service.facts();
     let section = if args.len() > 1 {
         args.text(1).to_ascii_lowercase()
@@ -26,6 +26,21 @@ pub(crate) fn info<S: Service>(service: &S, args: &Args) -> Frame {
             std::env::consts::OS,
             std::process::id(),
             f.node_id
+        ));
+    }
+    let clients = &state.clients;
+    if all || section == "clients" {
+        out.push_str(&format!(
+            "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
+            clients.open(),
+            clients.max()
+        ));
+    }
+    if all || section == "stats" {
+        out.push_str(&format!(
+            "# Stats\r\ntotal_connections_received:{}\r\nrejected_connections:{}\r\n\r\n",
+            clients.accepted(),
+            clients.rejected()
         ));
     }
     if all || section == "replication" {

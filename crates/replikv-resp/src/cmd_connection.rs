@@ -146,13 +146,7 @@ async fn connection_command<S: Service>(service: &S, state: &mut ConnState, args
         "HELLO" => hello(service, state, args),
         "CLIENT" => client(state, args),
         "COMMAND" => command(args),
-        "CONFIG" => match args.upper(1).as_str() {
-            "GET" => Frame::Array(Vec::new()),
-            "SET" | "RESETSTAT" | "REWRITE" => Frame::Error(
-                "ERR replikv is configured through its YAML file, flags and environment, not CONFIG SET".into(),
-            ),
-            _ => syntax_error(),
-        },
+        "CONFIG" => config(state, args),
         "READONLY" => {
             state.read = Some(ReadPreference::Any);
             ok()
@@ -162,7 +156,7 @@ async fn connection_command<S: Service>(service: &S, state: &mut ConnState, args
             ok()
         }
         "WAIT" => wait(service, state, args).await,
-        "INFO" => crate::cmd_cluster::info(service, args),
+        "INFO" => crate::cmd_cluster::info(service, state, args),
         "ROLE" => crate::cmd_cluster::role(service),
         "REPLIKV.CONSISTENCY" => consistency(service, state, args),
         "REPLIKV.READ" => read_preference(service, state, args),
@@ -219,6 +213,46 @@ fn hello<S: Service>(service: &S, state: &mut ConnState, args: &Args) -> Frame {
         ),
         field("modules", Frame::Array(Vec::new())),
     ])
+}
+
+/// `CONFIG GET pattern...` with Redis 7's answer (name, value pairs; a map in RESP3) over
+/// the one parameter a client can use here, `maxclients` (the limit in force, which start-up
+/// may have lowered to fit the descriptor limit). A name without wildcards comes back as
+/// given, as Redis 7.0 answers it. Everything else is configured through replikv's YAML,
+/// flags and environment.
+fn config(state: &ConnState, args: &Args) -> Frame {
+    match args.upper(1).as_str() {
+        "GET" if args.len() < 3 => Frame::Error(
+            "ERR wrong number of arguments for 'config|get' command".into(),
+        ),
+        "GET" => {
+            let params = [("maxclients", state.clients.max().to_string())];
+            let mut found = Vec::new();
+            for (name, value) in params {
+                let asked = args.args[2..].iter().find(|p| {
+                    replikv_types::glob_match(&p.to_ascii_lowercase(), name.as_bytes())
+                });
+                if let Some(asked) = asked {
+                    let wildcard = asked.iter().any(|b| b"*?[\\".contains(b));
+                    let key = if wildcard {
+                        Bytes::from_static(name.as_bytes())
+                    } else {
+                        asked.clone()
+                    };
+                    found.push((Frame::Bulk(key), Frame::Bulk(Bytes::from(value))));
+                }
+            }
+            // Encoded as a flat array under RESP2.
+            Frame::Map(found)
+        }
+        "SET" | "RESETSTAT" | "REWRITE" => Frame::Error(
+            "ERR replikv is configured through its YAML file, flags and environment, not CONFIG SET".into(),
+        ),
+        _ => Frame::Error(format!(
+            "ERR unknown subcommand '{}'. Try CONFIG HELP.",
+            args.text(1)
+        )),
+    }
 }
 
 fn client(state: &mut ConnState, args: &Args) -> Frame {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
@@ -13,7 +14,10 @@ use tokio::sync::watch;
 
 use crate::codec::{encode, Frame, Limits, Protocol, RequestParser};
 use crate::service::Service;
-use replikv_types::{Consistency, Error, Offset, PartitionId, ReadPreference};
+use replikv_types::{
+    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, Offset, PartitionId,
+    ReadPreference, WarnEvery,
+};
 
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -33,10 +37,12 @@ pub struct ConnState {
     /// way: the wait before each command skips the scan of the answers when none does.
     pending_writes: bool,
     pending_reads: bool,
+    /// The front end's client count and `maxclients`, for `INFO` and `CONFIG GET`.
+    pub(crate) clients: Arc<ConnLimit>,
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    fn new(clients: Arc<ConnLimit>) -> ConnState {
         ConnState {
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
             name: None,
@@ -47,6 +53,7 @@ impl ConnState {
             quit: false,
             pending_writes: false,
             pending_reads: false,
+            clients,
         }
     }
 }
@@ -67,22 +74,53 @@ pub(crate) fn err(e: &Error) -> Frame {
     Frame::Error(e.to_resp())
 }
 
-/// Serves RESP clients on `listener` until `shutdown` turns true.
+/// Redis's answer to a connection beyond `maxclients`, written before it is closed.
+const MAX_CLIENTS_REACHED: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// Serves RESP clients on `listener` until `shutdown` turns true, at most `clients.max()` at
+/// once. As Redis does, a connection beyond that is accepted, told
+/// `-ERR max number of clients reached` and closed at once, inside this loop: it never
+/// holds its descriptor for longer than that, so a flood of them cannot reach into the
+/// descriptors kept for peers.
 pub async fn serve<S: Service>(
     listener: TcpListener,
     service: Arc<S>,
+    clients: Arc<ConnLimit>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::default();
+    let mut full = WarnEvery::new(FULL_WARNING_EVERY);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(stream, service.clone()));
+                Ok((stream, remote)) => {
+                    backoff.succeeded();
+                    match clients.try_open() {
+                        Some(slot) => {
+                            let _ = stream.set_nodelay(true);
+                            tokio::spawn(connection(stream, service.clone(), clients.clone(), slot));
+                        }
+                        None => {
+                            if let Some(more) = full.due(Instant::now()) {
+                                tracing::warn!(maxclients = clients.max(), refused_since_last_warning = more, %remote,
+                                    "RESP clients at maxclients: refusing new connections");
+                            }
+                            if let Ok(stream) = stream.into_std() {
+                                refuse(stream, MAX_CLIENTS_REACHED);
+                            }
+                        }
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "RESP accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    let (wait, warn) = backoff.failed(Instant::now());
+                    if let Some(more) = warn {
+                        tracing::warn!(error = %e, failures_since_last_warning = more, retry_in_ms = wait.as_millis() as u64,
+                            "RESP accept failed");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return,
+                    }
                 }
             },
             _ = shutdown.changed() => return,
@@ -90,7 +128,16 @@ pub async fn serve<S: Service>(
     }
 }
 
-async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
+/// How often a full client table is reported while connections keep being refused.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// Serves one client; `_slot` keeps its place under `maxclients` until it closes.
+async fn connection<S: Service>(
+    mut stream: TcpStream,
+    service: Arc<S>,
+    clients: Arc<ConnLimit>,
+    _slot: ConnSlot,
+) {
     let cfg = service.config().clone();
     // Arguments somewhat over the value limit are read and refused with a clear error on a
     // connection that stays open; far larger ones are a protocol error that closes it.
@@ -98,7 +145,7 @@ async fn connection<S: Service>(mut stream: TcpStream, service: Arc<S>) {
         max_bulk_len: (cfg.max_value_bytes.max(cfg.max_key_bytes) * 2).max(1 << 20),
         ..Limits::default()
     };
-    let mut state = ConnState::new();
+    let mut state = ConnState::new(clients);
     let mut parser = RequestParser::new();
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut output = BytesMut::with_capacity(16 * 1024);

@@ -7,6 +7,10 @@
 //! ```
 //! Pipelined writes are queued in order and awaited together; any other command first waits
 //! for the connection's earlier writes, so a client always reads its own writes.
+//!
+//! `serve` keeps at most `maxclients` connections open, as Redis does: one more is told
+//! `-ERR max number of clients reached` and closed, so clients never take the file
+//! descriptors the node keeps for its peers.
 
 mod cmd_cluster;
 mod cmd_connection;

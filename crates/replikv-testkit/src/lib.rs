@@ -41,6 +41,13 @@ pub struct Options {
     pub lease_reads: bool,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// `limits.maxclients`; `None`: the server's default.
+    pub maxclients: Option<u64>,
+    /// `limits.max_http_connections`; `None`: the server's default.
+    pub max_http_connections: Option<u64>,
+    /// Node id → the RLIMIT_NOFILE (soft and hard) that node's process starts with, so a
+    /// test can run a node short of file descriptors. Nodes not listed inherit the test's.
+    pub nofile: BTreeMap<u64, u64>,
     /// `resp.redirect`: answer -MOVED instead of forwarding.
     pub redirect: bool,
     /// `debug.skip_read_index`: the injected stale-read bug.
@@ -77,6 +84,9 @@ impl Default for Options {
             lease_reads: true,
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
+            maxclients: None,
+            max_http_connections: None,
+            nofile: BTreeMap::new(),
             redirect: false,
             skip_read_index: false,
             ack_before_commit: false,
@@ -99,6 +109,8 @@ pub struct Node {
     child: Option<Child>,
     /// See [`Options::clock_rates`]; takes effect at the next start.
     pub clock_rate: Option<f64>,
+    /// See [`Options::nofile`].
+    pub nofile: Option<u64>,
 }
 
 impl Node {
@@ -112,6 +124,14 @@ impl Node {
 
     pub fn redis_url(&self) -> String {
         format!("redis://{}/", self.resp)
+    }
+
+    /// File descriptors the node's process has open now (`/proc/PID/fd`).
+    pub fn open_fds(&self) -> Option<usize> {
+        let pid = self.pid()?;
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count())
     }
 
     /// The node's log so far (stderr), for failure messages.
@@ -244,6 +264,7 @@ impl Cluster {
                     data_dir,
                     child: None,
                     clock_rate: opts.clock_rates.get(&id).copied(),
+                    nofile: opts.nofile.get(&id).copied(),
                 },
             );
         }
@@ -252,12 +273,19 @@ impl Cluster {
             .map(|n| format!("{}: {}", n.id, n.peer))
             .collect::<Vec<_>>()
             .join(", ");
+        let mut connection_limits = String::new();
+        if let Some(m) = opts.maxclients {
+            connection_limits.push_str(&format!(", maxclients: {m}"));
+        }
+        if let Some(m) = opts.max_http_connections {
+            connection_limits.push_str(&format!(", max_http_connections: {m}"));
+        }
         for n in nodes.values() {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
                  \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease} }}\n\
-                 storage: {{ fsync: {fsync}{min_free} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
+                 storage: {{ fsync: {fsync}{min_free} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv}{connection_limits} }}\n\
                  resp: {{ redirect: {redirect} }}\n\
                  debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
                 id = n.id,
@@ -337,10 +365,20 @@ impl Cluster {
                 .env("FAKETIME", format!("+0 x{rate}"))
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "0");
         }
+        let nofile = n.nofile;
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(limit) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }

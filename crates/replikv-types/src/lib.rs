@@ -2,10 +2,13 @@
 //! consistency and read-preference options a request carries, and the one error type whose
 //! variants say what the caller must decide (retry elsewhere, retry later, give up).
 //!
-//! Nothing here does I/O. Front ends (RESP, HTTP) turn requests into these types, the cluster
-//! layer routes them, and the state machine applies [`KvOp`]s deterministically.
+//! Nothing here does I/O but [`refuse`], which answers and closes a connection beyond a
+//! listener's cap. Front ends (RESP, HTTP) turn requests into these types, the cluster layer
+//! routes them, and the state machine applies [`KvOp`]s deterministically. Every listener
+//! caps its connections and paces its failed accepts with the `connections` module's types.
 
 mod command;
+mod connections;
 mod consistency;
 mod error;
 mod glob;
@@ -14,6 +17,7 @@ pub use command::{
     apply_one, apply_op, format_float, Change, ExpireCond, KeyTable, KvOp, Ops, Replies, Reply,
     SetCond, StoredValue, ValueWithTtl, WriteOutcome, WriteRequest,
 };
+pub use connections::{refuse, AcceptBackoff, ConnLimit, ConnSlot, WarnEvery};
 pub use consistency::{Consistency, ReadPreference};
 pub use error::{Commit, Error};
 pub use glob::glob_match;

@@ -62,6 +62,11 @@ impl Storage {
 pub struct Limits {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
+    /// RESP clients open at once, with Redis's name, default and range. Start-up lowers it
+    /// when the descriptor limit cannot hold it beside the peers' reserve (`fds.rs`).
+    pub maxclients: u64,
+    /// HTTP connections open at once; lowered the same way.
+    pub max_http_connections: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -86,6 +91,11 @@ pub struct Debug {
 
 /// Largest value accepted: must fit a peer frame with room to spare.
 pub const MAX_VALUE_BYTES_CAP: usize = 32 << 20;
+/// Redis's default `maxclients`.
+pub const DEFAULT_MAXCLIENTS: u64 = 10_000;
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: u64 = 1024;
+/// Redis's bound for `maxclients` (an unsigned 32-bit count); also HTTP's.
+pub const MAX_CONNECTIONS_CAP: u64 = u32::MAX as u64;
 
 impl Default for Config {
     fn default() -> Self {
@@ -120,6 +130,8 @@ impl Default for Limits {
         Limits {
             max_key_bytes: 64 * 1024,
             max_value_bytes: 16 << 20,
+            maxclients: DEFAULT_MAXCLIENTS,
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
         }
     }
 }
@@ -231,6 +243,20 @@ impl Config {
                 ),
             );
         }
+        for (field, n) in [
+            ("limits.maxclients", self.limits.maxclients),
+            (
+                "limits.max_http_connections",
+                self.limits.max_http_connections,
+            ),
+        ] {
+            if n == 0 || n > MAX_CONNECTIONS_CAP {
+                return fail(
+                    field,
+                    format!("{n} is out of range; allowed: 1 to {MAX_CONNECTIONS_CAP}"),
+                );
+            }
+        }
         if self.limits.max_key_bytes == 0 || self.limits.max_key_bytes > 1 << 20 {
             return fail(
                 "limits.max_key_bytes",
@@ -292,6 +318,7 @@ mod tests {
         assert_eq!(c.replication.consistency, Consistency::Quorum);
         assert_eq!(c.storage.fsync, FsyncPolicy::Always);
         assert!(c.listen.resp.starts_with("127.0.0.1"));
+        assert_eq!(c.limits.maxclients, 10_000, "Redis's default");
     }
 
     #[test]
@@ -334,6 +361,22 @@ storage: { fsync: always }
         }
         let c = Config::from_yaml("replication: { lease_reads: false, lease_margin_ms: 50 }");
         c.unwrap().validate().unwrap();
+        for (yaml, field) in [
+            ("limits: { maxclients: 0 }", "limits.maxclients"),
+            ("limits: { maxclients: 4294967296 }", "limits.maxclients"),
+            (
+                "limits: { max_http_connections: 0 }",
+                "limits.max_http_connections",
+            ),
+        ] {
+            let e = Config::from_yaml(yaml).unwrap().validate().unwrap_err();
+            assert!(
+                e.contains(field) && e.contains("allowed: 1 to 4294967295"),
+                "{e}"
+            );
+        }
+        let e = Config::from_yaml("limits: { maxclients: many }").unwrap_err();
+        assert!(e.contains("maxclients"), "{e}");
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
     }

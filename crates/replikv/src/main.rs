@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod fds;
 mod local_cluster;
 mod server;
 mod service;

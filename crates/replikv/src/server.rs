@@ -1,5 +1,6 @@
-//! `replikv server`: load configuration, open storage, bind listeners, start the partition
-//! groups, serve RESP, HTTP and peers until SIGINT or SIGTERM.
+//! `replikv server`: load configuration, raise the open files limit, open storage, bind
+//! listeners, share the descriptors out (`fds.rs`), start the partition groups, serve RESP,
+//! HTTP and peers until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::Transport;
 use replikv_cluster::Node;
 use replikv_storage::{DiskSpace, FsyncPolicy};
-use replikv_types::{Consistency, ReadPreference};
+use replikv_types::{ConnLimit, Consistency, ReadPreference};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -57,6 +58,10 @@ pub struct ServerArgs {
     /// always, everysec or never.
     #[arg(long, env = "REPLIKV_FSYNC")]
     pub fsync: Option<String>,
+    /// RESP clients served at once (Redis's maxclients; default 10000); lowered at start-up
+    /// when the open files limit cannot hold it beside the peers' reserve.
+    #[arg(long, env = "REPLIKV_MAXCLIENTS")]
+    pub maxclients: Option<u64>,
 }
 
 /// File, then environment and flags (clap resolves those two: a flag wins).
@@ -117,6 +122,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     if let Some(v) = args.write_timeout_ms {
         cfg.replication.write_timeout_ms = v;
     }
+    if let Some(v) = args.maxclients {
+        cfg.limits.maxclients = v;
+    }
     if let Some(v) = &args.fsync {
         cfg.storage.fsync = v
             .parse::<FsyncPolicy>()
@@ -138,10 +146,13 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     init_logging();
     let cfg = load(&args)?;
+    // Before anything is opened. A raise the kernel refuses is logged and leaves the limit
+    // as it was; the budget below then works with that.
+    let nofile = crate::fds::raise_nofile().context("reading the open files limit")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, nofile))
 }
 
 pub fn init_logging() {
@@ -153,7 +164,7 @@ pub fn init_logging() {
         .try_init();
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
     // 1. Storage.
     let members = cfg.peers.keys().copied().collect();
     let stores = replikv_raft::open_stores(&cfg.data_dir, cfg.storage.fsync, cfg.node_id, &members)
@@ -186,7 +197,25 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP listener {}", cfg.listen.http))?;
     let (resp_addr, http_addr, peer_addr) =
         (resp.local_addr()?, http.local_addr()?, peer.local_addr()?);
-    // 3. Partition groups.
+    // 3. File descriptors: what is open now (runtime, storage, listeners) is counted into
+    // the peers' reserve, and clients and HTTP connections are capped to fit beside it.
+    let budget = crate::fds::Budget::fit(
+        nofile.soft,
+        cfg.limits.maxclients,
+        cfg.limits.max_http_connections,
+        cfg.peers.len(),
+        crate::fds::open_now(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    crate::fds::report(
+        &nofile,
+        cfg.limits.maxclients,
+        cfg.limits.max_http_connections,
+        &budget,
+    );
+    let clients = ConnLimit::new(budget.maxclients);
+    let http_connections = ConnLimit::new(budget.max_http_connections);
+    // 4. Partition groups.
     let transport = Transport::new(Hello {
         node_id: cfg.node_id,
         resp_addr: resp_addr.to_string(),
@@ -195,16 +224,23 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let node = Node::start(cfg.node_config(), stores, transport.clone())
         .await
         .map_err(anyhow::Error::msg)?;
-    // 4. Serve.
+    // 5. Serve.
     let (stop_tx, stop_rx) = watch::channel(false);
     let handler: Arc<dyn replikv_cluster::transport::Handler> = node.clone();
     let peers = tokio::spawn(transport.serve(peer, handler, stop_rx.clone()));
     let service = Arc::new(crate::service::NodeService::new(node.clone(), &cfg));
-    let resp_task = tokio::spawn(replikv_resp::serve(resp, service, stop_rx.clone()));
+    let resp_task = tokio::spawn(replikv_resp::serve(
+        resp,
+        service,
+        clients.clone(),
+        stop_rx.clone(),
+    ));
     let http_cfg = replikv_http::HttpConfig {
         max_key_bytes: cfg.limits.max_key_bytes,
         max_value_bytes: cfg.limits.max_value_bytes,
         fault_injection: cfg.debug.fault_injection,
+        connections: http_connections.clone(),
+        listeners: vec![("resp", clients), ("http", http_connections)],
     };
     let http_task = tokio::spawn(replikv_http::serve(http, node.clone(), http_cfg, stop_rx));
     // The line tests and `replikv cluster` read to learn the bound addresses.
