@@ -732,8 +732,11 @@ impl Sim {
                 // After a repair: at least every vote the repair can know of, and one the
                 // node saved. A damaged record that was itself the last vote cannot be
                 // restored (durability.md says why that window is harmless).
-                if let (false, Some(d), Some(b)) = (ok, &discarded, back) {
-                    if b >= d.vote_floor.unwrap_or_default() && obs.vote_history.contains(&b) {
+                if let (false, Some(d)) = (ok, &discarded) {
+                    // None at all, when the repair could know of none (the damaged record
+                    // was the partition's only vote).
+                    let known = back.is_none_or(|b| obs.vote_history.contains(&b));
+                    if back >= d.vote_floor && known {
                         ok = true;
                         obs.durable_vote = vote;
                         self.stats.votes_lost_to_rot += 1;

@@ -243,7 +243,7 @@ impl RaftNetwork<TypeConfig> for SimConn {
                 return Ok(VoteResponse {
                     vote,
                     vote_granted: false,
-                    last_log_id: t.recovery.high_water(),
+                    last_log_id: None,
                 });
             }
             t.raft.vote(rpc).await

@@ -223,6 +223,9 @@ pub(crate) fn spawn(node: Arc<Node>) {
             for g in node.groups.values() {
                 node.update_election_gate(g);
                 node.campaign_if_leader_gone(g);
+                if node.space.refusing() && g.is_leader() {
+                    node.hand_off(g);
+                }
             }
         }
     });

@@ -150,10 +150,13 @@ impl Node {
                             high_water = ?g.recovery.high_water(),
                             "vote refused: recovering from a damaged log"
                         );
+                        // No log id claimed: the high water is not a log anyone holds, and a
+                        // candidate told of a greater log backs off its next campaign, which
+                        // kept the one that could win from winning (found by the simulation).
                         return PeerResponse::Vote(Ok(openraft::raft::VoteResponse {
                             vote,
                             vote_granted: false,
-                            last_log_id: g.recovery.high_water(),
+                            last_log_id: None,
                         }));
                     }
                     PeerResponse::Vote(g.raft.vote(rpc).await)

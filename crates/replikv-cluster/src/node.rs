@@ -169,6 +169,9 @@ pub struct Group {
     /// Set while this replica recovers from a damaged log (`replikv-raft`'s `damage.rs`): it
     /// votes only for candidates holding up to the high water, and does not campaign.
     pub(crate) recovery: replikv_raft::Recovery,
+    /// Hand-offs of leadership while the disk is full: when the last began, and how many
+    /// have been tried (each tries the next target).
+    pub(crate) hand_off: Mutex<(Option<tokio::time::Instant>, usize)>,
 }
 
 impl Group {
@@ -208,6 +211,25 @@ pub struct Node {
     pub(crate) disk_refusing: std::sync::atomic::AtomicBool,
     /// This node's random draws, seeded by `cfg.seed` when it is set.
     rng: Mutex<StdRng>,
+}
+
+/// The partitions node `me` hosts in the placement of `peers` under `replication`: what
+/// `Node::start` starts (and what a damaged log's repair must cover).
+pub fn hosted_partitions(
+    me: NodeId,
+    peers: &BTreeMap<NodeId, String>,
+    replication: &Replication,
+) -> Result<std::collections::BTreeSet<PartitionId>, String> {
+    let members: Vec<Member> = peers.keys().map(|id| Member::new(*id)).collect();
+    let factor = replication.factor.min(members.len());
+    let placement =
+        place(&members, replication.partitions, factor, 1).map_err(|e| e.to_string())?;
+    Ok(placement
+        .partitions
+        .iter()
+        .filter(|p| p.replicas.contains(&me))
+        .map(|p| p.partition)
+        .collect())
 }
 
 impl Node {
@@ -439,6 +461,8 @@ impl Node {
 
     /// Stops every group (their Raft cores) and the storage flusher.
     pub async fn shutdown(&self) {
+        // First: a log waiting for room on a full disk gives up, since the cores wait on it.
+        self.stores.log.stop();
         for g in self.groups.values() {
             let _ = g.raft.shutdown().await;
         }
@@ -556,5 +580,6 @@ async fn start_group(
         read_rounds: Default::default(),
         lease,
         recovery,
+        hand_off: Mutex::new((None, 0)),
     })
 }

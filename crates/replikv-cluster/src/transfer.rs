@@ -185,6 +185,11 @@ impl Node {
         }
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
+        if let Some(why) = self.unfit_to_lead(&g) {
+            return Err(Error::TryAgain(format!(
+                "{why}: it takes no leadership until then"
+            )));
+        }
         let term_wait = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
         // This replica granted a lease to every leader whose messages it accepted, and an
         // explicit campaign is not checked against it by openraft: wait it out here. A
@@ -222,11 +227,23 @@ impl Node {
 
 impl Node {
     /// Hands leadership of `g`, which this node leads but cannot serve writes for (its disk
-    /// takes no new data), to the reachable replica that holds the most of its log.
-    fn hand_off(self: &Arc<Self>, g: &Arc<Group>) {
+    /// takes no new data), to a reachable replica: the one holding the most of its log first,
+    /// the next one after each attempt that did not move it (that target may be unfit to
+    /// lead itself). Called every ping period from the election ticker; an attempt at most
+    /// every [`HAND_OFF_EVERY`].
+    pub(crate) fn hand_off(self: &Arc<Self>, g: &Arc<Group>) {
         if g.transferring.load(Ordering::SeqCst) {
             return;
         }
+        let attempt = {
+            let mut h = g.hand_off.lock().expect("hand-off");
+            if h.0.is_some_and(|t| t.elapsed() < HAND_OFF_EVERY) {
+                return;
+            }
+            h.0 = Some(Instant::now());
+            h.1 += 1;
+            h.1 - 1
+        };
         let window = Duration::from_millis(self.cfg.replication.replica_timeout_ms);
         let matched = g
             .raft
@@ -235,14 +252,21 @@ impl Node {
             .replication
             .clone()
             .unwrap_or_default();
-        let target = g
+        let mut targets: Vec<u64> = g
             .placement
             .replicas
             .iter()
-            .filter(|id| **id != self.id())
-            .filter(|id| self.replicas_heard_within(&[**id], window) == 1)
-            .max_by_key(|id| matched.get(*id).copied().flatten().map(|l| l.index));
-        let Some(&to) = target else { return };
+            .copied()
+            .filter(|id| *id != self.id())
+            .filter(|id| self.replicas_heard_within(&[*id], window) == 1)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        targets.sort_by_key(|id| {
+            std::cmp::Reverse(matched.get(id).copied().flatten().map(|l| l.index))
+        });
+        let to = targets[attempt % targets.len()];
         let (node, p) = (self.clone(), g.partition);
         tokio::spawn(async move {
             match node.transfer_leadership(p, to).await {
@@ -254,6 +278,9 @@ impl Node {
         });
     }
 }
+
+/// Hand-offs of a full disk's leaderships are tried at most this often per partition.
+const HAND_OFF_EVERY: Duration = Duration::from_secs(2);
 
 /// Counts elections and failovers of one group as its metrics change.
 pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
@@ -314,10 +341,6 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
             for g in node.groups.values() {
                 let p = g.partition;
                 let count = stable.entry(p).or_default();
-                if g.is_leader() && node.space.refusing() {
-                    node.hand_off(g);
-                    continue;
-                }
                 let wants = g.placement.preferred_leader == node.id()
                     && node.unfit_to_lead(g).is_none()
                     && g.leader().is_some_and(|l| l != node.id())

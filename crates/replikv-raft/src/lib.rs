@@ -26,7 +26,7 @@ mod state_machine;
 
 use std::io::Cursor;
 
-pub use damage::{open_stores, repair_log};
+pub use damage::{open_stores, repair_log, repair_log_hosting, MIN_ENTRY_RECORD};
 pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore, Recovery};
 pub use overlay::CheckpointLimits;
 pub use purge_gate::PurgeGate;

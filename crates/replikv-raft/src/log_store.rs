@@ -32,12 +32,13 @@ pub(crate) const COMMITTED: &str = "committed";
 pub(crate) const RECOVER_TO: &str = "recover_to";
 
 /// Whether a log ending at `log` holds everything a log ending at `high_water` held that can
-/// matter: the same (term, index) or a later one. A later term suffices whatever the index:
-/// its leader's log held every entry committed before it, and a log with an entry of that
-/// term holds that leader's log up to it. (Not `LogId`'s own order, which also compares the
-/// leader's node id.)
+/// matter, by openraft's own order of log ids (the order its vote rule uses): the leader id
+/// (term, then node id: openraft 0.9's default mode lets two leaders of one term exist, and
+/// orders them), then the index. A greater leader id suffices whatever the index: that
+/// leader's log held every entry committed before it, and a log with one of its entries
+/// holds its log up to there.
 pub(crate) fn covers(log: &LogId, high_water: &LogId) -> bool {
-    (log.leader_id.term, log.index) >= (high_water.leader_id.term, high_water.index)
+    log >= high_water
 }
 
 /// A replica's recovery from a damaged log (`damage.rs`): the high water its log must reach

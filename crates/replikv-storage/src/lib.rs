@@ -25,7 +25,7 @@ mod space;
 mod store;
 
 pub use raft_log::{
-    Damage, DamagedLog, FsLogDir, LogDir, LogOp, MemLogDir, Opened, RaftLog, SEGMENT_BYTES,
+    BadSpan, Damage, DamagedLog, FsLogDir, LogDir, LogOp, MemLogDir, Opened, RaftLog, SEGMENT_BYTES,
 };
 
 pub use space::{is_no_space, DiskSpace};

@@ -167,8 +167,16 @@ pub fn init_logging() {
 async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
     // 1. Storage.
     let members = cfg.peers.keys().copied().collect();
-    let stores = replikv_raft::open_stores(&cfg.data_dir, cfg.storage.fsync, cfg.node_id, &members)
-        .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
+    let hosted = replikv_cluster::hosted_partitions(cfg.node_id, &cfg.peers, &cfg.replication)
+        .map_err(anyhow::Error::msg)?;
+    let stores = replikv_raft::open_stores(
+        &cfg.data_dir,
+        cfg.storage.fsync,
+        cfg.node_id,
+        &members,
+        &hosted,
+    )
+    .map_err(|e| anyhow::anyhow!("opening {}: {e}", cfg.data_dir.display()))?;
     let total = DiskSpace::new(&cfg.data_dir, 0).total_bytes();
     let space = Arc::new(DiskSpace::new(
         &cfg.data_dir,

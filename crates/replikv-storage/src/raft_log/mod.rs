@@ -20,9 +20,9 @@
 //! - `META`: `[name length u8][name][value]`: the latest value of a named field (vote,
 //!   commit point);
 //! - `SYNCED` (partition 0): `[upto u64 LE]`: every byte of this segment before `upto` had
-//!   been synced when this record was written. The first record of a batch written after a
-//!   sync, and the last one written at a clean close: what tells damage from a torn write
-//!   (`recover.rs`);
+//!   been synced when this record was written. Written right after each sync that covered
+//!   more than the last mark (not synced itself; the next sync takes it): what tells damage
+//!   from a torn write (`recover.rs`);
 //! - `CUT` (partition 0): `[segment u64 LE][offset u64 LE]`: segment `segment` ends at
 //!   `offset`. The first record of the segment a repair of damage creates (`recover.rs`).
 //!
@@ -60,7 +60,7 @@ use crate::store::{err, spawn_flusher, spawn_writer, FsyncPolicy, StorageError, 
 
 mod recover;
 
-pub use recover::{Damage, DamagedLog};
+pub use recover::{BadSpan, Damage, DamagedLog};
 
 #[cfg(test)]
 mod recover_tests;
@@ -129,6 +129,14 @@ impl FsLogDir {
             // The new directory's own entry must survive a power loss too.
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
+        // A repair's segment a crash left half made (`create_whole`): never renamed, so
+        // never part of the log.
+        for item in std::fs::read_dir(path)? {
+            let item = item?.path();
+            if item.to_string_lossy().ends_with(".seg.tmp") {
+                std::fs::remove_file(&item)?;
             }
         }
         Ok(FsLogDir {
@@ -233,7 +241,12 @@ impl StorageBackend for SegmentFile {
         match e.raw_os_error() {
             // A filesystem without fallocate: extend, as before.
             Some(libc::EOPNOTSUPP) => self.0.set_len(len),
-            _ => Err(e),
+            _ => {
+                // ext4 keeps what it allocated before running out, and the size with it:
+                // give it back, so that a failed growth changes nothing.
+                let _ = self.0.set_len(current);
+                Err(e)
+            }
         }
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -605,8 +618,8 @@ struct Active {
     dirty: bool,
     /// Every byte of the segment before this was synced.
     synced_to: u64,
-    /// The `upto` of the last `SYNCED` mark written in this segment.
-    marked: u64,
+    /// Where the last `SYNCED` mark written in this segment ends.
+    mark_end: u64,
     /// Why the log stopped, after an I/O error.
     failed: Option<String>,
 }
@@ -621,7 +634,7 @@ impl Active {
             len: end,
             dirty: false,
             synced_to: 0,
-            marked: 0,
+            mark_end: 0,
             failed: None,
         }
     }
@@ -1012,13 +1025,6 @@ impl Shared {
             .sum();
         let mut buf = Vec::with_capacity(size + 32);
         let mut placed = Vec::new();
-        // A batch after a sync says so first: replay tells damage of the synced part from a
-        // torn write by these marks (`recover.rs`).
-        let has_records = batch.iter().any(|j| !j.ops.is_empty());
-        if has_records && active.synced_to > active.marked {
-            encode_synced(active.synced_to, &mut buf);
-            active.marked = active.synced_to;
-        }
         for job in batch.iter_mut() {
             for op in std::mem::take(&mut job.ops) {
                 let payload = op.encode(&mut buf);
@@ -1096,13 +1102,34 @@ impl Shared {
         }
         if durable && active.dirty {
             active.file.sync_data().map_err(err)?;
-            active.note_synced();
             self.syncs.fetch_add(1, Ordering::Release);
+            self.mark_synced(active);
         }
         if purges {
             self.remove_dead_segments(active.id);
         }
         Ok(())
+    }
+
+    /// Right after a sync: notes it, and writes a `SYNCED` mark saying so (not synced itself:
+    /// the next sync takes it). So even the last synced batch has its proof after it once a
+    /// process dies, and replay never takes damage of it for a torn write (`recover.rs`). No
+    /// mark when the sync covered nothing but the last mark, so an idle log stays as it is.
+    /// Best effort: a mark that cannot be written is left out, and the next records go where
+    /// it would have.
+    fn mark_synced(&self, active: &mut Active) {
+        active.note_synced();
+        if active.synced_to <= active.mark_end {
+            return;
+        }
+        let mut buf = Vec::new();
+        encode_synced(active.synced_to, &mut buf);
+        let end = active.end + buf.len() as u64;
+        if self.grow(active, end).is_ok() && active.file.write(active.end, &buf).is_ok() {
+            active.end = end;
+            active.mark_end = end;
+            active.dirty = true;
+        }
     }
 
     /// Makes the active segment at least `end` bytes long, in steps of [`GROW_BYTES`]. Fails
@@ -1167,23 +1194,27 @@ impl Shared {
     /// Closes the full active segment (trimmed and synced) and begins the next with a
     /// checkpoint, synced before any older segment may go.
     fn rotate(&self, active: &mut Active) -> Result<(), StorageError> {
-        // The next segment first, with room for its checkpoint: on a full disk the rotation
-        // is left for a later batch, and the active segment grows on meanwhile.
+        // Trimmed and synced before the next segment exists: no crash may leave a newer
+        // segment behind one with an unsynced tail (that tail would be "damage before the
+        // last segment").
+        active.file.set_len(active.end).map_err(err)?;
+        active.len = active.end;
+        active.file.sync_data().map_err(err)?;
+        active.note_synced();
         let id = active.id + 1;
         let file = self.dir.open(id).map_err(err)?;
         let mut next = Active::at(id, file.clone(), 0);
+        // Room for its checkpoint first: on a full disk the rotation is left for a later
+        // batch (the empty file goes again), and the active segment grows on meanwhile.
         if let Err(e) = self.grow(&mut next, GROW_BYTES.min(self.segment_bytes)) {
             if crate::space::is_no_space(&e) {
                 tracing::warn!(segment = id, error = %e, "no room to begin the next log segment yet");
                 drop((next, file));
-                let _ = self.dir.remove(id);
+                let _ = self.dir.remove(id).and_then(|()| self.dir.sync());
                 return Ok(());
             }
             return Err(err(e));
         }
-        active.file.set_len(active.end).map_err(err)?;
-        active.file.sync_data().map_err(err)?;
-        active.note_synced();
         self.dir.sync().map_err(err)?;
         self.index.lock().expect("log index").segments.insert(
             id,
@@ -1305,16 +1336,11 @@ impl Shared {
         if active.failed.is_some() {
             return;
         }
-        if active.dirty && active.file.sync_data().is_ok() {
-            active.note_synced();
-            self.syncs.fetch_add(1, Ordering::Release);
-        }
-        if !active.dirty && active.synced_to > active.marked {
-            let mut buf = Vec::new();
-            encode_synced(active.synced_to, &mut buf);
-            active.marked = active.synced_to;
-            if let Err(e) = self.append(&mut active, &buf, Vec::new(), true) {
-                tracing::warn!(error = %e, "writing the Raft log's closing sync mark failed");
+        // Synced, marked, and the mark synced too.
+        for _ in 0..2 {
+            if active.dirty && active.file.sync_data().is_ok() {
+                self.syncs.fetch_add(1, Ordering::Release);
+                self.mark_synced(&mut active);
             }
         }
     }

@@ -32,6 +32,7 @@
 //! what was lost); then the damaged segment is trimmed at the stop. A crash at any point
 //! leaves either the damage as found (the repair runs again) or the repair whole.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use redb::StorageBackend;
@@ -43,9 +44,13 @@ use super::{
 
 /// The unit a torn write leaves unwritten.
 const SECTOR: usize = 512;
-/// The resynchronising scan gives up (and calls the stop damage) after checksumming this many
-/// times the segment's bytes: a bound on the work of a scan through hostile bytes.
+/// The resynchronising scan gives up (and calls the stop damage, of unknown extent) after
+/// checksumming this many times the segment's bytes, over the whole judgement.
 const SCAN_WORK_FACTOR: usize = 64;
+/// No record the scan looks for is longer (a value is at most 32 MiB, `limits`).
+const SCAN_MAX_RECORD: usize = 64 << 20;
+/// Partitions below this are looked for even if no record before the stop named them.
+const SCAN_SMALL_PARTITIONS: u32 = 4096;
 
 /// What replaying the segments gave: the index, the segment to append to, and any damage.
 pub(super) struct Recovered {
@@ -67,6 +72,16 @@ pub struct Damage {
     pub proven_synced: bool,
     /// The valid records after the damage, in order: what a repair discards.
     pub after: Vec<LogOp>,
+    /// Where each record of `after` begins in the segment.
+    pub after_offsets: Vec<u64>,
+    /// The spans of the segment in records that failed (the damaged one first, then any
+    /// later): what of the log was lost besides `after` lies in them.
+    pub bad_spans: Vec<BadSpan>,
+    /// Their total length.
+    pub lost_bytes: u64,
+    /// False when the scan gave up: `after` and `lost_bytes` are then only a part, and the
+    /// damage may have held anything.
+    pub complete: bool,
 }
 
 impl std::fmt::Display for Damage {
@@ -86,6 +101,16 @@ impl std::fmt::Display for Damage {
             }
         )
     }
+}
+
+/// A span of the segment whose records failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadSpan {
+    pub start: u64,
+    pub end: u64,
+    /// The span is exactly one record: the valid record after it begins where the damaged
+    /// record's own length says it ends.
+    pub one_record: bool,
 }
 
 /// Where one segment's replay stopped, and why (`None`: at its clean end).
@@ -140,7 +165,12 @@ pub(super) fn recover(dir: &dyn LogDir) -> Result<Recovered, StorageError> {
                     tracing::info!(segment = id, offset = end, "finishing a repair's cut");
                     cut = true;
                 }
-                None => match judge(&bytes, stop.end, why) {
+                None => match judge(
+                    &bytes,
+                    stop.end,
+                    why,
+                    &index.parts.keys().copied().collect(),
+                ) {
                     Judgement::Tear(why) => {
                         cut = true;
                         tracing::warn!(
@@ -273,23 +303,76 @@ enum Judgement {
 }
 
 /// Decides whether the newest segment's stop at `stop` is a tear or damage (module note).
-fn judge(bytes: &[u8], stop: usize, why: String) -> Judgement {
-    let Some(first) = next_valid(bytes, stop) else {
-        return Judgement::Tear(format!("{why}; no valid record after it"));
+/// `known`: the partitions seen before the stop, which the scan for valid records looks for.
+fn judge(bytes: &[u8], stop: usize, why: String, known: &BTreeSet<u32>) -> Judgement {
+    let mut scan = Scanner {
+        bytes,
+        known,
+        budget: SCAN_WORK_FACTOR * bytes.len().max(1 << 20),
+    };
+    let damage = |after: Vec<(u64, LogOp)>, proven_synced, bad_spans: Vec<BadSpan>, complete| {
+        let (after_offsets, after) = after.into_iter().unzip();
+        Judgement::Damage(Damage {
+            segment: 0,
+            file: String::new(),
+            offset: stop as u64,
+            reason: why.clone(),
+            proven_synced,
+            after,
+            after_offsets,
+            lost_bytes: bad_spans.iter().map(|s| s.end - s.start).sum(),
+            bad_spans,
+            complete,
+        })
+    };
+    let span = |start: usize, end: usize, one_record: bool| BadSpan {
+        start: start as u64,
+        end: end as u64,
+        one_record,
+    };
+    let (first, one) = match scan.next_valid(stop) {
+        Scan::Found(at, one) => (at, one),
+        Scan::None => return Judgement::Tear(format!("{why}; no valid record after it")),
+        // Too much work to tell: never a silent cut. Everything after the stop counts as
+        // lost, and as possibly anything.
+        Scan::GaveUp => {
+            return damage(
+                Vec::new(),
+                false,
+                vec![span(stop, bytes.len(), false)],
+                false,
+            );
+        }
     };
     let mut after = Vec::new();
     let mut proven_synced = false;
+    let mut spans = vec![span(stop, first, one)];
+    let mut complete = true;
     let mut off = first;
     loop {
         match read_at(bytes, off) {
             Read::End => break,
-            Read::Bad(_) => match next_valid(bytes, off) {
-                Some(next) => off = next,
-                None => break,
+            Read::Bad(_) => match scan.next_valid(off) {
+                Scan::Found(next, one) => {
+                    spans.push(span(off, next, one));
+                    off = next;
+                }
+                Scan::None => {
+                    let written = bytes.iter().rposition(|b| *b != 0).map_or(off, |i| i + 1);
+                    if written > off {
+                        spans.push(span(off, written, false));
+                    }
+                    break;
+                }
+                Scan::GaveUp => {
+                    spans.push(span(off, bytes.len(), false));
+                    complete = false;
+                    break;
+                }
             },
             Read::Good { len, body } => {
                 match decode_record(body) {
-                    Ok((Record::Op(op), _)) => after.push(op),
+                    Ok((Record::Op(op), _)) => after.push((off as u64, op)),
                     Ok((Record::Synced(upto), _)) => {
                         proven_synced |= upto as usize > stop && upto as usize <= off
                     }
@@ -299,72 +382,85 @@ fn judge(bytes: &[u8], stop: usize, why: String) -> Judgement {
             }
         }
     }
-    if !proven_synced && zeroed_sector(bytes, stop, first) {
+    if !proven_synced
+        && (zeroed_sector(bytes, stop, first) || zero_to_sector_end(bytes, stop, first))
+    {
         return Judgement::Tear(format!(
-            "{why}; a zeroed sector follows (a write cut short), and nothing after it was \
-             synced"
+            "{why}; a zeroed sector follows (a write cut short), and no sync mark shows those \
+             bytes had reached the disk"
         ));
     }
-    Judgement::Damage(Damage {
-        segment: 0,
-        file: String::new(),
-        offset: stop as u64,
-        reason: why,
-        proven_synced,
-        after,
-    })
+    damage(after, proven_synced, spans, complete)
 }
 
-/// The first offset after `stop` where a valid record begins, trying every byte offset (the
-/// damaged record's own length may be the damaged bytes). `None` also when the work bound is
-/// reached first... which makes the caller call it damage, never a silent cut: see
-/// [`next_valid_bounded`].
-fn next_valid(bytes: &[u8], stop: usize) -> Option<usize> {
-    match next_valid_bounded(bytes, stop, SCAN_WORK_FACTOR * bytes.len().max(1 << 20)) {
-        Scan::Found(at) => Some(at),
-        Scan::None => None,
-        // Too much work to tell: treat the bytes right after the stop as a valid record, so
-        // that the stop is judged damage (refused or repaired), never cut as a tear.
-        Scan::GaveUp => Some(stop + 1),
-    }
+/// The resynchronising scan for valid records after a stop, with one bound on its work for
+/// the whole judgement (a scan through hostile or random bytes could otherwise checksum
+/// every offset's claimed length, quadratic in the segment).
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    known: &'a BTreeSet<u32>,
+    budget: usize,
 }
 
 enum Scan {
-    Found(usize),
+    /// A valid record begins here; `true` when that is where the damaged record's own
+    /// length says it ends.
+    Found(usize, bool),
     None,
     GaveUp,
 }
 
-fn next_valid_bounded(bytes: &[u8], stop: usize, mut budget: usize) -> Scan {
-    // The damaged record's own length first: damage inside a body leaves it intact.
-    if let Some(len) = bytes
-        .get(stop..stop + 4)
-        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-    {
-        let next = stop + HEADER + len;
-        if len > 0 && len <= MAX_RECORD && is_valid(bytes, next) {
-            return Scan::Found(next);
-        }
-    }
-    let mut at = stop + 1;
-    while at + HEADER < bytes.len() {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        // A body holds at least its kind and partition; its kind is one of the known ones.
-        if (5..=MAX_RECORD).contains(&len)
-            && at + HEADER + len <= bytes.len()
-            && super::is_kind(bytes[at + HEADER])
+impl Scanner<'_> {
+    /// The first offset after `stop` where a valid record begins, trying the damaged
+    /// record's own length first, then every byte offset.
+    fn next_valid(&mut self, stop: usize) -> Scan {
+        let bytes = self.bytes;
+        if let Some(len) = bytes
+            .get(stop..stop + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
         {
-            if budget < len {
-                return Scan::GaveUp;
-            }
-            budget -= len;
-            if is_valid(bytes, at) {
-                return Scan::Found(at);
+            let next = stop + HEADER + len;
+            if len > 0 && len <= MAX_RECORD && is_valid(bytes, next) {
+                return Scan::Found(next, true);
             }
         }
-        at += 1;
+        let mut at = stop + 1;
+        while at + HEADER + 5 <= bytes.len() {
+            if self.candidate(at) {
+                let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+                let len = len as usize;
+                if self.budget < len {
+                    return Scan::GaveUp;
+                }
+                self.budget -= len;
+                if is_valid(bytes, at) {
+                    return Scan::Found(at, false);
+                }
+            }
+            at += 1;
+        }
+        Scan::None
     }
-    Scan::None
+
+    /// Cheap checks before a checksum: a plausible length, a known kind, and a partition seen
+    /// before the stop (or a small number: a partition's first records may follow it).
+    fn candidate(&self, at: usize) -> bool {
+        let bytes = self.bytes;
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if !(5..=SCAN_MAX_RECORD).contains(&len) || at + HEADER + len > bytes.len() {
+            return false;
+        }
+        let kind = bytes[at + HEADER];
+        if !super::is_kind(kind) {
+            return false;
+        }
+        let p = u32::from_le_bytes(
+            bytes[at + HEADER + 1..at + HEADER + 5]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        p < SCAN_SMALL_PARTITIONS || self.known.contains(&p)
+    }
 }
 
 /// Whether a record that passes its checksum and decodes begins at `at`.
@@ -385,6 +481,14 @@ fn zeroed_sector(bytes: &[u8], from: usize, to: usize) -> bool {
         s += SECTOR;
     }
     false
+}
+
+/// Whether the bytes from `stop` to the end of its sector (or to `to`) are all zeros: the
+/// sector that held the end of the last synced write and the start of a torn one, persisted
+/// as it was before that write.
+fn zero_to_sector_end(bytes: &[u8], stop: usize, to: usize) -> bool {
+    let end = ((stop / SECTOR + 1) * SECTOR).min(to).min(bytes.len());
+    end > stop && bytes[stop..end].iter().all(|b| *b == 0)
 }
 
 /// Whether segment `next` begins with a repair's cut of segment `seg` at `offset`.
@@ -430,6 +534,15 @@ impl DamagedLog {
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let (locs, files) = self.index.locate(p, range);
         read_locs(&locs, &files)
+    }
+
+    /// The indexes of partition `p`'s entries before the damage, in `range`.
+    pub fn indexes(&self, p: u32, range: std::ops::Range<u64>) -> Vec<u64> {
+        self.index
+            .parts
+            .get(&p)
+            .map(|x| x.entries.range(range).map(|(i, _)| *i).collect())
+            .unwrap_or_default()
     }
 
     /// The last entry of partition `p` before the damage.
