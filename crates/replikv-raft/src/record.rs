@@ -163,6 +163,97 @@ mod tests {
         assert_eq!(req.ops.decode().unwrap(), ops());
     }
 
+    /// The writes of `tests/fixtures/record-v2-normal.bin`: one of each kind, with the
+    /// expiry fields of the builds that wrote version 2 (absolute Unix milliseconds).
+    fn fixture_ops() -> Vec<KvOp> {
+        use replikv_types::{ExpireCond, SetCond};
+        vec![
+            KvOp::Set {
+                key: "exat".into(),
+                value: "v1".into(),
+                expire_at_ms: Some(4_102_444_800_000),
+                keep_ttl: false,
+                cond: SetCond::IfAbsent,
+                get: true,
+            },
+            KvOp::Set {
+                key: "kept".into(),
+                value: "v2".into(),
+                expire_at_ms: None,
+                keep_ttl: true,
+                cond: SetCond::IfPresent,
+                get: false,
+            },
+            KvOp::MSet {
+                pairs: vec![("m1".into(), "a".into()), ("m2".into(), "b".into())],
+                if_none_exist: true,
+            },
+            KvOp::Del {
+                keys: vec!["d1".into(), "d2".into()],
+            },
+            KvOp::GetDel { key: "gd".into() },
+            KvOp::IncrBy {
+                key: "n".into(),
+                delta: -7,
+            },
+            KvOp::IncrByFloat {
+                key: "f".into(),
+                delta: 2.5,
+            },
+            KvOp::Append {
+                key: "s".into(),
+                value: "tail".into(),
+            },
+            KvOp::Expire {
+                key: "e".into(),
+                at_ms: Some(4_133_980_800_000),
+                cond: ExpireCond::IfGreater,
+            },
+            KvOp::Expire {
+                key: "p".into(),
+                at_ms: None,
+                cond: ExpireCond::Always,
+            },
+        ]
+    }
+
+    fn fixture_entry() -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(7, 2), 31),
+            payload: EntryPayload::Normal(WriteRequest {
+                req_id: 0x1234_5678_0000_0009,
+                now_ms: 1_765_000_000_000,
+                ops: Ops::encode(&fixture_ops()),
+            }),
+        }
+    }
+
+    const FIXTURE_V2: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/record-v2-normal.bin"
+    );
+
+    /// Writes the version 2 fixture with this build's encoder. Run once, by the build that
+    /// wrote version 2 (`cargo test -p replikv-raft -- --ignored write_the_version_2_fixture`);
+    /// the file is committed, and later builds only read it.
+    #[test]
+    #[ignore]
+    fn write_the_version_2_fixture() {
+        let raw = encode_record(&fixture_entry());
+        assert_eq!(raw[0], RECORD_V2);
+        std::fs::write(FIXTURE_V2, raw).unwrap();
+    }
+
+    /// The committed bytes of a version 2 record, as the build that wrote version 2 made
+    /// them, decode to the entry they were made from.
+    #[test]
+    fn the_version_2_fixture_decodes() {
+        let raw = std::fs::read(FIXTURE_V2).unwrap();
+        assert_eq!(raw[0], RECORD_V2);
+        let back = decode_record(&raw).unwrap();
+        assert_eq!(back, fixture_entry());
+    }
+
     openraft::declare_raft_types!(
         /// The type configuration of the builds that wrote version 1: writes as a sequence.
         V1Config:

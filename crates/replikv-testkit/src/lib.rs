@@ -54,6 +54,9 @@ pub struct Options {
     /// Node id → the rate of that node's clocks (monotonic and wall), through libfaketime
     /// (Debian's `faketime`): 0.95 runs 5% slow. Nodes not listed keep the real clock.
     pub clock_rates: BTreeMap<u64, f64>,
+    /// Node id → a `.tar.gz` of a data directory, unpacked into that node's data directory
+    /// before its first start: a fixture written by an older build, for upgrade tests.
+    pub seed_data: BTreeMap<u64, PathBuf>,
 }
 
 impl Default for Options {
@@ -77,6 +80,7 @@ impl Default for Options {
             ack_before_commit: false,
             namespaces: false,
             clock_rates: BTreeMap::new(),
+            seed_data: BTreeMap::new(),
         }
     }
 }
@@ -170,6 +174,23 @@ fn faketime_library() -> PathBuf {
     })
 }
 
+/// Unpacks the `.tar.gz` `archive` into `into` (with `tar`, as a packer would).
+fn unpack(archive: &Path, into: &Path) -> std::io::Result<()> {
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "tar -xzf {} failed: {status}",
+            archive.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Starts `opts.nodes` nodes and waits until every partition has a leader.
     pub fn start(bin: &Path, opts: Options) -> Cluster {
@@ -195,6 +216,9 @@ impl Cluster {
         for id in ids {
             let data_dir = dir.path().join(format!("node{id}"));
             fs::create_dir_all(&data_dir)?;
+            if let Some(archive) = opts.seed_data.get(&id) {
+                unpack(archive, &data_dir)?;
+            }
             nodes.insert(
                 id,
                 Node {
