@@ -291,7 +291,7 @@ async fn write(node: &Arc<Node>, work: &Workload, client: u64, key: &str) {
     let op = KvOp::Set {
         key: Bytes::from(key.to_string()),
         value: Bytes::from(value),
-        expire_at_ms: None,
+        expire: None,
         keep_ttl: false,
         cond: SetCond::Always,
         get: false,

@@ -782,9 +782,9 @@ mod tests {
         }
     }
 
-    /// A node of an older frame version (before the writes of an entry were one byte string)
-    /// is refused at its first frame, for its version: the connection closes and the
-    /// mismatch is reported. A hello of this version on the same listener is taken.
+    /// A node of the previous frame version (before expiries were resolved at apply) is
+    /// refused at its first frame, for its version: the connection closes and the mismatch
+    /// is reported. A hello of this version on the same listener is taken.
     #[tokio::test]
     async fn a_peer_of_another_frame_version_is_refused() {
         let transport = Transport::new(Hello {
@@ -806,9 +806,9 @@ mod tests {
         let mut frame = BytesMut::new();
         frame::encode(Kind::Hello, 0, &hello, &mut frame);
 
-        // The same hello, stamped with version 1 (the checksum covers the version byte).
+        // The same hello, stamped with version 2 (the checksum covers the version byte).
         let mut old = frame.to_vec();
-        old[8] = 1;
+        old[8] = frame::FRAME_VERSION - 1;
         let crc = crc32c::crc32c(&old[8..]);
         old[4..8].copy_from_slice(&crc.to_le_bytes());
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -817,7 +817,7 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
         assert!(
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "a version-1 peer's connection stayed open: {read:?}"
+            "an older peer's connection stayed open: {read:?}"
         );
         assert!(
             transport.version_warned.lock().unwrap().is_some(),

@@ -33,7 +33,7 @@ fn set(key: &str, value: &str) -> KvOp {
     KvOp::Set {
         key: Bytes::copy_from_slice(key.as_bytes()),
         value: Bytes::copy_from_slice(value.as_bytes()),
-        expire_at_ms: None,
+        expire: None,
         keep_ttl: false,
         cond: SetCond::Always,
         get: false,
