@@ -174,12 +174,12 @@ impl Node {
         g.lag.lock().expect("lag").staleness(g.applied())
     }
 
+    /// `key` as this replica holds it, judged live and its TTL counted by this node's clock
+    /// (the replica that serves a read decides both, whoever answers the client).
     pub(crate) fn local_value(&self, g: &Group, key: &[u8]) -> Result<Option<ValueWithTtl>, Error> {
-        let v = g.view.get(key, self.now_ms()).map_err(Error::Internal)?;
-        Ok(v.map(|v| ValueWithTtl {
-            data: v.data,
-            expire_at_ms: v.expire_at_ms,
-        }))
+        let now = self.now_ms();
+        let v = g.view.get(key, now).map_err(Error::Internal)?;
+        Ok(v.map(|v| ValueWithTtl::served_at(v, now)))
     }
 
     /// Confirms leadership with a quorum and waits for the read index to be applied.

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use replikv_types::{KvOp, PartitionId};
 
-use crate::cmd_strings::{absolute_expiry, expire_cond, now_ms, relative_expiry, Combine, Unit};
+use crate::cmd_strings::{absolute_expiry, expire_cond, relative_expiry, Combine, Unit};
 use crate::codec::Frame;
 use crate::conn::{err, syntax_error, Args, ConnState};
 use crate::service::Service;
@@ -84,16 +84,21 @@ pub(crate) fn key_read<S: Service>(
         match name {
             "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
             "TYPE" => Frame::Simple(if first.is_some() { "string" } else { "none" }.into()),
+            // The time left is what the replica that served the read counted with its own
+            // clock: this node reads no clock (time comes from the log and the replicas).
             name => Frame::Integer(match first {
                 None => -2,
                 Some(v) => match v.expire_at_ms {
                     None => -1,
-                    Some(at) => match name {
-                        "TTL" => (at.saturating_sub(now_ms()) as i64 + 500) / 1000,
-                        "PTTL" => at.saturating_sub(now_ms()) as i64,
-                        "EXPIRETIME" => (at / 1000) as i64,
-                        _ => at as i64,
-                    },
+                    Some(at) => {
+                        let ttl = v.ttl_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
+                        match name {
+                            "TTL" => ttl.saturating_add(500) / 1000,
+                            "PTTL" => ttl,
+                            "EXPIRETIME" => (at / 1000) as i64,
+                            _ => at.min(i64::MAX as u64) as i64,
+                        }
+                    }
                 },
             }),
         }

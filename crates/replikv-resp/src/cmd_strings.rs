@@ -2,7 +2,6 @@
 //! the keys fall in), queue each toward its leader, and combine the acknowledgements.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -12,13 +11,6 @@ use replikv_types::{Error, ExpireCond, Expiry, KvOp, PartitionId, Reply, SetCond
 use crate::codec::Frame;
 use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
 use crate::service::Service;
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The latest Unix time (ms) a leader's clock is taken to read: 1 January 10000. Redis
 /// refuses a relative expiry that overflows a signed 64-bit time once added to its clock;

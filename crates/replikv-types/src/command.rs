@@ -224,11 +224,27 @@ pub struct WriteOutcome {
     pub offset: u64,
 }
 
-/// A value with its absolute expiry, as a read returns it.
+/// A value with its expiry, as a read returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ValueWithTtl {
     pub data: Bytes,
+    /// The absolute expiry (Unix ms), as stored: `EXPIRETIME`, `PEXPIRETIME`.
     pub expire_at_ms: Option<u64>,
+    /// The time left (ms) as the replica that served the read counted it with its own
+    /// clock, when it judged the value live: `TTL`, `PTTL`. The node that answers the
+    /// client may be another one, with another clock; it reports this figure as it is.
+    pub ttl_ms: Option<u64>,
+}
+
+impl ValueWithTtl {
+    /// `value` as read at `now_ms` by the replica serving the read (`value` must be live then).
+    pub fn served_at(value: StoredValue, now_ms: u64) -> ValueWithTtl {
+        ValueWithTtl {
+            ttl_ms: value.expire_at_ms.map(|at| at.saturating_sub(now_ms)),
+            expire_at_ms: value.expire_at_ms,
+            data: value.data,
+        }
+    }
 }
 
 /// A value as the state machine stores it.
