@@ -26,6 +26,7 @@ mod propose;
 mod read;
 mod read_rounds;
 pub mod status;
+mod sweep;
 mod transfer;
 pub mod transport;
 mod write;

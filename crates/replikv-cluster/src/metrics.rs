@@ -41,6 +41,7 @@ pub struct Metrics {
     sync_batch: HistogramVec,
     storage_commits: IntCounterVec,
     storage_fsyncs: IntCounterVec,
+    evicted: IntCounterVec,
     /// Last offsets folded into the counters above, to add only what is new.
     seen: Mutex<HashMap<(String, u32, u64), u64>>,
 }
@@ -215,6 +216,12 @@ impl Metrics {
                 "Of those commits, the ones that waited for the disk (fsync)",
                 &["node", "store"],
             ),
+            evicted: counter(
+                &r,
+                "replikv_expired_keys_evicted_total",
+                "Expired keys this leader removed through the log (its expiry sweep)",
+                P,
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -269,6 +276,13 @@ impl Metrics {
         self.failovers
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
+    }
+
+    pub fn evicted(&self, p: u32, n: u64) {
+        let l = self.p(p);
+        self.evicted
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc_by(n);
     }
 
     pub fn snapshot_received(&self, p: u32) {

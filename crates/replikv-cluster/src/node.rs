@@ -257,6 +257,7 @@ impl Node {
             crate::transfer::watch_leadership(node.clone(), group.clone());
         }
         crate::elections::spawn(node.clone());
+        crate::sweep::spawn(node.clone());
         if node.cfg.replication.rebalance_leaders {
             crate::transfer::spawn_rebalancer(node.clone());
         }

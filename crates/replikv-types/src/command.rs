@@ -147,6 +147,13 @@ pub enum KvOp {
         expiry: Option<Expiry>,
         cond: ExpireCond,
     },
+    /// Proposed by a partition's leader, never by a client: removes each of `keys` whose
+    /// stored expiry is at or before the entry's `now_ms` (a key written again since the
+    /// leader found it expired stays). Expired keys leave every replica through the log, as
+    /// Redis's master replicates a DEL; no replica deletes by its own clock.
+    Evict {
+        keys: Vec<Bytes>,
+    },
 }
 
 impl KvOp {
@@ -160,7 +167,7 @@ impl KvOp {
             | KvOp::Append { key, .. }
             | KvOp::Expire { key, .. } => vec![key],
             KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, _)| k).collect(),
-            KvOp::Del { keys } => keys.iter().collect(),
+            KvOp::Del { keys } | KvOp::Evict { keys } => keys.iter().collect(),
         }
     }
 
@@ -169,7 +176,7 @@ impl KvOp {
         match self {
             KvOp::Set { key, value, .. } | KvOp::Append { key, value } => key.len() + value.len(),
             KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
-            KvOp::Del { keys } => keys.iter().map(|k| k.len()).sum(),
+            KvOp::Del { keys } | KvOp::Evict { keys } => keys.iter().map(|k| k.len()).sum(),
             KvOp::GetDel { key }
             | KvOp::IncrBy { key, .. }
             | KvOp::IncrByFloat { key, .. }
@@ -267,6 +274,15 @@ impl StoredValue {
         out
     }
 
+    /// The expiry of an encoded value (`Some(None)`: none), without copying its data.
+    pub fn decode_expiry(raw: &[u8]) -> Option<Option<u64>> {
+        if raw.len() < 9 || raw[0] != VALUE_FORMAT_V1 {
+            return None;
+        }
+        let expire = u64::from_le_bytes(raw[1..9].try_into().ok()?);
+        Some((expire != 0).then_some(expire))
+    }
+
     pub fn decode(raw: &[u8]) -> Option<StoredValue> {
         if raw.len() < 9 || raw[0] != VALUE_FORMAT_V1 {
             return None;
@@ -341,6 +357,20 @@ pub fn apply_op<T: KeyTable>(table: &mut T, op: &KvOp, now_ms: u64) -> Result<Re
                     n += 1;
                 }
                 table.delete(k)?;
+            }
+            Ok(Reply::Int(n))
+        }
+        KvOp::Evict { keys } => {
+            let mut n = 0;
+            for k in keys {
+                let expired = table
+                    .get(k)?
+                    .and_then(|raw| StoredValue::decode_expiry(&raw))
+                    .is_some_and(|at| at.is_some_and(|at| at <= now_ms));
+                if expired {
+                    table.delete(k)?;
+                    n += 1;
+                }
             }
             Ok(Reply::Int(n))
         }
@@ -420,7 +450,7 @@ pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Chan
             (Change::Put(put), Reply::Int(len))
         }
         KvOp::Expire { expiry, cond, .. } => expire(current, *expiry, *cond, now_ms),
-        KvOp::MSet { .. } | KvOp::Del { .. } => {
+        KvOp::MSet { .. } | KvOp::Del { .. } | KvOp::Evict { .. } => {
             unreachable!("multi-key ops are split by the state machine before apply_one")
         }
     }
@@ -735,13 +765,56 @@ mod tests {
         assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"old")));
     }
 
+    /// A table of encoded values, for the multi-key ops.
+    #[derive(Default)]
+    struct Map(std::collections::BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl KeyTable for Map {
+        type Error = ();
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ()> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), ()> {
+            self.0.insert(key.to_vec(), encoded.to_vec());
+            Ok(())
+        }
+        fn delete(&mut self, key: &[u8]) -> Result<(), ()> {
+            self.0.remove(key);
+            Ok(())
+        }
+    }
+
+    /// An eviction deletes what has expired by the entry's time stamp, and nothing else: a
+    /// key written again (with a later expiry, or none) since the leader found it expired
+    /// stays, and so does a key the leader's page named but that has time left.
+    #[test]
+    fn an_eviction_removes_only_what_expired_by_the_entrys_time() {
+        let mut t = Map::default();
+        t.put(b"old", &with_ttl(900).encode()).unwrap();
+        t.put(b"rewritten", &with_ttl(5_000).encode()).unwrap();
+        t.put(b"persisted", &val("v").encode()).unwrap();
+        t.put(b"due-now", &with_ttl(1_000).encode()).unwrap();
+        let evict = KvOp::Evict {
+            keys: ["old", "rewritten", "persisted", "due-now", "missing"]
+                .into_iter()
+                .map(Bytes::from)
+                .collect(),
+        };
+        assert!(evict.reads_current() && !evict.is_blind());
+        assert_eq!(apply_op(&mut t, &evict, 1_000), Ok(Reply::Int(2)));
+        let left: Vec<&[u8]> = t.0.keys().map(Vec::as_slice).collect();
+        assert_eq!(left, vec![&b"persisted"[..], &b"rewritten"[..]]);
+    }
+
     #[test]
     fn stored_values_round_trip() {
         let v = StoredValue {
             data: Bytes::from_static(b"hello"),
             expire_at_ms: Some(1234),
         };
+        assert_eq!(StoredValue::decode_expiry(&v.encode()), Some(Some(1234)));
         assert_eq!(StoredValue::decode(&v.encode()), Some(v));
         assert_eq!(StoredValue::decode(b"\x09garbage"), None);
+        assert_eq!(StoredValue::decode_expiry(&val("x").encode()), Some(None));
     }
 }

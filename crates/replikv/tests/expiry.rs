@@ -5,8 +5,10 @@
 //! The expected answers were read from redis-server 7.0.15 (Debian's `redis-server`) on
 //! loopback, command for command.
 
+use std::time::Duration;
+
 use redis::{Commands, Value};
-use replikv_testkit::{Cluster, Options};
+use replikv_testkit::{wait_until, Cluster, Options};
 
 fn bin() -> &'static std::path::Path {
     env!("CARGO_BIN_EXE_replikv").as_ref()
@@ -115,4 +117,44 @@ fn the_expire_family_answers_as_redis_7_does() {
         Ok(Value::Okay)
     );
     assert!(!n1.exists::<_, bool>("k").unwrap());
+}
+
+/// Expired keys leave every replica through the log: each partition's leader finds them and
+/// proposes their eviction, so the replicas' stored keys (counted by the digests, expired
+/// ones included) drop to the keys that never expire, and stay identical.
+#[test]
+fn expired_keys_are_evicted_through_the_log_on_every_replica() {
+    let c = Cluster::start(bin(), Options::default());
+    let mut conn = c.redis(2);
+    let mut pipe = redis::pipe();
+    for i in 0..300 {
+        pipe.cmd("SET")
+            .arg(format!("short{i}"))
+            .arg("v")
+            .arg("PX")
+            .arg(200)
+            .ignore();
+        pipe.cmd("SET")
+            .arg(format!("long{i}"))
+            .arg("v")
+            .arg("EX")
+            .arg(3_600)
+            .ignore();
+        pipe.set(format!("plain{i}"), "v").ignore();
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    let stored = |id: u64| -> u64 { c.digests(id).values().map(|d| d.0).sum() };
+    wait_until(
+        Duration::from_secs(30),
+        "every replica holds only the keys that have not expired",
+        || [1, 2, 3].iter().all(|id| stored(*id) == 600),
+    );
+    c.wait_converged(Duration::from_secs(10));
+    let evicted: f64 = [1, 2, 3]
+        .iter()
+        .map(|id| c.metric(*id, "replikv_expired_keys_evicted_total"))
+        .sum();
+    assert_eq!(evicted, 300.0);
+    let n: i64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
+    assert_eq!(n, 600);
 }
