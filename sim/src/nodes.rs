@@ -116,7 +116,7 @@ impl Handler for Counting {
             Q::Vote(p, r) => format!("vote p{p} from {from} {}", r.vote),
             Q::InstallSnapshot(p, _) => format!("snapshot p{p} from {from}"),
             Q::Client(_) => "client".into(),
-            Q::Ping => "ping".into(),
+            Q::Ping { .. } => "ping".into(),
         };
         let counts = self.counts.clone();
         if !kind.starts_with("ping") {

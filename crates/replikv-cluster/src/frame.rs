@@ -9,7 +9,7 @@
 //!
 //! Version 3 changed the writes inside log entries (expiries as `Expiry`: relative ones are
 //! resolved at apply; log records of version 3) and the messages: a read's value carries
-//! the TTL its serving replica counted.
+//! the TTL its serving replica counted, and pings and pongs carry wall-clock stamps.
 //! Version 2 had changed how a log entry's writes are encoded (one byte string, `Ops`).
 //! Nodes of different versions do not talk: each closes the other's connections with
 //! "unknown peer frame version" (reported at warn). Upgraded one node at a time, a 3-node

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use rand::rngs::StdRng;
@@ -16,6 +17,7 @@ use replikv_raft::{AppendWaiters, CheckpointLimits, KvView, Raft};
 use replikv_storage::Stores;
 use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
 
+use crate::clock::ClockCheck;
 use crate::lag::FollowerLag;
 use crate::metrics::Metrics;
 use crate::network::GroupNetwork;
@@ -48,7 +50,8 @@ pub struct NodeConfig {
     pub checkpoint: CheckpointLimits,
 }
 
-/// The time of day a node stamps writes with and checks expiry against.
+/// The wall clock a node reads: what its clock check compares with its peers', and what its
+/// anchored clock follows while in step (`clock.rs`), never used for stamps directly.
 #[derive(Clone, Copy, Debug, Default)]
 pub enum WallClock {
     /// The system clock.
@@ -105,6 +108,9 @@ pub struct Replication {
     pub lease_reads: bool,
     /// Taken off the lease (`election_timeout_max_ms`) for clock drift between replicas.
     pub lease_margin_ms: u64,
+    /// Most a node's wall clock may differ from a majority's for it to be in step: to lead,
+    /// to be a transfer's target, to serve `secondary` reads (`clock.rs`).
+    pub max_clock_offset_ms: u64,
 }
 
 impl Default for Replication {
@@ -126,6 +132,7 @@ impl Default for Replication {
             rebalance_leaders: true,
             lease_reads: true,
             lease_margin_ms: 100,
+            max_clock_offset_ms: 500,
         }
     }
 }
@@ -166,6 +173,8 @@ pub struct Group {
     pub(crate) read_rounds: crate::read_rounds::ReadRounds,
     /// This leader's read lease, and the wait before votes (see `lease.rs`).
     pub(crate) lease: crate::lease::ReadLease,
+    /// When this node, out of step, last tried to hand this partition over (`clock.rs`).
+    pub(crate) clock_handoff: Mutex<Option<Instant>>,
 }
 
 impl Group {
@@ -200,6 +209,8 @@ pub struct Node {
     pub(crate) leader_hints: Mutex<HashMap<PartitionId, NodeId>>,
     /// This node's random draws, seeded by `cfg.seed` when it is set.
     rng: Mutex<StdRng>,
+    /// This node's wall clock against its peers', and the anchored clock it stamps with.
+    pub clock: Arc<ClockCheck>,
 }
 
 impl Node {
@@ -219,6 +230,12 @@ impl Node {
             }
         }
         let raft_config = Arc::new(raft_config(&cfg)?);
+        let clock = Arc::new(ClockCheck::new(
+            cfg.node_id,
+            cfg.peers.keys().copied().collect(),
+            cfg.clock,
+            cfg.replication.max_clock_offset_ms,
+        ));
         let mut rng = match cfg.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -234,6 +251,7 @@ impl Node {
                 &stores,
                 transport.clone(),
                 raft_config.clone(),
+                clock.clone(),
                 rng.random(),
             )
             .await?;
@@ -252,6 +270,7 @@ impl Node {
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
             rng: Mutex::new(rng),
+            clock,
         });
         for group in node.groups.values() {
             crate::transfer::watch_leadership(node.clone(), group.clone());
@@ -268,9 +287,10 @@ impl Node {
         self.cfg.node_id
     }
 
-    /// Milliseconds since the Unix epoch, by this node's clock.
+    /// Milliseconds since the Unix epoch, by this node's anchored clock (`clock.rs`): what
+    /// its reads judge expiry by and its entries are stamped with.
     pub fn now_ms(&self) -> u64 {
-        self.cfg.clock.now_ms()
+        self.clock.anchored.now_ms()
     }
 
     /// A draw from this node's random numbers.
@@ -413,6 +433,7 @@ async fn start_group(
     stores: &Stores,
     transport: Arc<Transport>,
     raft_config: Arc<openraft::Config>,
+    clock: Arc<ClockCheck>,
     req_id_seed: u64,
 ) -> Result<Group, String> {
     let p = part.partition;
@@ -449,25 +470,33 @@ async fn start_group(
         // so leaders start spread out. The other replicas learn the membership from it; if
         // it is not up, they initialize with the same membership (safe, as openraft
         // documents) once a hold of two election timeouts has passed.
+        // Initializing campaigns at once, past the election gate: it waits until this
+        // node's clock is in step, as any campaign must (`clock.rs`).
         let hold = Duration::from_millis(cfg.replication.election_timeout_max_ms * 2);
-        if part.preferred_leader == cfg.node_id {
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(partition = p, error = %e, "initialize skipped");
-            }
-        } else {
+        let preferred = part.preferred_leader == cfg.node_id;
+        if !preferred {
             elections.hold_for_startup(hold);
-            let r = raft.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
-                if !r.is_initialized().await.unwrap_or(true) {
-                    tracing::info!(
-                        partition = p,
-                        "preferred leader absent; initializing the group here"
-                    );
-                    let _ = r.initialize(members).await;
-                }
-            });
         }
+        let (r, clock) = (raft.clone(), clock.clone());
+        tokio::spawn(async move {
+            if !preferred {
+                tokio::time::sleep(hold).await;
+            }
+            while !clock.in_step() {
+                tokio::time::sleep(crate::elections::PING_EVERY).await;
+            }
+            if preferred {
+                if let Err(e) = r.initialize(members).await {
+                    tracing::debug!(partition = p, error = %e, "initialize skipped");
+                }
+            } else if !r.is_initialized().await.unwrap_or(true) {
+                tracing::info!(
+                    partition = p,
+                    "preferred leader absent; initializing the group here"
+                );
+                let _ = r.initialize(members).await;
+            }
+        });
     }
     let transferring = Arc::new(AtomicBool::new(false));
     let proposer = crate::propose::Proposer::start(
@@ -475,7 +504,7 @@ async fn start_group(
         raft.clone(),
         waiters.clone(),
         transferring.clone(),
-        cfg.clock,
+        clock.anchored.clone(),
         req_id_seed,
     );
     Ok(Group {
@@ -491,5 +520,6 @@ async fn start_group(
         elections,
         read_rounds: Default::default(),
         lease,
+        clock_handoff: Mutex::default(),
     })
 }

@@ -22,7 +22,7 @@ use replikv_raft::{AppendWaiters, Raft, TypeConfig};
 use replikv_types::{Commit, Error, KvOp, Ops, PartitionId, Reply, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::node::WallClock;
+use crate::clock::AnchoredClock;
 
 /// Most writes in one entry.
 const MAX_BATCH_OPS: usize = 1024;
@@ -73,7 +73,7 @@ impl Proposer {
         raft: Raft,
         waiters: Arc<AppendWaiters>,
         transferring: Arc<AtomicBool>,
-        clock: WallClock,
+        clock: Arc<AnchoredClock>,
         req_id_seed: u64,
     ) -> Proposer {
         let (queue, rx) = mpsc::unbounded_channel();
@@ -110,7 +110,8 @@ async fn run(
     raft: Raft,
     waiters: Arc<AppendWaiters>,
     transferring: Arc<AtomicBool>,
-    clock: WallClock,
+    // Stamps entries: the anchored clock, which a jump of the wall clock does not reach.
+    clock: Arc<AnchoredClock>,
     // Random high bits: an entry another leader proposed, appended here later, must never
     // match an id this process registered.
     mut next_id: u64,

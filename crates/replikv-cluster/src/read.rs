@@ -40,7 +40,9 @@ impl Node {
                 // A leader serves every read through the read index: its own state machine
                 // may trail what it has committed (just elected, or restarted), and its quorum
                 // acknowledgement says nothing about that.
-                if !g.is_leader() && self.fresh_enough(g, min_offset).await {
+                // Not with a clock out of step: it decides what has expired (`clock.rs`).
+                if !g.is_leader() && self.clock.in_step() && self.fresh_enough(g, min_offset).await
+                {
                     tracing::debug!(
                         partition = p,
                         applied = g.applied(),

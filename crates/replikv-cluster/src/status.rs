@@ -23,6 +23,9 @@ pub struct NodeStatus {
     /// The node's two redb files (`log`, `state`): commits and fsyncs since it started.
     #[serde(default)]
     pub storage: Vec<StoreStatus>,
+    /// This node's wall clock against its peers' (`clock.rs`).
+    #[serde(default)]
+    pub clock: crate::clock::ClockStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -128,6 +131,7 @@ impl Node {
                     fsyncs: self.stores.state.sync_count(),
                 },
             ],
+            clock: self.clock.status(),
         }
     }
 

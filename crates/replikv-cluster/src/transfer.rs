@@ -84,6 +84,13 @@ impl Node {
         if to == self.id() {
             return Ok(());
         }
+        // A leader must have a clock in step with a majority's (`clock.rs`); the target's
+        // own judgement, from its last pong, decides (it refuses to campaign otherwise).
+        if !self.clock.peer_claims_in_step(to) {
+            return Err(Error::TryAgain(format!(
+                "node {to}'s clock is not known to be in step with a majority of the cluster; not moving partition {p} to it"
+            )));
+        }
         let already = {
             let _exclusive = g.propose_gate.write().await;
             g.transferring.swap(true, Ordering::SeqCst)
@@ -178,6 +185,11 @@ impl Node {
                 leader: None,
             });
         };
+        if !self.clock.in_step() {
+            return Err(Error::TryAgain(format!(
+                "this node's clock is not in step with a majority of the cluster; not taking partition {p}"
+            )));
+        }
         // Waiting out the lease is the protocol: votes are refused until it expires.
         tokio::time::sleep(after).await;
         let term_wait = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
@@ -198,6 +210,9 @@ impl Node {
             if let Some(wait) = g.lease.campaign_wait(Instant::now(), term_wait) {
                 tokio::time::sleep(wait).await;
                 continue;
+            }
+            if !self.clock.in_step() {
+                break;
             }
             let _ = g.raft.trigger().elect().await;
             let won = g
@@ -275,6 +290,7 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
                 let p = g.partition;
                 let count = stable.entry(p).or_default();
                 let wants = g.placement.preferred_leader == node.id()
+                    && node.clock.in_step()
                     && g.leader().is_some_and(|l| l != node.id())
                     && node.staleness(g).is_some_and(|s| {
                         s < Duration::from_millis(node.cfg.replication.election_timeout_min_ms)

@@ -545,12 +545,13 @@ impl Transport {
         self.peers.read().expect("peers").get(&peer).cloned()
     }
 
-    /// Pings every known peer every `every`, so link stats show who is reachable even when
-    /// no other traffic flows. Each answer goes to `on_answer` with the peer and the moment
-    /// its ping was sent.
+    /// Pings every known peer every `every` (each ping made by `ping` as it is sent), so
+    /// link stats show who is reachable even when no other traffic flows. Each answer goes
+    /// to `on_answer` with the peer and the moment its ping was sent.
     pub fn start_pinger(
         self: Arc<Self>,
         every: Duration,
+        ping: Arc<dyn Fn() -> PeerRequest + Send + Sync>,
         on_answer: Arc<dyn Fn(NodeId, Instant, PeerResponse) + Send + Sync>,
     ) {
         tokio::spawn(async move {
@@ -566,7 +567,7 @@ impl Transport {
                     .collect();
                 for (id, peer) in peers {
                     let sent = Instant::now();
-                    let answer = peer.start(&PeerRequest::Ping, every * 10);
+                    let answer = peer.start(&ping(), every * 10);
                     let on_answer = on_answer.clone();
                     tokio::spawn(async move {
                         if let Ok(a) = answer.await {
@@ -773,8 +774,9 @@ mod tests {
             _from: NodeId,
             _req: PeerRequest,
         ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
-            let pong: BoxFuture<'static, PeerResponse> =
-                Box::pin(futures::future::ready(PeerResponse::Pong(Vec::new())));
+            let pong: BoxFuture<'static, PeerResponse> = Box::pin(futures::future::ready(
+                PeerResponse::Pong(Default::default()),
+            ));
             Box::pin(futures::future::ready(pong))
         }
         fn hello(&self, _hello: &Hello) {
@@ -857,7 +859,10 @@ mod tests {
                 "the silent connection was never dropped and dialled again"
             );
             let _ = peer
-                .request(&PeerRequest::Ping, Duration::from_millis(100))
+                .request(
+                    &PeerRequest::Ping { wall_ms: 0 },
+                    Duration::from_millis(100),
+                )
                 .await;
         }
         assert!(peer.stats().rtt_us.is_none(), "nothing was ever answered");
@@ -876,7 +881,7 @@ mod tests {
                     }
                     // Each answer comes well after its request, but they keep coming.
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    let pong = bincode::serialize(&PeerResponse::Pong(Vec::new())).unwrap();
+                    let pong = bincode::serialize(&PeerResponse::Pong(Default::default())).unwrap();
                     let mut out = BytesMut::new();
                     frame::encode(Kind::Response, f.id, &pong, &mut out);
                     if wr.write_all(&out).await.is_err() {
@@ -891,7 +896,7 @@ mod tests {
         let until = Instant::now() + SILENT_LINK * 3;
         while Instant::now() < until {
             if peer
-                .request(&PeerRequest::Ping, Duration::from_secs(1))
+                .request(&PeerRequest::Ping { wall_ms: 0 }, Duration::from_secs(1))
                 .await
                 .is_ok()
             {

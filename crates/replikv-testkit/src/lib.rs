@@ -479,7 +479,8 @@ impl Cluster {
         }
     }
 
-    /// Waits until every running node reports a leader for each of its partitions.
+    /// Waits until every running node reports a leader for each of its partitions, and its
+    /// wall clock in step with a majority's (so that it serves `secondary` reads).
     pub fn wait_ready(&self, timeout: Duration) {
         for id in self.live() {
             let http = self.nodes[&id].http;
@@ -489,7 +490,18 @@ impl Cluster {
                     .call()
                     .is_ok()
             });
+            wait_until(timeout, &format!("node {id}'s clock in step"), || {
+                self.clock_in_step(id)
+            });
         }
+    }
+
+    /// Whether node `id` reports its wall clock in step with a majority of the cluster's.
+    pub fn clock_in_step(&self, id: u64) -> bool {
+        self.http_get(id, "/v1/_replication/state")
+            .ok()
+            .and_then(|s| s["clock"]["in_step"].as_bool())
+            .unwrap_or(false)
     }
 
     /// The leader of `partition` as node `asking` sees it.

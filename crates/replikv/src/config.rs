@@ -71,6 +71,9 @@ pub struct Debug {
 
 /// Largest value accepted: must fit a peer frame with room to spare.
 pub const MAX_VALUE_BYTES_CAP: usize = 32 << 20;
+/// Largest `replication.max_clock_offset_ms`: an hour. Past it the clock check would let a
+/// leader's clock set expiries off by more than most TTLs.
+pub const MAX_CLOCK_OFFSET_CAP_MS: u64 = 3_600_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -198,6 +201,15 @@ impl Config {
                 ),
             );
         }
+        if r.max_clock_offset_ms == 0 || r.max_clock_offset_ms > MAX_CLOCK_OFFSET_CAP_MS {
+            return fail(
+                "replication.max_clock_offset_ms",
+                format!(
+                    "{} is out of range; allowed: 1 to {MAX_CLOCK_OFFSET_CAP_MS}",
+                    r.max_clock_offset_ms
+                ),
+            );
+        }
         if r.write_timeout_ms == 0 {
             return fail("replication.write_timeout_ms", "must be positive".into());
         }
@@ -319,6 +331,14 @@ storage: { fsync: always }
         }
         let c = Config::from_yaml("replication: { lease_reads: false, lease_margin_ms: 50 }");
         c.unwrap().validate().unwrap();
+        for offset in [0, 3_600_001] {
+            let yaml = format!("replication: {{ max_clock_offset_ms: {offset} }}");
+            let e = Config::from_yaml(&yaml).unwrap().validate().unwrap_err();
+            assert!(e.contains("replication.max_clock_offset_ms"), "{e}");
+        }
+        let c = Config::from_yaml("replication: { max_clock_offset_ms: 50 }").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node_config().replication.max_clock_offset_ms, 50);
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
     }
