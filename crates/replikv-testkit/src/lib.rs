@@ -54,6 +54,11 @@ pub struct Options {
     /// Node id → the rate of that node's clocks (monotonic and wall), through libfaketime
     /// (Debian's `faketime`): 0.95 runs 5% slow. Nodes not listed keep the real clock.
     pub clock_rates: BTreeMap<u64, f64>,
+    /// Node id → the offset (ms) of that node's wall clock from the real one, through
+    /// libfaketime with a timestamp file, so that [`Cluster::set_clock_offset`] can move it
+    /// (a jump) while the node runs. The monotonic clock is left alone, as a wall-clock jump
+    /// leaves it on a real machine. Not with a clock rate on the same node.
+    pub clock_offsets: BTreeMap<u64, i64>,
     /// Node id → a `.tar.gz` of a data directory, unpacked into that node's data directory
     /// before its first start: a fixture written by an older build, for upgrade tests.
     pub seed_data: BTreeMap<u64, PathBuf>,
@@ -80,6 +85,7 @@ impl Default for Options {
             ack_before_commit: false,
             namespaces: false,
             clock_rates: BTreeMap::new(),
+            clock_offsets: BTreeMap::new(),
             seed_data: BTreeMap::new(),
         }
     }
@@ -96,6 +102,9 @@ pub struct Node {
     child: Option<Child>,
     /// See [`Options::clock_rates`]; takes effect at the next start.
     pub clock_rate: Option<f64>,
+    /// The libfaketime timestamp file of a node started with a clock offset
+    /// ([`Options::clock_offsets`]), and the offset it holds (ms).
+    clock_file: Option<(PathBuf, i64)>,
 }
 
 impl Node {
@@ -174,6 +183,16 @@ fn faketime_library() -> PathBuf {
     })
 }
 
+/// Writes a libfaketime offset (`+3600.000`: seconds, relative to the real clock), whole at
+/// once (a rename), so a node reading it never sees half a line.
+fn write_offset(file: &Path, offset_ms: i64) {
+    let tmp = file.with_extension("tmp");
+    let sign = if offset_ms < 0 { '-' } else { '+' };
+    let abs = offset_ms.unsigned_abs();
+    fs::write(&tmp, format!("{sign}{}.{:03}\n", abs / 1000, abs % 1000)).expect("faketime file");
+    fs::rename(&tmp, file).expect("faketime file");
+}
+
 /// Unpacks the `.tar.gz` `archive` into `into` (with `tar`, as a packer would).
 fn unpack(archive: &Path, into: &Path) -> std::io::Result<()> {
     let status = Command::new("tar")
@@ -231,6 +250,10 @@ impl Cluster {
                     data_dir,
                     child: None,
                     clock_rate: opts.clock_rates.get(&id).copied(),
+                    clock_file: opts
+                        .clock_offsets
+                        .get(&id)
+                        .map(|ms| (dir.path().join(format!("node{id}.faketime")), *ms)),
                 },
             );
         }
@@ -307,6 +330,20 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        if let Some((file, offset)) = &n.clock_file {
+            assert!(
+                n.clock_rate.is_none(),
+                "node {id}: a clock offset and a clock rate together are not supported"
+            );
+            write_offset(file, *offset);
+            // The file is read at every wall-clock read, so a new offset is a jump at once;
+            // the monotonic clock stays real (libfaketime 0.9.10 would also misread
+            // monotonic sleep deadlines with an offset, which tokio does not use).
+            cmd.env("LD_PRELOAD", faketime_library())
+                .env("FAKETIME_TIMESTAMP_FILE", file)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         if let Some(rate) = n.clock_rate {
             // "+0 xR": no offset, time passes at R times the real rate, sleeps included.
             cmd.env("LD_PRELOAD", faketime_library())
@@ -361,6 +398,18 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Moves node `id`'s wall clock to `offset_ms` from the real one, at once, while it runs
+    /// (a jump); the node must have been started with an offset ([`Options::clock_offsets`]).
+    pub fn set_clock_offset(&mut self, id: u64, offset_ms: i64) {
+        let n = self.nodes.get_mut(&id).expect("known node");
+        let (file, offset) = n
+            .clock_file
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {id} was not started with a clock offset"));
+        *offset = offset_ms;
+        write_offset(file, offset_ms);
     }
 
     /// Sets the clock rate node `id` gets from its next start (see [`Options::clock_rates`]).
@@ -480,7 +529,8 @@ impl Cluster {
     }
 
     /// Waits until every running node reports a leader for each of its partitions, and its
-    /// wall clock in step with a majority's (so that it serves `secondary` reads).
+    /// wall clock in step with a majority's (so that it serves `secondary` reads), except a
+    /// node whose clock a test set off.
     pub fn wait_ready(&self, timeout: Duration) {
         for id in self.live() {
             let http = self.nodes[&id].http;
@@ -490,6 +540,13 @@ impl Cluster {
                     .call()
                     .is_ok()
             });
+            if self.nodes[&id]
+                .clock_file
+                .as_ref()
+                .is_some_and(|(_, o)| *o != 0)
+            {
+                continue; // a clock set off on purpose: it may never be in step
+            }
             wait_until(timeout, &format!("node {id}'s clock in step"), || {
                 self.clock_in_step(id)
             });
