@@ -18,8 +18,8 @@
 //!   `|offset| ≤ max_clock_offset_ms + uncertainty`). No samples from a majority yet counts
 //!   as not in step, except in a single-node cluster. A node not in step does not campaign,
 //!   is not the target of a transfer or a rebalance, and sends `secondary` reads to the
-//!   leader instead of serving them; one whose clock is *known* off (it jumped, or a peer's
-//!   sample disagrees) also hands the partitions it leads to an in-step replica
+//!   leader instead of serving them; one whose clock is *known* off (a peer's sample since
+//!   its last jump disagrees) also hands the partitions it leads to an in-step replica
 //!   (`elections.rs`, `transfer.rs`, `read.rs`).
 //! - **The anchored clock.** Stamps (entries' `now_ms`) and read times (liveness, TTLs) come
 //!   from [`AnchoredClock`]: the last wall-clock reading taken while in step, plus the
@@ -265,19 +265,18 @@ impl ClockCheck {
         (was != in_step).then_some(in_step)
     }
 
-    /// Whether this node's clock is known to be off, not merely unconfirmed: it jumped
-    /// within the last [`SAMPLE_WINDOW`], or a peer's recent sample disagrees with it. A node
-    /// out of step for lack of samples (cut off, or too busy to read its pongs) keeps the
-    /// anchored clock of its last check in step, which only its monotonic clock's drift can
-    /// move; one known off has a wall clock that must not stamp anything.
+    /// Whether this node's clock is known to be off, not merely unconfirmed: a peer's recent
+    /// sample (taken since its last jump, if any) disagrees with it. A node out of step for
+    /// lack of samples (cut off, too busy to read its pongs, or a jump not yet compared)
+    /// keeps stamping with the anchored clock of its last check in step, which only its
+    /// monotonic clock's drift moves; one known off must not lead. So a small jump, which
+    /// the next pongs show still within the bound, moves no leadership.
     pub(crate) fn known_off(&self) -> bool {
         let s = self.state.lock().expect("clock state");
-        s.jumped_at.is_some_and(|j| j.elapsed() <= SAMPLE_WINDOW)
-            || self
-                .members
-                .iter()
-                .filter(|id| **id != self.me)
-                .any(|id| Self::best(&s, *id).is_some_and(|b| !self.within(&b)))
+        self.members
+            .iter()
+            .filter(|id| **id != self.me)
+            .any(|id| Self::best(&s, *id).is_some_and(|b| !self.within(&b)))
     }
 
     /// Whether `peer` said it was in step in a pong of the last second.
