@@ -37,6 +37,10 @@ pub struct NodeConfig {
     /// log holds them, before they commit (`debug.ack_before_commit`), so the chaos campaign
     /// can be shown to catch lost acknowledged writes.
     pub ack_before_commit: bool,
+    /// Test-only injected bug: entries are stamped with the wall clock, not the anchored one
+    /// (`debug.stamp_with_wall_clock`), so the chaos campaign can be shown to catch a jumped
+    /// clock reaching expiries.
+    pub stamp_with_wall_clock: bool,
     /// Where expiry times and write stamps come from.
     pub clock: WallClock,
     /// Seeds this node's own random draws (request ids, early-campaign jitter); `None` draws
@@ -145,6 +149,7 @@ impl NodeConfig {
             replication: Replication::default(),
             skip_read_index: false,
             ack_before_commit: false,
+            stamp_with_wall_clock: false,
             clock: WallClock::System,
             seed: None,
             checkpoint: CheckpointLimits::default(),
@@ -504,7 +509,10 @@ async fn start_group(
         raft.clone(),
         waiters.clone(),
         transferring.clone(),
-        clock.anchored.clone(),
+        crate::propose::Stamps {
+            anchored: clock.anchored.clone(),
+            wall_bug: cfg.stamp_with_wall_clock.then_some(cfg.clock),
+        },
         req_id_seed,
     );
     Ok(Group {

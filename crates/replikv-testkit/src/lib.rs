@@ -47,6 +47,8 @@ pub struct Options {
     pub skip_read_index: bool,
     /// `debug.ack_before_commit`: the injected early-acknowledgement bug.
     pub ack_before_commit: bool,
+    /// `debug.stamp_with_wall_clock`: the injected wall-clock stamps bug.
+    pub stamp_with_wall_clock: bool,
     /// Each node in its own network namespace, so [`Cluster::cut`], [`Cluster::partition`]
     /// and [`Cluster::apply`] drop real packets (needs root). Otherwise every node is on
     /// loopback and `cut` goes through the transport's test-only fault seam.
@@ -54,6 +56,9 @@ pub struct Options {
     /// Node id → the rate of that node's clocks (monotonic and wall), through libfaketime
     /// (Debian's `faketime`): 0.95 runs 5% slow. Nodes not listed keep the real clock.
     pub clock_rates: BTreeMap<u64, f64>,
+    /// `replication.max_clock_offset_ms`. Clock rates move wall clocks apart (5% is 50 ms a
+    /// second): tests of rates that run longer than a few seconds raise it.
+    pub max_clock_offset_ms: u64,
     /// Node id → the offset (ms) of that node's wall clock from the real one, through
     /// libfaketime with a timestamp file, so that [`Cluster::set_clock_offset`] can move it
     /// (a jump) while the node runs. The monotonic clock is left alone, as a wall-clock jump
@@ -83,8 +88,10 @@ impl Default for Options {
             redirect: false,
             skip_read_index: false,
             ack_before_commit: false,
+            stamp_with_wall_clock: false,
             namespaces: false,
             clock_rates: BTreeMap::new(),
+            max_clock_offset_ms: 500,
             clock_offsets: BTreeMap::new(),
             seed_data: BTreeMap::new(),
         }
@@ -266,12 +273,15 @@ impl Cluster {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
-                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease} }}\n\
+                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease},\n\
+                 \x20 max_clock_offset_ms: {max_offset} }}\n\
                  storage: {{ fsync: {fsync} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv} }}\n\
                  resp: {{ redirect: {redirect} }}\n\
-                 debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
+                 debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early},\n\
+                 \x20 stamp_with_wall_clock: {wall} }}\n",
                 id = n.id,
                 lease = opts.lease_reads,
+                max_offset = opts.max_clock_offset_ms,
                 dir = n.data_dir.display(),
                 resp = n.resp,
                 http = n.http,
@@ -290,6 +300,7 @@ impl Cluster {
                 redirect = opts.redirect,
                 skip = opts.skip_read_index,
                 early = opts.ack_before_commit,
+                wall = opts.stamp_with_wall_clock,
             );
             fs::write(&n.config, yaml)?;
         }

@@ -67,6 +67,10 @@ pub struct Debug {
     /// Acknowledge blind `quorum` writes before they commit: a known bug, injected so tests
     /// can show that the chaos campaign catches lost writes. Never set it elsewhere.
     pub ack_before_commit: bool,
+    /// Stamp log entries with the wall clock instead of the anchored one: a known bug,
+    /// injected so tests can show that the chaos campaign catches a leader's jumped clock
+    /// reaching expiries. Never set it elsewhere.
+    pub stamp_with_wall_clock: bool,
 }
 
 /// Largest value accepted: must fit a peer frame with room to spare.
@@ -252,6 +256,7 @@ impl Config {
             replication: self.replication.clone(),
             skip_read_index: self.debug.skip_read_index,
             ack_before_commit: self.debug.ack_before_commit,
+            stamp_with_wall_clock: self.debug.stamp_with_wall_clock,
             ..replikv_cluster::NodeConfig::new(self.node_id, BTreeMap::new())
         }
     }
