@@ -55,37 +55,46 @@ const CLAIM_FRESH: Duration = Duration::from_secs(1);
 
 /// The time of day that stamps entries and dates reads: a wall-clock reading taken while in
 /// step, advanced by the monotonic clock, never going backwards.
+///
+/// Until the first check in step there is no anchor, and the wall clock is read as it is:
+/// a node starts with a wall clock nobody has vouched for (the simulation found it: a node
+/// started an hour ahead, corrected later, kept an anchor an hour ahead, never going back,
+/// and led with it once in step). Nothing it hands out then stamps an entry, since a node
+/// out of step does not lead, and nothing holds the clock back once it is anchored.
 pub struct AnchoredClock {
-    /// (wall-clock reading in Unix ms, the monotonic instant it was taken).
-    anchor: RwLock<(u64, Instant)>,
-    /// The latest time handed out: the clock never goes below it.
+    wall: WallClock,
+    /// (wall-clock reading in Unix ms, the monotonic instant it was taken), once in step.
+    anchor: RwLock<Option<(u64, Instant)>>,
+    /// The latest anchored time handed out: the clock never goes below it.
     last_ms: AtomicU64,
 }
 
 impl AnchoredClock {
     pub fn new(wall: WallClock) -> AnchoredClock {
-        let now = wall.now_ms();
         AnchoredClock {
-            anchor: RwLock::new((now, Instant::now())),
-            last_ms: AtomicU64::new(now),
+            wall,
+            anchor: RwLock::new(None),
+            last_ms: AtomicU64::new(0),
         }
     }
 
     /// Milliseconds since the Unix epoch, as this node stamps and reads.
     pub fn now_ms(&self) -> u64 {
-        let t = self.projected();
-        self.last_ms.fetch_max(t, Ordering::Relaxed).max(t)
+        match self.projected() {
+            Some(t) => self.last_ms.fetch_max(t, Ordering::Relaxed).max(t),
+            None => self.wall.now_ms(),
+        }
     }
 
     /// The anchor advanced by the monotonic clock (may be below what was handed out).
-    fn projected(&self) -> u64 {
-        let (wall_ms, at) = *self.anchor.read().expect("anchor");
-        wall_ms.saturating_add(at.elapsed().as_millis() as u64)
+    fn projected(&self) -> Option<u64> {
+        let (wall_ms, at) = (*self.anchor.read().expect("anchor"))?;
+        Some(wall_ms.saturating_add(at.elapsed().as_millis() as u64))
     }
 
     /// Follows the wall clock from now on (`wall_ms`, read a moment ago).
     fn anchor_at(&self, wall_ms: u64) {
-        *self.anchor.write().expect("anchor") = (wall_ms, Instant::now());
+        *self.anchor.write().expect("anchor") = Some((wall_ms, Instant::now()));
     }
 }
 
@@ -156,12 +165,16 @@ impl ClockCheck {
         max_offset_ms: u64,
     ) -> ClockCheck {
         let single = members.len() <= 1;
+        let anchored = AnchoredClock::new(wall);
+        if single {
+            anchored.anchor_at(wall.now_ms());
+        }
         ClockCheck {
             me,
             members,
             wall,
             max_offset_ms,
-            anchored: std::sync::Arc::new(AnchoredClock::new(wall)),
+            anchored: std::sync::Arc::new(anchored),
             in_step: AtomicBool::new(single),
             state: Mutex::default(),
         }
@@ -321,6 +334,7 @@ impl ClockCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicI64;
 
     fn check(members: &[NodeId]) -> ClockCheck {
         ClockCheck::new(1, members.to_vec(), WallClock::System, 500)
@@ -400,9 +414,45 @@ mod tests {
         assert!(c.anchored.now_ms() >= jumped);
     }
 
+    /// A node that starts with its wall clock an hour ahead and out of step, then has it
+    /// corrected: once in step its clock is the corrected one, not an hour ahead standing
+    /// still (found by the simulation, seeds 14, 20 and 62).
+    #[tokio::test]
+    async fn a_clock_never_in_step_is_not_an_anchor() {
+        let offset: &'static AtomicI64 = Box::leak(Box::new(AtomicI64::new(HOUR)));
+        let wall = WallClock::Simulated {
+            epoch_ms: 1_700_000_000_000,
+            origin: Instant::now(),
+            offset_ms: Some(offset),
+        };
+        let c = ClockCheck::new(1, vec![1, 2, 3], wall, 500);
+        let peers_ms = || 1_700_000_000_000 + Instant::now().elapsed().as_millis() as u64;
+        let pong_now = |from| {
+            let sent = Instant::now();
+            c.note_pong(from, sent, c.wall_ms(), peers_ms(), true);
+        };
+        pong_now(2);
+        pong_now(3);
+        assert_eq!(c.check(), None, "an hour ahead of both peers");
+        let before = c.anchored.now_ms();
+        assert!(
+            before >= peers_ms() + 3_000_000,
+            "not anchored: the wall clock as it is"
+        );
+        offset.store(0, Ordering::Relaxed);
+        assert_eq!(c.check(), None, "the correction is a jump: samples void");
+        pong_now(2);
+        assert_eq!(c.check(), Some(true));
+        let now = c.anchored.now_ms();
+        assert!(now < peers_ms() + 1_000, "anchored an hour ahead: {now}");
+    }
+
+    const HOUR: i64 = 3_600_000;
+
     #[test]
     fn the_anchored_clock_never_goes_backwards() {
         let a = AnchoredClock::new(WallClock::System);
+        a.anchor_at(WallClock::System.now_ms());
         let t = a.now_ms();
         a.anchor_at(t - 10_000);
         assert!(a.now_ms() >= t);

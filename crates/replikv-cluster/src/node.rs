@@ -4,7 +4,7 @@
 //! static membership → let the preferred leader campaign first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
@@ -62,10 +62,12 @@ pub enum WallClock {
     #[default]
     System,
     /// `epoch_ms` at `origin`, advanced by tokio's clock: under a paused runtime (the
-    /// deterministic simulation) it moves only with virtual time.
+    /// deterministic simulation) it moves only with virtual time. `offset_ms`, when set, is
+    /// added at every read: the simulation moves it to make the wall clock jump.
     Simulated {
         epoch_ms: u64,
         origin: tokio::time::Instant,
+        offset_ms: Option<&'static AtomicI64>,
     },
 }
 
@@ -78,8 +80,14 @@ impl WallClock {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            WallClock::Simulated { epoch_ms, origin } => {
-                epoch_ms + origin.elapsed().as_millis() as u64
+            WallClock::Simulated {
+                epoch_ms,
+                origin,
+                offset_ms,
+            } => {
+                let t = epoch_ms + origin.elapsed().as_millis() as u64;
+                let offset = offset_ms.map_or(0, |o| o.load(Ordering::Relaxed));
+                t.saturating_add_signed(offset)
             }
         }
     }
