@@ -53,7 +53,7 @@ const EDGES: [u64; 18] = [
 
 fn numbers_as_yaml(data: &[u8]) -> String {
     let mut bytes = data.iter().copied();
-    let [node_id, third_peer, factor, partitions, at_least, heartbeat, election_min, election_max, write_timeout, snapshot_every, max_lag, replica_timeout, backlog, max_key, max_value, maxclients, max_http]: [u64; 17] =
+    let [node_id, third_peer, factor, partitions, at_least, heartbeat, election_min, election_max, write_timeout, snapshot_every, max_lag, replica_timeout, backlog, max_key, max_value, maxclients, max_http, max_clock_offset]: [u64; 18] =
         std::array::from_fn(|_| match bytes.next().unwrap_or(0) {
             b @ 0..=199 => u64::from(b),
             b => EDGES[usize::from(b - 200) % EDGES.len()],
@@ -65,7 +65,8 @@ replication: {{ factor: {factor}, partitions: {partitions}, consistency: \"at_le
   heartbeat_ms: {heartbeat}, election_timeout_min_ms: {election_min},
   election_timeout_max_ms: {election_max}, write_timeout_ms: {write_timeout},
   snapshot_every_entries: {snapshot_every}, max_lag_ms: {max_lag},
-  replica_timeout_ms: {replica_timeout}, backlog_entries: {backlog} }}
+  replica_timeout_ms: {replica_timeout}, backlog_entries: {backlog},
+  max_clock_offset_ms: {max_clock_offset} }}
 limits: {{ max_key_bytes: {max_key}, max_value_bytes: {max_value}, maxclients: {maxclients},
   max_http_connections: {max_http} }}
 "

@@ -1077,7 +1077,7 @@ impl Sim {
             ops: Ops::encode(&[KvOp::Set {
                 key: Bytes::from(key.clone()),
                 value: Bytes::from(value.clone()),
-                expire_at_ms: None,
+                expire: None,
                 keep_ttl: false,
                 cond: SetCond::Always,
                 get: false,

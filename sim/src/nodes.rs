@@ -13,15 +13,22 @@
 //!   contents (state digests read in one transaction with the applied id);
 //! - at the end: the history is linearizable per key (Wing–Gong search, `replikv-checker`),
 //!   which includes every acknowledged write being visible to the final reads, and every
-//!   replica of each partition holds the same contents.
+//!   replica of each partition holds the same contents;
+//! - at the end: every read of an expiring key (written with a relative expiry, one key
+//!   per write) fits the key's lifetime by the simulation's own clock ([`check_ttls`]), and
+//!   the digests above cover each key's stored expiry, so replicas agree on it.
+//!
+//! Clocks: in half the seeds one node's wall clock starts off by up to 300 ms (within
+//! `max_clock_offset_ms`) and jumps an hour either way while it runs, or (one in four)
+//! starts an hour off and comes back (`WallClock::Simulated`'s `offset_ms`).
 //!
 //! One `u64` seed fixes turmoil's network, the fault schedule, each node's own draws
 //! (`NodeConfig::seed`) and each host runtime's scheduler; a failing seed replays exactly.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +41,7 @@ use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::{Dialer, Handler, ReadHalf, Transport, WriteHalf};
 use replikv_cluster::{Node, NodeConfig, Replication, WallClock};
 use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
-use replikv_types::{Consistency, KvOp, ReadPreference, SetCond, StoredValue};
+use replikv_types::{Consistency, Expiry, KvOp, ReadPreference, SetCond, StoredValue};
 
 use crate::disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
 use crate::{fnv, mix};
@@ -46,6 +53,15 @@ const PARTITIONS: u32 = 3;
 const CLIENTS_PER_HOST: u64 = 3;
 /// Per-op deadline of the clients (the node's write timeout is shorter).
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lifetimes (ms) of expiring keys.
+const TTL_MS: std::ops::Range<u64> = 200..3_000;
+/// How far a key's expiry may be from the simulation's clock: twice the default
+/// `max_clock_offset_ms` (two nodes in step may differ by that).
+const TTL_MARGIN_MS: u64 = 1_000;
+/// Offsets (ms) a skewed node's wall clock takes: none or within the bound (the first
+/// three), an hour off (the last two). It starts near and jumps far, or (one seed in four)
+/// the other way round.
+const SKEWS_MS: [i64; 5] = [0, 300, -300, 3_600_000, -3_600_000];
 
 #[derive(Clone, Debug)]
 pub struct NodesOpts {
@@ -65,6 +81,8 @@ pub enum NodeBug {
     SkipReadIndex,
     /// `debug.ack_before_commit`: `quorum` writes acknowledged before they commit.
     AckBeforeCommit,
+    /// `debug.stamp_with_wall_clock`: entries stamped by the wall clock, jumps and all.
+    StampWithWallClock,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -91,6 +109,8 @@ struct Slot {
     checked: Option<(u64, u64)>,
     /// Peer requests served, and their answers, by kind (for `-v`).
     counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Added to this node's wall clock (every incarnation's): the harness moves it.
+    clock_offset: &'static AtomicI64,
 }
 
 /// The node's peer handler, counting what it serves.
@@ -116,7 +136,7 @@ impl Handler for Counting {
             Q::Vote(p, r) => format!("vote p{p} from {from} {}", r.vote),
             Q::InstallSnapshot(p, _) => format!("snapshot p{p} from {from}"),
             Q::Client(_) => "client".into(),
-            Q::Ping => "ping".into(),
+            Q::Ping { .. } => "ping".into(),
         };
         let counts = self.counts.clone();
         if !kind.starts_with("ping") {
@@ -156,6 +176,28 @@ struct Workload {
     ops: RefCell<Vec<Op>>,
     next_value: Cell<u64>,
     final_reads_done: RefCell<BTreeSet<u64>>,
+    /// Writes and reads of expiring keys.
+    ttl_ops: RefCell<Vec<TtlOp>>,
+    /// Acknowledged expiring keys still worth reading: (key, read until ns).
+    ttl_recent: RefCell<VecDeque<(String, u64)>>,
+}
+
+/// One op on an expiring key (sim ns).
+#[derive(Clone, Debug)]
+struct TtlOp {
+    key: String,
+    invoke_ns: u64,
+    /// `None`: no definite answer.
+    complete_ns: Option<u64>,
+    kind: TtlKind,
+}
+
+#[derive(Clone, Debug)]
+enum TtlKind {
+    /// `SET key v` with `Expiry::After(ttl_ms)`, acknowledged or not.
+    Write { ttl_ms: u64, acked: bool },
+    /// A `primary` read: `None` absent, `Some(ttl_ms)` present with that time left.
+    Read(Option<Option<u64>>),
 }
 
 pub struct NodesResult {
@@ -227,6 +269,7 @@ async fn run_host(
     cfg.clock = WallClock::Simulated {
         epoch_ms: EPOCH_MS + turmoil::sim_elapsed().unwrap_or_default().as_millis() as u64,
         origin: tokio::time::Instant::now(),
+        offset_ms: Some(slot.borrow().clock_offset),
     };
     cfg.seed = Some(work.seed ^ (id << 48) ^ (starts << 32));
     // A checkpoint every few keys, so that checkpoints land between crashes and power
@@ -237,6 +280,7 @@ async fn run_host(
     };
     cfg.skip_read_index = bug == NodeBug::SkipReadIndex;
     cfg.ack_before_commit = bug == NodeBug::AckBeforeCommit;
+    cfg.stamp_with_wall_clock = bug == NodeBug::StampWithWallClock;
     let transport = Transport::with_dialer(
         Hello {
             node_id: id,
@@ -291,7 +335,7 @@ async fn write(node: &Arc<Node>, work: &Workload, client: u64, key: &str) {
     let op = KvOp::Set {
         key: Bytes::from(key.to_string()),
         value: Bytes::from(value),
-        expire_at_ms: None,
+        expire: None,
         keep_ttl: false,
         cond: SetCond::Always,
         get: false,
@@ -332,6 +376,123 @@ async fn read(node: &Arc<Node>, work: &Workload, client: u64, key: &str) -> Resu
     }
 }
 
+/// Writes a fresh key with a relative expiry, at `quorum`.
+async fn ttl_write(node: &Arc<Node>, work: &Workload, rng: &mut ChaCha8Rng) {
+    let n = work.next_value.get();
+    work.next_value.set(n + 1);
+    let key = format!("t{n}");
+    let ttl_ms = rng.random_range(TTL_MS);
+    let op = KvOp::Set {
+        key: Bytes::from(key.clone()),
+        value: Bytes::from_static(b"x"),
+        expire: Some(Expiry::After(ttl_ms)),
+        keep_ttl: false,
+        cond: SetCond::Always,
+        get: false,
+    };
+    let invoke_ns = sim_ns();
+    let done = tokio::time::timeout(OP_TIMEOUT, async {
+        node.submit_write(op, Consistency::Quorum).await.await
+    })
+    .await;
+    let acked = matches!(done, Ok(Ok(_)));
+    let complete_ns = sim_ns();
+    if acked {
+        let until = complete_ns + (ttl_ms + TTL_MARGIN_MS + 1_000) * 1_000_000;
+        work.ttl_recent.borrow_mut().push_back((key.clone(), until));
+    }
+    work.ttl_ops.borrow_mut().push(TtlOp {
+        key,
+        invoke_ns,
+        complete_ns: acked.then_some(complete_ns),
+        kind: TtlKind::Write { ttl_ms, acked },
+    });
+}
+
+/// Reads a recently acknowledged expiring key at `primary`.
+async fn ttl_read(node: &Arc<Node>, work: &Workload, rng: &mut ChaCha8Rng) {
+    let key = {
+        let mut recent = work.ttl_recent.borrow_mut();
+        let now = sim_ns();
+        while recent.front().is_some_and(|(_, until)| *until < now) {
+            recent.pop_front();
+        }
+        if recent.is_empty() {
+            return;
+        }
+        // Half the reads look at the newest keys: a key whose expiry is wrong shows it
+        // soonest (gone at once, or a time left far too long).
+        let from = if rng.random_bool(0.5) {
+            recent.len().saturating_sub(5)
+        } else {
+            0
+        };
+        recent[rng.random_range(from..recent.len())].0.clone()
+    };
+    let invoke_ns = sim_ns();
+    let got = tokio::time::timeout(
+        OP_TIMEOUT,
+        node.get(Bytes::from(key.clone()), ReadPreference::Primary, None),
+    )
+    .await;
+    if let Ok(Ok(v)) = got {
+        work.ttl_ops.borrow_mut().push(TtlOp {
+            key,
+            invoke_ns,
+            complete_ns: Some(sim_ns()),
+            kind: TtlKind::Read(Some(v.map(|v| v.ttl_ms.unwrap_or(u64::MAX)))),
+        });
+    }
+}
+
+/// Every read of an acknowledged expiring key fits its lifetime by the simulation's clock:
+/// present from the write's acknowledgement until `invoke + ttl - margin`, absent from
+/// `complete + ttl + margin`, and a TTL that puts its expiry inside that window.
+fn check_ttls(ops: &[TtlOp]) -> Result<usize, String> {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let writes: BTreeMap<&str, (f64, f64, f64)> = ops
+        .iter()
+        .filter_map(|o| match (&o.kind, o.complete_ns) {
+            (
+                TtlKind::Write {
+                    ttl_ms,
+                    acked: true,
+                },
+                Some(done),
+            ) => Some((o.key.as_str(), (ms(o.invoke_ns), ms(done), *ttl_ms as f64))),
+            _ => None,
+        })
+        .collect();
+    let margin = TTL_MARGIN_MS as f64;
+    let mut checked = 0;
+    for o in ops {
+        let (TtlKind::Read(Some(seen)), Some(done)) = (&o.kind, o.complete_ns) else {
+            continue;
+        };
+        let Some((wi, wc, ttl)) = writes.get(o.key.as_str()) else {
+            continue;
+        };
+        checked += 1;
+        let (lo, hi) = (wi + ttl - margin, wc + ttl + margin);
+        let (ri, rc) = (ms(o.invoke_ns), ms(done));
+        let bad = match seen {
+            None => ri >= *wc && rc < lo,
+            Some(left) => ri > hi || ri + *left as f64 > hi || rc + (*left as f64) < lo,
+        };
+        if bad {
+            return Err(format!(
+                "{} written with a lifetime of {ttl} ms at {wi:.0}..{wc:.0} ms read at {ri:.0}..{rc:.0} ms: {}",
+                o.key,
+                match seen {
+                    None => "absent".to_string(),
+                    Some(left) => format!("{left} ms left"),
+                }
+            ));
+        }
+    }
+    Ok(checked)
+}
+
 /// The client of one host incarnation: random ops through its node, then the final reads.
 async fn client(node: Arc<Node>, work: Rc<Workload>, id: u64, starts: u64, c: u64) {
     let mut rng =
@@ -343,10 +504,13 @@ async fn client(node: Arc<Node>, work: Rc<Workload>, id: u64, starts: u64, c: u6
             break;
         }
         let key = KEYS[rng.random_range(0..KEYS.len())];
-        if rng.random_bool(0.5) {
-            write(&node, &work, me, key).await;
-        } else {
-            let _ = read(&node, &work, me, key).await;
+        match rng.random_range(0..10) {
+            0..4 => write(&node, &work, me, key).await,
+            4..8 => {
+                let _ = read(&node, &work, me, key).await;
+            }
+            8 => ttl_write(&node, &work, &mut rng).await,
+            _ => ttl_read(&node, &work, &mut rng).await,
         }
     }
     if c != 0 {
@@ -381,7 +545,13 @@ struct Digest {
 impl Digest {
     fn add(&mut self, k: &[u8], raw: &[u8]) {
         match StoredValue::decode(raw) {
-            Some(v) => self.h = mix(mix(self.h, fnv(k)), fnv(&v.data)),
+            // The expiry too: replicas must agree on it, not only on the value.
+            Some(v) => {
+                self.h = mix(
+                    mix(mix(self.h, fnv(k)), fnv(&v.data)),
+                    v.expire_at_ms.unwrap_or(0),
+                )
+            }
             None => self.bad = Some(String::from_utf8_lossy(k).into_owned()),
         }
     }
@@ -452,12 +622,15 @@ struct Harness {
     crashes: u64,
     power_losses: u64,
     cuts: u64,
+    /// A node whose wall clock is off, its first offset, the step it jumps at and to what.
+    skew: Option<(u64, i64, u64, i64)>,
 }
 
 type Violation = (u64, &'static str, String);
 
 const LINEARIZABLE: &str = "the history is linearizable per key";
 const SAME_CONTENTS: &str = "replicas that applied the same entry hold the same contents";
+const TTLS: &str = "expiring keys live out their lifetime, and no longer";
 
 /// Removes and returns the nodes whose scheduled step (restart or heal) has come.
 fn take_due(schedule: &mut BTreeMap<u64, u64>, step: u64) -> Vec<u64> {
@@ -602,6 +775,17 @@ impl Harness {
     }
 
     fn faults(&mut self, sim: &mut turmoil::Sim, step: u64) {
+        if let Some((id, _, at, jumped)) = self.skew {
+            if step == at {
+                self.slots[id as usize - 1]
+                    .borrow()
+                    .clock_offset
+                    .store(jumped, Ordering::Relaxed);
+                if self.opts.verbose {
+                    eprintln!("step {step}: node {id}'s wall clock jumps to {jumped:+} ms");
+                }
+            }
+        }
         for id in take_due(&mut self.down, step) {
             sim.bounce(host_name(id));
             if self.opts.verbose {
@@ -733,6 +917,8 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         ops: RefCell::new(Vec::new()),
         next_value: Cell::new(1),
         final_reads_done: RefCell::new(BTreeSet::new()),
+        ttl_ops: RefCell::default(),
+        ttl_recent: RefCell::default(),
     });
     let mut slots = Vec::new();
     for id in 1..=opts.nodes {
@@ -745,6 +931,8 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             node: None,
             checked: None,
             counts: Default::default(),
+            // One per node and seed; the process runs one seed.
+            clock_offset: Box::leak(Box::new(AtomicI64::new(0))),
         }));
         let (s, w, p, r) = (
             slot.clone(),
@@ -758,7 +946,31 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         });
         slots.push(slot);
     }
+    // Drawn from a stream of its own, so the fault schedule stays that of the seed.
+    let skew = {
+        let mut r = ChaCha8Rng::seed_from_u64(seed ^ 0x5ce3_c10c);
+        let mut pick = |from: &[i64]| from[r.random_range(0..from.len())];
+        let (near, far) = (&SKEWS_MS[..3], &SKEWS_MS[3..]);
+        let (first, then) = if pick(&[0, 0, 0, 1]) == 0 {
+            // In step, then an hour off while it may lead: what the anchored clock is for.
+            (pick(near), pick(far))
+        } else {
+            (pick(far), pick(near))
+        };
+        r.random_bool(0.5).then(|| {
+            let id = r.random_range(1..=opts.nodes);
+            let at = 2_000 + r.random_range(0..opts.steps.max(1));
+            (id, first, at, then)
+        })
+    };
+    if let Some((id, first, _, _)) = skew {
+        slots[id as usize - 1]
+            .borrow()
+            .clock_offset
+            .store(first, Ordering::Relaxed);
+    }
     let mut h = Harness {
+        skew,
         opts: opts.clone(),
         rng,
         slots,
@@ -844,6 +1056,13 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             ));
         }
     }
+    let ttl_checked = match check_ttls(&work.ttl_ops.borrow()) {
+        Ok(n) => n,
+        Err(e) => {
+            violation = violation.or(Some((step, TTLS, e)));
+            0
+        }
+    };
     let acked = history
         .ops
         .iter()
@@ -855,8 +1074,14 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         let (c1, r1) = s.borrow().log_dir.counts();
         (c + c1, r + r1)
     });
+    let skew = match h.skew {
+        Some((id, first, at, then)) => {
+            format!("node {id}'s clock {first:+} ms then {then:+} ms from step {at}")
+        }
+        None => "clocks agree".into(),
+    };
     let summary = format!(
-        "seed {seed}: {} ops ({acked} acknowledged writes), {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, log segments created {created} removed {removed}, trace {:016x}, {:.1} s",
+        "seed {seed}: {} ops ({acked} acknowledged writes), {ttl_checked} reads of expiring keys checked, {skew}, {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, log segments created {created} removed {removed}, trace {:016x}, {:.1} s",
         history.ops.len(),
         h.crashes,
         h.power_losses,
@@ -877,6 +1102,7 @@ const NODES_USAGE: &str =
   --check-determinism [K]  run the first K seeds (default all) twice; compare trace hashes
   --bug skip-read-index    every node serves primary reads without a read index or lease
   --bug ack-before-commit  every node acknowledges quorum writes before they commit
+  --bug stamp-with-wall-clock  every node stamps entries with its wall clock, jumps and all
   --expect-violation       self-test: succeed only if some seed fails a check (with --bug)
   Each seed of a range runs in a process of its own, exactly as its replay (--seed S) does.";
 
@@ -894,6 +1120,7 @@ fn replay_args(seed: u64, opts: &NodesOpts) -> Vec<String> {
         NodeBug::None => {}
         NodeBug::SkipReadIndex => a.extend(["--bug".into(), "skip-read-index".into()]),
         NodeBug::AckBeforeCommit => a.extend(["--bug".into(), "ack-before-commit".into()]),
+        NodeBug::StampWithWallClock => a.extend(["--bug".into(), "stamp-with-wall-clock".into()]),
     }
     a
 }
@@ -992,6 +1219,7 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
                 opts.bug = match v.as_str() {
                     "skip-read-index" => NodeBug::SkipReadIndex,
                     "ack-before-commit" => NodeBug::AckBeforeCommit,
+                    "stamp-with-wall-clock" => NodeBug::StampWithWallClock,
                     other => return Err(format!("unknown bug {other}")),
                 };
                 Ok(())
@@ -1063,7 +1291,8 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
         }
         violations += rest.iter().any(|l| l.starts_with("VIOLATION")) as u64;
         caught += rest.iter().any(|l| {
-            l.starts_with("VIOLATION") && (l.contains(LINEARIZABLE) || l.contains(SAME_CONTENTS))
+            l.starts_with("VIOLATION")
+                && (l.contains(LINEARIZABLE) || l.contains(SAME_CONTENTS) || l.contains(TTLS))
         }) as u64;
     }
     let secs = started.elapsed().as_secs_f64();

@@ -146,12 +146,12 @@ impl CampaignReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| fault | runs | faults injected | ops checked | linearizability violations | lost acknowledged writes ({}) | lost writes acknowledged after fault start (ms) | unavailable p50 / p99 (ms) | max follower staleness (ms) | read-your-writes violations | failed runs | runs with only known open findings |",
+            "| fault | runs | faults injected | ops checked | linearizability violations | lost acknowledged writes ({}) | lost writes acknowledged after fault start (ms) | unavailable p50 / p99 (ms) | max follower staleness (ms) | read-your-writes violations | expiring-key reads checked / outside their lifetime | failed runs | runs with only known open findings |",
             LEVELS.join(" / ")
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"
         );
         let all: Vec<&RunResult> = self.results.iter().collect();
         let rows = by_fault
@@ -194,6 +194,8 @@ impl CampaignReport {
             let (p50, p99) = (percentile(&mut gaps, 50.0), percentile(&mut gaps, 99.0));
             let stale = rs.iter().map(|r| r.max_staleness_ms).fold(0.0, f64::max);
             let ryw: usize = rs.iter().map(|r| r.read_your_writes_violations.len()).sum();
+            let expiry_reads: usize = rs.iter().map(|r| r.expiry_reads_checked).sum();
+            let expiry_bad: usize = rs.iter().map(|r| r.expiry_violations).sum();
             let failed = rs.iter().filter(|r| !r.new_failures().is_empty()).count();
             let known = rs
                 .iter()
@@ -201,7 +203,7 @@ impl CampaignReport {
                 .count();
             let _ = writeln!(
                 out,
-                "| {name} | {} | {injected} | {ops} | {violations} | {} | {window} | {p50:.0} / {p99:.0} | {stale:.0} | {ryw} | {failed} | {known} |",
+                "| {name} | {} | {injected} | {ops} | {violations} | {} | {window} | {p50:.0} / {p99:.0} | {stale:.0} | {ryw} | {expiry_reads} / {expiry_bad} | {failed} | {known} |",
                 rs.len(),
                 lost.join(" / "),
             );

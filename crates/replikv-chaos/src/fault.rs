@@ -50,6 +50,11 @@ pub enum Fault {
     /// refuse writes with `-MISCONF`, hand off its leaderships and lag, and catch up once the
     /// tmpfs is grown back.
     DiskFull,
+    /// A partition's leader's wall clock jumps (libfaketime's timestamp file, the monotonic
+    /// clock untouched): by 30 s to an hour either way, or, one time in four, by 100–400 ms
+    /// (within `max_clock_offset_ms`); healed by jumping back. The leader must stop
+    /// stamping with it at once and hand its partitions over.
+    ClockOffset,
     /// Each cycle draws one of the faults above (except `clock-drift` and `disk-full`, which
     /// are set up when the cluster starts).
     Mixed,
@@ -64,7 +69,7 @@ pub const DISK_FULL_MIN_FREE_BYTES: u64 = 16 << 20;
 pub const CLOCK_RATES: [f64; 3] = [0.95, 1.0, 1.05];
 
 /// Every fault a full campaign runs, in order.
-pub const ALL: [Fault; 15] = [
+pub const ALL: [Fault; 16] = [
     Fault::KillOne,
     Fault::KillLeader,
     Fault::KillMinority,
@@ -79,6 +84,7 @@ pub const ALL: [Fault; 15] = [
     Fault::Delay,
     Fault::ClockDrift,
     Fault::DiskFull,
+    Fault::ClockOffset,
     Fault::Mixed,
 ];
 
@@ -99,6 +105,7 @@ impl Fault {
             Fault::Delay => "delay",
             Fault::ClockDrift => "clock-drift",
             Fault::DiskFull => "disk-full",
+            Fault::ClockOffset => "clock-offset",
             Fault::Mixed => "mixed",
         }
     }
@@ -146,6 +153,19 @@ pub struct Injected {
     delays: Vec<PacketDelay>,
     /// Nodes whose tmpfs was cut down, to grow back.
     filled: Vec<u64>,
+    /// Nodes whose wall clock was moved, and by how much (ms).
+    clocks: Vec<(u64, i64)>,
+}
+
+/// A node whose wall clock is off by more than this must lead nothing once the hold is
+/// over (the cluster's default `max_clock_offset_ms`).
+const OFF_CLOCK_MS: i64 = 500;
+
+/// What healing a fault found.
+pub struct Healed {
+    pub notes: String,
+    /// Promises the fault itself broke (a leader with a clock far off still leading).
+    pub broken: Vec<String>,
 }
 
 /// The leader of a random partition as a live node sees it, or a random live node.
@@ -188,6 +208,7 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
         net: false,
         delays: Vec::new(),
         filled: Vec::new(),
+        clocks: Vec::new(),
     };
     let n = c.nodes.len();
     match fault {
@@ -311,14 +332,44 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
                 used >> 20
             );
         }
+        Fault::ClockOffset => {
+            let (id, why) = some_leader(c, rng);
+            let magnitude = if rng.random_bool(0.25) {
+                rng.random_range(100..=400)
+            } else {
+                rng.random_range(30_000..=3_600_000)
+            };
+            let offset = if rng.random_bool(0.5) {
+                magnitude
+            } else {
+                -magnitude
+            };
+            c.set_clock_offset(id, offset);
+            done.clocks.push((id, offset));
+            done.detail = format!("jump node {id}'s wall clock by {offset:+} ms ({why})");
+        }
         Fault::Mixed => unreachable!("drawn above"),
     }
     Ok(done)
 }
 
 /// Undoes a fault: heals the network, resumes paused nodes, restarts killed ones.
-pub fn heal(c: &mut Cluster, injected: Injected) -> String {
+pub fn heal(c: &mut Cluster, injected: Injected) -> Healed {
     let mut notes = Vec::new();
+    let mut broken = Vec::new();
+    // Before the clocks come back: a node whose clock is far off must have handed over.
+    for (id, offset) in &injected.clocks {
+        let led = c.led_by(*id);
+        if offset.abs() > OFF_CLOCK_MS {
+            if led.is_empty() {
+                notes.push(format!("node {id} led nothing at the end of the hold"));
+            } else {
+                broken.push(format!(
+                    "node {id}, its clock {offset:+} ms off, still led partitions {led:?} at the end of the hold"
+                ));
+            }
+        }
+    }
     let held: u64 = injected.delays.iter().map(|d| d.stats().0).sum();
     let reordered: u64 = injected.delays.iter().map(|d| d.stats().1).sum();
     if !injected.delays.is_empty() {
@@ -327,6 +378,9 @@ pub fn heal(c: &mut Cluster, injected: Injected) -> String {
         ));
     }
     drop(injected.delays);
+    for (id, _) in injected.clocks {
+        c.set_clock_offset(id, 0);
+    }
     if injected.net {
         c.heal();
     }
@@ -341,5 +395,8 @@ pub fn heal(c: &mut Cluster, injected: Injected) -> String {
     for id in injected.killed {
         c.restart(id);
     }
-    notes.join("; ")
+    Healed {
+        notes: notes.join("; "),
+        broken,
+    }
 }

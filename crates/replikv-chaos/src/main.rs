@@ -57,6 +57,9 @@ enum Command {
         /// Inject the known bug `debug.skip_read_index` (the campaign must then fail).
         #[arg(long)]
         skip_read_index: bool,
+        /// Inject the known bug `debug.stamp_with_wall_clock` (`clock-offset` must then fail).
+        #[arg(long)]
+        stamp_with_wall_clock: bool,
         /// The nodes' `storage.fsync` policy (docs/design/durability.md).
         #[arg(long, default_value = "always", value_parser = ["always", "everysec", "never"])]
         fsync: String,
@@ -107,6 +110,9 @@ fn print_run(r: &RunResult) {
     }
     for v in &r.read_your_writes_violations {
         println!("      read-your-writes: {v}");
+    }
+    for v in &r.expiry_examples {
+        println!("      expiring key: {v}");
     }
     for e in &r.events {
         let notes = if e.notes.is_empty() {
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
             seed,
             ack_before_commit,
             skip_read_index,
+            stamp_with_wall_clock,
             fsync,
         } => {
             let faults = match parse_faults(&faults) {
@@ -214,6 +221,7 @@ fn main() -> ExitCode {
                 bugs: Bugs {
                     ack_before_commit,
                     skip_read_index,
+                    stamp_with_wall_clock,
                 },
                 // Clap allowed only the three names; the spec keeps it for the whole run.
                 fsync: fsync.leak(),

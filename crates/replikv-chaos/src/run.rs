@@ -37,6 +37,9 @@ pub struct Bugs {
     pub ack_before_commit: bool,
     /// `debug.skip_read_index`: primary reads without a read index.
     pub skip_read_index: bool,
+    /// `debug.stamp_with_wall_clock`: entries stamped by the wall clock, jumps and all.
+    #[serde(default)]
+    pub stamp_with_wall_clock: bool,
 }
 
 /// What one run does.
@@ -104,6 +107,19 @@ pub struct RunResult {
     pub stale_reads: Vec<String>,
     pub session_reads: u64,
     pub read_your_writes_violations: Vec<String>,
+    /// Acknowledged expiring keys, and the reads of them checked against their lifetimes.
+    #[serde(default)]
+    pub expiring_writes: usize,
+    #[serde(default)]
+    pub expiry_reads_checked: usize,
+    #[serde(default)]
+    pub expiry_violations: usize,
+    /// The first few: which read, what it saw, against which lifetime.
+    #[serde(default)]
+    pub expiry_examples: Vec<String>,
+    /// Leaders whose clock the fault set far off and that still led when it was healed.
+    #[serde(default)]
+    pub off_clock_leaders: Vec<String>,
     pub converged: bool,
     /// Why the run could not finish (cluster did not start, a node did not come back...).
     pub error: Option<String>,
@@ -151,6 +167,15 @@ impl RunResult {
             why.push(format!(
                 "{} read-your-writes violation(s)",
                 self.read_your_writes_violations.len()
+            ));
+        }
+        for v in &self.off_clock_leaders {
+            why.push(v.clone());
+        }
+        if self.expiry_violations > 0 {
+            why.push(format!(
+                "{} read(s) of expiring keys outside their lifetime",
+                self.expiry_violations
             ));
         }
         if self.error.is_none() && !self.converged {
@@ -214,6 +239,7 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         backlog_entries: 1_000,
         fsync: spec.fsync,
         ack_before_commit: spec.bugs.ack_before_commit,
+        stamp_with_wall_clock: spec.bugs.stamp_with_wall_clock,
         skip_read_index: spec.bugs.skip_read_index,
         clock_rates: if spec.fault == Fault::ClockDrift {
             (1..).zip(fault::CLOCK_RATES).collect()
@@ -228,8 +254,24 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
             Default::default()
         },
         min_free_bytes: (spec.fault == Fault::DiskFull).then_some(fault::DISK_FULL_MIN_FREE_BYTES),
+        // Rates move wall clocks apart (the fastest and slowest by 100 ms a second): that
+        // fault is about leases under rate drift, `clock-offset` about offsets.
+        max_clock_offset_ms: if spec.fault == Fault::ClockDrift {
+            3_600_000
+        } else {
+            500
+        },
+        // Every node can have its wall clock moved while it runs (`clock-offset`, also
+        // drawn by `mixed`).
+        clock_offsets: if matches!(spec.fault, Fault::ClockOffset | Fault::Mixed) {
+            (1..=spec.fault.nodes()).map(|id| (id, 0)).collect()
+        } else {
+            Default::default()
+        },
         ..Options::default()
     };
+    // The nodes' clocks run at their rates from about here (`clock-drift`).
+    let cluster_started = Instant::now();
     let mut cluster = match Cluster::try_start(&spec.bin, opts) {
         Ok(c) => c,
         Err(e) => {
@@ -259,7 +301,9 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         };
         let (name, detail) = (injected.fault.to_string(), injected.detail.clone());
         std::thread::sleep(spec.hold);
-        let notes = fault::heal(&mut cluster, injected);
+        let healed = fault::heal(&mut cluster, injected);
+        result.off_clock_leaders.extend(healed.broken);
+        let notes = healed.notes;
         let healed_s = origin.elapsed().as_secs_f64();
         std::thread::sleep(spec.recover);
         events.push(Event {
@@ -357,6 +401,40 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
             )
         })
         .collect();
+    // Under `clock-drift` the nodes' wall clocks really are wrong: each runs at its own rate
+    // from its start, so by the end of the run it is off by up to the largest deviation
+    // times the run's length, and a lifetime is scaled by the rate too. The margin grows by
+    // that much; `clock-offset` keeps the plain one.
+    let drift_ms = if spec.fault == Fault::ClockDrift {
+        let deviation = fault::CLOCK_RATES
+            .iter()
+            .map(|r| (r - 1.0).abs())
+            .fold(0.0, f64::max);
+        let span_ms =
+            cluster_started.elapsed().as_millis() as f64 + workload::EXPIRY_TTL_MAX_MS as f64;
+        (deviation * span_ms).ceil() as u64
+    } else {
+        0
+    };
+    let expiry = workload::check_expiry(
+        &rec.expiry_writes.lock().unwrap(),
+        &rec.expiry_reads.lock().unwrap(),
+        workload::EXPIRY_MARGIN_MS + drift_ms,
+        MAX_LAG_MS,
+    );
+    result.expiring_writes = expiry.acknowledged;
+    result.expiry_reads_checked = expiry.reads_checked;
+    result.expiry_violations = expiry.violations.len();
+    result.expiry_examples = expiry.violations.iter().take(10).cloned().collect();
+    if let Some(dir) = &spec.out {
+        if !expiry.violations.is_empty() {
+            let both = serde_json::json!({
+                "writes": *rec.expiry_writes.lock().unwrap(),
+                "reads": *rec.expiry_reads.lock().unwrap(),
+            });
+            save(dir, "expiry.json", &both.to_string());
+        }
+    }
     result.session_reads = rec.session_reads.load(std::sync::atomic::Ordering::Relaxed);
     result.read_your_writes_violations = rec.ryw_violations.lock().unwrap().clone();
     result.events = events;
@@ -420,6 +498,7 @@ pub fn default_mix() -> Mix {
     Mix {
         register_clients: 4,
         unique_clients: 2,
+        expiry_writers: 1,
     }
 }
 

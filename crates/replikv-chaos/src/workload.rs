@@ -7,13 +7,14 @@
 //! | unique | SET of a never-reused key at one consistency level | one [`History`] per level, for the lost-write checker |
 //! | session | SET then GET of its own key with `REPLIKV.READ secondary` | read-your-writes violations |
 //! | clock + readers | a writer bumps `chaos:clock`; one reader per node reads it with `secondary` | staleness of each follower read |
+//! | expiring keys | SET of a never-reused key with `PX t`; two readers GET and PTTL recent ones, at `primary` and at `secondary` | [`ExpiryWrite`]s and [`ExpiryRead`]s for [`check_expiry`] |
 //!
 //! Every acknowledged `quorum` write also marks the time it completed, for the
 //! unavailability windows. A reply that never came (timeout, dropped connection) is
 //! [`Outcome::Unknown`] and the client reconnects, so a late reply is never taken for the
 //! answer to a later request.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use replikv_checker::{History, Op, OpKind, Outcome};
+use serde::{Deserialize, Serialize};
 
 /// The write levels the unique-value clients cover, as `REPLIKV.CONSISTENCY` takes them.
 pub const LEVELS: [&str; 4] = ["eventual", "at_least:2", "quorum", "all"];
@@ -51,6 +53,143 @@ pub struct Recorded {
     pub session_reads: AtomicU64,
     /// Reads that did not return the session's own last acknowledged write.
     pub ryw_violations: Mutex<Vec<String>>,
+    /// Writes of expiring keys, one key each.
+    pub expiry_writes: Mutex<Vec<ExpiryWrite>>,
+    pub expiry_reads: Mutex<Vec<ExpiryRead>>,
+    /// Acknowledged expiring keys the readers still read: (key, read until ns).
+    expiry_recent: Mutex<VecDeque<(String, u64)>>,
+}
+
+/// Lifetimes (ms) of the expiring keys: they expire during the run, most of them while
+/// reads look at them.
+const EXPIRY_TTL_MS: std::ops::Range<u64> = 800..EXPIRY_TTL_MAX_MS;
+pub const EXPIRY_TTL_MAX_MS: u64 = 3_000;
+/// How far the expiry checker lets a key's life be from the test's own clock: two nodes
+/// in step may differ by twice `max_clock_offset_ms` (500 ms by default).
+pub const EXPIRY_MARGIN_MS: u64 = 1_000;
+/// Readers keep reading a key this long after it should be gone.
+const EXPIRY_READ_PAST_MS: u64 = EXPIRY_MARGIN_MS + 1_500;
+
+/// `SET key v PX ttl_ms`: invoked and completed (ns since the run's origin).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpiryWrite {
+    pub key: String,
+    pub ttl_ms: u64,
+    pub invoke_ns: u64,
+    pub outcome: Outcome,
+    pub complete_ns: Option<u64>,
+}
+
+/// What a read of an expiring key saw.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Seen {
+    Absent,
+    /// Present; with the PTTL the reply gave, for a PTTL.
+    Present(Option<i64>),
+}
+
+/// A GET or PTTL of an expiring key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExpiryRead {
+    pub key: String,
+    pub node: String,
+    pub secondary: bool,
+    pub invoke_ns: u64,
+    pub complete_ns: u64,
+    pub seen: Seen,
+}
+
+/// What the expiry check found.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ExpiryCheck {
+    pub acknowledged: usize,
+    pub reads_checked: usize,
+    pub violations: Vec<String>,
+}
+
+/// Checks every read of an acknowledged expiring key against the key's expected life: a
+/// key acknowledged with `PX t` must be readable until `invoke + t - margin` (a read that
+/// began after the write was acknowledged, or, at `secondary`, `max_lag_ms` after, must
+/// see it until then: no acknowledged write vanishes early), must be gone from
+/// `complete + t + margin` on, and a PTTL must name an expiry inside that window too. Keys
+/// of writes with no definite answer are left out (they may land at any time).
+pub fn check_expiry(
+    writes: &[ExpiryWrite],
+    reads: &[ExpiryRead],
+    margin_ms: u64,
+    max_lag_ms: u64,
+) -> ExpiryCheck {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let acked: BTreeMap<&str, &ExpiryWrite> = writes
+        .iter()
+        .filter(|w| w.outcome == Outcome::Written)
+        .map(|w| (w.key.as_str(), w))
+        .collect();
+    let mut check = ExpiryCheck {
+        acknowledged: acked.len(),
+        ..ExpiryCheck::default()
+    };
+    for r in reads {
+        let Some(w) = acked.get(r.key.as_str()) else {
+            continue;
+        };
+        let done = w.complete_ns.expect("an acknowledged write completed");
+        check.reads_checked += 1;
+        let (margin, ttl) = (margin_ms as f64, w.ttl_ms as f64);
+        // The window the key's expiry must fall in, by the test's clock (ms).
+        let lo = ms(w.invoke_ns) + ttl - margin;
+        let hi = ms(done) + ttl + margin;
+        let (ri, rc) = (ms(r.invoke_ns), ms(r.complete_ns));
+        let read = format!(
+            "{} of {} at {:.3}..{:.3} s via {}{}",
+            if matches!(r.seen, Seen::Present(Some(_))) {
+                "PTTL"
+            } else {
+                "read"
+            },
+            r.key,
+            ri / 1e3,
+            rc / 1e3,
+            r.node,
+            if r.secondary { " (secondary)" } else { "" }
+        );
+        let life = format!(
+            "written with PX {} at {:.3}..{:.3} s",
+            w.ttl_ms,
+            ms(w.invoke_ns) / 1e3,
+            ms(done) / 1e3
+        );
+        let must_see_from = ms(done) + if r.secondary { max_lag_ms as f64 } else { 0.0 };
+        match &r.seen {
+            Seen::Absent if ri >= must_see_from && rc < lo => {
+                check.violations.push(format!(
+                    "{read} found it gone, {:.0} ms early; {life}",
+                    lo - rc
+                ));
+            }
+            Seen::Present(_) if ri > hi => {
+                check.violations.push(format!(
+                    "{read} found it live, {:.0} ms late; {life}",
+                    ri - hi
+                ));
+            }
+            Seen::Present(Some(pttl)) => {
+                let p = *pttl as f64;
+                // Served at some moment in [ri, rc]: its expiry is that moment plus p.
+                if ri + p > hi || rc + p < lo {
+                    check.violations.push(format!(
+                        "{read} gave {pttl} ms left: an expiry at {:.3}..{:.3} s, outside {:.3}..{:.3} s; {life}",
+                        (ri + p) / 1e3,
+                        (rc + p) / 1e3,
+                        lo / 1e3,
+                        hi / 1e3
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    check
 }
 
 impl Recorded {
@@ -65,6 +204,9 @@ impl Recorded {
             clock_reads: Mutex::default(),
             session_reads: AtomicU64::new(0),
             ryw_violations: Mutex::default(),
+            expiry_writes: Mutex::default(),
+            expiry_reads: Mutex::default(),
+            expiry_recent: Mutex::default(),
         })
     }
 
@@ -214,6 +356,8 @@ pub struct Mix {
     pub register_clients: u64,
     /// Unique-value clients per level.
     pub unique_clients: u64,
+    /// Writers of expiring keys (each with its own keys).
+    pub expiry_writers: u64,
 }
 
 impl Clients {
@@ -243,6 +387,14 @@ impl Clients {
         spawn(Box::new(move || session_client(id, u, r, s)));
         let (u, r, s) = (urls.to_vec(), rec.clone(), stop.clone());
         spawn(Box::new(move || clock_writer(u, r, s)));
+        for w in 0..mix.expiry_writers {
+            let (u, r, s) = (urls.to_vec(), rec.clone(), stop.clone());
+            spawn(Box::new(move || expiry_writer(w, u, r, s, seed)));
+        }
+        for secondary in [false, true] {
+            let (u, r, s) = (urls.to_vec(), rec.clone(), stop.clone());
+            spawn(Box::new(move || expiry_reader(u, r, s, secondary, seed)));
+        }
         for (i, url) in urls.iter().enumerate() {
             let (u, r, s) = (vec![url.clone()], rec.clone(), stop.clone());
             spawn(Box::new(move || clock_reader(i as u64 + 1, u, r, s)));
@@ -414,6 +566,126 @@ fn clock_writer(urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Writes never-reused keys with a random `PX` lifetime, at the default level (`quorum`),
+/// through each node in turn.
+fn expiry_writer(id: u64, urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x0e49_17e5 ^ id);
+    let mut conn = Conn::new(urls, id as usize, Vec::new());
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = conn.get() else { continue };
+        seq += 1;
+        let key = format!("ttl:{id}:{seq}");
+        let ttl_ms = rng.random_range(EXPIRY_TTL_MS);
+        let invoke_ns = rec.now_ns();
+        let outcome = match redis::cmd("SET")
+            .arg(&key)
+            .arg("v")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query::<()>(c)
+        {
+            Ok(()) => Outcome::Written,
+            Err(e) => classify(&e),
+        };
+        let done = rec.now_ns();
+        conn.drop_if(&outcome);
+        if outcome == Outcome::Written {
+            rec.ack_quorum(done);
+            let until = done + (ttl_ms + EXPIRY_READ_PAST_MS) * 1_000_000;
+            rec.expiry_recent
+                .lock()
+                .unwrap()
+                .push_back((key.clone(), until));
+        }
+        // Round-robin over the nodes, one write each.
+        conn.conn = None;
+        rec.expiry_writes.lock().unwrap().push(ExpiryWrite {
+            key,
+            ttl_ms,
+            invoke_ns,
+            complete_ns: (!matches!(outcome, Outcome::Unknown)).then_some(done),
+            outcome,
+        });
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads acknowledged expiring keys (GET or PTTL, at random) until they should be gone,
+/// through each node in turn, at `primary` or at `secondary`.
+fn expiry_reader(
+    urls: Vec<String>,
+    rec: Arc<Recorded>,
+    stop: Arc<AtomicBool>,
+    secondary: bool,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7ead ^ secondary as u64);
+    let setup = if secondary {
+        vec![("REPLIKV.READ", "secondary".to_string())]
+    } else {
+        Vec::new()
+    };
+    let mut conn = Conn::new(urls, secondary as usize, setup);
+    let mut reads = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let key = {
+            let mut recent = rec.expiry_recent.lock().unwrap();
+            let now = rec.now_ns();
+            while recent.front().is_some_and(|(_, until)| *until < now) {
+                recent.pop_front();
+            }
+            (!recent.is_empty()).then(|| recent[rng.random_range(0..recent.len())].0.clone())
+        };
+        let Some(key) = key else {
+            thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let Some(c) = conn.get() else { continue };
+        let pttl = rng.random_bool(0.5);
+        let invoke_ns = rec.now_ns();
+        let seen = if pttl {
+            redis::cmd("PTTL").arg(&key).query::<i64>(c).map(|p| {
+                if p < 0 {
+                    Seen::Absent
+                } else {
+                    Seen::Present(Some(p))
+                }
+            })
+        } else {
+            redis::cmd("GET")
+                .arg(&key)
+                .query::<Option<String>>(c)
+                .map(|v| {
+                    if v.is_some() {
+                        Seen::Present(None)
+                    } else {
+                        Seen::Absent
+                    }
+                })
+        };
+        let complete_ns = rec.now_ns();
+        let node = conn.current_url().to_string();
+        match seen {
+            Ok(seen) => rec.expiry_reads.lock().unwrap().push(ExpiryRead {
+                key,
+                node,
+                secondary,
+                invoke_ns,
+                complete_ns,
+                seen,
+            }),
+            Err(_) => conn.conn = None,
+        }
+        reads += 1;
+        if reads.is_multiple_of(20) {
+            // Move to the next node now and then, so that every node serves these reads.
+            conn.conn = None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn clock_reader(node: u64, urls: Vec<String>, rec: Arc<Recorded>, stop: Arc<AtomicBool>) {
     let setup = vec![("REPLIKV.READ", "secondary".to_string())];
     let mut conn = Conn::new(urls, 0, setup);
@@ -471,4 +743,88 @@ pub fn staleness_ms(rec: &Recorded) -> Vec<(u64, u64, u64, f64)> {
             (*node, *t, *v, lag)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn write(ttl_ms: u64, at_ms: u64, done_ms: u64) -> ExpiryWrite {
+        ExpiryWrite {
+            key: "k".into(),
+            ttl_ms,
+            invoke_ns: at_ms * MS,
+            outcome: Outcome::Written,
+            complete_ns: Some(done_ms * MS),
+        }
+    }
+
+    fn read(from_ms: u64, to_ms: u64, secondary: bool, seen: Seen) -> ExpiryRead {
+        ExpiryRead {
+            key: "k".into(),
+            node: "n1".into(),
+            secondary,
+            invoke_ns: from_ms * MS,
+            complete_ns: to_ms * MS,
+            seen,
+        }
+    }
+
+    fn violations(reads: &[ExpiryRead]) -> usize {
+        check_expiry(&[write(2_000, 1_000, 1_010)], reads, 500, 1_000)
+            .violations
+            .len()
+    }
+
+    #[test]
+    fn a_key_may_be_gone_only_after_its_lifetime_less_the_margin() {
+        // Lifetime window by the test's clock: 2,500..3,510 ms.
+        assert_eq!(violations(&[read(1_020, 1_030, false, Seen::Absent)]), 1);
+        assert_eq!(violations(&[read(2_600, 2_610, false, Seen::Absent)]), 0);
+        // Begun before the acknowledgement: it may not have seen the write yet.
+        assert_eq!(violations(&[read(1_000, 1_030, false, Seen::Absent)]), 0);
+        // A follower may lag by max_lag_ms.
+        assert_eq!(violations(&[read(1_500, 1_510, true, Seen::Absent)]), 0);
+        assert_eq!(violations(&[read(2_100, 2_110, true, Seen::Absent)]), 1);
+    }
+
+    #[test]
+    fn a_key_must_be_gone_after_its_lifetime_plus_the_margin_and_ttls_must_agree() {
+        assert_eq!(
+            violations(&[read(3_600, 3_610, false, Seen::Present(None))]),
+            1
+        );
+        assert_eq!(
+            violations(&[read(3_400, 3_410, true, Seen::Present(None))]),
+            0
+        );
+        assert_eq!(
+            violations(&[read(1_100, 1_110, false, Seen::Present(Some(1_950)))]),
+            0
+        );
+        // The TTL read through a node an hour ahead: far outside.
+        assert_eq!(
+            violations(&[read(1_100, 1_110, false, Seen::Present(Some(3_700_000)))]),
+            1
+        );
+        assert_eq!(
+            violations(&[read(1_100, 1_110, false, Seen::Present(Some(100)))]),
+            1
+        );
+        // Writes with no definite answer constrain nothing.
+        let unknown = ExpiryWrite {
+            outcome: Outcome::Unknown,
+            complete_ns: None,
+            ..write(2_000, 1_000, 1_010)
+        };
+        let c = check_expiry(
+            &[unknown],
+            &[read(9_000, 9_010, false, Seen::Present(None))],
+            500,
+            1_000,
+        );
+        assert_eq!((c.acknowledged, c.violations.len()), (0, 0));
+    }
 }

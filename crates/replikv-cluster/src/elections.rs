@@ -16,13 +16,17 @@
 //! out instead), a follower campaigns once the lease it granted has run out, plus a short
 //! random delay so that two followers rarely split the vote ([`Node::campaign_if_leader_gone`]).
 //! Nothing about who may vote changes, so this is as safe as any election.
+//!
+//! The same gate keeps a node whose wall clock is not in step with a majority's
+//! (`clock.rs`) from campaigning at all, and such a node hands the partitions it leads to a
+//! replica that is in step ([`Node::check_clock`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-use crate::messages::PeerResponse;
+use crate::messages::{PeerRequest, PeerResponse};
 use crate::node::{Group, Node};
 
 pub(crate) const PING_EVERY: Duration = Duration::from_millis(100);
@@ -116,7 +120,8 @@ impl Node {
         }
         let majority = g.placement.replicas.len() / 2 + 1;
         // Not while unfit to lead: recovering from a damaged log (it may lack writes it
-        // acknowledged), or with a disk that takes no new data.
+        // acknowledged), with a disk that takes no new data, or with a clock out of step
+        // (its stamps would set expiries).
         let allowed = !g.elections.held()
             && self.reachable_replicas(g) >= majority
             && self.unfit_to_lead(g).is_none();
@@ -201,14 +206,90 @@ impl Node {
     }
 }
 
+/// After a failed hand-over of a partition by a node out of step, the next try waits this.
+const HANDOFF_RETRY: Duration = Duration::from_secs(1);
+
+impl Node {
+    /// Runs the clock check (`clock.rs`) and acts on it: the change is logged once, and a
+    /// node whose clock is known to be off hands each partition it leads to a replica that
+    /// is in step (its preferred leader first), through the leadership transfer
+    /// (`transfer.rs`). Until the transfer is done it keeps leading with its anchored clock,
+    /// which its wall clock's jump did not reach.
+    pub(crate) fn check_clock(self: &Arc<Self>) {
+        match self.clock.check() {
+            Some(false) => tracing::error!(
+                max_clock_offset_ms = self.cfg.replication.max_clock_offset_ms,
+                peers = ?self.clock.status().peers,
+                "this node's wall clock is not in step with a majority of the cluster: it will not lead (it hands over the partitions it leads) and sends secondary reads to the leader"
+            ),
+            Some(true) => {
+                tracing::info!(
+                    "this node's wall clock is in step with a majority of the cluster again"
+                )
+            }
+            None => {}
+        }
+        // Only a clock known to be off hands leadership over: one merely unconfirmed (this
+        // node cut off, or too busy to read its pongs) still stamps with the anchored clock
+        // of its last check in step (`ClockCheck::known_off`).
+        if self.clock.in_step() || !self.clock.known_off() {
+            return;
+        }
+        for g in self.groups.values() {
+            if !g.is_leader() || g.transferring.load(Ordering::Relaxed) {
+                continue;
+            }
+            {
+                let mut last = g.clock_handoff.lock().expect("handoff");
+                if last.is_some_and(|t| t.elapsed() < HANDOFF_RETRY) {
+                    continue;
+                }
+                *last = Some(Instant::now());
+            }
+            let in_step = |id: u64| {
+                id != self.id()
+                    && self.clock.peer_claims_in_step(id)
+                    && self.transport.link_stats(id).is_some_and(|s| s.connected)
+            };
+            let pl = &g.placement;
+            let Some(to) = std::iter::once(pl.preferred_leader)
+                .chain(pl.replicas.iter().copied())
+                .find(|id| in_step(*id))
+            else {
+                continue;
+            };
+            let (node, p) = (self.clone(), g.partition);
+            tracing::warn!(
+                partition = p,
+                to,
+                "handing leadership over: this node's clock is not in step"
+            );
+            tokio::spawn(async move {
+                if let Err(e) = node.transfer_leadership(p, to).await {
+                    tracing::warn!(partition = p, to, error = %e, "hand-over failed; trying again");
+                }
+            });
+        }
+    }
+}
+
 /// Pings every peer and re-evaluates every group's gate, forever.
 pub(crate) fn spawn(node: Arc<Node>) {
     let weak = Arc::downgrade(&node);
+    let clock = node.clock.clone();
     node.transport.clone().start_pinger(
         PING_EVERY,
+        Arc::new(move || PeerRequest::Ping {
+            wall_ms: clock.wall_ms(),
+        }),
         Arc::new(move |from, sent, answer| {
-            if let (Some(node), PeerResponse::Pong(marks)) = (weak.upgrade(), answer) {
-                node.note_pong(from, sent, &marks);
+            if let (Some(node), PeerResponse::Pong(pong)) = (weak.upgrade(), answer) {
+                node.note_pong(from, sent, &pong);
+                // Out of step (at start-up, or after a jump): this sample may be the one
+                // that ends it, so check now rather than at the next round.
+                if !node.clock.in_step() {
+                    node.check_clock();
+                }
             }
         }),
     );
@@ -220,6 +301,7 @@ pub(crate) fn spawn(node: Arc<Node>) {
         loop {
             tick.tick().await;
             node.watch_disk();
+            node.check_clock();
             for g in node.groups.values() {
                 node.update_election_gate(g);
                 node.campaign_if_leader_gone(g);

@@ -1,4 +1,4 @@
-//! Peer frames, version 2. Every message between nodes travels as
+//! Peer frames, version 3. Every message between nodes travels as
 //!
 //! ```text
 //! u32 LE len | u32 LE crc32c(rest) | rest = u8 version | u8 kind | u64 LE id | payload
@@ -7,16 +7,20 @@
 //! version or kind, or is longer than [`MAX_FRAME_BYTES`] closes the connection: the peer
 //! reconnects and openraft resends what was lost.
 //!
-//! Version 2 changed how a log entry's writes are encoded (one byte string, `Ops`). Nodes of
-//! versions 1 and 2 do not talk: each closes the other's connections with
+//! Version 3 changed the writes inside log entries (expiries as `Expiry`: relative ones are
+//! resolved at apply; log records of version 3) and the messages: a read's value carries
+//! the TTL its serving replica counted, and pings and pongs carry wall-clock stamps.
+//! Version 2 had changed how a log entry's writes are encoded (one byte string, `Ops`).
+//! Nodes of different versions do not talk: each closes the other's connections with
 //! "unknown peer frame version" (reported at warn). Upgraded one node at a time, a 3-node
 //! cluster has no majority of one version while the second node restarts: the two running
-//! nodes differ, so writes pause until it is back. Going back to version 1 is not
-//! supported: those builds take log records of version 2 for a damaged tail and cut them.
+//! nodes differ, so writes pause until it is back. Going back is not supported: a build of
+//! version 2 refuses to open a log holding records of version 3, and one of version 1 cuts
+//! them as a damaged tail.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-pub const FRAME_VERSION: u8 = 2;
+pub const FRAME_VERSION: u8 = 3;
 /// Large enough for a snapshot chunk plus headers; small enough to bound a bad header.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const HEADER: usize = 4 + 4 + 1 + 1 + 8;

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use replikv_types::{Error, ReadPreference};
 
 use crate::messages::{
-    ClientRequest, ClientResponse, Hello, LeaderMark, PeerRequest, PeerResponse,
+    ClientRequest, ClientResponse, Hello, LeaderMark, PeerRequest, PeerResponse, Pong,
 };
 use crate::node::Node;
 use crate::transport::Handler;
@@ -79,10 +79,13 @@ impl Node {
             .collect()
     }
 
-    /// A ping sent at `sent` came back from `from` with its leader marks: record them for
-    /// the partitions this node follows `from` in (`lag.rs` says why this bound holds).
-    pub(crate) fn note_pong(&self, from: u64, sent: Instant, marks: &[LeaderMark]) {
-        for mark in marks {
+    /// A ping sent at `sent` came back from `from`: its wall clock goes to the clock check
+    /// (`clock.rs`), and its leader marks are recorded for the partitions this node follows
+    /// `from` in (`lag.rs` says why this bound holds).
+    pub(crate) fn note_pong(&self, from: u64, sent: Instant, pong: &Pong) {
+        self.clock
+            .note_pong(from, sent, pong.echo_wall_ms, pong.wall_ms, pong.in_step);
+        for mark in &pong.marks {
             let Some(g) = self.group(mark.partition) else {
                 continue;
             };
@@ -179,7 +182,12 @@ impl Node {
                 None => PeerResponse::NoSuchPartition(p),
             },
             PeerRequest::Client(req) => PeerResponse::Client(self.serve_client(req).await),
-            PeerRequest::Ping => PeerResponse::Pong(self.leader_marks()),
+            PeerRequest::Ping { wall_ms } => PeerResponse::Pong(Pong {
+                marks: self.leader_marks(),
+                echo_wall_ms: wall_ms,
+                wall_ms: self.clock.wall_ms(),
+                in_step: self.clock.in_step(),
+            }),
         }
     }
 

@@ -10,9 +10,12 @@
 //!  peers ──► transport ──► Handler for Node (handler.rs) ──► Raft core of the partition
 //! ```
 //! Invariants: a write is acknowledged only once its consistency level is met (write.rs);
+//! only a node whose wall clock is in step with a majority's leads, and entries are stamped
+//! by its anchored clock (clock.rs);
 //! a `primary` read is served only after a read index confirmed by a quorum (read.rs);
 //! replica staleness is measured from the leader's commit offsets (lag.rs).
 
+pub mod clock;
 mod elections;
 mod frame;
 mod handler;
@@ -26,6 +29,7 @@ mod propose;
 mod read;
 mod read_rounds;
 pub mod status;
+mod sweep;
 mod transfer;
 pub mod transport;
 mod write;

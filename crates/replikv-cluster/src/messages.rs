@@ -27,8 +27,11 @@ pub enum PeerRequest {
     Vote(PartitionId, VoteRequest<u64>),
     InstallSnapshot(PartitionId, InstallSnapshotRequest<TypeConfig>),
     Client(ClientRequest),
-    /// Liveness: answered at once, so a node knows which peers it can reach.
-    Ping,
+    /// Liveness: answered at once, so a node knows which peers it can reach. Carries the
+    /// sender's wall clock (Unix ms) when it sent it, echoed back (`clock.rs`).
+    Ping {
+        wall_ms: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,11 +42,24 @@ pub enum PeerResponse {
     Client(Result<ClientResponse, Error>),
     /// The partition is not hosted by the receiving node.
     NoSuchPartition(PartitionId),
-    /// The answer to a ping: where this node stands in each partition it leads.
-    Pong(Vec<LeaderMark>),
+    /// The answer to a ping: where this node stands in each partition it leads, and its
+    /// wall clock against the pinger's (`clock.rs`).
+    Pong(Pong),
     /// The node cannot take the request now (its disk is full): the sender backs off and
     /// retries, as from an unreachable node.
     Unavailable(String),
+}
+
+/// The answer to a ping.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Pong {
+    pub marks: Vec<LeaderMark>,
+    /// The ping's `wall_ms`, echoed: the pinger's wall clock when it sent the ping.
+    pub echo_wall_ms: u64,
+    /// The answering node's wall clock when it answered.
+    pub wall_ms: u64,
+    /// Whether the answering node's clock is in step with a majority's, as it judges.
+    pub in_step: bool,
 }
 
 /// A leader's position, for its followers' staleness bound (`lag.rs`).

@@ -46,6 +46,10 @@ pub struct Metrics {
     connections: IntGaugeVec,
     max_connections: IntGaugeVec,
     rejected_connections: IntCounterVec,
+    evicted: IntCounterVec,
+    clock_in_step: IntGaugeVec,
+    clock_offset: GaugeVec,
+    clock_uncertainty: GaugeVec,
     /// Last offsets folded into the counters above, to add only what is new.
     seen: Mutex<HashMap<(String, u32, u64), u64>>,
 }
@@ -250,6 +254,31 @@ impl Metrics {
                 "Connections refused because their listener was at its cap",
                 &["node", "listener"],
             ),
+            evicted: counter(
+                &r,
+                "replikv_expired_keys_evicted_total",
+                "Expired keys this leader removed through the log (its expiry sweep)",
+                P,
+            ),
+            clock_in_step: igauge(
+                &r,
+                "replikv_clock_in_step",
+                "1 when this node's wall clock is within max_clock_offset_ms of a majority of \
+                 the cluster's: only then does it lead or serve secondary reads",
+                &["node"],
+            ),
+            clock_offset: gauge(
+                &r,
+                "replikv_clock_offset_seconds",
+                "A peer's wall clock minus this node's, from the best recent ping",
+                &["node", "peer"],
+            ),
+            clock_uncertainty: gauge(
+                &r,
+                "replikv_clock_offset_uncertainty_seconds",
+                "Half the round trip of the ping that gave replikv_clock_offset_seconds",
+                &["node", "peer"],
+            ),
             registry: r,
             seen: Mutex::default(),
         }
@@ -304,6 +333,13 @@ impl Metrics {
         self.failovers
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
+    }
+
+    pub fn evicted(&self, p: u32, n: u64) {
+        let l = self.p(p);
+        self.evicted
+            .with_label_values(&[&l[0], &l[1], &l[2]])
+            .inc_by(n);
     }
 
     pub fn snapshot_received(&self, p: u32) {
@@ -366,6 +402,28 @@ impl Metrics {
 
     /// Refreshes the state gauges from `status` and renders the Prometheus text format.
     pub fn render(&self, status: &NodeStatus) -> String {
+        self.clock_in_step
+            .with_label_values(&[&self.node])
+            .set(status.clock.in_step as i64);
+        for peer in &status.clock.peers {
+            let labels = [self.node.clone(), peer.node_id.to_string()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            match (peer.offset_ms, peer.uncertainty_ms) {
+                (Some(o), Some(u)) => {
+                    self.clock_offset
+                        .with_label_values(&labels)
+                        .set(o as f64 / 1000.0);
+                    self.clock_uncertainty
+                        .with_label_values(&labels)
+                        .set(u as f64 / 1000.0);
+                }
+                // No recent sample: no figure rather than a stale one.
+                _ => {
+                    let _ = self.clock_offset.remove_label_values(&labels);
+                    let _ = self.clock_uncertainty.remove_label_values(&labels);
+                }
+            }
+        }
         for link in &status.links {
             self.follower_connected
                 .with_label_values(&[&self.node, &link.node_id.to_string()])

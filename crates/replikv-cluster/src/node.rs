@@ -4,9 +4,10 @@
 //! static membership → let the preferred leader campaign first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use rand::rngs::StdRng;
@@ -16,6 +17,7 @@ use replikv_raft::{AppendWaiters, CheckpointLimits, KvView, Raft};
 use replikv_storage::Stores;
 use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
 
+use crate::clock::ClockCheck;
 use crate::lag::FollowerLag;
 use crate::metrics::Metrics;
 use crate::network::GroupNetwork;
@@ -35,6 +37,10 @@ pub struct NodeConfig {
     /// log holds them, before they commit (`debug.ack_before_commit`), so the chaos campaign
     /// can be shown to catch lost acknowledged writes.
     pub ack_before_commit: bool,
+    /// Test-only injected bug: entries are stamped with the wall clock, not the anchored one
+    /// (`debug.stamp_with_wall_clock`), so the chaos campaign can be shown to catch a jumped
+    /// clock reaching expiries.
+    pub stamp_with_wall_clock: bool,
     /// Where expiry times and write stamps come from.
     pub clock: WallClock,
     /// Seeds this node's own random draws (request ids, early-campaign jitter); `None` draws
@@ -48,17 +54,20 @@ pub struct NodeConfig {
     pub checkpoint: CheckpointLimits,
 }
 
-/// The time of day a node stamps writes with and checks expiry against.
+/// The wall clock a node reads: what its clock check compares with its peers', and what its
+/// anchored clock follows while in step (`clock.rs`), never used for stamps directly.
 #[derive(Clone, Copy, Debug, Default)]
 pub enum WallClock {
     /// The system clock.
     #[default]
     System,
     /// `epoch_ms` at `origin`, advanced by tokio's clock: under a paused runtime (the
-    /// deterministic simulation) it moves only with virtual time.
+    /// deterministic simulation) it moves only with virtual time. `offset_ms`, when set, is
+    /// added at every read: the simulation moves it to make the wall clock jump.
     Simulated {
         epoch_ms: u64,
         origin: tokio::time::Instant,
+        offset_ms: Option<&'static AtomicI64>,
     },
 }
 
@@ -71,8 +80,14 @@ impl WallClock {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-            WallClock::Simulated { epoch_ms, origin } => {
-                epoch_ms + origin.elapsed().as_millis() as u64
+            WallClock::Simulated {
+                epoch_ms,
+                origin,
+                offset_ms,
+            } => {
+                let t = epoch_ms + origin.elapsed().as_millis() as u64;
+                let offset = offset_ms.map_or(0, |o| o.load(Ordering::Relaxed));
+                t.saturating_add_signed(offset)
             }
         }
     }
@@ -105,6 +120,9 @@ pub struct Replication {
     pub lease_reads: bool,
     /// Taken off the lease (`election_timeout_max_ms`) for clock drift between replicas.
     pub lease_margin_ms: u64,
+    /// Most a node's wall clock may differ from a majority's for it to be in step: to lead,
+    /// to be a transfer's target, to serve `secondary` reads (`clock.rs`).
+    pub max_clock_offset_ms: u64,
 }
 
 impl Default for Replication {
@@ -126,6 +144,7 @@ impl Default for Replication {
             rebalance_leaders: true,
             lease_reads: true,
             lease_margin_ms: 100,
+            max_clock_offset_ms: 500,
         }
     }
 }
@@ -138,6 +157,7 @@ impl NodeConfig {
             replication: Replication::default(),
             skip_read_index: false,
             ack_before_commit: false,
+            stamp_with_wall_clock: false,
             clock: WallClock::System,
             seed: None,
             checkpoint: CheckpointLimits::default(),
@@ -172,6 +192,8 @@ pub struct Group {
     /// Hand-offs of leadership while the disk is full: when the last began, and how many
     /// have been tried (each tries the next target).
     pub(crate) hand_off: Mutex<(Option<tokio::time::Instant>, usize)>,
+    /// When this node, out of step, last tried to hand this partition over (`clock.rs`).
+    pub(crate) clock_handoff: Mutex<Option<Instant>>,
 }
 
 impl Group {
@@ -211,6 +233,8 @@ pub struct Node {
     pub(crate) disk_refusing: std::sync::atomic::AtomicBool,
     /// This node's random draws, seeded by `cfg.seed` when it is set.
     rng: Mutex<StdRng>,
+    /// This node's wall clock against its peers', and the anchored clock it stamps with.
+    pub clock: Arc<ClockCheck>,
 }
 
 /// The partitions node `me` hosts in the placement of `peers` under `replication`: what
@@ -249,6 +273,12 @@ impl Node {
             }
         }
         let raft_config = Arc::new(raft_config(&cfg)?);
+        let clock = Arc::new(ClockCheck::new(
+            cfg.node_id,
+            cfg.peers.keys().copied().collect(),
+            cfg.clock,
+            cfg.replication.max_clock_offset_ms,
+        ));
         let mut rng = match cfg.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -264,6 +294,7 @@ impl Node {
                 &stores,
                 transport.clone(),
                 raft_config.clone(),
+                clock.clone(),
                 rng.random(),
             )
             .await?;
@@ -285,11 +316,13 @@ impl Node {
             endpoints: RwLock::new(endpoints),
             leader_hints: Mutex::default(),
             rng: Mutex::new(rng),
+            clock,
         });
         for group in node.groups.values() {
             crate::transfer::watch_leadership(node.clone(), group.clone());
         }
         crate::elections::spawn(node.clone());
+        crate::sweep::spawn(node.clone());
         if node.cfg.replication.rebalance_leaders {
             crate::transfer::spawn_rebalancer(node.clone());
         }
@@ -300,9 +333,10 @@ impl Node {
         self.cfg.node_id
     }
 
-    /// Milliseconds since the Unix epoch, by this node's clock.
+    /// Milliseconds since the Unix epoch, by this node's anchored clock (`clock.rs`): what
+    /// its reads judge expiry by and its entries are stamped with.
     pub fn now_ms(&self) -> u64 {
-        self.cfg.clock.now_ms()
+        self.clock.anchored.now_ms()
     }
 
     /// A draw from this node's random numbers.
@@ -423,14 +457,21 @@ impl Node {
     }
 
     /// Why this replica of `g` must not take leadership now, if it must not: it is
-    /// recovering from a damaged log (it may lack writes it acknowledged), or its disk takes
-    /// no new data (it could not append a client's write).
+    /// recovering from a damaged log (it may lack writes it acknowledged), its wall clock is
+    /// not in step (its stamps would set expiries, `clock.rs`), or its disk takes no new data
+    /// (it could not append a client's write).
     pub(crate) fn unfit_to_lead(&self, g: &Group) -> Option<String> {
         if let Some(hw) = g.recovery.high_water() {
             return Some(format!(
                 "node {} is recovering partition {} from a damaged log (up to {hw})",
                 self.id(),
                 g.partition
+            ));
+        }
+        if !self.clock.in_step() {
+            return Some(format!(
+                "node {}'s wall clock is not in step with a majority of the cluster",
+                self.id()
             ));
         }
         self.space
@@ -496,6 +537,7 @@ async fn start_group(
     stores: &Stores,
     transport: Arc<Transport>,
     raft_config: Arc<openraft::Config>,
+    clock: Arc<ClockCheck>,
     req_id_seed: u64,
 ) -> Result<Group, String> {
     let p = part.partition;
@@ -537,25 +579,33 @@ async fn start_group(
         // so leaders start spread out. The other replicas learn the membership from it; if
         // it is not up, they initialize with the same membership (safe, as openraft
         // documents) once a hold of two election timeouts has passed.
+        // Initializing campaigns at once, past the election gate: it waits until this
+        // node's clock is in step, as any campaign must (`clock.rs`).
         let hold = Duration::from_millis(cfg.replication.election_timeout_max_ms * 2);
-        if part.preferred_leader == cfg.node_id {
-            if let Err(e) = raft.initialize(members).await {
-                tracing::debug!(partition = p, error = %e, "initialize skipped");
-            }
-        } else {
+        let preferred = part.preferred_leader == cfg.node_id;
+        if !preferred {
             elections.hold_for_startup(hold);
-            let r = raft.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(hold).await;
-                if !r.is_initialized().await.unwrap_or(true) {
-                    tracing::info!(
-                        partition = p,
-                        "preferred leader absent; initializing the group here"
-                    );
-                    let _ = r.initialize(members).await;
-                }
-            });
         }
+        let (r, clock) = (raft.clone(), clock.clone());
+        tokio::spawn(async move {
+            if !preferred {
+                tokio::time::sleep(hold).await;
+            }
+            while !clock.in_step() {
+                tokio::time::sleep(crate::elections::PING_EVERY).await;
+            }
+            if preferred {
+                if let Err(e) = r.initialize(members).await {
+                    tracing::debug!(partition = p, error = %e, "initialize skipped");
+                }
+            } else if !r.is_initialized().await.unwrap_or(true) {
+                tracing::info!(
+                    partition = p,
+                    "preferred leader absent; initializing the group here"
+                );
+                let _ = r.initialize(members).await;
+            }
+        });
     }
     let transferring = Arc::new(AtomicBool::new(false));
     let proposer = crate::propose::Proposer::start(
@@ -563,7 +613,10 @@ async fn start_group(
         raft.clone(),
         waiters.clone(),
         transferring.clone(),
-        cfg.clock,
+        crate::propose::Stamps {
+            anchored: clock.anchored.clone(),
+            wall_bug: cfg.stamp_with_wall_clock.then_some(cfg.clock),
+        },
         req_id_seed,
     );
     Ok(Group {
@@ -581,5 +634,6 @@ async fn start_group(
         lease,
         recovery,
         hand_off: Mutex::new((None, 0)),
+        clock_handoff: Mutex::default(),
     })
 }

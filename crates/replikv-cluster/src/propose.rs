@@ -22,7 +22,25 @@ use replikv_raft::{AppendWaiters, Raft, TypeConfig};
 use replikv_types::{Commit, Error, KvOp, Ops, PartitionId, Reply, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::clock::AnchoredClock;
 use crate::node::WallClock;
+
+/// Where entries' time stamps come from.
+pub(crate) struct Stamps {
+    /// The anchored clock (`clock.rs`), which a jump of the wall clock does not reach.
+    pub anchored: Arc<AnchoredClock>,
+    /// The injected bug `debug.stamp_with_wall_clock`: the wall clock instead.
+    pub wall_bug: Option<WallClock>,
+}
+
+impl Stamps {
+    fn now_ms(&self) -> u64 {
+        match self.wall_bug {
+            Some(wall) => wall.now_ms(),
+            None => self.anchored.now_ms(),
+        }
+    }
+}
 
 /// Most writes in one entry.
 const MAX_BATCH_OPS: usize = 1024;
@@ -73,7 +91,7 @@ impl Proposer {
         raft: Raft,
         waiters: Arc<AppendWaiters>,
         transferring: Arc<AtomicBool>,
-        clock: WallClock,
+        clock: Stamps,
         req_id_seed: u64,
     ) -> Proposer {
         let (queue, rx) = mpsc::unbounded_channel();
@@ -110,7 +128,7 @@ async fn run(
     raft: Raft,
     waiters: Arc<AppendWaiters>,
     transferring: Arc<AtomicBool>,
-    clock: WallClock,
+    clock: Stamps,
     // Random high bits: an entry another leader proposed, appended here later, must never
     // match an id this process registered.
     mut next_id: u64,

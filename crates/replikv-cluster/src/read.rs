@@ -40,7 +40,9 @@ impl Node {
                 // A leader serves every read through the read index: its own state machine
                 // may trail what it has committed (just elected, or restarted), and its quorum
                 // acknowledgement says nothing about that.
-                if !g.is_leader() && self.fresh_enough(g, min_offset).await {
+                // Not with a clock out of step: it decides what has expired (`clock.rs`).
+                if !g.is_leader() && self.clock.in_step() && self.fresh_enough(g, min_offset).await
+                {
                     tracing::debug!(
                         partition = p,
                         applied = g.applied(),
@@ -174,12 +176,12 @@ impl Node {
         g.lag.lock().expect("lag").staleness(g.applied())
     }
 
+    /// `key` as this replica holds it, judged live and its TTL counted by this node's clock
+    /// (the replica that serves a read decides both, whoever answers the client).
     pub(crate) fn local_value(&self, g: &Group, key: &[u8]) -> Result<Option<ValueWithTtl>, Error> {
-        let v = g.view.get(key, self.now_ms()).map_err(Error::Internal)?;
-        Ok(v.map(|v| ValueWithTtl {
-            data: v.data,
-            expire_at_ms: v.expire_at_ms,
-        }))
+        let now = self.now_ms();
+        let v = g.view.get(key, now).map_err(Error::Internal)?;
+        Ok(v.map(|v| ValueWithTtl::served_at(v, now)))
     }
 
     /// Confirms leadership with a quorum and waits for the read index to be applied.

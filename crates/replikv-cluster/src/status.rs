@@ -23,6 +23,9 @@ pub struct NodeStatus {
     /// The node's two redb files (`log`, `state`): commits and fsyncs since it started.
     #[serde(default)]
     pub storage: Vec<StoreStatus>,
+    /// This node's wall clock against its peers' (`clock.rs`).
+    #[serde(default)]
+    pub clock: crate::clock::ClockStatus,
     /// The data directory's disk: free space, the reserve, and why new data is refused.
     pub disk: DiskStatus,
 }
@@ -148,6 +151,7 @@ impl Node {
                 min_free_bytes: self.space.min_free_bytes(),
                 refusing: self.space.refusal(),
             },
+            clock: self.clock.status(),
         }
     }
 

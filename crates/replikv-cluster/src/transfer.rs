@@ -84,6 +84,13 @@ impl Node {
         if to == self.id() {
             return Ok(());
         }
+        // A leader must have a clock in step with a majority's (`clock.rs`); the target's
+        // own judgement, from its last pong, decides (it refuses to campaign otherwise).
+        if !self.clock.peer_claims_in_step(to) {
+            return Err(Error::TryAgain(format!(
+                "node {to}'s clock is not known to be in step with a majority of the cluster; not moving partition {p} to it"
+            )));
+        }
         let already = {
             let _exclusive = g.propose_gate.write().await;
             g.transferring.swap(true, Ordering::SeqCst)
@@ -209,6 +216,9 @@ impl Node {
                 tokio::time::sleep(wait).await;
                 continue;
             }
+            if !self.clock.in_step() {
+                break;
+            }
             let _ = g.raft.trigger().elect().await;
             let won = g
                 .raft
@@ -263,8 +273,12 @@ impl Node {
         if targets.is_empty() {
             return;
         }
+        // In-step clocks first (one out of step would not take it), then the most of the log.
         targets.sort_by_key(|id| {
-            std::cmp::Reverse(matched.get(id).copied().flatten().map(|l| l.index))
+            std::cmp::Reverse((
+                self.clock.peer_claims_in_step(*id),
+                matched.get(id).copied().flatten().map(|l| l.index),
+            ))
         });
         let to = targets[attempt % targets.len()];
         let (node, p) = (self.clone(), g.partition);

@@ -545,12 +545,13 @@ impl Transport {
         self.peers.read().expect("peers").get(&peer).cloned()
     }
 
-    /// Pings every known peer every `every`, so link stats show who is reachable even when
-    /// no other traffic flows. Each answer goes to `on_answer` with the peer and the moment
-    /// its ping was sent.
+    /// Pings every known peer every `every` (each ping made by `ping` as it is sent), so
+    /// link stats show who is reachable even when no other traffic flows. Each answer goes
+    /// to `on_answer` with the peer and the moment its ping was sent.
     pub fn start_pinger(
         self: Arc<Self>,
         every: Duration,
+        ping: Arc<dyn Fn() -> PeerRequest + Send + Sync>,
         on_answer: Arc<dyn Fn(NodeId, Instant, PeerResponse) + Send + Sync>,
     ) {
         tokio::spawn(async move {
@@ -566,7 +567,7 @@ impl Transport {
                     .collect();
                 for (id, peer) in peers {
                     let sent = Instant::now();
-                    let answer = peer.start(&PeerRequest::Ping, every * 10);
+                    let answer = peer.start(&ping(), every * 10);
                     let on_answer = on_answer.clone();
                     tokio::spawn(async move {
                         if let Ok(a) = answer.await {
@@ -785,8 +786,9 @@ mod tests {
             _from: NodeId,
             _req: PeerRequest,
         ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
-            let pong: BoxFuture<'static, PeerResponse> =
-                Box::pin(futures::future::ready(PeerResponse::Pong(Vec::new())));
+            let pong: BoxFuture<'static, PeerResponse> = Box::pin(futures::future::ready(
+                PeerResponse::Pong(Default::default()),
+            ));
             Box::pin(futures::future::ready(pong))
         }
         fn hello(&self, _hello: &Hello) {
@@ -794,9 +796,9 @@ mod tests {
         }
     }
 
-    /// A node of an older frame version (before the writes of an entry were one byte string)
-    /// is refused at its first frame, for its version: the connection closes and the
-    /// mismatch is reported. A hello of this version on the same listener is taken.
+    /// A node of the previous frame version (before expiries were resolved at apply) is
+    /// refused at its first frame, for its version: the connection closes and the mismatch
+    /// is reported. A hello of this version on the same listener is taken.
     #[tokio::test]
     async fn a_peer_of_another_frame_version_is_refused() {
         let transport = Transport::new(Hello {
@@ -818,9 +820,9 @@ mod tests {
         let mut frame = BytesMut::new();
         frame::encode(Kind::Hello, 0, &hello, &mut frame);
 
-        // The same hello, stamped with version 1 (the checksum covers the version byte).
+        // The same hello, stamped with version 2 (the checksum covers the version byte).
         let mut old = frame.to_vec();
-        old[8] = 1;
+        old[8] = frame::FRAME_VERSION - 1;
         let crc = crc32c::crc32c(&old[8..]);
         old[4..8].copy_from_slice(&crc.to_le_bytes());
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -829,7 +831,7 @@ mod tests {
         let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte)).await;
         assert!(
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-            "a version-1 peer's connection stayed open: {read:?}"
+            "an older peer's connection stayed open: {read:?}"
         );
         assert!(
             transport.version_warned.lock().unwrap().is_some(),
@@ -869,7 +871,10 @@ mod tests {
                 "the silent connection was never dropped and dialled again"
             );
             let _ = peer
-                .request(&PeerRequest::Ping, Duration::from_millis(100))
+                .request(
+                    &PeerRequest::Ping { wall_ms: 0 },
+                    Duration::from_millis(100),
+                )
                 .await;
         }
         assert!(peer.stats().rtt_us.is_none(), "nothing was ever answered");
@@ -888,7 +893,7 @@ mod tests {
                     }
                     // Each answer comes well after its request, but they keep coming.
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    let pong = bincode::serialize(&PeerResponse::Pong(Vec::new())).unwrap();
+                    let pong = bincode::serialize(&PeerResponse::Pong(Default::default())).unwrap();
                     let mut out = BytesMut::new();
                     frame::encode(Kind::Response, f.id, &pong, &mut out);
                     if wr.write_all(&out).await.is_err() {
@@ -903,7 +908,7 @@ mod tests {
         let until = Instant::now() + SILENT_LINK * 3;
         while Instant::now() < until {
             if peer
-                .request(&PeerRequest::Ping, Duration::from_secs(1))
+                .request(&PeerRequest::Ping { wall_ms: 0 }, Duration::from_secs(1))
                 .await
                 .is_ok()
             {

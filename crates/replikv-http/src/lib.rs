@@ -376,7 +376,7 @@ async fn kv_put(
     let op = KvOp::Set {
         key: Bytes::from(key),
         value: body,
-        expire_at_ms: None,
+        expire: None,
         keep_ttl: false,
         cond: SetCond::Always,
         get: false,

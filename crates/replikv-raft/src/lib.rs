@@ -32,7 +32,7 @@ pub use overlay::CheckpointLimits;
 pub use purge_gate::PurgeGate;
 pub use record::{decode_record, encode_record, RecordError};
 pub use snapshot::{SnapshotFile, SNAPSHOT_MAGIC};
-pub use state_machine::{KvView, StateMachine};
+pub use state_machine::{ExpiryPage, KvView, StateMachine};
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of a partition group.

@@ -37,6 +37,9 @@ pub struct StateMachine {
     /// Applied writes not yet checkpointed into the file (`overlay.rs`).
     overlay: Arc<Overlay>,
     limits: CheckpointLimits,
+    /// Values with an expiry put by applies since this process opened the partition: the
+    /// leader's expiry sweep idles while it stays unchanged and nothing it saw is due.
+    expiring_puts: Arc<AtomicU64>,
 }
 
 impl StateMachine {
@@ -59,6 +62,7 @@ impl StateMachine {
             gate: PurgeGate::new(durable),
             overlay: Arc::default(),
             limits: CheckpointLimits::default(),
+            expiring_puts: Arc::default(),
         })
     }
 
@@ -78,6 +82,7 @@ impl StateMachine {
             store: self.store.clone(),
             partition: self.partition,
             overlay: self.overlay.clone(),
+            expiring_puts: self.expiring_puts.clone(),
         }
     }
 
@@ -206,6 +211,7 @@ struct OverlayTable<'a> {
     layers: &'a mut Layers,
     store: &'a Store,
     p: u32,
+    expiring_puts: &'a AtomicU64,
 }
 
 impl KeyTable for OverlayTable<'_> {
@@ -217,6 +223,9 @@ impl KeyTable for OverlayTable<'_> {
         }
     }
     fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), Self::Error> {
+        if StoredValue::decode_expiry(encoded).is_some_and(|at| at.is_some()) {
+            self.expiring_puts.fetch_add(1, Ordering::Relaxed);
+        }
         self.layers.active.set(key, Some(encoded));
         Ok(())
     }
@@ -267,6 +276,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         layers: &mut layers,
                         store: &self.store,
                         p: self.partition,
+                        expiring_puts: &self.expiring_puts,
                     };
                     apply_request(&mut table, &ops, req.now_ms).map_err(storage_error)?
                 }
@@ -409,6 +419,18 @@ pub struct KvView {
     store: Store,
     partition: u32,
     overlay: Arc<Overlay>,
+    expiring_puts: Arc<AtomicU64>,
+}
+
+/// One page of a partition's keys looked over for expiry ([`KvView::expired`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct ExpiryPage {
+    /// Keys whose expiry is at or before the time asked about.
+    pub expired: Vec<Bytes>,
+    /// The earliest expiry still ahead among the keys looked at.
+    pub next_due_ms: Option<u64>,
+    /// The key to go on from; `None` at the end of the partition.
+    pub resume: Option<Vec<u8>>,
 }
 
 impl KvView {
@@ -506,6 +528,38 @@ impl KvView {
             true
         })?;
         Ok((keys, next.or(resume)))
+    }
+
+    /// Looks at up to `visit` keys from `start` in key order and returns those whose stored
+    /// expiry is at or before `now_ms` (at most `visit` of them, so a page's memory is
+    /// bounded by what it visits), with where to go on.
+    pub fn expired(&self, start: &[u8], visit: usize, now_ms: u64) -> Result<ExpiryPage, String> {
+        let mut page = ExpiryPage::default();
+        let mut seen = 0;
+        let mut next = None;
+        let (_, resume) = self.for_each(start, visit.saturating_add(1), |k, v| {
+            if seen >= visit {
+                next = Some(k.to_vec());
+                return false;
+            }
+            seen += 1;
+            if let Some(Some(at)) = StoredValue::decode_expiry(v) {
+                if at <= now_ms {
+                    page.expired.push(Bytes::copy_from_slice(k));
+                } else {
+                    page.next_due_ms = Some(page.next_due_ms.map_or(at, |d| d.min(at)));
+                }
+            }
+            true
+        })?;
+        page.resume = next.or(resume);
+        Ok(page)
+    }
+
+    /// Values with an expiry that applies have put since the partition opened (a change
+    /// says new keys may expire; see the leader's sweep).
+    pub fn expiring_puts(&self) -> u64 {
+        self.expiring_puts.load(Ordering::Relaxed)
     }
 
     /// A digest of the partition's contents (keys and raw values), for convergence checks.

@@ -33,7 +33,7 @@ fn set(key: &str, value: &str) -> KvOp {
     KvOp::Set {
         key: Bytes::copy_from_slice(key.as_bytes()),
         value: Bytes::copy_from_slice(value.as_bytes()),
-        expire_at_ms: None,
+        expire: None,
         keep_ttl: false,
         cond: SetCond::Always,
         get: false,
@@ -248,4 +248,68 @@ async fn scans_page_past_deletes_held_in_the_overlay() {
         sm.apply([entry(i as u64 + 1, op.clone())]).await.unwrap();
     }
     assert_pages(&sm.view(), &model(&all));
+}
+
+/// The leader's expiry sweep reads pages of the key table across the overlay's layers and
+/// the file: pages of any size, resumed where each ended, name every expired key once and
+/// nothing else, and an eviction entry removes exactly those.
+#[tokio::test]
+async fn expiry_pages_find_every_expired_key_across_layers_and_evictions_remove_them() {
+    use replikv_types::Expiry;
+    let dir = tempfile::tempdir().unwrap();
+    let stores = Stores::open(dir.path(), FsyncPolicy::Never).unwrap();
+    let mut sm = small(&stores.state);
+    let view = sm.view();
+    // Keys k00..k19; every third expires at 900 (before the entries' 1,000), every third
+    // at 5,000, the rest never. Checkpoints every 4 keys spread them over layers and file.
+    let mut expected = Vec::new();
+    for i in 0..20u64 {
+        let key = format!("k{i:02}");
+        let expire = match i % 3 {
+            0 => {
+                expected.push(Bytes::from(key.clone()));
+                Some(Expiry::At(900))
+            }
+            1 => Some(Expiry::At(5_000)),
+            _ => None,
+        };
+        let op = KvOp::Set {
+            key: Bytes::from(key),
+            value: Bytes::from_static(b"v"),
+            expire,
+            keep_ttl: false,
+            cond: SetCond::Always,
+            get: false,
+        };
+        // Applied at 500, so that the first kind is live when written.
+        let mut e = entry(i + 1, op);
+        if let EntryPayload::Normal(req) = &mut e.payload {
+            req.now_ms = 500;
+        }
+        sm.apply([e]).await.unwrap();
+    }
+    assert_eq!(view.expiring_puts(), 14);
+    for visit in [1, 3, 7, 100] {
+        let (mut found, mut from, mut due) = (Vec::new(), Vec::new(), None);
+        loop {
+            let page = view.expired(&from, visit, 1_000).unwrap();
+            assert!(page.expired.len() <= visit);
+            found.extend(page.expired);
+            due = due.into_iter().chain(page.next_due_ms).min();
+            match page.resume {
+                Some(r) => from = r,
+                None => break,
+            }
+        }
+        assert_eq!(found, expected, "pages visiting {visit}");
+        assert_eq!(due, Some(5_000));
+    }
+    let evict = KvOp::Evict {
+        keys: expected.clone(),
+    };
+    sm.apply([entry(21, evict)]).await.unwrap();
+    let page = view.expired(b"", usize::MAX, 1_000).unwrap();
+    assert_eq!(page.expired, Vec::<Bytes>::new());
+    let (keys, _) = view.scan(b"", usize::MAX, 0, |_| true).unwrap();
+    assert_eq!(keys.len(), 20 - expected.len());
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use replikv_types::{KvOp, PartitionId};
 
-use crate::cmd_strings::{expire_cond, now_ms, Combine};
+use crate::cmd_strings::{absolute_expiry, expire_cond, relative_expiry, Combine, Unit};
 use crate::codec::Frame;
 use crate::conn::{err, syntax_error, Args, ConnState};
 use crate::service::Service;
@@ -41,25 +41,27 @@ pub(crate) fn build_write<S: Service>(
         return Ok((
             vec![KvOp::Expire {
                 key,
-                at_ms: None,
+                expiry: None,
                 cond: replikv_types::ExpireCond::Always,
             }],
             Combine::One,
         ));
     }
-    let n = args.int(2)?;
-    let at_ms = match args.name.as_str() {
-        "EXPIRE" => (now_ms() as i64).saturating_add(n.saturating_mul(1000)),
-        "PEXPIRE" => (now_ms() as i64).saturating_add(n),
-        "EXPIREAT" => n.saturating_mul(1000),
-        _ => n,
-    };
+    // Redis reads the options before the time.
     let cond = expire_cond(args, 3)?;
-    // A time in the past deletes the key when applied, as in Redis.
+    let n = args.int(2)?;
+    // Resolved at apply with the entry's time stamp; a time in the past deletes the key
+    // then, as in Redis.
+    let expiry = match args.name.as_str() {
+        "EXPIRE" => relative_expiry(n, Unit::Seconds, &args.name)?,
+        "PEXPIRE" => relative_expiry(n, Unit::Millis, &args.name)?,
+        "EXPIREAT" => absolute_expiry(n, Unit::Seconds, &args.name)?,
+        _ => absolute_expiry(n, Unit::Millis, &args.name)?,
+    };
     Ok((
         vec![KvOp::Expire {
             key,
-            at_ms: Some(at_ms.max(0) as u64),
+            expiry: Some(expiry),
             cond,
         }],
         Combine::One,
@@ -82,16 +84,21 @@ pub(crate) fn key_read<S: Service>(
         match name {
             "EXISTS" => Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
             "TYPE" => Frame::Simple(if first.is_some() { "string" } else { "none" }.into()),
+            // The time left is what the replica that served the read counted with its own
+            // clock: this node reads no clock (time comes from the log and the replicas).
             name => Frame::Integer(match first {
                 None => -2,
                 Some(v) => match v.expire_at_ms {
                     None => -1,
-                    Some(at) => match name {
-                        "TTL" => (at.saturating_sub(now_ms()) as i64 + 500) / 1000,
-                        "PTTL" => at.saturating_sub(now_ms()) as i64,
-                        "EXPIRETIME" => (at / 1000) as i64,
-                        _ => at as i64,
-                    },
+                    Some(at) => {
+                        let ttl = v.ttl_ms.unwrap_or(0).min(i64::MAX as u64) as i64;
+                        match name {
+                            "TTL" => ttl.saturating_add(500) / 1000,
+                            "PTTL" => ttl,
+                            "EXPIRETIME" => (at / 1000) as i64,
+                            _ => at.min(i64::MAX as u64) as i64,
+                        }
+                    }
                 },
             }),
         }

@@ -2,22 +2,63 @@
 //! the keys fall in), queue each toward its leader, and combine the acknowledgements.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use replikv_types::{Error, ExpireCond, KvOp, PartitionId, Reply, SetCond, ValueWithTtl};
+use replikv_types::{Error, ExpireCond, Expiry, KvOp, PartitionId, Reply, SetCond, ValueWithTtl};
 
 use crate::codec::Frame;
 use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
 use crate::service::Service;
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// The latest Unix time (ms) a leader's clock is taken to read: 1 January 10000. Redis
+/// refuses a relative expiry that overflows a signed 64-bit time once added to its clock;
+/// this front end has no clock (the leader resolves relative expiries at apply), so it
+/// refuses those that would overflow at this time. The two differ only for lifetimes of
+/// about 292 million years.
+const LATEST_NOW_MS: i64 = 253_402_300_800_000;
+
+/// The unit of an expiry argument.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Unit {
+    Seconds,
+    Millis,
+}
+
+/// Redis's error for an expiry it cannot represent, naming the command.
+pub(crate) fn invalid_expire(command: &str) -> Frame {
+    Frame::Error(format!(
+        "ERR invalid expire time in '{}' command",
+        command.to_ascii_lowercase()
+    ))
+}
+
+/// `n` of `unit` in milliseconds, or `None` where Redis overflows (its unit conversion).
+fn millis(n: i64, unit: Unit) -> Option<i64> {
+    match unit {
+        Unit::Seconds => n.checked_mul(1000),
+        Unit::Millis => Some(n),
+    }
+}
+
+/// A relative expiry of `n` `unit`s (`EXPIRE`, `PEXPIRE`; `SET EX`/`PX` after their own
+/// positivity check): a non-positive time deletes the key at apply, as in Redis, and
+/// travels as `After(0)`.
+pub(crate) fn relative_expiry(n: i64, unit: Unit, command: &str) -> Result<Expiry, Frame> {
+    match millis(n, unit) {
+        Some(ms) if ms <= i64::MAX - LATEST_NOW_MS => Ok(Expiry::After(ms.max(0) as u64)),
+        _ => Err(invalid_expire(command)),
+    }
+}
+
+/// An absolute expiry at Unix time `n` in `unit`s (`EXPIREAT`, `PEXPIREAT`; `SET
+/// EXAT`/`PXAT`): one at or before the apply's time deletes the key, as does a negative one.
+pub(crate) fn absolute_expiry(n: i64, unit: Unit, command: &str) -> Result<Expiry, Frame> {
+    match millis(n, unit) {
+        Some(ms) => Ok(Expiry::At(ms.max(0) as u64)),
+        None => Err(invalid_expire(command)),
+    }
 }
 
 /// How the replies of a write split over partitions combine into one.
@@ -115,11 +156,11 @@ fn check_value<S: Service>(service: &S, value: &[u8]) -> Result<(), Frame> {
     Ok(())
 }
 
-fn set_op(key: &Bytes, value: &Bytes, expire_at_ms: Option<u64>, cond: SetCond, get: bool) -> KvOp {
+fn set_op(key: &Bytes, value: &Bytes, expire: Option<Expiry>, cond: SetCond, get: bool) -> KvOp {
     KvOp::Set {
         key: key.clone(),
         value: value.clone(),
-        expire_at_ms,
+        expire,
         keep_ttl: false,
         cond,
         get,
@@ -154,23 +195,15 @@ fn build<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combine), F
             check_value(service, &a[3])?;
             let n = args.int(2)?;
             if n <= 0 {
-                return Err(Frame::Error(format!(
-                    "ERR invalid expire time in '{}' command",
-                    args.name.to_ascii_lowercase()
-                )));
+                return Err(invalid_expire(&args.name));
             }
-            let ms = if args.name == "SETEX" {
-                n.saturating_mul(1000)
+            let unit = if args.name == "SETEX" {
+                Unit::Seconds
             } else {
-                n
+                Unit::Millis
             };
-            set_op(
-                key,
-                &a[3],
-                Some(now_ms().saturating_add(ms as u64)),
-                SetCond::Always,
-                false,
-            )
+            let expire = relative_expiry(n, unit, &args.name)?;
+            set_op(key, &a[3], Some(expire), SetCond::Always, false)
         }
         "GETSET" => {
             check_value(service, &a[2])?;
@@ -243,16 +276,13 @@ fn parse_set(args: &Args) -> Result<KvOp, Frame> {
             {
                 let n = args.int(i + 1)?;
                 if n <= 0 {
-                    return Err(Frame::Error(
-                        "ERR invalid expire time in 'set' command".into(),
-                    ));
+                    return Err(invalid_expire("set"));
                 }
-                let n = n as u64;
                 expire = Some(match opt.as_str() {
-                    "EX" => now_ms().saturating_add(n.saturating_mul(1000)),
-                    "PX" => now_ms().saturating_add(n),
-                    "EXAT" => n.saturating_mul(1000),
-                    _ => n,
+                    "EX" => relative_expiry(n, Unit::Seconds, "set")?,
+                    "PX" => relative_expiry(n, Unit::Millis, "set")?,
+                    "EXAT" => absolute_expiry(n, Unit::Seconds, "set")?,
+                    _ => absolute_expiry(n, Unit::Millis, "set")?,
                 });
                 i += 1;
             }
@@ -263,7 +293,7 @@ fn parse_set(args: &Args) -> Result<KvOp, Frame> {
     Ok(KvOp::Set {
         key: args.args[1].clone(),
         value: args.args[2].clone(),
-        expire_at_ms: expire,
+        expire,
         keep_ttl,
         cond,
         get,

@@ -54,6 +54,8 @@ pub struct Options {
     pub skip_read_index: bool,
     /// `debug.ack_before_commit`: the injected early-acknowledgement bug.
     pub ack_before_commit: bool,
+    /// `debug.stamp_with_wall_clock`: the injected wall-clock stamps bug.
+    pub stamp_with_wall_clock: bool,
     /// Each node in its own network namespace, so [`Cluster::cut`], [`Cluster::partition`]
     /// and [`Cluster::apply`] drop real packets (needs root). Otherwise every node is on
     /// loopback and `cut` goes through the transport's test-only fault seam.
@@ -66,6 +68,17 @@ pub struct Options {
     pub tmpfs: BTreeMap<u64, u64>,
     /// `storage.min_free_bytes`, when set.
     pub min_free_bytes: Option<u64>,
+    /// `replication.max_clock_offset_ms`. Clock rates move wall clocks apart (5% is 50 ms a
+    /// second): tests of rates that run longer than a few seconds raise it.
+    pub max_clock_offset_ms: u64,
+    /// Node id → the offset (ms) of that node's wall clock from the real one, through
+    /// libfaketime with a timestamp file, so that [`Cluster::set_clock_offset`] can move it
+    /// (a jump) while the node runs. The monotonic clock is left alone, as a wall-clock jump
+    /// leaves it on a real machine. Not with a clock rate on the same node.
+    pub clock_offsets: BTreeMap<u64, i64>,
+    /// Node id → a `.tar.gz` of a data directory, unpacked into that node's data directory
+    /// before its first start: a fixture written by an older build, for upgrade tests.
+    pub seed_data: BTreeMap<u64, PathBuf>,
 }
 
 impl Default for Options {
@@ -90,10 +103,14 @@ impl Default for Options {
             redirect: false,
             skip_read_index: false,
             ack_before_commit: false,
+            stamp_with_wall_clock: false,
             namespaces: false,
             clock_rates: BTreeMap::new(),
             tmpfs: BTreeMap::new(),
             min_free_bytes: None,
+            max_clock_offset_ms: 500,
+            clock_offsets: BTreeMap::new(),
+            seed_data: BTreeMap::new(),
         }
     }
 }
@@ -111,6 +128,9 @@ pub struct Node {
     pub clock_rate: Option<f64>,
     /// See [`Options::nofile`].
     pub nofile: Option<u64>,
+    /// The libfaketime timestamp file of a node started with a clock offset
+    /// ([`Options::clock_offsets`]), and the offset it holds (ms).
+    clock_file: Option<(PathBuf, i64)>,
 }
 
 impl Node {
@@ -224,6 +244,33 @@ fn faketime_library() -> PathBuf {
     })
 }
 
+/// Writes a libfaketime offset (`+3600.000`: seconds, relative to the real clock), whole at
+/// once (a rename), so a node reading it never sees half a line.
+fn write_offset(file: &Path, offset_ms: i64) {
+    let tmp = file.with_extension("tmp");
+    let sign = if offset_ms < 0 { '-' } else { '+' };
+    let abs = offset_ms.unsigned_abs();
+    fs::write(&tmp, format!("{sign}{}.{:03}\n", abs / 1000, abs % 1000)).expect("faketime file");
+    fs::rename(&tmp, file).expect("faketime file");
+}
+
+/// Unpacks the `.tar.gz` `archive` into `into` (with `tar`, as a packer would).
+fn unpack(archive: &Path, into: &Path) -> std::io::Result<()> {
+    let status = Command::new("tar")
+        .arg("-xzf")
+        .arg(archive)
+        .arg("-C")
+        .arg(into)
+        .status()?;
+    if !status.success() {
+        return Err(std::io::Error::other(format!(
+            "tar -xzf {} failed: {status}",
+            archive.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Starts `opts.nodes` nodes and waits until every partition has a leader.
     pub fn start(bin: &Path, opts: Options) -> Cluster {
@@ -252,6 +299,9 @@ impl Cluster {
             if let Some(bytes) = opts.tmpfs.get(&id) {
                 mount_tmpfs(&data_dir, *bytes)?;
             }
+            if let Some(archive) = opts.seed_data.get(&id) {
+                unpack(archive, &data_dir)?;
+            }
             nodes.insert(
                 id,
                 Node {
@@ -265,6 +315,10 @@ impl Cluster {
                     child: None,
                     clock_rate: opts.clock_rates.get(&id).copied(),
                     nofile: opts.nofile.get(&id).copied(),
+                    clock_file: opts
+                        .clock_offsets
+                        .get(&id)
+                        .map(|ms| (dir.path().join(format!("node{id}.faketime")), *ms)),
                 },
             );
         }
@@ -284,12 +338,15 @@ impl Cluster {
             let yaml = format!(
                 "node_id: {id}\ndata_dir: {dir}\nlisten: {{ resp: {resp}, http: {http}, peer: {peer} }}\npeers: {{ {peers} }}\n\
                  replication: {{ partitions: {parts}, factor: {factor}, consistency: {cons}, snapshot_every_entries: {snap}, backlog_entries: {backlog},\n\
-                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease} }}\n\
+                 \x20 write_timeout_ms: {wt}, max_lag_ms: {lag}, rebalance_leaders: {rebal}, lease_reads: {lease},\n\
+                 \x20 max_clock_offset_ms: {max_offset} }}\n\
                  storage: {{ fsync: {fsync}{min_free} }}\nlimits: {{ max_key_bytes: {maxk}, max_value_bytes: {maxv}{connection_limits} }}\n\
                  resp: {{ redirect: {redirect} }}\n\
-                 debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early} }}\n",
+                 debug: {{ fault_injection: true, skip_read_index: {skip}, ack_before_commit: {early},\n\
+                 \x20 stamp_with_wall_clock: {wall} }}\n",
                 id = n.id,
                 lease = opts.lease_reads,
+                max_offset = opts.max_clock_offset_ms,
                 dir = n.data_dir.display(),
                 resp = n.resp,
                 http = n.http,
@@ -312,6 +369,7 @@ impl Cluster {
                 redirect = opts.redirect,
                 skip = opts.skip_read_index,
                 early = opts.ack_before_commit,
+                wall = opts.stamp_with_wall_clock,
             );
             fs::write(&n.config, yaml)?;
         }
@@ -359,6 +417,20 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));
+        if let Some((file, offset)) = &n.clock_file {
+            assert!(
+                n.clock_rate.is_none(),
+                "node {id}: a clock offset and a clock rate together are not supported"
+            );
+            write_offset(file, *offset);
+            // The file is read at every wall-clock read, so a new offset is a jump at once;
+            // the monotonic clock stays real (libfaketime 0.9.10 would also misread
+            // monotonic sleep deadlines with an offset, which tokio does not use).
+            cmd.env("LD_PRELOAD", faketime_library())
+                .env("FAKETIME_TIMESTAMP_FILE", file)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         if let Some(rate) = n.clock_rate {
             // "+0 xR": no offset, time passes at R times the real rate, sleeps included.
             cmd.env("LD_PRELOAD", faketime_library())
@@ -426,6 +498,18 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Moves node `id`'s wall clock to `offset_ms` from the real one, at once, while it runs
+    /// (a jump); the node must have been started with an offset ([`Options::clock_offsets`]).
+    pub fn set_clock_offset(&mut self, id: u64, offset_ms: i64) {
+        let n = self.nodes.get_mut(&id).expect("known node");
+        let (file, offset) = n
+            .clock_file
+            .as_mut()
+            .unwrap_or_else(|| panic!("node {id} was not started with a clock offset"));
+        *offset = offset_ms;
+        write_offset(file, offset_ms);
     }
 
     /// Sets the clock rate node `id` gets from its next start (see [`Options::clock_rates`]).
@@ -614,7 +698,9 @@ impl Cluster {
         }
     }
 
-    /// Waits until every running node reports a leader for each of its partitions.
+    /// Waits until every running node reports a leader for each of its partitions, and its
+    /// wall clock in step with a majority's (so that it serves `secondary` reads), except a
+    /// node whose clock a test set off.
     pub fn wait_ready(&self, timeout: Duration) {
         for id in self.live() {
             let http = self.nodes[&id].http;
@@ -624,7 +710,25 @@ impl Cluster {
                     .call()
                     .is_ok()
             });
+            if self.nodes[&id]
+                .clock_file
+                .as_ref()
+                .is_some_and(|(_, o)| *o != 0)
+            {
+                continue; // a clock set off on purpose: it may never be in step
+            }
+            wait_until(timeout, &format!("node {id}'s clock in step"), || {
+                self.clock_in_step(id)
+            });
         }
+    }
+
+    /// Whether node `id` reports its wall clock in step with a majority of the cluster's.
+    pub fn clock_in_step(&self, id: u64) -> bool {
+        self.http_get(id, "/v1/_replication/state")
+            .ok()
+            .and_then(|s| s["clock"]["in_step"].as_bool())
+            .unwrap_or(false)
     }
 
     /// The leader of `partition` as node `asking` sees it.

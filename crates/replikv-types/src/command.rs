@@ -4,6 +4,11 @@
 //! leader's wall clock (`now_ms`) so that every replica evaluates expiry identically when it
 //! applies the entry: applying must be deterministic, so no replica reads its own clock here.
 //! Its writes travel as [`Ops`], encoded once by the proposer and decoded once per apply.
+//!
+//! Time comes from the log: a relative expiry (`EX`, `PX`, `EXPIRE`...) travels as
+//! [`Expiry::After`] and becomes an absolute time only at apply, with the entry's `now_ms`,
+//! so every replica stores the same absolute expiry whichever node took the request; an
+//! absolute one (`EXAT`, `PXAT`, `EXPIREAT`...) keeps the client's value ([`Expiry::At`]).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -42,6 +47,11 @@ impl Ops {
     pub fn decode(&self) -> Result<Vec<KvOp>, String> {
         bincode::deserialize(&self.0).map_err(|e| format!("undecodable writes: {e}"))
     }
+
+    /// The encoded bytes, for reading writes of an older format (`replikv-raft`'s records).
+    pub fn encoded(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Ops {
@@ -75,13 +85,35 @@ pub enum ExpireCond {
     IfLess,
 }
 
+/// When a write makes a key expire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expiry {
+    /// At this Unix time in milliseconds: the client's own (`EXAT`, `PXAT`, `EXPIREAT`,
+    /// `PEXPIREAT`). A time at or before the entry's `now_ms` deletes the key.
+    At(u64),
+    /// This many milliseconds after the entry's time stamp (`EX`, `PX`, `SETEX`, `PSETEX`,
+    /// `EXPIRE`, `PEXPIRE`): resolved at apply, once, with the leader's `now_ms`. `After(0)`
+    /// is how a non-positive `EXPIRE` travels: it deletes the key, as in Redis.
+    After(u64),
+}
+
+impl Expiry {
+    /// The absolute expiry, in Unix milliseconds, of a write applied with time stamp `now_ms`.
+    pub fn resolve(self, now_ms: u64) -> u64 {
+        match self {
+            Expiry::At(at) => at,
+            Expiry::After(ms) => now_ms.saturating_add(ms),
+        }
+    }
+}
+
 /// A write to keys of one partition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum KvOp {
     Set {
         key: Bytes,
         value: Bytes,
-        expire_at_ms: Option<u64>,
+        expire: Option<Expiry>,
         keep_ttl: bool,
         cond: SetCond,
         get: bool,
@@ -109,11 +141,18 @@ pub enum KvOp {
         key: Bytes,
         value: Bytes,
     },
-    /// `at_ms: None` removes the TTL (`PERSIST`).
+    /// `expiry: None` removes the TTL (`PERSIST`).
     Expire {
         key: Bytes,
-        at_ms: Option<u64>,
+        expiry: Option<Expiry>,
         cond: ExpireCond,
+    },
+    /// Proposed by a partition's leader, never by a client: removes each of `keys` whose
+    /// stored expiry is at or before the entry's `now_ms` (a key written again since the
+    /// leader found it expired stays). Expired keys leave every replica through the log, as
+    /// Redis's master replicates a DEL; no replica deletes by its own clock.
+    Evict {
+        keys: Vec<Bytes>,
     },
 }
 
@@ -128,7 +167,7 @@ impl KvOp {
             | KvOp::Append { key, .. }
             | KvOp::Expire { key, .. } => vec![key],
             KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, _)| k).collect(),
-            KvOp::Del { keys } => keys.iter().collect(),
+            KvOp::Del { keys } | KvOp::Evict { keys } => keys.iter().collect(),
         }
     }
 
@@ -137,7 +176,7 @@ impl KvOp {
         match self {
             KvOp::Set { key, value, .. } | KvOp::Append { key, value } => key.len() + value.len(),
             KvOp::MSet { pairs, .. } => pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
-            KvOp::Del { keys } => keys.iter().map(|k| k.len()).sum(),
+            KvOp::Del { keys } | KvOp::Evict { keys } => keys.iter().map(|k| k.len()).sum(),
             KvOp::GetDel { key }
             | KvOp::IncrBy { key, .. }
             | KvOp::IncrByFloat { key, .. }
@@ -192,11 +231,27 @@ pub struct WriteOutcome {
     pub offset: u64,
 }
 
-/// A value with its absolute expiry, as a read returns it.
+/// A value with its expiry, as a read returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ValueWithTtl {
     pub data: Bytes,
+    /// The absolute expiry (Unix ms), as stored: `EXPIRETIME`, `PEXPIRETIME`.
     pub expire_at_ms: Option<u64>,
+    /// The time left (ms) as the replica that served the read counted it with its own
+    /// clock, when it judged the value live: `TTL`, `PTTL`. The node that answers the
+    /// client may be another one, with another clock; it reports this figure as it is.
+    pub ttl_ms: Option<u64>,
+}
+
+impl ValueWithTtl {
+    /// `value` as read at `now_ms` by the replica serving the read (`value` must be live then).
+    pub fn served_at(value: StoredValue, now_ms: u64) -> ValueWithTtl {
+        ValueWithTtl {
+            ttl_ms: value.expire_at_ms.map(|at| at.saturating_sub(now_ms)),
+            expire_at_ms: value.expire_at_ms,
+            data: value.data,
+        }
+    }
 }
 
 /// A value as the state machine stores it.
@@ -217,6 +272,15 @@ impl StoredValue {
         out.extend_from_slice(&self.expire_at_ms.unwrap_or(0).to_le_bytes());
         out.extend_from_slice(&self.data);
         out
+    }
+
+    /// The expiry of an encoded value (`Some(None)`: none), without copying its data.
+    pub fn decode_expiry(raw: &[u8]) -> Option<Option<u64>> {
+        if raw.len() < 9 || raw[0] != VALUE_FORMAT_V1 {
+            return None;
+        }
+        let expire = u64::from_le_bytes(raw[1..9].try_into().ok()?);
+        Some((expire != 0).then_some(expire))
     }
 
     pub fn decode(raw: &[u8]) -> Option<StoredValue> {
@@ -296,6 +360,20 @@ pub fn apply_op<T: KeyTable>(table: &mut T, op: &KvOp, now_ms: u64) -> Result<Re
             }
             Ok(Reply::Int(n))
         }
+        KvOp::Evict { keys } => {
+            let mut n = 0;
+            for k in keys {
+                let expired = table
+                    .get(k)?
+                    .and_then(|raw| StoredValue::decode_expiry(&raw))
+                    .is_some_and(|at| at.is_some_and(|at| at <= now_ms));
+                if expired {
+                    table.delete(k)?;
+                    n += 1;
+                }
+            }
+            Ok(Reply::Int(n))
+        }
         op => {
             let key = op.keys()[0].clone();
             let current = if op.reads_current() {
@@ -320,7 +398,7 @@ pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Chan
     match op {
         KvOp::Set {
             value,
-            expire_at_ms,
+            expire,
             keep_ttl,
             cond,
             get,
@@ -340,14 +418,18 @@ pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Chan
             if !allowed {
                 return (Change::Keep, reply);
             }
-            let expire = if *keep_ttl {
+            let at = if *keep_ttl {
                 current.and_then(|v| v.expire_at_ms)
             } else {
-                *expire_at_ms
+                expire.map(|e| e.resolve(now_ms))
             };
+            if at.is_some_and(|at| at <= now_ms) {
+                // Already expired (`PXAT` in the past): Redis keeps nothing of it either.
+                return (Change::Delete, reply);
+            }
             let put = StoredValue {
                 data: value.clone(),
-                expire_at_ms: expire,
+                expire_at_ms: at,
             };
             (Change::Put(put), reply)
         }
@@ -367,8 +449,8 @@ pub fn apply_one(op: &KvOp, current: Option<&StoredValue>, now_ms: u64) -> (Chan
             };
             (Change::Put(put), Reply::Int(len))
         }
-        KvOp::Expire { at_ms, cond, .. } => expire(current, *at_ms, *cond, now_ms),
-        KvOp::MSet { .. } | KvOp::Del { .. } => {
+        KvOp::Expire { expiry, cond, .. } => expire(current, *expiry, *cond, now_ms),
+        KvOp::MSet { .. } | KvOp::Del { .. } | KvOp::Evict { .. } => {
             unreachable!("multi-key ops are split by the state machine before apply_one")
         }
     }
@@ -447,16 +529,18 @@ pub fn format_float(v: f64) -> String {
     }
 }
 
+/// `EXPIRE` and its family, as Redis's `expireGenericCommand`: no key, 0; a condition that
+/// fails, 0; a time at or before `now_ms` deletes the key (1); otherwise it is set (1).
 fn expire(
     current: Option<&StoredValue>,
-    at_ms: Option<u64>,
+    expiry: Option<Expiry>,
     cond: ExpireCond,
     now_ms: u64,
 ) -> (Change, Reply) {
     let Some(v) = current else {
         return (Change::Keep, Reply::Int(0));
     };
-    let Some(at) = at_ms else {
+    let Some(at) = expiry.map(|e| e.resolve(now_ms)) else {
         // PERSIST
         if v.expire_at_ms.is_none() {
             return (Change::Keep, Reply::Int(0));
@@ -503,7 +587,7 @@ mod tests {
         KvOp::Set {
             key: Bytes::from_static(b"k"),
             value: Bytes::from_static(b"new"),
-            expire_at_ms: None,
+            expire: None,
             keep_ttl: false,
             cond,
             get,
@@ -515,7 +599,7 @@ mod tests {
         let set = |keep_ttl, get, cond| KvOp::Set {
             key: Bytes::from_static(b"k"),
             value: Bytes::from_static(b"v"),
-            expire_at_ms: Some(5_000),
+            expire: Some(Expiry::At(5_000)),
             keep_ttl,
             cond,
             get,
@@ -593,11 +677,133 @@ mod tests {
     fn expire_in_the_past_deletes() {
         let op = KvOp::Expire {
             key: Bytes::from_static(b"k"),
-            at_ms: Some(5),
+            expiry: Some(Expiry::At(5)),
             cond: ExpireCond::Always,
         };
         assert_eq!(apply_one(&op, Some(&val("v")), 10).0, Change::Delete);
         assert_eq!(apply_one(&op, None, 10).1, Reply::Int(0));
+    }
+
+    fn with_ttl(at: u64) -> StoredValue {
+        StoredValue {
+            expire_at_ms: Some(at),
+            ..val("v")
+        }
+    }
+
+    /// The issue 16 finding: the receiving node's clock used to turn `EX` into an absolute
+    /// time. Now the entry's time stamp does, the same on every replica that applies it.
+    #[test]
+    fn a_relative_expiry_is_resolved_with_the_entrys_time_stamp() {
+        let op = KvOp::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            expire: Some(Expiry::After(100_000)),
+            keep_ttl: false,
+            cond: SetCond::Always,
+            get: false,
+        };
+        let (change, _) = apply_one(&op, None, 1_700_000_000_000);
+        assert_eq!(change, Change::Put(with_ttl(1_700_000_100_000)));
+        let absolute = KvOp::Expire {
+            key: Bytes::from_static(b"k"),
+            expiry: Some(Expiry::At(1_800_000_000_000)),
+            cond: ExpireCond::Always,
+        };
+        let (change, reply) = apply_one(&absolute, Some(&val("v")), 1_700_000_000_000);
+        assert_eq!(
+            (change, reply),
+            (Change::Put(with_ttl(1_800_000_000_000)), Reply::Int(1))
+        );
+        assert_eq!(Expiry::After(u64::MAX).resolve(5), u64::MAX);
+    }
+
+    /// `EXPIRE k 0` and negative times travel as `After(0)`: at apply the key is deleted,
+    /// and the conditions answer as Redis's do for a time in the past (checked against
+    /// redis-server 7.0: GT fails, LT, NX on a key without a TTL and XX on one with it
+    /// delete).
+    #[test]
+    fn a_non_positive_expire_deletes_at_apply_as_redis_does() {
+        let op = |cond| KvOp::Expire {
+            key: Bytes::from_static(b"k"),
+            expiry: Some(Expiry::After(0)),
+            cond,
+        };
+        let now = 1_000;
+        let (plain, ttl) = (val("v"), with_ttl(now + 100_000));
+        let cases = [
+            (ExpireCond::Always, &plain, (Change::Delete, Reply::Int(1))),
+            (ExpireCond::IfGreater, &ttl, (Change::Keep, Reply::Int(0))),
+            (ExpireCond::IfGreater, &plain, (Change::Keep, Reply::Int(0))),
+            (ExpireCond::IfLess, &ttl, (Change::Delete, Reply::Int(1))),
+            (ExpireCond::IfLess, &plain, (Change::Delete, Reply::Int(1))),
+            (ExpireCond::IfNoTtl, &plain, (Change::Delete, Reply::Int(1))),
+            (ExpireCond::IfNoTtl, &ttl, (Change::Keep, Reply::Int(0))),
+            (ExpireCond::IfTtl, &ttl, (Change::Delete, Reply::Int(1))),
+        ];
+        for (cond, current, want) in cases {
+            assert_eq!(apply_one(&op(cond), Some(current), now), want, "{cond:?}");
+        }
+        assert_eq!(
+            apply_one(&op(ExpireCond::Always), None, now),
+            (Change::Keep, Reply::Int(0))
+        );
+    }
+
+    #[test]
+    fn a_set_that_expires_before_it_applies_leaves_no_key() {
+        let op = KvOp::Set {
+            key: Bytes::from_static(b"k"),
+            value: Bytes::from_static(b"v"),
+            expire: Some(Expiry::At(1)),
+            keep_ttl: false,
+            cond: SetCond::Always,
+            get: true,
+        };
+        let (change, reply) = apply_one(&op, Some(&val("old")), 1_000);
+        assert_eq!(change, Change::Delete);
+        assert_eq!(reply, Reply::Bulk(Bytes::from_static(b"old")));
+    }
+
+    /// A table of encoded values, for the multi-key ops.
+    #[derive(Default)]
+    struct Map(std::collections::BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl KeyTable for Map {
+        type Error = ();
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ()> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn put(&mut self, key: &[u8], encoded: &[u8]) -> Result<(), ()> {
+            self.0.insert(key.to_vec(), encoded.to_vec());
+            Ok(())
+        }
+        fn delete(&mut self, key: &[u8]) -> Result<(), ()> {
+            self.0.remove(key);
+            Ok(())
+        }
+    }
+
+    /// An eviction deletes what has expired by the entry's time stamp, and nothing else: a
+    /// key written again (with a later expiry, or none) since the leader found it expired
+    /// stays, and so does a key the leader's page named but that has time left.
+    #[test]
+    fn an_eviction_removes_only_what_expired_by_the_entrys_time() {
+        let mut t = Map::default();
+        t.put(b"old", &with_ttl(900).encode()).unwrap();
+        t.put(b"rewritten", &with_ttl(5_000).encode()).unwrap();
+        t.put(b"persisted", &val("v").encode()).unwrap();
+        t.put(b"due-now", &with_ttl(1_000).encode()).unwrap();
+        let evict = KvOp::Evict {
+            keys: ["old", "rewritten", "persisted", "due-now", "missing"]
+                .into_iter()
+                .map(Bytes::from)
+                .collect(),
+        };
+        assert!(evict.reads_current() && !evict.is_blind());
+        assert_eq!(apply_op(&mut t, &evict, 1_000), Ok(Reply::Int(2)));
+        let left: Vec<&[u8]> = t.0.keys().map(Vec::as_slice).collect();
+        assert_eq!(left, vec![&b"persisted"[..], &b"rewritten"[..]]);
     }
 
     #[test]
@@ -606,7 +812,9 @@ mod tests {
             data: Bytes::from_static(b"hello"),
             expire_at_ms: Some(1234),
         };
+        assert_eq!(StoredValue::decode_expiry(&v.encode()), Some(Some(1234)));
         assert_eq!(StoredValue::decode(&v.encode()), Some(v));
         assert_eq!(StoredValue::decode(b"\x09garbage"), None);
+        assert_eq!(StoredValue::decode_expiry(&val("x").encode()), Some(None));
     }
 }

@@ -14,8 +14,8 @@ mod error;
 mod glob;
 
 pub use command::{
-    apply_one, apply_op, format_float, Change, ExpireCond, KeyTable, KvOp, Ops, Replies, Reply,
-    SetCond, StoredValue, ValueWithTtl, WriteOutcome, WriteRequest,
+    apply_one, apply_op, format_float, Change, ExpireCond, Expiry, KeyTable, KvOp, Ops, Replies,
+    Reply, SetCond, StoredValue, ValueWithTtl, WriteOutcome, WriteRequest,
 };
 pub use connections::{refuse, AcceptBackoff, ConnLimit, ConnSlot, WarnEvery};
 pub use consistency::{Consistency, ReadPreference};

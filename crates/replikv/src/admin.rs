@@ -107,6 +107,29 @@ fn print_status(v: &Value) {
         v["resp_addr"].as_str().unwrap_or(""),
         v["http_addr"].as_str().unwrap_or("")
     );
+    let clock = &v["clock"];
+    let peers: Vec<String> = clock["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| format!("node {} {} ms", cell(&p["node_id"]), cell(&p["offset_ms"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "clock {} (max offset {} ms; peers' offsets: {})",
+        if clock["in_step"].as_bool() == Some(true) {
+            "in step"
+        } else {
+            "NOT IN STEP: leads nothing, serves no follower reads"
+        },
+        cell(&clock["max_clock_offset_ms"]),
+        if peers.is_empty() {
+            "none".to_string()
+        } else {
+            peers.join(", ")
+        }
+    );
     println!(
         "{:>9}  {:<9} {:>6} {:>9} {:>5} {:>10} {:>10} {:>10}",
         "partition", "role", "leader", "preferred", "term", "last", "applied", "stale_ms"

@@ -87,6 +87,10 @@ pub struct Debug {
     /// Acknowledge blind `quorum` writes before they commit: a known bug, injected so tests
     /// can show that the chaos campaign catches lost writes. Never set it elsewhere.
     pub ack_before_commit: bool,
+    /// Stamp log entries with the wall clock instead of the anchored one: a known bug,
+    /// injected so tests can show that the chaos campaign catches a leader's jumped clock
+    /// reaching expiries. Never set it elsewhere.
+    pub stamp_with_wall_clock: bool,
 }
 
 /// Largest value accepted: must fit a peer frame with room to spare.
@@ -96,6 +100,9 @@ pub const DEFAULT_MAXCLIENTS: u64 = 10_000;
 pub const DEFAULT_MAX_HTTP_CONNECTIONS: u64 = 1024;
 /// Redis's bound for `maxclients` (an unsigned 32-bit count); also HTTP's.
 pub const MAX_CONNECTIONS_CAP: u64 = u32::MAX as u64;
+/// Largest `replication.max_clock_offset_ms`: an hour. Past it the clock check would let a
+/// leader's clock set expiries off by more than most TTLs.
+pub const MAX_CLOCK_OFFSET_CAP_MS: u64 = 3_600_000;
 
 impl Default for Config {
     fn default() -> Self {
@@ -225,6 +232,15 @@ impl Config {
                 ),
             );
         }
+        if r.max_clock_offset_ms == 0 || r.max_clock_offset_ms > MAX_CLOCK_OFFSET_CAP_MS {
+            return fail(
+                "replication.max_clock_offset_ms",
+                format!(
+                    "{} is out of range; allowed: 1 to {MAX_CLOCK_OFFSET_CAP_MS}",
+                    r.max_clock_offset_ms
+                ),
+            );
+        }
         if r.write_timeout_ms == 0 {
             return fail("replication.write_timeout_ms", "must be positive".into());
         }
@@ -281,6 +297,7 @@ impl Config {
             replication: self.replication.clone(),
             skip_read_index: self.debug.skip_read_index,
             ack_before_commit: self.debug.ack_before_commit,
+            stamp_with_wall_clock: self.debug.stamp_with_wall_clock,
             ..replikv_cluster::NodeConfig::new(self.node_id, BTreeMap::new())
         }
     }
@@ -377,6 +394,14 @@ storage: { fsync: always }
         }
         let e = Config::from_yaml("limits: { maxclients: many }").unwrap_err();
         assert!(e.contains("maxclients"), "{e}");
+        for offset in [0, 3_600_001] {
+            let yaml = format!("replication: {{ max_clock_offset_ms: {offset} }}");
+            let e = Config::from_yaml(&yaml).unwrap().validate().unwrap_err();
+            assert!(e.contains("replication.max_clock_offset_ms"), "{e}");
+        }
+        let c = Config::from_yaml("replication: { max_clock_offset_ms: 50 }").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.node_config().replication.max_clock_offset_ms, 50);
         assert!(parse_peers("1=a,1=b").is_err());
         assert!(parse_peers("x").is_err());
     }

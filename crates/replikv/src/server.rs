@@ -140,6 +140,9 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     if cfg.debug.ack_before_commit {
         tracing::warn!("debug.ack_before_commit is set: quorum writes may be acknowledged and then lost (test-only bug injection)");
     }
+    if cfg.debug.stamp_with_wall_clock {
+        tracing::warn!("debug.stamp_with_wall_clock is set: a leader whose wall clock jumps sets wrong expiries (test-only bug injection)");
+    }
     Ok(cfg)
 }
 

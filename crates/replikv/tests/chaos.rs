@@ -8,9 +8,13 @@ use std::time::Duration;
 use replikv_chaos::{Bugs, Fault, RunResult, RunSpec};
 
 fn run(fault: Fault, bugs: Bugs) -> RunResult {
+    run_seed(fault, bugs, 7)
+}
+
+fn run_seed(fault: Fault, bugs: Bugs, seed: u64) -> RunResult {
     let spec = RunSpec {
         fault,
-        seed: 7,
+        seed,
         // Five: with three, 1 run in 3 of the stale-read case caught its stale reads only as
         // over-limit follower reads, none on a register.
         cycles: 5,
@@ -23,6 +27,9 @@ fn run(fault: Fault, bugs: Bugs) -> RunResult {
         mix: replikv_chaos::workload::Mix {
             register_clients: 9,
             unique_clients: 2,
+            // More expiring keys, so that several are written in the moments a leader's
+            // clock has jumped and it has not yet handed over.
+            expiry_writers: 6,
         },
         bin: env!("CARGO_BIN_EXE_replikv").into(),
         out: None,
@@ -57,6 +64,25 @@ fn campaign_catches_quorum_writes_acknowledged_before_commit() {
         result.failures()
     );
     assert!(!result.failures().is_empty());
+}
+
+/// A leader that stamps entries with its wall clock, jump and all, sets expiries an hour off
+/// in the moments before it notices and hands over: the expiring-key checker sees keys gone
+/// at once (a jump back) or living far too long (a jump ahead).
+#[test]
+fn campaign_catches_a_jumped_wall_clock_reaching_expiries() {
+    let bugs = Bugs {
+        stamp_with_wall_clock: true,
+        ..Bugs::default()
+    };
+    // Seed 8 draws mostly large jumps (minutes, not milliseconds) in its cycles.
+    let result = run_seed(Fault::ClockOffset, bugs, 8);
+    assert!(
+        result.expiry_violations > 0,
+        "leaders stamped entries with a jumped wall clock, and the expiry checker saw nothing: \
+         {:?}",
+        result.failures()
+    );
 }
 
 #[test]
