@@ -35,6 +35,8 @@ fn pause_one_a_resumed_follower_serves_no_read_staler_than_max_lag() {
     };
     let c = Cluster::start(bin(), opts);
     let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    // A follower serves `secondary` reads only once its clock is vouched for (clock.rs).
+    c.wait_ready(Duration::from_secs(10));
     let follower = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
     let mut writer = c.redis(leader);
     let _: () = writer.set("k", 0).unwrap();
@@ -100,6 +102,8 @@ fn split_a_follower_with_a_deposed_leader_refuses_reads_staler_than_max_lag() {
     };
     let c = Cluster::start(bin(), opts);
     let old = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    // A follower serves `secondary` reads only once its clock is vouched for (clock.rs).
+    c.wait_ready(Duration::from_secs(10));
     let ids: Vec<u64> = c.nodes.keys().copied().collect();
     let follower = ids.iter().copied().find(|n| *n != old).unwrap();
     let majority: Vec<u64> = ids

@@ -38,6 +38,8 @@ fn follower_serves_fresh_reads_refuses_stale_ones_and_reads_its_own_writes() {
     };
     let c = Cluster::start(bin(), opts);
     let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    // A follower serves `secondary` reads only once its clock is vouched for (clock.rs).
+    c.wait_ready(Duration::from_secs(10));
     let follower = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
     let others: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != follower).collect();
     let mut conn = c.redis(follower);
@@ -141,6 +143,8 @@ fn kill_all_a_leader_answers_nearest_reads_through_the_read_index() {
     };
     let c = Cluster::start(bin(), opts);
     let leader = c.wait_new_leader(0, 0, Duration::from_secs(10));
+    // A follower serves `secondary` reads only once its clock is vouched for (clock.rs).
+    c.wait_ready(Duration::from_secs(10));
     let mut conn = c.redis(leader);
     let _: () = conn.set("k", 1).unwrap();
     for pref in ["nearest", "any", "secondary"] {
