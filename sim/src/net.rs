@@ -236,14 +236,15 @@ impl RaftNetwork<TypeConfig> for SimConn {
         rpc!(self, option, |t: Peer| async move {
             // As `replikv-cluster`'s handler.rs: a replica recovering from a damaged log votes
             // as if it still held what it lost, so a candidate short of its high water is
-            // refused before openraft compares it with the shorter real log.
+            // refused before openraft compares it with the shorter real log. The refusal
+            // carries its real last log id, as openraft's own do.
             if !t.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
                 net.lock().unwrap().votes_refused_recovering += 1;
                 let vote = t.raft.metrics().borrow().vote;
                 return Ok(VoteResponse {
                     vote,
                     vote_granted: false,
-                    last_log_id: None,
+                    last_log_id: t.raft.data_metrics().borrow().last_log,
                 });
             }
             t.raft.vote(rpc).await

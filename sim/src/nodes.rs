@@ -6,11 +6,16 @@
 //! Each host opens its stores on the node's simulated disks (`disk.rs`), starts a `Node`, and
 //! runs a client that writes unique values at `quorum` and reads at `primary` through that
 //! node (so forwarding is exercised), recording a history. Faults: a node crashes (process or
-//! power loss, its disks keeping what that crash leaves) and restarts from its disks later;
-//! a node is cut off from the others and healed. After the faults, every host reads every
-//! key once more, and the run checks:
+//! power loss, its disks keeping what that crash leaves) and restarts from its disks later,
+//! sometimes with bit rot in its newest log segment (found and repaired by the server's
+//! open path: `RaftLog::open_checked`, `replikv_raft::repair_log`); a node is cut off from
+//! the others and healed; a node's disk fills below its reserve (`DiskSpace::simulated`)
+//! and empties again. After the faults, every host reads every key once more, and the run
+//! checks:
 //! - after every step: replicas of a partition that applied the same log id hold the same
-//!   contents (state digests read in one transaction with the applied id);
+//!   contents (state digests read in one transaction with the applied id), and no replica
+//!   recovering from a damaged log leads;
+//! - at each open: bit rot is found as damage where it was put, and nothing else is;
 //! - at the end: the history is linearizable per key (Wing–Gong search, `replikv-checker`),
 //!   which includes every acknowledged write being visible to the final reads, and every
 //!   replica of each partition holds the same contents;
@@ -40,11 +45,11 @@ use replikv_checker::{check_linearizable, History, Op, OpKind, Outcome};
 use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::{Dialer, Handler, ReadHalf, Transport, WriteHalf};
 use replikv_cluster::{Node, NodeConfig, Replication, WallClock};
-use replikv_storage::{FsyncPolicy, RaftLog, Store, Stores, WriterKind};
-use replikv_types::{Consistency, Expiry, KvOp, ReadPreference, SetCond, StoredValue};
+use replikv_storage::{DiskSpace, FsyncPolicy, LogOp, Opened, RaftLog, Store, Stores, WriterKind};
+use replikv_types::{Consistency, Error, Expiry, KvOp, ReadPreference, SetCond, StoredValue};
 
-use crate::disk::{CrashKind, Power, SharedPower, SimDisk, SimLogDir};
-use crate::{fnv, mix};
+use crate::disk::{CrashKind, Power, Rot, SharedPower, SimDisk, SimLogDir};
+use crate::{fnv, mix, ROT_BYTES};
 
 const PEER_PORT: u16 = 7380;
 const KEYS: &[&str] = &["a", "b", "c", "d", "e", "f"];
@@ -62,6 +67,14 @@ const TTL_MARGIN_MS: u64 = 1_000;
 /// three), an hour off (the last two). It starts near and jumps far, or (one seed in four)
 /// the other way round.
 const SKEWS_MS: [i64; 5] = [0, 300, -300, 3_600_000, -3_600_000];
+/// Each node's reserve (`storage.min_free_bytes`), and the free space its disk reports while
+/// it has room and while it is full (below the reserve).
+const MIN_FREE_BYTES: u64 = 16 << 20;
+const ROOMY_BYTES: u64 = 1 << 30;
+const FULL_BYTES: u64 = 1 << 20;
+/// The log's field holding a partition's high water while it recovers from damage
+/// (`replikv-raft`'s `RECOVER_TO`).
+const RECOVER_TO_FIELD: &str = "recover_to";
 
 #[derive(Clone, Debug)]
 pub struct NodesOpts {
@@ -70,6 +83,10 @@ pub struct NodesOpts {
     pub settle: u64,
     pub verbose: bool,
     pub bug: NodeBug,
+    /// Bit rot in restarting nodes' newest log segment (on unless `--no-bit-rot`).
+    pub bit_rot: bool,
+    /// Nodes' disks filled below their reserve for a while (on unless `--no-disk-full`).
+    pub disk_full: bool,
 }
 
 /// A known bug switched on in every node (replikv's own test-only settings), to show that
@@ -111,6 +128,20 @@ struct Slot {
     counts: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
     /// Added to this node's wall clock (every incarnation's): the harness moves it.
     clock_offset: &'static AtomicI64,
+    /// The free space of the node's disk, as its log reports it (`DiskSpace::simulated`): one
+    /// disk for all its incarnations, filled and emptied by the harness.
+    space: Arc<DiskSpace>,
+    /// Bit rot put into the log since the last open, for the next open to find.
+    rot: Option<Rot>,
+    /// What the last open broke (the invariant and why), for the harness to report.
+    open_failed: Option<(&'static str, String)>,
+    /// Partitions whose log records a high water (recovering from a damaged log), as of the
+    /// last check (while down: as its last incarnation left them).
+    recovering: Vec<u32>,
+    /// Opens that found bit rot and repaired it; records and entries they discarded.
+    repairs: u64,
+    rot_records: u64,
+    rot_entries: u64,
 }
 
 /// The node's peer handler, counting what it serves.
@@ -155,6 +186,8 @@ impl Handler for Counting {
                 let answer = match &a {
                     A::AppendEntries(Ok(r)) => format!("{kind} -> {r}"),
                     A::Vote(Ok(r)) => format!("{kind} -> {r:?}"),
+                    // A full disk refuses new entries and snapshots.
+                    A::Unavailable(_) => REFUSED.to_string(),
                     _ => format!("{kind} -> other"),
                 };
                 *counts.lock().unwrap().entry(answer).or_default() += 1;
@@ -169,6 +202,9 @@ impl Handler for Counting {
     }
 }
 
+/// The count, in a slot's `counts`, of peer requests refused as `Unavailable` (a full disk).
+const REFUSED: &str = "refused: unavailable (disk full)";
+
 /// The workload's shared state: the history and the phase.
 struct Workload {
     seed: u64,
@@ -180,6 +216,8 @@ struct Workload {
     ttl_ops: RefCell<Vec<TtlOp>>,
     /// Acknowledged expiring keys still worth reading: (key, read until ns).
     ttl_recent: RefCell<VecDeque<(String, u64)>>,
+    /// Writes refused with `Error::DiskFull` (`-MISCONF`): definite failures.
+    refused_disk_full: Cell<u64>,
 }
 
 /// One op on an expiring key (sim ns).
@@ -229,11 +267,36 @@ fn sim_ns() -> u64 {
     turmoil::sim_elapsed().unwrap_or_default().as_nanos() as u64
 }
 
-/// Opens a node's stores on its disks, powered by a new supply (one per incarnation).
-fn open_stores(slot: &Rc<RefCell<Slot>>) -> Result<Stores, String> {
+/// Partitions whose log records a high water: the replica is recovering them from a damaged
+/// log (`replikv-raft`'s `damage.rs`) and may lack writes it acknowledged.
+fn recovering(log: &RaftLog) -> Vec<u32> {
+    (0..PARTITIONS)
+        .filter(|p| {
+            log.meta(*p, RECOVER_TO_FIELD)
+                .and_then(|raw| bincode::deserialize::<Option<replikv_raft::LogId>>(&raw).ok())
+                .flatten()
+                .is_some()
+        })
+        .collect()
+}
+
+const ROT_FOUND: &str = "bit rot in synced records is found as damage, never cut as a tear";
+const NO_DAMAGE_WITHOUT_ROT: &str = "a crash alone leaves no damage (a torn tail is cut)";
+const REPAIRED: &str = "a damaged log is repaired where other replicas hold what it lost";
+const NO_RECOVERING_LEADER: &str = "a replica recovering from a damaged log never leads";
+const NO_FULL_LEADER: &str = "a node whose disk is full wins no election";
+
+/// Opens a node's stores on its disks, powered by a new supply (one per incarnation), as the
+/// server's `replikv_raft::open_stores` does: a log found damaged is repaired where the
+/// other `members` hold what it lost. Damage must be found exactly where bit rot was put
+/// (rot in synced records with a record after them is never a tear, and a crash's torn tail
+/// is never damage); what breaks that is left in `open_failed`.
+fn open_stores(slot: &Rc<RefCell<Slot>>, members: &BTreeSet<u64>) -> Result<Stores, String> {
     let mut s = slot.borrow_mut();
+    let s = &mut *s;
+    let id = s.id;
     s.power = Power::new(Arc::new(AtomicBool::new(true)));
-    let log = RaftLog::open_with(
+    let opened = RaftLog::open_checked(
         Box::new(s.log_dir.backend(s.power.clone())),
         FsyncPolicy::Always,
         WriterKind::Task,
@@ -246,6 +309,50 @@ fn open_stores(slot: &Rc<RefCell<Slot>>) -> Result<Stores, String> {
         WriterKind::Task,
     )
     .map_err(|e| format!("state: {e}"))?;
+    let mut fail = |invariant: &'static str, detail: String| {
+        s.open_failed = Some((invariant, detail.clone()));
+        detail
+    };
+    let log = match (opened, s.rot.take()) {
+        (Opened::Ready(log), None) => log,
+        (Opened::Ready(_), Some(r)) => {
+            return Err(fail(
+                ROT_FOUND,
+                format!("node {id}: {r:?} opened as a whole log"),
+            ))
+        }
+        (Opened::Damaged(d), None) => {
+            return Err(fail(
+                NO_DAMAGE_WITHOUT_ROT,
+                format!("node {id}: {}", d.damage()),
+            ))
+        }
+        (Opened::Damaged(d), Some(r)) => {
+            let after = &d.damage().after;
+            let entries = after
+                .iter()
+                .filter(|op| matches!(op, LogOp::Append { .. }))
+                .count();
+            if crate::trace_on() {
+                eprintln!(
+                    "node {id}: bit rot {r:?}: {}; {} records after it, {entries} entries",
+                    d.damage(),
+                    after.len()
+                );
+            }
+            let (records, entries) = (after.len() as u64, entries as u64);
+            let log = replikv_raft::repair_log(id, members, &state, *d)
+                .map_err(|e| fail(REPAIRED, format!("node {id}: {e}")))?;
+            s.repairs += 1;
+            s.rot_records += records;
+            s.rot_entries += entries;
+            log
+        }
+    };
+    s.recovering = recovering(&log);
+    // As the server's `DiskSpace::new`: read at once, then every ping period by the node.
+    s.space.refresh();
+    log.watch_space(s.space.clone());
     Ok(Stores { log, state })
 }
 
@@ -263,7 +370,8 @@ async fn run_host(
         s.starts += 1;
         (s.id, s.starts)
     };
-    let stores = open_stores(&slot)?;
+    let members: BTreeSet<u64> = peers.keys().copied().collect();
+    let stores = open_stores(&slot, &members)?;
     let mut cfg = NodeConfig::new(id, peers);
     cfg.replication = replication;
     cfg.clock = WallClock::Simulated {
@@ -344,9 +452,16 @@ async fn write(node: &Arc<Node>, work: &Workload, client: u64, key: &str) {
         node.submit_write(op, Consistency::Quorum).await.await
     })
     .await;
-    // Anything but an acknowledgement may still take effect later: the checker treats it so.
-    if let Ok(Ok(_)) = done {
-        complete(work, at, Outcome::Written);
+    match done {
+        Ok(Ok(_)) => complete(work, at, Outcome::Written),
+        // Refused before it was proposed (a leader whose disk is below its reserve): a
+        // definite failure, so a refused write that took effect anyway is a violation.
+        Ok(Err(Error::DiskFull(_))) => {
+            work.refused_disk_full.set(work.refused_disk_full.get() + 1);
+            complete(work, at, Outcome::Failed);
+        }
+        // Anything else may still take effect later: the checker treats it so.
+        _ => {}
     }
 }
 
@@ -605,9 +720,31 @@ fn view_digests(node: &Node) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
     Ok(out)
 }
 
+/// A full disk: from when, until when, and how long the node kept a leadership meanwhile.
+struct Fill {
+    since: u64,
+    until: u64,
+    /// The last step at which the node still led a partition (a full node hands off).
+    led_at: Option<u64>,
+}
+
 struct Harness {
     opts: NodesOpts,
     rng: ChaCha8Rng,
+    /// Bit rot's own stream and its rate per restart in the fault phase, and the disk-full
+    /// fault's stream and its rate per step: a seed that draws neither runs exactly as it
+    /// did without them.
+    rot_rng: ChaCha8Rng,
+    rot_p: f64,
+    disk_rng: ChaCha8Rng,
+    fill_p: f64,
+    /// Nodes whose disk is full now.
+    full: BTreeMap<u64, Fill>,
+    /// How long after its disk fills a node may still win an election already under way: it
+    /// sees the disk within 100 ms (`Node::watch_disk`) and closes its election gate at the
+    /// next ping (100 ms); a campaign begun before that has its votes within openraft's vote
+    /// timeout (`election_timeout_min_ms`) and a message's latency each way.
+    full_election_ms: u64,
     slots: Vec<Rc<RefCell<Slot>>>,
     work: Rc<Workload>,
     /// (partition, applied term, applied index) → (digest, node that first showed it).
@@ -624,6 +761,15 @@ struct Harness {
     cuts: u64,
     /// A node whose wall clock is off, its first offset, the step it jumps at and to what.
     skew: Option<(u64, i64, u64, i64)>,
+    /// Restarts with bit rot drawn, and those whose newest segment had no place for it.
+    rots: u64,
+    rot_no_room: u64,
+    fills: u64,
+    /// The longest a full node went on leading a partition after its disk filled (ms).
+    full_led_ms: u64,
+    /// Leaderships won by a node whose disk was full, and the latest after the fill (ms).
+    won_while_full: u64,
+    won_while_full_ms: u64,
 }
 
 type Violation = (u64, &'static str, String);
@@ -653,13 +799,43 @@ impl Harness {
             let Some((node, stores)) = s.node.clone() else {
                 continue;
             };
+            s.recovering = recovering(&stores.log);
             for g in node.groups() {
                 let m = g.raft.metrics().borrow().clone();
                 if m.state == ServerState::Leader {
-                    self.leaders
+                    if s.recovering.contains(&g.partition) {
+                        return Err((
+                            step,
+                            NO_RECOVERING_LEADER,
+                            format!(
+                                "node {id} leads partition {} in term {} while recovering",
+                                g.partition, m.current_term
+                            ),
+                        ));
+                    }
+                    let won = self
+                        .leaders
                         .entry((g.partition, m.current_term))
                         .or_default()
                         .insert(id);
+                    if let Some(fill) = self.full.get_mut(&id) {
+                        fill.led_at = Some(step);
+                        if won {
+                            let after = step - fill.since;
+                            self.won_while_full += 1;
+                            self.won_while_full_ms = self.won_while_full_ms.max(after);
+                            if after > self.full_election_ms {
+                                return Err((
+                                    step,
+                                    NO_FULL_LEADER,
+                                    format!(
+                                        "node {id} won partition {} in term {}, {after} ms after its disk filled",
+                                        g.partition, m.current_term
+                                    ),
+                                ));
+                            }
+                        }
+                    }
                 }
                 if crate::trace_on() {
                     eprintln!(
@@ -774,6 +950,60 @@ impl Harness {
         }
     }
 
+    /// Bit rot before node `id`'s restart, drawn at `rot_p` (stage 1's rule): 16 bytes of
+    /// the newest segment its restart opens, in synced records with a whole record after
+    /// them. Not while another node is recovering: two damaged replicas whose lost entries no
+    /// third one holds leave the group without a leader for good, which is right (those
+    /// entries may be committed) but ends the run's liveness.
+    fn rot(&mut self, id: u64, step: u64) {
+        if !self.rot_rng.random_bool(self.rot_p) {
+            return;
+        }
+        let others_recovering = self
+            .slots
+            .iter()
+            .any(|o| o.borrow().id != id && !o.borrow().recovering.is_empty());
+        if others_recovering {
+            return;
+        }
+        let mut s = self.slots[id as usize - 1].borrow_mut();
+        match s.log_dir.rot(&mut self.rot_rng, ROT_BYTES, None) {
+            Some(r) => {
+                self.rots += 1;
+                if self.opts.verbose {
+                    eprintln!("step {step}: bit rot in node {id}'s log: {r:?}");
+                }
+                s.rot = Some(r);
+            }
+            None => self.rot_no_room += 1,
+        }
+    }
+
+    /// Fills node `id`'s disk below its reserve (`fill`), or gives it room again.
+    fn set_full(&mut self, id: u64, fill: Option<Fill>, step: u64) {
+        let s = self.slots[id as usize - 1].borrow();
+        match fill {
+            Some(f) => {
+                s.space.set_free_bytes(FULL_BYTES);
+                if self.opts.verbose {
+                    eprintln!("step {step}: node {id}'s disk full until {}", f.until);
+                }
+                self.fills += 1;
+                self.full.insert(id, f);
+            }
+            None => {
+                s.space.set_free_bytes(ROOMY_BYTES);
+                if let Some(f) = self.full.remove(&id) {
+                    let led = f.led_at.map_or(0, |at| at.saturating_sub(f.since));
+                    self.full_led_ms = self.full_led_ms.max(led);
+                }
+                if self.opts.verbose {
+                    eprintln!("step {step}: node {id}'s disk has room again");
+                }
+            }
+        }
+    }
+
     fn faults(&mut self, sim: &mut turmoil::Sim, step: u64) {
         if let Some((id, _, at, jumped)) = self.skew {
             if step == at {
@@ -787,9 +1017,31 @@ impl Harness {
             }
         }
         for id in take_due(&mut self.down, step) {
+            self.rot(id, step);
             sim.bounce(host_name(id));
             if self.opts.verbose {
                 eprintln!("step {step}: restart node {id}");
+            }
+        }
+        let due: Vec<u64> = self
+            .full
+            .iter()
+            .filter(|(_, f)| f.until <= step)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.set_full(id, None, step);
+        }
+        if self.disk_rng.random_bool(self.fill_p) {
+            let id = self.disk_rng.random_range(1..=self.opts.nodes);
+            let until = step + self.disk_rng.random_range(500..3000);
+            if !self.full.contains_key(&id) {
+                let fill = Fill {
+                    since: step,
+                    until,
+                    led_at: None,
+                };
+                self.set_full(id, Some(fill), step);
             }
         }
         for id in take_due(&mut self.cut, step) {
@@ -812,9 +1064,13 @@ impl Harness {
         }
     }
 
-    fn heal_all(&mut self, sim: &mut turmoil::Sim) {
+    fn heal_all(&mut self, sim: &mut turmoil::Sim, step: u64) {
         for id in std::mem::take(&mut self.cut).into_keys() {
             self.set_cut(sim, id, false);
+        }
+        let full: Vec<u64> = self.full.keys().copied().collect();
+        for id in full {
+            self.set_full(id, None, step);
         }
         for id in std::mem::take(&mut self.down).into_keys() {
             sim.bounce(host_name(id));
@@ -919,6 +1175,7 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         final_reads_done: RefCell::new(BTreeSet::new()),
         ttl_ops: RefCell::default(),
         ttl_recent: RefCell::default(),
+        refused_disk_full: Cell::new(0),
     });
     let mut slots = Vec::new();
     for id in 1..=opts.nodes {
@@ -933,6 +1190,13 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             counts: Default::default(),
             // One per node and seed; the process runs one seed.
             clock_offset: Box::leak(Box::new(AtomicI64::new(0))),
+            space: Arc::new(DiskSpace::simulated(MIN_FREE_BYTES, ROOMY_BYTES)),
+            rot: None,
+            open_failed: None,
+            recovering: Vec::new(),
+            repairs: 0,
+            rot_records: 0,
+            rot_entries: 0,
         }));
         let (s, w, p, r) = (
             slot.clone(),
@@ -969,10 +1233,28 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             .clock_offset
             .store(first, Ordering::Relaxed);
     }
+    let mut rot_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb17_2075);
+    let rot_p = if opts.bit_rot {
+        [0.0, 0.1, 0.3][rot_rng.random_range(0..3)]
+    } else {
+        0.0
+    };
+    let mut disk_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd15c_f011);
+    let fill_p = if opts.disk_full {
+        [0.0, 0.0002, 0.0005][disk_rng.random_range(0..3)]
+    } else {
+        0.0
+    };
     let mut h = Harness {
         skew,
         opts: opts.clone(),
         rng,
+        rot_rng,
+        rot_p,
+        disk_rng,
+        fill_p,
+        full: BTreeMap::new(),
+        full_election_ms: 200 + timeout + 2 * max_latency,
         slots,
         work: work.clone(),
         applied: BTreeMap::new(),
@@ -983,13 +1265,28 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         crashes: 0,
         power_losses: 0,
         cuts: 0,
+        rots: 0,
+        rot_no_room: 0,
+        fills: 0,
+        full_led_ms: 0,
+        won_while_full: 0,
+        won_while_full_ms: 0,
     };
     let started = Instant::now();
     let mut step = 0u64;
     let run = |sim: &mut turmoil::Sim, h: &mut Harness, step: &mut u64| -> Result<(), Violation> {
         *step += 1;
-        sim.step()
-            .map_err(|e| (*step, "the simulation runs", e.to_string()))?;
+        sim.step().map_err(|e| {
+            // A host that stopped on what its open found says which invariant broke.
+            let failed = h
+                .slots
+                .iter()
+                .find_map(|s| s.borrow_mut().open_failed.take());
+            match failed {
+                Some((invariant, detail)) => (*step, invariant, detail),
+                None => (*step, "the simulation runs", e.to_string()),
+            }
+        })?;
         h.check(*step)
     };
     let result = (|| -> Result<(), Violation> {
@@ -1002,7 +1299,7 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
             run(&mut sim, &mut h, &mut step)?;
         }
         h.work.phase.set(Phase::Quiet);
-        h.heal_all(&mut sim);
+        h.heal_all(&mut sim, step);
         for _ in 0..opts.settle {
             run(&mut sim, &mut h, &mut step)?;
         }
@@ -1080,12 +1377,24 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
         }
         None => "clocks agree".into(),
     };
+    let sum = |f: &dyn Fn(&Slot) -> u64| h.slots.iter().map(|s| f(&s.borrow())).sum::<u64>();
+    let repairs = sum(&|s| s.repairs);
+    let rot_records = sum(&|s| s.rot_records);
+    let rot_entries = sum(&|s| s.rot_entries);
+    let refused_appends = sum(&|s| s.counts.lock().unwrap().get(REFUSED).copied().unwrap_or(0));
     let summary = format!(
-        "seed {seed}: {} ops ({acked} acknowledged writes), {ttl_checked} reads of expiring keys checked, {skew}, {} crashes ({} power losses), {} cut-offs, max term {max_term}, {multi} terms with two leaders, log segments created {created} removed {removed}, trace {:016x}, {:.1} s",
+        "seed {seed}: {} ops ({acked} acknowledged writes), {ttl_checked} reads of expiring keys checked, {skew}, {} crashes ({} power losses), {} cut-offs, bit rot {} (no room {}; repaired {repairs}, discarding {rot_records} records, {rot_entries} entries), disks full {} (writes refused {}, appends refused {refused_appends}, led up to {} ms after the fill, leaderships won while full {} up to {} ms after), max term {max_term}, {multi} terms with two leaders, log segments created {created} removed {removed}, trace {:016x}, {:.1} s",
         history.ops.len(),
         h.crashes,
         h.power_losses,
         h.cuts,
+        h.rots,
+        h.rot_no_room,
+        h.fills,
+        work.refused_disk_full.get(),
+        h.full_led_ms,
+        h.won_while_full,
+        h.won_while_full_ms,
         h.trace,
         started.elapsed().as_secs_f64(),
     );
@@ -1094,7 +1403,7 @@ pub fn run_seed(seed: u64, opts: &NodesOpts) -> NodesResult {
 
 const NODES_USAGE: &str =
     "usage: replikv-sim nodes [--seeds A..B | --seeds N | --seed S] [--steps N] [--settle N]
-                         [--check-determinism [K]] [-v]
+                         [--check-determinism [K]] [--no-bit-rot] [--no-disk-full] [-v]
   Stage 2: real replikv nodes (replikv_cluster::Node and its peer transport) on turmoil hosts.
   --seeds 1..20    seeds to run (a plain N means 1..N); default 1..5
   --steps N        fault-phase steps of 1 ms simulated time (default 10000)
@@ -1103,6 +1412,8 @@ const NODES_USAGE: &str =
   --bug skip-read-index    every node serves primary reads without a read index or lease
   --bug ack-before-commit  every node acknowledges quorum writes before they commit
   --bug stamp-with-wall-clock  every node stamps entries with its wall clock, jumps and all
+  --no-bit-rot     no bit rot in restarting nodes' newest log segment (on by default)
+  --no-disk-full   no node's disk fills below its reserve (on by default)
   --expect-violation       self-test: succeed only if some seed fails a check (with --bug)
   Each seed of a range runs in a process of its own, exactly as its replay (--seed S) does.";
 
@@ -1121,6 +1432,12 @@ fn replay_args(seed: u64, opts: &NodesOpts) -> Vec<String> {
         NodeBug::SkipReadIndex => a.extend(["--bug".into(), "skip-read-index".into()]),
         NodeBug::AckBeforeCommit => a.extend(["--bug".into(), "ack-before-commit".into()]),
         NodeBug::StampWithWallClock => a.extend(["--bug".into(), "stamp-with-wall-clock".into()]),
+    }
+    if !opts.bit_rot {
+        a.push("--no-bit-rot".into());
+    }
+    if !opts.disk_full {
+        a.push("--no-disk-full".into());
     }
     a
 }
@@ -1175,6 +1492,8 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
         settle: 3_000,
         verbose: false,
         bug: NodeBug::None,
+        bit_rot: true,
+        disk_full: true,
     };
     let (mut first, mut last) = (1u64, 5u64);
     let mut determinism: Option<u64> = None;
@@ -1209,6 +1528,14 @@ pub fn main(args: Vec<String>) -> std::process::ExitCode {
             }
             "-v" | "--verbose" => {
                 opts.verbose = true;
+                Ok(())
+            }
+            "--no-bit-rot" => {
+                opts.bit_rot = false;
+                Ok(())
+            }
+            "--no-disk-full" => {
+                opts.disk_full = false;
                 Ok(())
             }
             "--expect-violation" => {

@@ -1,6 +1,7 @@
 //! The faults a campaign injects, each a real one: `kill -9` and restart from disk,
-//! SIGSTOP/SIGCONT, and packets dropped, lost or held back by the kernel between the nodes'
-//! network namespaces (replikv-testkit's `Netns` and `netem`).
+//! SIGSTOP/SIGCONT, packets dropped, lost or held back by the kernel between the nodes'
+//! network namespaces (replikv-testkit's `Netns` and `netem`), a data directory's tmpfs cut
+//! down, and bytes of a stopped node's Raft log inverted.
 
 use std::fmt;
 use std::str::FromStr;
@@ -55,6 +56,12 @@ pub enum Fault {
     /// (within `max_clock_offset_ms`); healed by jumping back. The leader must stop
     /// stamping with it at once and hand its partitions over.
     ClockOffset,
+    /// `kill -9` of one node (half the time the leader of a partition), then bit rot in its
+    /// newest Raft log segment: 16 bytes inverted at a random 5–90% of its written length,
+    /// where records with whole ones after them had been synced. At heal it restarts; it must
+    /// find the damage (never cut it as a torn tail), cut there with a high water, vote and
+    /// abstain as if it still held what it lost, and catch up from the leaders.
+    LogDamage,
     /// Each cycle draws one of the faults above (except `clock-drift` and `disk-full`, which
     /// are set up when the cluster starts).
     Mixed,
@@ -64,12 +71,23 @@ pub enum Fault {
 pub const DISK_FULL_TMPFS_BYTES: u64 = 2 << 30;
 pub const DISK_FULL_MIN_FREE_BYTES: u64 = 16 << 20;
 
+/// Bytes a `log-damage` fault inverts: the issue's repro (16 bytes of an entry).
+pub const LOG_DAMAGE_BYTES: usize = 16;
+/// Where in the newest segment's written bytes the damage goes, as a fraction: past the
+/// open's checkpoint at the start, and short of the last records, so that whole records
+/// follow it (a synced record with nothing valid after it is what a torn write leaves).
+pub const LOG_DAMAGE_AT: std::ops::Range<f64> = 0.05..0.9;
+/// What a node logs when it finds damage and repairs it, and what it logs when it cuts a
+/// torn tail instead (`replikv-storage`'s `raft_log/recover.rs`).
+pub const LOGGED_DAMAGE: &str = "the Raft log was damaged; cut at the damage";
+pub const LOGGED_TEAR: &str = "cutting a torn tail";
+
 /// Clock rates of the nodes in a `clock-drift` run, by node id from 1: the slowest and the
 /// fastest differ by 10.5%, inside the default lease margin (100 ms of 600 ms).
 pub const CLOCK_RATES: [f64; 3] = [0.95, 1.0, 1.05];
 
 /// Every fault a full campaign runs, in order.
-pub const ALL: [Fault; 16] = [
+pub const ALL: [Fault; 17] = [
     Fault::KillOne,
     Fault::KillLeader,
     Fault::KillMinority,
@@ -85,6 +103,7 @@ pub const ALL: [Fault; 16] = [
     Fault::ClockDrift,
     Fault::DiskFull,
     Fault::ClockOffset,
+    Fault::LogDamage,
     Fault::Mixed,
 ];
 
@@ -106,6 +125,7 @@ impl Fault {
             Fault::ClockDrift => "clock-drift",
             Fault::DiskFull => "disk-full",
             Fault::ClockOffset => "clock-offset",
+            Fault::LogDamage => "log-damage",
             Fault::Mixed => "mixed",
         }
     }
@@ -155,6 +175,9 @@ pub struct Injected {
     filled: Vec<u64>,
     /// Nodes whose wall clock was moved, and by how much (ms).
     clocks: Vec<(u64, i64)>,
+    /// Killed nodes whose log was damaged, with how long their log file was before the
+    /// restart (what the restart logs comes after).
+    damaged: Vec<(u64, usize)>,
 }
 
 /// A node whose wall clock is off by more than this must lead nothing once the hold is
@@ -162,8 +185,12 @@ pub struct Injected {
 const OFF_CLOCK_MS: i64 = 500;
 
 /// What healing a fault found.
+#[derive(Default)]
 pub struct Healed {
+    /// For the report ("node 2: the Raft log was damaged; cut at the damage ...").
     pub notes: String,
+    /// A damaged log that its node did not report as damage (a run with one fails).
+    pub damage_not_found: Vec<String>,
     /// Promises the fault itself broke (a leader with a clock far off still leading).
     pub broken: Vec<String>,
 }
@@ -188,15 +215,19 @@ fn shuffled(c: &Cluster, rng: &mut StdRng) -> Vec<u64> {
     ids
 }
 
+/// The faults `mixed` draws from on a cluster of `nodes`: those that fit it and need no
+/// set-up at start.
+fn mixable(nodes: u64) -> Vec<Fault> {
+    ALL.iter()
+        .copied()
+        .filter(|f| *f != Fault::Mixed && f.nodes() <= nodes && !f.set_up_at_start())
+        .collect()
+}
+
 /// Injects `fault` (for `Mixed`, one drawn at random) into `c`.
 pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Result<Injected> {
     let fault = if fault == Fault::Mixed {
-        let fits: Vec<Fault> = ALL[..ALL.len() - 1]
-            .iter()
-            .copied()
-            .filter(|f| f.nodes() <= c.nodes.len() as u64 && !f.set_up_at_start())
-            .collect();
-        *fits.choose(rng).expect("faults")
+        *mixable(c.nodes.len() as u64).choose(rng).expect("faults")
     } else {
         fault
     };
@@ -209,6 +240,7 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
         delays: Vec::new(),
         filled: Vec::new(),
         clocks: Vec::new(),
+        damaged: Vec::new(),
     };
     let n = c.nodes.len();
     match fault {
@@ -348,15 +380,85 @@ pub fn inject(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> std::io::Resul
             done.clocks.push((id, offset));
             done.detail = format!("jump node {id}'s wall clock by {offset:+} ms ({why})");
         }
+        Fault::LogDamage => {
+            let (id, why) = if rng.random_bool(0.5) {
+                some_leader(c, rng)
+            } else {
+                (
+                    *c.live().choose(rng).expect("a live node"),
+                    "a random node".into(),
+                )
+            };
+            c.kill(id);
+            let fraction = rng.random_range(LOG_DAMAGE_AT);
+            let (_, written) = c.newest_log_segment(id);
+            let (path, at) = c.damage_log(id, fraction, LOG_DAMAGE_BYTES);
+            done.killed.push(id);
+            done.damaged.push((id, c.node(id).log_text().len()));
+            done.detail = format!(
+                "kill -9 node {id} ({why}); {LOG_DAMAGE_BYTES} bytes of {} inverted at offset \
+                 {at} of its {written} written ({:.0}%)",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                fraction * 100.0
+            );
+        }
         Fault::Mixed => unreachable!("drawn above"),
     }
     Ok(done)
+}
+
+/// `line` without its terminal colours (the nodes' logs colour their fields).
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters, up to a final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What a damaged node logged at its restart: `Ok` with the damage found and cut (and the
+/// partitions it is recovering), `Err` when it cut a torn tail instead or logged neither.
+fn damage_found(c: &Cluster, id: u64, log_from: usize) -> Result<String, String> {
+    let text = c.node(id).log_text();
+    let since = text.get(log_from..).unwrap_or_default();
+    let line = |what: &str| {
+        since
+            .lines()
+            .find_map(|l| l.find(what).map(|at| plain(l[at..].trim())))
+    };
+    match (line(LOGGED_DAMAGE), line(LOGGED_TEAR)) {
+        (Some(found), None) => {
+            let recovering = match c.recovering(id) {
+                Ok(ps) => format!("{ps:?}"),
+                Err(e) => format!("unknown ({e})"),
+            };
+            Ok(format!(
+                "node {id}: {found}; partitions recovering at restart: {recovering}"
+            ))
+        }
+        (found, tear) => Err(format!(
+            "node {id}'s damaged log was not reported as damage (expected \"{LOGGED_DAMAGE}\"): {}",
+            tear.or(found)
+                .unwrap_or_else(|| "it logged neither damage nor a torn tail".into())
+        )),
+    }
 }
 
 /// Undoes a fault: heals the network, resumes paused nodes, restarts killed ones.
 pub fn heal(c: &mut Cluster, injected: Injected) -> Healed {
     let mut notes = Vec::new();
     let mut broken = Vec::new();
+    let mut damage_not_found = Vec::new();
     // Before the clocks come back: a node whose clock is far off must have handed over.
     for (id, offset) in &injected.clocks {
         let led = c.led_by(*id);
@@ -395,8 +497,56 @@ pub fn heal(c: &mut Cluster, injected: Injected) -> Healed {
     for id in injected.killed {
         c.restart(id);
     }
+    for (id, log_from) in injected.damaged {
+        match damage_found(c, id, log_from) {
+            Ok(note) => notes.push(note),
+            Err(why) => {
+                notes.push(why.clone());
+                damage_not_found.push(why);
+            }
+        }
+    }
     Healed {
         notes: notes.join("; "),
         broken,
+        damage_not_found,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mixed_draws_every_fault_that_needs_no_set_up() {
+        let three = mixable(3);
+        assert!(three.contains(&Fault::LogDamage));
+        assert!(three.contains(&Fault::KillLeader));
+        for f in [
+            Fault::Mixed,
+            Fault::ClockDrift,
+            Fault::DiskFull,
+            Fault::Bridge,
+            Fault::KillMinority,
+        ] {
+            assert!(!three.contains(&f), "{f}");
+        }
+        assert!(mixable(5).contains(&Fault::Bridge));
+        assert_eq!(ALL.last(), Some(&Fault::Mixed));
+    }
+
+    #[test]
+    fn log_lines_lose_their_colours() {
+        assert_eq!(
+            plain("cut \x1b[3mfile\x1b[0m\x1b[2m=\x1b[0m/x offset=3"),
+            "cut file=/x offset=3"
+        );
+    }
+
+    #[test]
+    fn every_fault_parses_from_its_name() {
+        for f in ALL {
+            assert_eq!(f.name().parse::<Fault>(), Ok(f));
+        }
     }
 }

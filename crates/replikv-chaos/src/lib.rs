@@ -14,6 +14,7 @@
 //! | a session reads its own writes on any replica | SET then GET with `REPLIKV.READ secondary` |
 //! | replicas converge after healing | per-partition digests of every replica |
 //! | failover heals quickly | longest stretch without an acknowledged `quorum` write, per fault |
+//! | a damaged log is found and cut at the damage, never as a torn tail (`log-damage`) | the restarted node's log |
 //!
 //! A campaign (`campaign`) runs many of those and prints one table; `replikv-chaos short` is
 //! what CI runs, `replikv-chaos full` the long one (docs/RELIABILITY.md).

@@ -121,6 +121,10 @@ pub struct RunResult {
     #[serde(default)]
     pub off_clock_leaders: Vec<String>,
     pub converged: bool,
+    /// Damaged logs (`log-damage`) whose node did not report the damage at its restart, or
+    /// cut it as a torn tail.
+    #[serde(default)]
+    pub damage_not_found: Vec<String>,
     /// Why the run could not finish (cluster did not start, a node did not come back...).
     pub error: Option<String>,
     pub seconds: f64,
@@ -176,6 +180,12 @@ impl RunResult {
             why.push(format!(
                 "{} read(s) of expiring keys outside their lifetime",
                 self.expiry_violations
+            ));
+        }
+        if !self.damage_not_found.is_empty() {
+            why.push(format!(
+                "{} damaged log(s) not found as damage",
+                self.damage_not_found.len()
             ));
         }
         if self.error.is_none() && !self.converged {
@@ -303,7 +313,7 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
         std::thread::sleep(spec.hold);
         let healed = fault::heal(&mut cluster, injected);
         result.off_clock_leaders.extend(healed.broken);
-        let notes = healed.notes;
+        result.damage_not_found.extend(healed.damage_not_found);
         let healed_s = origin.elapsed().as_secs_f64();
         std::thread::sleep(spec.recover);
         events.push(Event {
@@ -312,7 +322,7 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
             start_s,
             healed_s,
             unavailable_ms: 0.0,
-            notes,
+            notes: healed.notes,
         });
     }
     clients.stop();

@@ -144,6 +144,12 @@ impl Node {
                     // A replica recovering from a damaged log votes as if it still held what
                     // it lost (`replikv-raft`'s `damage.rs`): a candidate short of that is
                     // refused here, before openraft compares it with the shorter real log.
+                    // The refusal carries its real last log id, not the high water: openraft
+                    // uses it only to delay the next campaign of a candidate that sees a
+                    // longer log, so that the longer log's holder campaigns first. This
+                    // replica does not campaign, so waiting for it helps no one, and when it
+                    // made every candidate wait, two intact replicas could keep splitting
+                    // their votes for good (simulation stage 2, seed 46).
                     if !g.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
                         let vote = g.raft.metrics().borrow().vote;
                         tracing::info!(
@@ -159,7 +165,7 @@ impl Node {
                         return PeerResponse::Vote(Ok(openraft::raft::VoteResponse {
                             vote,
                             vote_granted: false,
-                            last_log_id: None,
+                            last_log_id: g.raft.data_metrics().borrow().last_log,
                         }));
                     }
                     PeerResponse::Vote(g.raft.vote(rpc).await)

@@ -216,8 +216,13 @@ impl Node {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            if !self.clock.in_step() {
-                break;
+            // Again: the waits above take a second or more, and the disk may have filled
+            // meanwhile (found by the simulation: a hand-off's target whose disk filled
+            // during the transfer took the leadership and refused every write).
+            if let Some(why) = self.unfit_to_lead(&g) {
+                return Err(Error::TryAgain(format!(
+                    "{why}: it takes no leadership until then"
+                )));
             }
             let _ = g.raft.trigger().elect().await;
             let won = g

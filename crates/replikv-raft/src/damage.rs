@@ -103,27 +103,34 @@ pub fn repair_log_hosting(
             .meta(p, VOTE)
             .map(|raw| bincode::deserialize::<Vote>(&raw).map_err(err))
             .transpose()?;
+        let mut dropped = None;
+        match mend_the_start(&log, state, p, &lost)? {
+            Mend::Refuse(why) => refusals.push(why),
+            Mend::Ops {
+                ops: mended,
+                drop_snapshot,
+                dropped: d,
+            } => {
+                ops.extend(mended);
+                if drop_snapshot {
+                    snapshots_to_drop.push(p);
+                }
+                dropped = d;
+            }
+        }
+        // The entries the mend drops were held before the damage and may have been
+        // acknowledged: the high water covers them as it covers the discarded ones (found by
+        // the simulation, stage 2 seed 146).
         let high_water = [
             recorded,
             lost.recover_to,
+            dropped,
             Some(lost.high_water(&log, p, vote_before.as_ref(), &damage, newest_leader)?),
         ]
         .into_iter()
         .flatten()
         .max()
         .expect("one high water at least");
-        match mend_the_start(&log, state, p, &lost)? {
-            Mend::Refuse(why) => refusals.push(why),
-            Mend::Ops {
-                ops: mended,
-                drop_snapshot,
-            } => {
-                ops.extend(mended);
-                if drop_snapshot {
-                    snapshots_to_drop.push(p);
-                }
-            }
-        }
         tracing::error!(
             partition = p,
             discarded_entries = lost.entries.len(),
@@ -216,9 +223,12 @@ fn newest_leader(
 
 /// What to do about the start of partition `p`'s log.
 enum Mend {
+    /// The mend's records; whether the stored snapshot must go; and the newest entry it
+    /// drops of those held before the damage.
     Ops {
         ops: Vec<LogOp>,
         drop_snapshot: bool,
+        dropped: Option<LogId>,
     },
     Refuse(String),
 }
@@ -269,8 +279,17 @@ fn mend_the_start(log: &DamagedLog, state: &Store, p: u32, lost: &Lost) -> Resul
         return Ok(Mend::Ops {
             ops,
             drop_snapshot: false,
+            dropped: None,
         });
     }
+    // Everything the log holds past the applied point may go (below it, the state file holds
+    // it): its newest entry is what the high water must reach.
+    let dropped = match log.last(p)? {
+        Some((i, raw)) if applied.is_none_or(|a| i > a.index) => {
+            Some(decode_record(&raw).map_err(err)?.log_id)
+        }
+        _ => None,
+    };
     let (restart_at, drop_snapshot) = match applied {
         Some(a) if purged.is_none_or(|i| a.index >= i) => {
             ops.push(LogOp::PurgeTo {
@@ -305,7 +324,11 @@ fn mend_the_start(log: &DamagedLog, state: &Store, p: u32, lost: &Lost) -> Resul
          cut left the log below what was applied; this partition's log restarts at the state \
          file's applied point"
     );
-    Ok(Mend::Ops { ops, drop_snapshot })
+    Ok(Mend::Ops {
+        ops,
+        drop_snapshot,
+        dropped,
+    })
 }
 
 /// What partition `p` had after the damage: its discarded entries' ids (in log order) and
@@ -501,4 +524,97 @@ pub fn open_stores(
     replikv_storage::Stores::open_repairing(dir, policy, |state, log| {
         repair_log_hosting(me, members, hosted, state, log)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+    use replikv_storage::{FsLogDir, FsyncPolicy, Opened, WriterKind, SEGMENT_BYTES};
+
+    fn id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    fn record(term: u64, index: u64) -> Vec<u8> {
+        crate::record::encode_record(&crate::Entry {
+            log_id: id(term, index),
+            payload: EntryPayload::Blank,
+        })
+    }
+
+    /// Simulation stage 2, seed 146: the records after the damage were a rotation's copies
+    /// of old entries, whose originals' segment was gone, so the cut left a gap; the mend
+    /// purged to the state file's applied point and dropped what lay past the gap, entries of
+    /// a later term this replica had acknowledged. Its high water covered only the discarded
+    /// copies, so it voted for a candidate without those entries, and a committed write was
+    /// lost.
+    #[tokio::test]
+    async fn the_high_water_covers_the_entries_a_mend_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("log");
+        let log = RaftLog::open(&log_dir, FsyncPolicy::Always).unwrap();
+        // Entries 0..=2 and 6..=8 (the last two of later terms), then copies of 3..=5 as a
+        // rotation writes them; each batch synced.
+        for (term, index) in [(1, 0), (1, 1), (1, 2), (1, 6), (2, 7), (3, 8)]
+            .into_iter()
+            .chain((3..=5).map(|i| (1, i)))
+        {
+            let op = LogOp::Append {
+                p: 0,
+                index,
+                bytes: record(term, index),
+            };
+            log.write(true, vec![op]).await.unwrap();
+        }
+        log.close();
+        let seg = std::fs::read_dir(&log_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let copy = record(1, 3);
+        let at = bytes
+            .windows(copy.len())
+            .position(|w| w == copy)
+            .expect("the copy of entry 3");
+        for b in &mut bytes[at + copy.len() / 2..][..4] {
+            *b = !*b;
+        }
+        std::fs::write(&seg, &bytes).unwrap();
+
+        let state = Store::open(&dir.path().join("state"), FsyncPolicy::Always).unwrap();
+        let applied = bincode::serialize(&Some(id(1, 1))).unwrap();
+        state
+            .write_now(move |w| w.meta_put(0, crate::state_machine::APPLIED, &applied))
+            .unwrap();
+        let fs = FsLogDir::new(&log_dir).unwrap();
+        let opened = RaftLog::open_checked(
+            Box::new(fs),
+            FsyncPolicy::Always,
+            WriterKind::Thread,
+            SEGMENT_BYTES,
+        )
+        .unwrap();
+        let Opened::Damaged(d) = opened else {
+            panic!("the inverted copy was not found as damage");
+        };
+        let members: BTreeSet<u64> = [1, 2, 3].into();
+        let repaired = repair_log(1, &members, &state, *d).unwrap();
+        let kept: Vec<u64> = repaired
+            .entries(0, 0..u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            kept.is_empty(),
+            "the mend keeps nothing past the gap: {kept:?}"
+        );
+        let high_water: Option<LogId> =
+            bincode::deserialize(&repaired.meta(0, RECOVER_TO).unwrap()).unwrap();
+        assert_eq!(high_water, Some(id(3, 8)), "the newest entry dropped");
+        repaired.close();
+    }
 }

@@ -741,6 +741,19 @@ impl Cluster {
             .and_then(|p| p["leader"].as_u64())
     }
 
+    /// Partitions node `id` is recovering from a damaged log: `recovering_to` is set in its
+    /// `/v1/_replication/state`.
+    pub fn recovering(&self, id: u64) -> Result<Vec<u64>, String> {
+        let state = self.http_get(id, "/v1/_replication/state")?;
+        Ok(state["partitions"]
+            .as_array()
+            .ok_or("no partitions in the replication state")?
+            .iter()
+            .filter(|p| !p["recovering_to"].is_null())
+            .filter_map(|p| p["partition"].as_u64())
+            .collect())
+    }
+
     /// Partitions node `id` leads right now.
     pub fn led_by(&self, id: u64) -> Vec<u64> {
         let Ok(state) = self.http_get(id, "/v1/_replication/state") else {

@@ -48,14 +48,7 @@ fn assert_all_present(c: &Cluster, via: u64, prefix: &str, n: usize) {
 }
 
 fn recovering(c: &Cluster, id: u64) -> Vec<u64> {
-    let s = c.http_get(id, "/v1/_replication/state").expect("state");
-    s["partitions"]
-        .as_array()
-        .expect("partitions")
-        .iter()
-        .filter(|p| !p["recovering_to"].is_null())
-        .map(|p| p["partition"].as_u64().expect("partition"))
-        .collect()
+    c.recovering(id).expect("replication state")
 }
 
 #[test]
