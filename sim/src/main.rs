@@ -1772,9 +1772,20 @@ fn main() -> ExitCode {
         secs,
         seeds as f64 * 60.0 / secs.max(1e-9)
     );
+    // A seed that only failed to converge does not count as caught.
+    verdict(expect_violation, caught, seeds, violations, det_failed)
+}
+
+/// A run's exit code. As the self-test (`--expect-violation`) a safety check must have
+/// caught the injected bug in some seed; otherwise any violation or nondeterminism fails.
+fn verdict(
+    expect_violation: bool,
+    caught: u64,
+    seeds: u64,
+    violations: u64,
+    det_failed: u64,
+) -> ExitCode {
     if expect_violation {
-        // The self-test: a safety check must catch the injected bug (a seed that only
-        // failed to converge does not count).
         return if caught > 0 && det_failed == 0 {
             println!("the checks caught the injected bug in {caught} of {seeds} seeds");
             ExitCode::SUCCESS

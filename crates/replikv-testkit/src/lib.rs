@@ -606,6 +606,16 @@ impl Cluster {
         conn
     }
 
+    /// A RESP connection to node `id` whose reads use preference `read` (`REPLIKV.READ`).
+    pub fn redis_reading(&self, id: u64, read: &str) -> redis::Connection {
+        let mut conn = self.redis(id);
+        let _: () = redis::cmd("REPLIKV.READ")
+            .arg(read)
+            .query(&mut conn)
+            .unwrap_or_else(|e| panic!("REPLIKV.READ {read} on node {id}: {e}"));
+        conn
+    }
+
     pub fn http_get(&self, id: u64, path: &str) -> Result<Value, String> {
         let url = format!("http://{}{path}", self.nodes[&id].http);
         match ureq::get(&url).timeout(Duration::from_secs(10)).call() {

@@ -79,12 +79,7 @@ fn replica_reads(c: &Cluster, node: u64) -> f64 {
 }
 
 fn secondary(c: &Cluster, node: u64) -> redis::Connection {
-    let mut conn = c.redis(node);
-    let _: () = redis::cmd("REPLIKV.READ")
-        .arg("secondary")
-        .query(&mut conn)
-        .unwrap();
-    conn
+    c.redis_reading(node, "secondary")
 }
 
 /// A key written with `PX ttl_ms` between `invoked` and `acked` (real Unix ms) must be live

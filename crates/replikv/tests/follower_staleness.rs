@@ -17,12 +17,7 @@ fn bin() -> &'static std::path::Path {
 }
 
 fn secondary(c: &Cluster, node: u64) -> redis::Connection {
-    let mut conn = c.redis(node);
-    let _: () = redis::cmd("REPLIKV.READ")
-        .arg("secondary")
-        .query(&mut conn)
-        .unwrap();
-    conn
+    c.redis_reading(node, "secondary")
 }
 
 #[test]
