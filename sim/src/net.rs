@@ -236,15 +236,16 @@ impl RaftNetwork<TypeConfig> for SimConn {
         rpc!(self, option, |t: Peer| async move {
             // As `replikv-cluster`'s handler.rs: a replica recovering from a damaged log votes
             // as if it still held what it lost, so a candidate short of its high water is
-            // refused before openraft compares it with the shorter real log. The refusal
-            // carries its real last log id, as openraft's own do.
+            // refused before openraft compares it with the shorter real log. The refusal shows
+            // no log longer than the candidate's, so that no candidate waits for this replica,
+            // which does not campaign.
             if !t.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
                 net.lock().unwrap().votes_refused_recovering += 1;
                 let vote = t.raft.metrics().borrow().vote;
                 return Ok(VoteResponse {
                     vote,
                     vote_granted: false,
-                    last_log_id: t.raft.data_metrics().borrow().last_log,
+                    last_log_id: t.raft.data_metrics().borrow().last_log.min(rpc.last_log_id),
                 });
             }
             t.raft.vote(rpc).await

@@ -144,12 +144,13 @@ impl Node {
                     // A replica recovering from a damaged log votes as if it still held what
                     // it lost (`replikv-raft`'s `damage.rs`): a candidate short of that is
                     // refused here, before openraft compares it with the shorter real log.
-                    // The refusal carries its real last log id, not the high water: openraft
-                    // uses it only to delay the next campaign of a candidate that sees a
-                    // longer log, so that the longer log's holder campaigns first. This
-                    // replica does not campaign, so waiting for it helps no one, and when it
-                    // made every candidate wait, two intact replicas could keep splitting
-                    // their votes for good (simulation stage 2, seed 46).
+                    // openraft reads a refusal's last log id only to delay the next campaign
+                    // of a candidate shown a longer log than its own, so that the longer log's
+                    // holder campaigns first. This replica does not campaign, so no one should
+                    // wait for it: the refusal shows no log longer than the candidate's. Showing
+                    // the high water, or a real log longer than both intact replicas', made
+                    // every candidate wait alike, and two intact replicas whose timers ran
+                    // together split their votes for good (simulation stage 2, seeds 46, 184).
                     if !g.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
                         let vote = g.raft.metrics().borrow().vote;
                         tracing::info!(
@@ -159,13 +160,11 @@ impl Node {
                             high_water = ?g.recovery.high_water(),
                             "vote refused: recovering from a damaged log"
                         );
-                        // No log id claimed: the high water is not a log anyone holds, and a
-                        // candidate told of a greater log backs off its next campaign, which
-                        // kept the one that could win from winning (found by the simulation).
+                        let last = g.raft.data_metrics().borrow().last_log;
                         return PeerResponse::Vote(Ok(openraft::raft::VoteResponse {
                             vote,
                             vote_granted: false,
-                            last_log_id: g.raft.data_metrics().borrow().last_log,
+                            last_log_id: last.min(rpc.last_log_id),
                         }));
                     }
                     PeerResponse::Vote(g.raft.vote(rpc).await)
