@@ -566,19 +566,26 @@ pub struct Rot {
     pub len: usize,
 }
 
-/// One record of a segment image: where it lies, its kind and its partition.
+/// One record of a segment image: where it lies, its kind (of layout 1: a layout 2 kind
+/// is read as the layout 1 kind it stands for), its partition, and where in its body the
+/// kind's fields begin (after the group it names).
 struct Record {
     start: usize,
     kind: u8,
     partition: u32,
+    fields: usize,
 }
 
-/// The kind byte of an entry record (`replikv_storage`'s raft_log format).
+/// The kind byte of an entry record (`replikv_storage`'s raft_log format, layout 1).
 const ENTRY_RECORD: u8 = 1;
+/// Layout 2's kinds of one group are layout 1's plus this; they name the keyspace after the
+/// partition.
+const LAYOUT2: u8 = 6;
 
 /// The records of a segment image from offset 0 while they run valid, and where the last
 /// one ends. The framing is `replikv_storage`'s (raft_log/mod.rs: `[len u32 LE][crc32c u32
-/// LE of body][body]`, the body `[kind u8][partition u32 LE]...`); the simulation reads it
+/// LE of body][body]`, the body `[kind u8][partition u32 LE]`, for layout 2 kinds then
+/// `[keyspace u32 LE]`, ...); the simulation reads it
 /// only to place bit rot where the tear rule must call it damage.
 fn records(bytes: &[u8]) -> (Vec<Record>, usize) {
     const HEADER: usize = 8;
@@ -591,10 +598,15 @@ fn records(bytes: &[u8]) -> (Vec<Record>, usize) {
             break;
         }
         let body = &bytes[at + HEADER..end];
+        let (kind, fields) = match body[0] {
+            k @ 7..=10 if len >= 9 => (k - LAYOUT2, 9),
+            k => (k, 5),
+        };
         out.push(Record {
             start: at,
-            kind: body[0],
+            kind,
             partition: u32::from_le_bytes(body[1..5].try_into().expect("4 bytes")),
+            fields,
         });
         at = end;
     }
@@ -617,13 +629,16 @@ impl SimLogDir {
             ));
             for r in &recs {
                 let body = &bytes[r.start + 8..];
+                let f = r.fields;
                 let what = match r.kind {
                     1..=3 => format!(
                         "{}{}",
                         ["", "A", "T", "P"][r.kind as usize],
-                        u64::from_le_bytes(body[5..13].try_into().expect("8 bytes"))
+                        u64::from_le_bytes(body[f..f + 8].try_into().expect("8 bytes"))
                     ),
-                    4 => String::from_utf8_lossy(&body[6..6 + body[5] as usize]).into_owned(),
+                    4 => {
+                        String::from_utf8_lossy(&body[f + 1..f + 1 + body[f] as usize]).into_owned()
+                    }
                     5 => "synced".into(),
                     _ => "cut".into(),
                 };

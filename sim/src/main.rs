@@ -339,7 +339,7 @@ impl Discarded {
         };
         for op in &d.damage().after {
             match op {
-                LogOp::Append { p, index, bytes } if *p == PARTITION => {
+                LogOp::Append { g: p, index, bytes } if *p == PARTITION => {
                     let e = replikv_raft::decode_record(bytes).map_err(|e| e.to_string())?;
                     out.entries += 1;
                     out.first = Some(out.first.map_or(*index, |f| f.min(*index)));
@@ -348,10 +348,10 @@ impl Discarded {
                         &mut out,
                     );
                 }
-                LogOp::TruncateFrom { p, index } if *p == PARTITION => {
+                LogOp::TruncateFrom { g: p, index } if *p == PARTITION => {
                     out.first = Some(out.first.map_or(*index, |f| f.min(*index)));
                 }
-                LogOp::Meta { p, name, value } if *p == PARTITION && name == VOTE_FIELD => {
+                LogOp::Meta { g: p, name, value } if *p == PARTITION && name == VOTE_FIELD => {
                     floor(vote(value)?, &mut out);
                 }
                 _ => {}
@@ -519,7 +519,7 @@ impl Sim {
         }
         let mut back = step;
         for &k in &order[intact..] {
-            self.nodes[k].rot_next = Some(Some(PARTITION));
+            self.nodes[k].rot_next = Some(Some(PARTITION.partition));
             self.nodes[k].restart_at = step + self.rot_rng.random_range(100..1_000);
             back = back.max(self.nodes[k].restart_at);
         }
@@ -644,10 +644,10 @@ impl Sim {
                         .after
                         .iter()
                         .map(|op| match op {
-                            LogOp::Append { p, index, .. } => format!("p{p} append {index}"),
-                            LogOp::TruncateFrom { p, index } => format!("p{p} truncate {index}"),
-                            LogOp::PurgeTo { p, index, .. } => format!("p{p} purge {index}"),
-                            LogOp::Meta { p, name, .. } => format!("p{p} {name}"),
+                            LogOp::Append { g: p, index, .. } => format!("p{p} append {index}"),
+                            LogOp::TruncateFrom { g: p, index } => format!("p{p} truncate {index}"),
+                            LogOp::PurgeTo { g: p, index, .. } => format!("p{p} purge {index}"),
+                            LogOp::Meta { g: p, name, .. } => format!("p{p} {name}"),
                         })
                         .collect();
                     let held = d
@@ -699,7 +699,7 @@ impl Sim {
             }
         }
         n.starts += 1;
-        let (log, sm) = replikv_raft::open_partition(&stores, PARTITION).map_err(|e| {
+        let (log, sm) = replikv_raft::open_group(&stores, PARTITION).map_err(|e| {
             v(
                 "a node reopens its log store and state machine",
                 format!("node {id}: {e}"),

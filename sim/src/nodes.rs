@@ -46,7 +46,9 @@ use replikv_cluster::messages::Hello;
 use replikv_cluster::transport::{Dialer, Handler, ReadHalf, Transport, WriteHalf};
 use replikv_cluster::{Node, NodeConfig, Replication, WallClock};
 use replikv_storage::{DiskSpace, FsyncPolicy, LogOp, Opened, RaftLog, Store, Stores, WriterKind};
-use replikv_types::{Consistency, Error, Expiry, KvOp, ReadPreference, SetCond, StoredValue};
+use replikv_types::{
+    Consistency, Error, Expiry, GroupId, KvOp, ReadPreference, SetCond, StoredValue,
+};
 
 use crate::disk::{CrashKind, Power, Rot, SharedPower, SimDisk, SimLogDir};
 use crate::{fnv, mix, ROT_BYTES};
@@ -277,7 +279,7 @@ fn sim_ns() -> u64 {
 fn recovering(log: &RaftLog) -> Vec<u32> {
     (0..PARTITIONS)
         .filter(|p| {
-            log.meta(*p, RECOVER_TO_FIELD)
+            log.meta(GroupId::default_keyspace(*p), RECOVER_TO_FIELD)
                 .and_then(|raw| bincode::deserialize::<Option<replikv_raft::LogId>>(&raw).ok())
                 .flatten()
                 .is_some()
@@ -691,7 +693,7 @@ fn file_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String
     let mut out = BTreeMap::new();
     for p in 0..PARTITIONS {
         let applied = r
-            .meta_get(p, "applied")
+            .meta_get(GroupId::default_keyspace(p), "applied")
             .map_err(|e| e.to_string())?
             .map(|b| bincode::deserialize::<Option<replikv_raft::LogId>>(&b))
             .transpose()
@@ -699,7 +701,7 @@ fn file_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String
             .flatten()
             .map(|l| (l.leader_id.term, l.index));
         let mut d = Digest::default();
-        r.kv_for_each(p, b"", |k, raw| {
+        r.kv_for_each(GroupId::default_keyspace(p), b"", |k, raw| {
             d.add(k, raw);
             true
         })
@@ -720,7 +722,7 @@ fn view_digests(node: &Node) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
             true
         })?;
         let applied = applied.map(|l| (l.leader_id.term, l.index));
-        out.insert(g.partition, (applied, d.finish(g.partition)?));
+        out.insert(g.id.partition, (applied, d.finish(g.id.partition)?));
     }
     Ok(out)
 }
@@ -808,19 +810,19 @@ impl Harness {
             for g in node.groups() {
                 let m = g.raft.metrics().borrow().clone();
                 if m.state == ServerState::Leader {
-                    if s.recovering.contains(&g.partition) {
+                    if s.recovering.contains(&g.id.partition) {
                         return Err((
                             step,
                             NO_RECOVERING_LEADER,
                             format!(
                                 "node {id} leads partition {} in term {} while recovering",
-                                g.partition, m.current_term
+                                g.id.partition, m.current_term
                             ),
                         ));
                     }
                     let won = self
                         .leaders
-                        .entry((g.partition, m.current_term))
+                        .entry((g.id.partition, m.current_term))
                         .or_default()
                         .insert(id);
                     if let Some(fill) = self.full.get_mut(&id) {
@@ -835,7 +837,7 @@ impl Harness {
                                     NO_FULL_LEADER,
                                     format!(
                                         "node {id} won partition {} in term {}, {after} ms after its disk filled",
-                                        g.partition, m.current_term
+                                        g.id.partition, m.current_term
                                     ),
                                 ));
                             }
@@ -845,7 +847,7 @@ impl Harness {
                 if crate::trace_on() {
                     eprintln!(
                         "{step} n{id} p{} {:?} term {} leader {:?} applied {:?}",
-                        g.partition,
+                        g.id.partition,
                         m.state,
                         m.current_term,
                         m.current_leader,
@@ -855,7 +857,7 @@ impl Harness {
                 self.trace = mix(
                     self.trace,
                     mix(
-                        id << 8 | g.partition as u64,
+                        id << 8 | g.id.partition as u64,
                         m.current_term << 32 | m.last_applied.map_or(0, |l| l.index),
                     ),
                 );
@@ -1121,7 +1123,7 @@ impl Harness {
                 let m = g.raft.metrics().borrow().clone();
                 eprintln!(
                     "node {} p{}: {:?} vote {} last log {:?} applied {:?} leader {:?} replication {:?}",
-                    s.id, g.partition, m.state, m.vote, m.last_log_index, m.last_applied.map(|l| l.index), m.current_leader,
+                    s.id, g.id.partition, m.state, m.vote, m.last_log_index, m.last_applied.map(|l| l.index), m.current_leader,
                     m.replication
                 );
             }

@@ -34,7 +34,7 @@ use replikv_storage::{LogOp, RaftLog};
 use replikv_types::Replies;
 
 /// The partition every simulated node's group runs as.
-pub const PARTITION: u32 = 0;
+pub const PARTITION: replikv_types::GroupId = replikv_types::GroupId::default_keyspace(0);
 
 /// How many trailing log records `--bug lost-append` corrupts on a crash.
 pub const LOST_TAIL: u64 = 8;
@@ -128,7 +128,7 @@ pub fn corrupt_log_tail(log: &RaftLog) -> Option<u64> {
                 *last ^= 0x5a;
             }
             LogOp::Append {
-                p: PARTITION,
+                g: PARTITION,
                 index: *i,
                 bytes,
             }

@@ -81,8 +81,8 @@ impl ElectionGate {
 impl Node {
     /// Whether this node has heard from a majority of partition `p`'s replicas within the
     /// election timeout. When it has not, it knows no write or read can succeed through it.
-    pub(crate) fn reaches_majority(&self, p: replikv_types::PartitionId) -> bool {
-        let Some(pl) = self.placement.get(p) else {
+    pub(crate) fn reaches_majority(&self, p: replikv_types::GroupId) -> bool {
+        let Some(pl) = self.placement_of(p) else {
             return false;
         };
         self.reachable(&pl.replicas) > pl.replicas.len() / 2
@@ -127,7 +127,7 @@ impl Node {
             && self.unfit_to_lead(g).is_none();
         if g.elections.allowed.swap(allowed, Ordering::Relaxed) != allowed {
             g.raft.runtime_config().elect(allowed);
-            tracing::debug!(partition = g.partition, allowed, "election timer");
+            tracing::debug!(group = %g.id, allowed, "election timer");
         }
     }
 }
@@ -186,14 +186,14 @@ impl Node {
                 return;
             }
             tracing::info!(
-                partition = g.partition,
+                group = %g.id,
                 leader,
                 term,
                 "leader's process is gone; campaigning"
             );
-            node.metrics.early_campaign(g.partition);
+            node.metrics.early_campaign(g.id);
             if let Err(e) = g.raft.trigger().elect().await {
-                tracing::debug!(partition = g.partition, error = %e, "early campaign not started");
+                tracing::debug!(group = %g.id, error = %e, "early campaign not started");
             }
         });
     }
@@ -258,15 +258,15 @@ impl Node {
             else {
                 continue;
             };
-            let (node, p) = (self.clone(), g.partition);
+            let (node, p) = (self.clone(), g.id);
             tracing::warn!(
-                partition = p,
+                group = %p,
                 to,
                 "handing leadership over: this node's clock is not in step"
             );
             tokio::spawn(async move {
                 if let Err(e) = node.transfer_leadership(p, to).await {
-                    tracing::warn!(partition = p, to, error = %e, "hand-over failed; trying again");
+                    tracing::warn!(group = %p, to, error = %e, "hand-over failed; trying again");
                 }
             });
         }

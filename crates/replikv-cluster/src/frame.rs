@@ -1,4 +1,4 @@
-//! Peer frames, version 3. Every message between nodes travels as
+//! Peer frames, version 4. Every message between nodes travels as
 //!
 //! ```text
 //! u32 LE len | u32 LE crc32c(rest) | rest = u8 version | u8 kind | u64 LE id | payload
@@ -7,6 +7,9 @@
 //! version or kind, or is longer than [`MAX_FRAME_BYTES`] closes the connection: the peer
 //! reconnects and openraft resends what was lost.
 //!
+//! Version 4 names every group by `GroupId { keyspace, partition }` (Raft messages, forwarded
+//! requests, leader marks, errors, write outcomes, status) where version 3 named a partition
+//! of the one keyspace; nothing else changed.
 //! Version 3 changed the writes inside log entries (expiries as `Expiry`: relative ones are
 //! resolved at apply; log records of version 3) and the messages: a read's value carries
 //! the TTL its serving replica counted, and pings and pongs carry wall-clock stamps.
@@ -15,12 +18,13 @@
 //! "unknown peer frame version" (reported at warn). Upgraded one node at a time, a 3-node
 //! cluster has no majority of one version while the second node restarts: the two running
 //! nodes differ, so writes pause until it is back. Going back is not supported: a build of
-//! version 2 refuses to open a log holding records of version 3, and one of version 1 cuts
-//! them as a damaged tail.
+//! version 3 refuses to open a log holding records of layout 2 (`replikv-storage`'s
+//! `raft_log`), one of version 2 a log holding records of version 3, and one of version 1
+//! cuts them as a damaged tail.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-pub const FRAME_VERSION: u8 = 3;
+pub const FRAME_VERSION: u8 = 4;
 /// Large enough for a snapshot chunk plus headers; small enough to bound a bad header.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
 const HEADER: usize = 4 + 4 + 1 + 1 + 8;

@@ -27,18 +27,14 @@ impl Handler for Node {
     ) -> BoxFuture<'static, BoxFuture<'static, PeerResponse>> {
         async move {
             match req {
-                PeerRequest::Client(ClientRequest::Write {
-                    partition,
-                    op,
-                    level,
-                }) => {
+                PeerRequest::Client(ClientRequest::Write { group, op, level }) => {
                     // Proposed here, in arrival order; only the wait is left to the future.
-                    let pending = if self.group(partition).is_some() {
-                        self.propose_local(partition, op, level).await
+                    let pending = if self.group(group).is_some() {
+                        self.propose_local(group, op, level).await
                     } else {
                         ready(Err(Error::NotLeader {
-                            partition,
-                            leader: self.leader_of(partition),
+                            group,
+                            leader: self.leader_of(group),
                         }))
                     };
                     async move { PeerResponse::Client(pending.await.map(ClientResponse::Written)) }
@@ -71,7 +67,7 @@ impl Node {
                 // least once per heartbeat: add a heartbeat so the age is never understated.
                 let age = m.millis_since_quorum_ack? + self.cfg.replication.heartbeat_ms;
                 Some(LeaderMark {
-                    partition: g.partition,
+                    group: g.id,
                     last_offset: m.last_log_index.unwrap_or(0),
                     quorum_ack_ms: age,
                 })
@@ -86,7 +82,7 @@ impl Node {
         self.clock
             .note_pong(from, sent, pong.echo_wall_ms, pong.wall_ms, pong.in_step);
         for mark in &pong.marks {
-            let Some(g) = self.group(mark.partition) else {
+            let Some(g) = self.group(mark.group) else {
                 continue;
             };
             if g.leader() != Some(from) {
@@ -103,7 +99,7 @@ impl Node {
         match req {
             PeerRequest::AppendEntries(p, rpc) => {
                 let Some(g) = self.group(p).cloned() else {
-                    return PeerResponse::NoSuchPartition(p);
+                    return PeerResponse::NoSuchGroup(p);
                 };
                 // New entries are new data: not into the disk's reserve, which is for votes,
                 // checkpoints and purges. The leader gets no acknowledgement and retries them
@@ -154,7 +150,7 @@ impl Node {
                     if !g.recovery.may_vote_for(rpc.last_log_id.as_ref()) {
                         let vote = g.raft.metrics().borrow().vote;
                         tracing::info!(
-                            partition = p,
+                            group = %p,
                             candidate = rpc.vote.leader_id().voted_for(),
                             candidate_last = ?rpc.last_log_id,
                             high_water = ?g.recovery.high_water(),
@@ -169,7 +165,7 @@ impl Node {
                     }
                     PeerResponse::Vote(g.raft.vote(rpc).await)
                 }
-                None => PeerResponse::NoSuchPartition(p),
+                None => PeerResponse::NoSuchGroup(p),
             },
             PeerRequest::InstallSnapshot(p, rpc) => match self.group(p) {
                 Some(_) if self.space.refusing() => {
@@ -184,7 +180,7 @@ impl Node {
                     }
                     PeerResponse::InstallSnapshot(r)
                 }
-                None => PeerResponse::NoSuchPartition(p),
+                None => PeerResponse::NoSuchGroup(p),
             },
             PeerRequest::Client(req) => PeerResponse::Client(self.serve_client(req).await),
             PeerRequest::Ping { wall_ms } => PeerResponse::Pong(Pong {
@@ -201,51 +197,47 @@ impl Node {
         req: ClientRequest,
     ) -> Result<ClientResponse, Error> {
         match req {
-            ClientRequest::Write {
-                partition,
-                op,
-                level,
-            } => {
-                let pending = self.propose_local(partition, op, level).await;
+            ClientRequest::Write { group, op, level } => {
+                let pending = self.propose_local(group, op, level).await;
                 pending.await.map(ClientResponse::Written)
             }
             ClientRequest::Get {
-                partition,
+                group,
                 key,
                 read,
                 min_offset,
             } => {
                 let v = if read == ReadPreference::Primary {
-                    self.linearizable_get(partition, &key, min_offset).await?
+                    self.linearizable_get(group, &key, min_offset).await?
                 } else {
                     self.get(key, read, min_offset).await?
                 };
                 Ok(ClientResponse::Value(v))
             }
             ClientRequest::Scan {
-                partition,
+                group,
                 start,
                 count,
                 pattern,
             } => {
-                let (keys, next) = self.local_scan(partition, start, count, pattern).await?;
+                let (keys, next) = self.local_scan(group, start, count, pattern).await?;
                 Ok(ClientResponse::Keys { keys, next })
             }
             ClientRequest::WaitReplicas {
-                partition,
+                group,
                 offset,
                 wanted,
                 timeout_ms,
             } => {
-                let Some(g) = self.group(partition).cloned() else {
+                let Some(g) = self.group(group).cloned() else {
                     return Err(Error::NotLeader {
-                        partition,
-                        leader: self.leader_of(partition),
+                        group,
+                        leader: self.leader_of(group),
                     });
                 };
                 if !g.is_leader() {
                     return Err(Error::NotLeader {
-                        partition,
+                        group,
                         leader: g.leader(),
                     });
                 }
@@ -253,19 +245,16 @@ impl Node {
                     self.count_replicas(&g, offset, wanted, timeout_ms).await,
                 ))
             }
-            ClientRequest::Transfer { partition, to } => {
-                self.transfer_leadership(partition, to).await?;
+            ClientRequest::Transfer { group, to } => {
+                self.transfer_leadership(group, to).await?;
                 Ok(ClientResponse::Done)
             }
-            ClientRequest::HoldElections { partition, for_ms } => {
-                self.hold_elections(partition, Duration::from_millis(for_ms));
+            ClientRequest::HoldElections { group, for_ms } => {
+                self.hold_elections(group, Duration::from_millis(for_ms));
                 Ok(ClientResponse::Done)
             }
-            ClientRequest::Campaign {
-                partition,
-                after_ms,
-            } => {
-                self.campaign(partition, Duration::from_millis(after_ms))
+            ClientRequest::Campaign { group, after_ms } => {
+                self.campaign(group, Duration::from_millis(after_ms))
                     .await?;
                 Ok(ClientResponse::Done)
             }

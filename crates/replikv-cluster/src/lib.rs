@@ -39,5 +39,5 @@ pub use frame::{
     Kind as FrameKind,
 };
 pub use metrics::Metrics;
-pub use node::{hosted_partitions, Group, Node, NodeConfig, Replication, WallClock};
+pub use node::{hosted_groups, Group, Node, NodeConfig, Replication, WallClock};
 pub use write::WriteFuture;

@@ -1,5 +1,5 @@
 //! What nodes say to each other, inside request and response frames (bincode, versioned by
-//! the frame). Raft messages of every partition and forwarded client requests share one
+//! the frame). Raft messages of every group and forwarded client requests share one
 //! connection per peer.
 
 use bytes::Bytes;
@@ -9,7 +9,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use replikv_raft::TypeConfig;
-use replikv_types::{Consistency, Error, KvOp, NodeId, Offset, PartitionId, ReadPreference};
+use replikv_types::{Consistency, Error, GroupId, KvOp, NodeId, Offset, ReadPreference};
 pub use replikv_types::{ValueWithTtl, WriteOutcome};
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +23,9 @@ pub struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerRequest {
-    AppendEntries(PartitionId, AppendEntriesRequest<TypeConfig>),
-    Vote(PartitionId, VoteRequest<u64>),
-    InstallSnapshot(PartitionId, InstallSnapshotRequest<TypeConfig>),
+    AppendEntries(GroupId, AppendEntriesRequest<TypeConfig>),
+    Vote(GroupId, VoteRequest<u64>),
+    InstallSnapshot(GroupId, InstallSnapshotRequest<TypeConfig>),
     Client(ClientRequest),
     /// Liveness: answered at once, so a node knows which peers it can reach. Carries the
     /// sender's wall clock (Unix ms) when it sent it, echoed back (`clock.rs`).
@@ -40,9 +40,9 @@ pub enum PeerResponse {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Client(Result<ClientResponse, Error>),
-    /// The partition is not hosted by the receiving node.
-    NoSuchPartition(PartitionId),
-    /// The answer to a ping: where this node stands in each partition it leads, and its
+    /// The group is not hosted by the receiving node.
+    NoSuchGroup(GroupId),
+    /// The answer to a ping: where this node stands in each group it leads, and its
     /// wall clock against the pinger's (`clock.rs`).
     Pong(Pong),
     /// The node cannot take the request now (its disk is full): the sender backs off and
@@ -65,7 +65,7 @@ pub struct Pong {
 /// A leader's position, for its followers' staleness bound (`lag.rs`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LeaderMark {
-    pub partition: PartitionId,
+    pub group: GroupId,
     /// The leader's last log offset: every committed entry is at or below it.
     pub last_offset: Offset,
     /// How long ago (leader's clock) a quorum acknowledged a message the leader sent then.
@@ -76,19 +76,19 @@ pub struct LeaderMark {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ClientRequest {
     Write {
-        partition: PartitionId,
+        group: GroupId,
         op: KvOp,
         level: Consistency,
     },
     Get {
-        partition: PartitionId,
+        group: GroupId,
         key: Bytes,
         read: ReadPreference,
-        /// Read-your-writes: the reader's last write offset in this partition.
+        /// Read-your-writes: the reader's last write offset in this group.
         min_offset: Option<Offset>,
     },
     Scan {
-        partition: PartitionId,
+        group: GroupId,
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
@@ -96,24 +96,24 @@ pub enum ClientRequest {
     /// `WAIT`: how many replicas other than the leader hold `offset`, waiting up to
     /// `timeout_ms` (0 = no limit) for `wanted` of them.
     WaitReplicas {
-        partition: PartitionId,
+        group: GroupId,
         offset: Offset,
         wanted: usize,
         timeout_ms: u64,
     },
-    /// Move leadership of `partition` to `to`.
+    /// Move leadership of `group` to `to`.
     Transfer {
-        partition: PartitionId,
+        group: GroupId,
         to: NodeId,
     },
     /// Sent by a transferring leader: hold elections off on this replica for `for_ms`.
     HoldElections {
-        partition: PartitionId,
+        group: GroupId,
         for_ms: u64,
     },
     /// Sent to a transfer's target: campaign once the old leader's lease has run out.
     Campaign {
-        partition: PartitionId,
+        group: GroupId,
         after_ms: u64,
     },
     Status,

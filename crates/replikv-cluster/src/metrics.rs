@@ -13,8 +13,17 @@ use prometheus::{
 };
 
 use crate::status::NodeStatus;
+use replikv_types::GroupId;
 
-const KS: &str = replikv_types::DEFAULT_KEYSPACE;
+/// The `keyspace` label of group `g`'s series: `default`, `meta`, or the keyspace's number
+/// until this node knows its name.
+pub fn keyspace_label(g: GroupId) -> String {
+    match g.keyspace {
+        replikv_types::DEFAULT_KEYSPACE_ID => replikv_types::DEFAULT_KEYSPACE.to_string(),
+        _ if g.is_meta() => "meta".to_string(),
+        n => n.to_string(),
+    }
+}
 
 pub struct Metrics {
     node: String,
@@ -51,7 +60,7 @@ pub struct Metrics {
     clock_offset: GaugeVec,
     clock_uncertainty: GaugeVec,
     /// Last offsets folded into the counters above, to add only what is new.
-    seen: Mutex<HashMap<(String, u32, u64), u64>>,
+    seen: Mutex<HashMap<(String, GroupId, u64), u64>>,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -284,72 +293,76 @@ impl Metrics {
         }
     }
 
-    fn p(&self, p: u32) -> [String; 3] {
-        [KS.to_string(), p.to_string(), self.node.clone()]
+    fn p(&self, g: GroupId) -> [String; 3] {
+        [
+            keyspace_label(g),
+            g.partition.to_string(),
+            self.node.clone(),
+        ]
     }
 
-    pub fn write_ok(&self, p: u32) {
+    pub fn write_ok(&self, p: GroupId) {
         let l = self.p(p);
         self.writes.with_label_values(&[&l[0], &l[1], &l[2]]).inc();
     }
 
-    pub fn write_failed(&self, p: u32) {
+    pub fn write_failed(&self, p: GroupId) {
         let l = self.p(p);
         self.writes_failed
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn read_served(&self, p: u32, by: &str) {
+    pub fn read_served(&self, p: GroupId, by: &str) {
         let l = self.p(p);
         self.reads
             .with_label_values(&[&l[0], &l[1], &l[2], by])
             .inc();
     }
 
-    pub fn read_round(&self, p: u32) {
+    pub fn read_round(&self, p: GroupId) {
         let l = self.p(p);
         self.read_rounds
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn election(&self, p: u32) {
+    pub fn election(&self, p: GroupId) {
         let l = self.p(p);
         self.elections
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn early_campaign(&self, p: u32) {
+    pub fn early_campaign(&self, p: GroupId) {
         let l = self.p(p);
         self.early_campaigns
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn failover(&self, p: u32) {
+    pub fn failover(&self, p: GroupId) {
         let l = self.p(p);
         self.failovers
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn evicted(&self, p: u32, n: u64) {
+    pub fn evicted(&self, p: GroupId, n: u64) {
         let l = self.p(p);
         self.evicted
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc_by(n);
     }
 
-    pub fn snapshot_received(&self, p: u32) {
+    pub fn snapshot_received(&self, p: GroupId) {
         let l = self.p(p);
         self.snapshots
             .with_label_values(&[&l[0], &l[1], &l[2]])
             .inc();
     }
 
-    pub fn synced(&self, p: u32, entries: usize, took: Duration, ok: bool) {
+    pub fn synced(&self, p: GroupId, entries: usize, took: Duration, ok: bool) {
         let l = self.p(p);
         let labels = [l[0].as_str(), l[1].as_str(), l[2].as_str()];
         if !ok {
@@ -378,7 +391,7 @@ impl Metrics {
         &self,
         counter: &IntCounterVec,
         labels: &[&str],
-        key: (String, u32, u64),
+        key: (String, GroupId, u64),
         value: u64,
     ) {
         let mut seen = self.seen.lock().expect("metrics");
@@ -396,7 +409,7 @@ impl Metrics {
         self.max_connections
             .with_label_values(&labels)
             .set(max as i64);
-        let key = (format!("rejected:{listener}"), 0, 0);
+        let key = (format!("rejected:{listener}"), GroupId::default(), 0);
         self.advance(&self.rejected_connections, &labels, key, rejected);
     }
 
@@ -431,7 +444,7 @@ impl Metrics {
         }
         for st in &status.storage {
             let labels = [self.node.as_str(), st.store.as_str()];
-            let key = |what: &str| (format!("{what}:{}", st.store), 0, 0);
+            let key = |what: &str| (format!("{what}:{}", st.store), GroupId::default(), 0);
             self.advance(&self.storage_commits, &labels, key("commits"), st.commits);
             self.advance(&self.storage_fsyncs, &labels, key("fsyncs"), st.fsyncs);
         }
@@ -442,12 +455,13 @@ impl Metrics {
             .with_label_values(&[&self.node])
             .set(status.disk.refusing.is_some() as i64);
         for part in &status.partitions {
+            let g = part.group();
             let ps = part.partition.to_string();
-            let labels = [KS, ps.as_str(), self.node.as_str()];
+            let labels = [part.keyspace.as_str(), ps.as_str(), self.node.as_str()];
             self.advance(
                 &self.applied,
                 &labels,
-                ("applied".into(), part.partition, 0),
+                ("applied".into(), g, 0),
                 part.applied_offset,
             );
             self.pending
@@ -459,7 +473,12 @@ impl Metrics {
             let mut healthy = 0;
             for rep in part.replicas.iter().filter(|r| r.node_id != status.node_id) {
                 let rs = rep.node_id.to_string();
-                let rl = [KS, ps.as_str(), self.node.as_str(), rs.as_str()];
+                let rl = [
+                    part.keyspace.as_str(),
+                    ps.as_str(),
+                    self.node.as_str(),
+                    rs.as_str(),
+                ];
                 self.lag_ops
                     .with_label_values(&rl)
                     .set(rep.lag_ops.unwrap_or(0) as i64);
@@ -470,7 +489,7 @@ impl Metrics {
                     self.advance(
                         &self.replicated,
                         &rl,
-                        ("replicated".into(), part.partition, rep.node_id),
+                        ("replicated".into(), g, rep.node_id),
                         m,
                     );
                 }

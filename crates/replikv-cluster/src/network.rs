@@ -13,7 +13,7 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use replikv_raft::TypeConfig;
-use replikv_types::PartitionId;
+use replikv_types::GroupId;
 
 use crate::messages::{PeerRequest, PeerResponse};
 use crate::transport::{PeerClient, Transport, TransportError};
@@ -21,7 +21,7 @@ use crate::transport::{PeerClient, Transport, TransportError};
 #[derive(Clone)]
 pub struct GroupNetwork {
     pub transport: Arc<Transport>,
-    pub partition: PartitionId,
+    pub group: GroupId,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
@@ -31,7 +31,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
         GroupClient {
             peer: self.transport.add_peer(target, &node.addr),
             target,
-            partition: self.partition,
+            group: self.group,
         }
     }
 }
@@ -39,7 +39,7 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
 pub struct GroupClient {
     peer: Arc<PeerClient>,
     target: u64,
-    partition: PartitionId,
+    group: GroupId,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -92,7 +92,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
             }
         }
         let resp = self
-            .call(PeerRequest::AppendEntries(self.partition, rpc), &option)
+            .call(PeerRequest::AppendEntries(self.group, rpc), &option)
             .await
             .map_err(transport_err)?;
         match resp {
@@ -110,7 +110,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcErr<InstallSnapshotError>> {
         let resp = self
-            .call(PeerRequest::InstallSnapshot(self.partition, rpc), &option)
+            .call(PeerRequest::InstallSnapshot(self.group, rpc), &option)
             .await
             .map_err(transport_err)?;
         match resp {
@@ -128,7 +128,7 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RpcErr> {
         let resp = self
-            .call(PeerRequest::Vote(self.partition, rpc), &option)
+            .call(PeerRequest::Vote(self.group, rpc), &option)
             .await
             .map_err(transport_err)?;
         match resp {

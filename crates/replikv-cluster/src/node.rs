@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use replikv_placement::{place, Member, PartitionPlacement, PlacementTable};
 use replikv_raft::{AppendWaiters, CheckpointLimits, KvView, Raft};
 use replikv_storage::Stores;
-use replikv_types::{Consistency, NodeId, PartitionId, ReadPreference};
+use replikv_types::{Consistency, GroupId, NodeId, ReadPreference};
 
 use crate::clock::ClockCheck;
 use crate::lag::FollowerLag;
@@ -165,9 +165,9 @@ impl NodeConfig {
     }
 }
 
-/// One partition replica hosted by this node.
+/// One group replica hosted by this node.
 pub struct Group {
-    pub partition: PartitionId,
+    pub id: GroupId,
     pub raft: Raft,
     pub view: KvView,
     pub placement: PartitionPlacement,
@@ -220,12 +220,12 @@ pub struct Node {
     pub transport: Arc<Transport>,
     pub placement: PlacementTable,
     pub metrics: Arc<Metrics>,
-    pub(crate) groups: BTreeMap<PartitionId, Arc<Group>>,
+    pub(crate) groups: BTreeMap<GroupId, Arc<Group>>,
     pub(crate) stores: Stores,
     /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
     /// Last leader seen for partitions this node does not host.
-    pub(crate) leader_hints: Mutex<HashMap<PartitionId, NodeId>>,
+    pub(crate) leader_hints: Mutex<HashMap<GroupId, NodeId>>,
     /// The free space of the data directory's disk: below its reserve the node takes no new
     /// data (`replikv-storage`'s `space.rs`).
     pub(crate) space: Arc<replikv_storage::DiskSpace>,
@@ -237,13 +237,13 @@ pub struct Node {
     pub clock: Arc<ClockCheck>,
 }
 
-/// The partitions node `me` hosts in the placement of `peers` under `replication`: what
+/// The groups node `me` hosts in the placement of `peers` under `replication`: what
 /// `Node::start` starts (and what a damaged log's repair must cover).
-pub fn hosted_partitions(
+pub fn hosted_groups(
     me: NodeId,
     peers: &BTreeMap<NodeId, String>,
     replication: &Replication,
-) -> Result<std::collections::BTreeSet<PartitionId>, String> {
+) -> Result<std::collections::BTreeSet<GroupId>, String> {
     let members: Vec<Member> = peers.keys().map(|id| Member::new(*id)).collect();
     let factor = replication.factor.min(members.len());
     let placement =
@@ -252,7 +252,7 @@ pub fn hosted_partitions(
         .partitions
         .iter()
         .filter(|p| p.replicas.contains(&me))
-        .map(|p| p.partition)
+        .map(|p| GroupId::default_keyspace(p.partition))
         .collect())
 }
 
@@ -298,7 +298,7 @@ impl Node {
                 rng.random(),
             )
             .await?;
-            groups.insert(part.partition, Arc::new(group));
+            groups.insert(group.id, Arc::new(group));
         }
         let me = transport.me().clone();
         let mut endpoints = BTreeMap::new();
@@ -344,7 +344,7 @@ impl Node {
         self.rng.lock().expect("node rng").random()
     }
 
-    pub fn group(&self, p: PartitionId) -> Option<&Arc<Group>> {
+    pub fn group(&self, p: GroupId) -> Option<&Arc<Group>> {
         self.groups.get(&p)
     }
 
@@ -353,7 +353,7 @@ impl Node {
     /// soon, if ever. Never resolves on a node that does not host `p`.
     pub(crate) fn leader_moved(
         &self,
-        p: PartitionId,
+        p: GroupId,
         from: NodeId,
     ) -> futures::future::BoxFuture<'static, NodeId> {
         use futures::FutureExt;
@@ -387,8 +387,18 @@ impl Node {
         self.groups.values()
     }
 
-    pub fn partition_of(&self, key: &[u8]) -> PartitionId {
-        self.placement.partition_for_key(key)
+    /// The group of the default keyspace that holds `key`.
+    pub fn group_of(&self, key: &[u8]) -> GroupId {
+        GroupId::default_keyspace(self.placement.partition_for_key(key))
+    }
+
+    /// Where group `g` is placed, when this node knows it: the default keyspace's
+    /// partitions (the placement table of other keyspaces comes with the meta group).
+    pub fn placement_of(&self, g: GroupId) -> Option<&PartitionPlacement> {
+        if g.keyspace != replikv_types::DEFAULT_KEYSPACE_ID {
+            return None;
+        }
+        self.placement.get(g.partition)
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -396,15 +406,15 @@ impl Node {
     }
 
     /// Who leads `p`, as far as this node knows.
-    pub fn leader_of(&self, p: PartitionId) -> Option<NodeId> {
+    pub fn leader_of(&self, p: GroupId) -> Option<NodeId> {
         if let Some(g) = self.groups.get(&p) {
             return g.leader();
         }
         let hint = self.leader_hints.lock().expect("hints").get(&p).copied();
-        hint.or_else(|| self.placement.get(p).map(|pl| pl.preferred_leader))
+        hint.or_else(|| self.placement_of(p).map(|pl| pl.preferred_leader))
     }
 
-    pub(crate) fn note_leader(&self, p: PartitionId, leader: NodeId) {
+    pub(crate) fn note_leader(&self, p: GroupId, leader: NodeId) {
         if !self.groups.contains_key(&p) {
             self.leader_hints.lock().expect("hints").insert(p, leader);
         }
@@ -413,11 +423,11 @@ impl Node {
     /// For a partition this node does not host, whose believed leader `bad` could not be
     /// reached: point the hint at the next replica, which forwards or names the new leader.
     /// (A hosted partition learns its leader from its own Raft group.)
-    pub(crate) fn try_another_replica(&self, p: PartitionId, bad: NodeId) {
+    pub(crate) fn try_another_replica(&self, p: GroupId, bad: NodeId) {
         if self.groups.contains_key(&p) {
             return;
         }
-        let Some(pl) = self.placement.get(p) else {
+        let Some(pl) = self.placement_of(p) else {
             return;
         };
         let n = pl.replicas.len();
@@ -451,7 +461,7 @@ impl Node {
             return Err(format!("writes refused: {why}"));
         }
         match self.groups.values().find(|g| g.leader().is_none()) {
-            Some(g) => Err(format!("partition {} has no leader", g.partition)),
+            Some(g) => Err(format!("{:#} has no leader", g.id)),
             None => Ok(()),
         }
     }
@@ -463,9 +473,9 @@ impl Node {
     pub(crate) fn unfit_to_lead(&self, g: &Group) -> Option<String> {
         if let Some(hw) = g.recovery.high_water() {
             return Some(format!(
-                "node {} is recovering partition {} from a damaged log (up to {hw})",
+                "node {} is recovering {:#} from a damaged log (up to {hw})",
                 self.id(),
-                g.partition
+                g.id
             ));
         }
         if !self.clock.in_step() {
@@ -540,20 +550,19 @@ async fn start_group(
     clock: Arc<ClockCheck>,
     req_id_seed: u64,
 ) -> Result<Group, String> {
-    let p = part.partition;
-    let (log, sm) =
-        replikv_raft::open_partition(stores, p).map_err(|e| format!("partition {p}: {e}"))?;
+    let p = GroupId::default_keyspace(part.partition);
+    let (log, sm) = replikv_raft::open_group(stores, p).map_err(|e| format!("{p:#}: {e}"))?;
     let sm = sm.with_checkpoint_limits(cfg.checkpoint);
     let waiters = log.waiters();
     let recovery = log.recovery();
     let view = sm.view();
     let network = GroupNetwork {
         transport,
-        partition: p,
+        group: p,
     };
     let raft = Raft::new(cfg.node_id, raft_config, network, log, sm)
         .await
-        .map_err(|e| format!("partition {p}: {e}"))?;
+        .map_err(|e| format!("{p:#}: {e}"))?;
     let elections = crate::elections::ElectionGate::new();
     if recovery.high_water().is_some() {
         // Not even before the gate's first check (`elections.rs`).
@@ -596,11 +605,11 @@ async fn start_group(
             }
             if preferred {
                 if let Err(e) = r.initialize(members).await {
-                    tracing::debug!(partition = p, error = %e, "initialize skipped");
+                    tracing::debug!(group = %p, error = %e, "initialize skipped");
                 }
             } else if !r.is_initialized().await.unwrap_or(true) {
                 tracing::info!(
-                    partition = p,
+                    group = %p,
                     "preferred leader absent; initializing the group here"
                 );
                 let _ = r.initialize(members).await;
@@ -620,7 +629,7 @@ async fn start_group(
         req_id_seed,
     );
     Ok(Group {
-        partition: p,
+        id: p,
         raft,
         view,
         placement: part.clone(),

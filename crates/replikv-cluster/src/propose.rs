@@ -19,7 +19,7 @@ use std::time::Duration;
 use openraft::error::ClientWriteError;
 use openraft::raft::ClientWriteResult;
 use replikv_raft::{AppendWaiters, Raft, TypeConfig};
-use replikv_types::{Commit, Error, KvOp, Ops, PartitionId, Reply, WriteRequest};
+use replikv_types::{Commit, Error, GroupId, KvOp, Ops, Reply, WriteRequest};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::AnchoredClock;
@@ -87,7 +87,7 @@ pub(crate) struct Proposer {
 
 impl Proposer {
     pub(crate) fn start(
-        partition: PartitionId,
+        partition: GroupId,
         raft: Raft,
         waiters: Arc<AppendWaiters>,
         transferring: Arc<AtomicBool>,
@@ -124,7 +124,7 @@ impl Proposer {
 }
 
 async fn run(
-    p: PartitionId,
+    p: GroupId,
     raft: Raft,
     waiters: Arc<AppendWaiters>,
     transferring: Arc<AtomicBool>,
@@ -150,7 +150,7 @@ async fn run(
         if transferring.load(Ordering::SeqCst) {
             for q in batch {
                 let _ = q.applied.send(Err(Error::TryAgain(format!(
-                    "leadership of partition {p} is moving; retry"
+                    "leadership of {p:#} is moving; retry"
                 ))));
             }
             continue;
@@ -174,7 +174,7 @@ async fn run(
             Err(e) => {
                 waiters.forget(id);
                 for (_, tx) in tickets {
-                    let _ = tx.send(Err(Error::Internal(format!("partition {p} stopped: {e}"))));
+                    let _ = tx.send(Err(Error::Internal(format!("{p:#} stopped: {e}"))));
                 }
                 continue;
             }
@@ -195,7 +195,7 @@ type EarlyTx = Option<(Early, oneshot::Sender<u64>)>;
 /// Answers one batch's writes as its entry is written, made durable and applied; fires
 /// `paced` at the first of durable or answered.
 async fn fan_out<E>(
-    p: PartitionId,
+    p: GroupId,
     tickets: Vec<(EarlyTx, oneshot::Sender<Applied>)>,
     signals: replikv_raft::AppendSignals,
     applied: impl std::future::Future<Output = Result<ClientWriteResult<TypeConfig>, E>>,
@@ -240,7 +240,7 @@ async fn fan_out<E>(
             if asked != got {
                 for tx in replies {
                     let _ = tx.send(Err(Error::Internal(format!(
-                        "partition {p}: an entry of {asked} writes was applied with {got} replies"
+                        "{p:#}: an entry of {asked} writes was applied with {got} replies"
                     ))));
                 }
                 return;
@@ -252,7 +252,7 @@ async fn fan_out<E>(
         Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
             for tx in replies {
                 let _ = tx.send(Err(Error::NotLeader {
-                    partition: p,
+                    group: p,
                     leader: f.leader_id,
                 }));
             }
@@ -266,7 +266,7 @@ async fn fan_out<E>(
             for tx in replies {
                 let _ = tx.send(Err(Error::Timeout {
                     committed: Commit::Unknown,
-                    detail: format!("partition {p} lost leadership before answering"),
+                    detail: format!("{p:#} lost leadership before answering"),
                 }));
             }
         }

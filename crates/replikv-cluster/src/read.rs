@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use replikv_types::{Commit, Error, Offset, PartitionId, ReadPreference};
+use replikv_types::{Commit, Error, GroupId, Offset, ReadPreference};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, ValueWithTtl};
 use crate::node::{Group, Node};
@@ -34,7 +34,7 @@ impl Node {
         read: ReadPreference,
         min_offset: Option<Offset>,
     ) -> Result<Option<ValueWithTtl>, Error> {
-        let p = self.partition_of(&key);
+        let p = self.group_of(&key);
         if read != ReadPreference::Primary {
             if let Some(g) = self.group(p) {
                 // A leader serves every read through the read index: its own state machine
@@ -44,7 +44,7 @@ impl Node {
                 if !g.is_leader() && self.clock.in_step() && self.fresh_enough(g, min_offset).await
                 {
                     tracing::debug!(
-                        partition = p,
+                        group = %p,
                         applied = g.applied(),
                         ?min_offset,
                         staleness = ?self.staleness(g),
@@ -57,7 +57,7 @@ impl Node {
         }
         let deadline = Instant::now() + self.write_timeout();
         let req = ClientRequest::Get {
-            partition: p,
+            group: p,
             key,
             read: ReadPreference::Primary,
             min_offset,
@@ -75,7 +75,7 @@ impl Node {
     /// be reached, until `deadline`.
     pub(crate) async fn at_leader(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         req: ClientRequest,
         deadline: Instant,
     ) -> Result<ClientResponse, Error> {
@@ -93,7 +93,7 @@ impl Node {
                 tokio::select! {
                     r = self.ask(leader, req.clone(), deadline) => r,
                     new = self.leader_moved(p, leader) => Err(Error::NotLeader {
-                        partition: p,
+                        group: p,
                         leader: Some(new),
                     }),
                 }
@@ -116,7 +116,7 @@ impl Node {
                     return Err(Error::NoQuorum {
                         committed: Commit::No,
                         detail: format!(
-                            "this node cannot reach a majority of partition {p}'s replicas ({m})"
+                            "this node cannot reach a majority of {p:#}'s replicas ({m})"
                         ),
                     })
                 }
@@ -187,12 +187,12 @@ impl Node {
     /// Confirms leadership with a quorum and waits for the read index to be applied.
     pub(crate) async fn read_index(
         &self,
-        p: PartitionId,
+        p: GroupId,
         min_offset: Option<Offset>,
     ) -> Result<Arc<Group>, Error> {
         let Some(g) = self.group(p).cloned() else {
             return Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: self.leader_of(p),
             });
         };
@@ -203,7 +203,7 @@ impl Node {
                 Ok(g)
             } else {
                 Err(Error::NotLeader {
-                    partition: p,
+                    group: p,
                     leader: g.leader(),
                 })
             };
@@ -213,7 +213,7 @@ impl Node {
             // campaigning (`lease.rs`): the read is sent again, to whoever leads next.
             if g.transferring.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(Error::TryAgain(format!(
-                    "leadership of partition {p} is moving; retry"
+                    "leadership of {p:#} is moving; retry"
                 )));
             }
             g.read_rounds.confirm(&g, self.round_settings()).await?;
@@ -276,13 +276,13 @@ impl Node {
 
     pub(crate) async fn linearizable_get(
         &self,
-        p: PartitionId,
+        p: GroupId,
         key: &[u8],
         min_offset: Option<Offset>,
     ) -> Result<Option<ValueWithTtl>, Error> {
         let g = self.read_index(p, min_offset).await?;
         tracing::debug!(
-            partition = p,
+            group = %p,
             applied = g.applied(),
             ?min_offset,
             "primary read served here"
@@ -294,14 +294,14 @@ impl Node {
     /// Keys of one partition from `start`, read at the leader (linearizable).
     pub async fn scan_partition(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
     ) -> Result<(Vec<Bytes>, Option<Bytes>), Error> {
         let deadline = Instant::now() + self.write_timeout();
         let req = ClientRequest::Scan {
-            partition: p,
+            group: p,
             start,
             count,
             pattern,
@@ -317,7 +317,7 @@ impl Node {
     /// A scan of this node's replica of `p`, after a read index (this node must lead `p`).
     pub(crate) async fn local_scan(
         &self,
-        p: PartitionId,
+        p: GroupId,
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
@@ -349,8 +349,8 @@ impl Node {
             deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(200);
         match peer.request(&PeerRequest::Client(req), timeout).await {
             Ok(PeerResponse::Client(r)) => r,
-            Ok(PeerResponse::NoSuchPartition(p)) => Err(Error::NotLeader {
-                partition: p,
+            Ok(PeerResponse::NoSuchGroup(p)) => Err(Error::NotLeader {
+                group: p,
                 leader: None,
             }),
             Ok(other) => Err(Error::Internal(format!("unexpected peer answer {other:?}"))),

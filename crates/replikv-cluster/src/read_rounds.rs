@@ -93,7 +93,7 @@ async fn run_rounds(g: Arc<Group>, settings: RoundSettings, mut renewal: bool) {
 }
 
 async fn one_round(g: &Group, settings: &RoundSettings) -> Result<(), Error> {
-    let p = g.partition;
+    let p = g.id;
     settings.metrics.read_round(p);
     // Taken before the round: the heartbeats that confirm it are all sent after this moment.
     let started = Instant::now();
@@ -114,20 +114,20 @@ async fn one_round(g: &Group, settings: &RoundSettings) -> Result<(), Error> {
         }
         Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
             Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: f.leader_id,
             })
         }
         Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
             Err(Error::NoQuorum {
                 committed: Commit::No,
-                detail: format!("read of partition {p}: {q}"),
+                detail: format!("read of {p:#}: {q}"),
             })
         }
         Ok(Err(e)) => Err(Error::Internal(e.to_string())),
         Err(_) => Err(Error::Timeout {
             committed: Commit::No,
-            detail: format!("the leader of partition {p} could not confirm leadership in time"),
+            detail: format!("the leader of {p:#} could not confirm leadership in time"),
         }),
     }
 }

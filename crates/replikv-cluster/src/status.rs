@@ -58,7 +58,9 @@ pub struct LinkStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PartitionStatus {
+    /// The keyspace's name (`default`), and its number (its `db`).
     pub keyspace: String,
+    pub keyspace_id: u32,
     pub partition: u32,
     pub slots: [u16; 2],
     pub role: String,
@@ -95,6 +97,13 @@ pub struct ReplicaStatus {
     /// HEALTHY | DEGRADED | UNHEALTHY | UNKNOWN
     pub health: String,
     pub last_heartbeat_ms_ago: Option<u64>,
+}
+
+impl PartitionStatus {
+    /// The group this status is of.
+    pub fn group(&self) -> replikv_types::GroupId {
+        replikv_types::GroupId::new(self.keyspace_id, self.partition)
+    }
 }
 
 fn role_name(s: ServerState) -> &'static str {
@@ -157,7 +166,7 @@ impl Node {
 
     pub fn partition_status(&self, g: &Group) -> PartitionStatus {
         let m = g.raft.metrics().borrow().clone();
-        let slots = partition_slots(g.partition, self.placement.partitions.len() as u32);
+        let slots = partition_slots(g.id.partition, self.placement.partitions.len() as u32);
         let last = m.last_log_index.unwrap_or(0);
         let replicas = match &m.replication {
             Some(rep) => g
@@ -176,8 +185,9 @@ impl Node {
             None => Vec::new(),
         };
         PartitionStatus {
-            keyspace: replikv_types::DEFAULT_KEYSPACE.into(),
-            partition: g.partition,
+            keyspace: crate::metrics::keyspace_label(g.id),
+            keyspace_id: g.id.keyspace,
+            partition: g.id.partition,
             slots: [slots.start, slots.end.saturating_sub(1)],
             role: role_name(m.state).into(),
             leader: m.current_leader,
@@ -194,7 +204,7 @@ impl Node {
                 .expect("lag")
                 .leader_offset()
                 .map(|c| c.saturating_sub(m.last_applied.map(|l| l.index).unwrap_or(0))),
-            reaches_majority: self.reaches_majority(g.partition),
+            reaches_majority: self.reaches_majority(g.id),
             recovering_to: g.recovery.high_water().map(|l| l.index),
             replicas,
         }

@@ -89,7 +89,7 @@ impl Node {
         let page = match g.view.expired(from, VISIT_PER_ROUND, now) {
             Ok(page) => page,
             Err(e) => {
-                tracing::warn!(partition = g.partition, error = %e, "expiry sweep could not read the partition");
+                tracing::warn!(group = %g.id, error = %e, "expiry sweep could not read the partition");
                 return;
             }
         };
@@ -98,15 +98,15 @@ impl Node {
             let found = page.expired.len();
             let op = KvOp::Evict { keys: page.expired };
             match self
-                .propose_local(g.partition, op, Consistency::Quorum)
+                .propose_local(g.id, op, Consistency::Quorum)
                 .await
                 .await
             {
                 Ok(w) => {
                     let n = if let Reply::Int(n) = w.reply { n } else { 0 };
-                    self.metrics.evicted(g.partition, n.max(0) as u64);
+                    self.metrics.evicted(g.id, n.max(0) as u64);
                     tracing::debug!(
-                        partition = g.partition,
+                        group = %g.id,
                         found,
                         evicted = n,
                         "expired keys evicted"
@@ -114,7 +114,7 @@ impl Node {
                 }
                 // Not leading any more, or no quorum: the next leader's sweep finds them.
                 Err(e) => {
-                    tracing::debug!(partition = g.partition, error = %e, "eviction not proposed");
+                    tracing::debug!(group = %g.id, error = %e, "eviction not proposed");
                     return;
                 }
             }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use openraft::ServerState;
-use replikv_types::{Error, PartitionId};
+use replikv_types::{Error, GroupId};
 
 use crate::messages::{ClientRequest, ClientResponse};
 use crate::node::{Group, Node};
@@ -30,13 +30,13 @@ const STABLE_CHECKS: u32 = 3;
 impl Node {
     /// Moves leadership of partition `p` to replica `to`. Called on any node: it is forwarded
     /// to the current leader.
-    pub async fn promote(self: &Arc<Self>, p: PartitionId, to: u64) -> Result<(), Error> {
-        let Some(pl) = self.placement.get(p) else {
-            return Err(Error::InvalidArgument(format!("no partition {p}")));
+    pub async fn promote(self: &Arc<Self>, p: GroupId, to: u64) -> Result<(), Error> {
+        let Some(pl) = self.placement_of(p) else {
+            return Err(Error::InvalidArgument(format!("no {p:#}")));
         };
         if !pl.replicas.contains(&to) {
             return Err(Error::InvalidArgument(format!(
-                "node {to} is not a replica of partition {p} (replicas: {:?})",
+                "node {to} is not a replica of {p:#} (replicas: {:?})",
                 pl.replicas
             )));
         }
@@ -50,11 +50,7 @@ impl Node {
             return self.transfer_leadership(p, to).await;
         }
         match self
-            .ask(
-                leader,
-                ClientRequest::Transfer { partition: p, to },
-                deadline,
-            )
+            .ask(leader, ClientRequest::Transfer { group: p, to }, deadline)
             .await?
         {
             ClientResponse::Done => Ok(()),
@@ -66,18 +62,18 @@ impl Node {
 
     pub(crate) async fn transfer_leadership(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         to: u64,
     ) -> Result<(), Error> {
         let Some(g) = self.group(p).cloned() else {
             return Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: self.leader_of(p),
             });
         };
         if !g.is_leader() {
             return Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: g.leader(),
             });
         }
@@ -88,7 +84,7 @@ impl Node {
         // own judgement, from its last pong, decides (it refuses to campaign otherwise).
         if !self.clock.peer_claims_in_step(to) {
             return Err(Error::TryAgain(format!(
-                "node {to}'s clock is not known to be in step with a majority of the cluster; not moving partition {p} to it"
+                "node {to}'s clock is not known to be in step with a majority of the cluster; not moving {p:#} to it"
             )));
         }
         let already = {
@@ -97,7 +93,7 @@ impl Node {
         };
         if already {
             return Err(Error::TryAgain(format!(
-                "a transfer of partition {p} is already under way"
+                "a transfer of {p:#} is already under way"
             )));
         }
         let result = self.run_transfer(&g, to).await;
@@ -105,14 +101,14 @@ impl Node {
         g.raft.runtime_config().heartbeat(true);
         g.transferring.store(false, Ordering::SeqCst);
         match &result {
-            Ok(()) => tracing::info!(partition = p, to, "leadership transferred"),
-            Err(e) => tracing::warn!(partition = p, to, error = %e, "leadership transfer failed"),
+            Ok(()) => tracing::info!(group = %p, to, "leadership transferred"),
+            Err(e) => tracing::warn!(group = %p, to, error = %e, "leadership transfer failed"),
         }
         result
     }
 
     async fn run_transfer(self: &Arc<Self>, g: &Arc<Group>, to: u64) -> Result<(), Error> {
-        let p = g.partition;
+        let p = g.id;
         let lease = Duration::from_millis(self.cfg.replication.election_timeout_max_ms);
         let catch_up = g
             .raft
@@ -134,7 +130,7 @@ impl Node {
             .await;
         if catch_up.is_err() {
             return Err(Error::TryAgain(format!(
-                "node {to} has not caught up with partition {p}; retry"
+                "node {to} has not caught up with {p:#}; retry"
             )));
         }
         let hold = lease * 4;
@@ -146,17 +142,17 @@ impl Node {
             .filter(|id| **id != to && **id != self.id())
         {
             let req = ClientRequest::HoldElections {
-                partition: p,
+                group: p,
                 for_ms: hold.as_millis() as u64,
             };
             if let Err(e) = self.ask(*other, req, Instant::now() + lease).await {
-                tracing::debug!(partition = p, node = other, error = %e, "could not hold elections");
+                tracing::debug!(group = %p, node = other, error = %e, "could not hold elections");
             }
         }
         self.hold_elections(p, hold);
         g.raft.runtime_config().heartbeat(false);
         let req = ClientRequest::Campaign {
-            partition: p,
+            group: p,
             after_ms: lease.as_millis() as u64 + 50,
         };
         self.ask(to, req, deadline).await?;
@@ -165,23 +161,23 @@ impl Node {
             .wait(Some(lease * 2))
             .metrics(move |m| m.current_leader == Some(to), "leader moved")
             .await;
-        moved.map(|_| ()).map_err(|_| {
-            Error::TryAgain(format!("node {to} did not take over partition {p}; retry"))
-        })
+        moved
+            .map(|_| ())
+            .map_err(|_| Error::TryAgain(format!("node {to} did not take over {p:#}; retry")))
     }
 
     /// Keeps this replica of `p` from starting elections for `dur`.
-    pub(crate) fn hold_elections(&self, p: PartitionId, dur: Duration) {
+    pub(crate) fn hold_elections(&self, p: GroupId, dur: Duration) {
         if let Some(g) = self.group(p) {
             g.elections.hold_off(dur, &g.raft);
         }
     }
 
     /// Campaigns for leadership of `p` once the old leader's lease has run out.
-    pub(crate) async fn campaign(&self, p: PartitionId, after: Duration) -> Result<(), Error> {
+    pub(crate) async fn campaign(&self, p: GroupId, after: Duration) -> Result<(), Error> {
         let Some(g) = self.group(p).cloned() else {
             return Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: None,
             });
         };
@@ -206,7 +202,7 @@ impl Node {
         while let Some(wait) = g.lease.campaign_wait(Instant::now(), term_wait) {
             if Instant::now() + wait > give_up {
                 return Err(Error::TryAgain(format!(
-                    "partition {p} still hears from a leader; not campaigning"
+                    "{p:#} still hears from a leader; not campaigning"
                 )));
             }
             tokio::time::sleep(wait).await;
@@ -234,9 +230,7 @@ impl Node {
                 return Ok(());
             }
         }
-        Err(Error::TryAgain(format!(
-            "campaign for partition {p} did not win"
-        )))
+        Err(Error::TryAgain(format!("campaign for {p:#} did not win")))
     }
 }
 
@@ -286,13 +280,13 @@ impl Node {
             ))
         });
         let to = targets[attempt % targets.len()];
-        let (node, p) = (self.clone(), g.partition);
+        let (node, p) = (self.clone(), g.id);
         tokio::spawn(async move {
             match node.transfer_leadership(p, to).await {
                 Ok(()) => {
-                    tracing::info!(partition = p, to, "leadership handed off: the disk is full")
+                    tracing::info!(group = %p, to, "leadership handed off: the disk is full")
                 }
-                Err(e) => tracing::debug!(partition = p, to, error = %e, "hand-off not done yet"),
+                Err(e) => tracing::debug!(group = %p, to, error = %e, "hand-off not done yet"),
             }
         });
     }
@@ -319,25 +313,25 @@ pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
             if let Err(e) = running {
                 match e {
                     openraft::error::Fatal::Stopped => {
-                        tracing::info!(partition = g.partition, "partition group stopped")
+                        tracing::info!(group = %g.id, "partition group stopped")
                     }
                     e => {
-                        tracing::error!(partition = g.partition, error = %e, "partition group stopped on a fatal error")
+                        tracing::error!(group = %g.id, error = %e, "partition group stopped on a fatal error")
                     }
                 }
                 return;
             }
             if t != term {
-                node.metrics.election(g.partition);
+                node.metrics.election(g.id);
                 term = t;
             }
             if l != leader {
                 if leader.is_some() && l.is_some() {
-                    node.metrics.failover(g.partition);
+                    node.metrics.failover(g.id);
                 }
                 if let Some(l) = l {
                     tracing::info!(
-                        partition = g.partition,
+                        group = %g.id,
                         leader = l,
                         term = t,
                         "leader known"
@@ -353,12 +347,12 @@ pub(crate) fn watch_leadership(node: Arc<Node>, g: Arc<Group>) {
 /// following a live leader closely for a few checks in a row.
 pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
     tokio::spawn(async move {
-        let mut stable = std::collections::HashMap::<PartitionId, u32>::new();
+        let mut stable = std::collections::HashMap::<GroupId, u32>::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
             for g in node.groups.values() {
-                let p = g.partition;
+                let p = g.id;
                 let count = stable.entry(p).or_default();
                 let wants = g.placement.preferred_leader == node.id()
                     && node.unfit_to_lead(g).is_none()
@@ -372,7 +366,7 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
                     let node = node.clone();
                     tokio::spawn(async move {
                         if let Err(e) = node.promote(p, node.id()).await {
-                            tracing::debug!(partition = p, error = %e, "preferred leader not restored yet");
+                            tracing::debug!(group = %p, error = %e, "preferred leader not restored yet");
                         }
                     });
                 }

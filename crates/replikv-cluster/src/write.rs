@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use openraft::ServerState;
-use replikv_types::{Commit, Consistency, Error, KvOp, PartitionId, Reply};
+use replikv_types::{Commit, Consistency, Error, GroupId, KvOp, Reply};
 
 use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse, WriteOutcome};
 use crate::node::{Group, Node};
@@ -43,7 +43,7 @@ impl Node {
         let Some(first) = op.keys().first().map(|k| k.to_vec()) else {
             return ready(Err(Error::InvalidArgument("a write needs a key".into())));
         };
-        let p = self.partition_of(&first);
+        let p = self.group_of(&first);
         if let Err(e) = self.check_level(p, level) {
             return ready(Err(e));
         }
@@ -51,18 +51,15 @@ impl Node {
         self.route_write(p, op, level, deadline, 0).await
     }
 
-    fn check_level(&self, p: PartitionId, level: Consistency) -> Result<(), Error> {
+    fn check_level(&self, p: GroupId, level: Consistency) -> Result<(), Error> {
         let replicas = self
-            .placement
-            .get(p)
+            .placement_of(p)
             .map(|pl| pl.replicas.len())
             .unwrap_or(1);
         match level {
-            Consistency::AtLeast(n) if n as usize > replicas => {
-                Err(Error::InvalidArgument(format!(
-                "at_least:{n} asks for more copies than the {replicas} replicas of partition {p}"
-            )))
-            }
+            Consistency::AtLeast(n) if n as usize > replicas => Err(Error::InvalidArgument(
+                format!("at_least:{n} asks for more copies than the {replicas} replicas of {p:#}"),
+            )),
             _ => Ok(()),
         }
     }
@@ -72,7 +69,7 @@ impl Node {
     #[allow(clippy::async_yields_async)]
     fn route_write(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         op: KvOp,
         level: Consistency,
         deadline: Instant,
@@ -98,7 +95,7 @@ impl Node {
                         if redirects < MAX_REDIRECTS && Instant::now() < deadline =>
                     {
                         tracing::debug!(
-                            partition = p,
+                            group = %p,
                             asked = leader,
                             ?hint,
                             redirects,
@@ -122,7 +119,7 @@ impl Node {
                     Err(Error::TryAgain(m)) if !node.reaches_majority(p) => Err(Error::NoQuorum {
                         committed: Commit::No,
                         detail: format!(
-                            "this node cannot reach a majority of partition {p}'s replicas ({m})"
+                            "this node cannot reach a majority of {p:#}'s replicas ({m})"
                         ),
                     }),
                     Err(Error::TryAgain(_)) if Instant::now() + TRY_AGAIN_PAUSE < deadline => {
@@ -144,7 +141,7 @@ impl Node {
     /// CLUSTERDOWN when none appears within about one failover.
     pub(crate) async fn await_leader(
         &self,
-        p: PartitionId,
+        p: GroupId,
         not: Option<u64>,
         deadline: Instant,
     ) -> Result<u64, Error> {
@@ -180,9 +177,9 @@ impl Node {
                 return Ok(l);
             }
         }
-        tracing::debug!(partition = p, ?not, "no leader within the failover wait");
+        tracing::debug!(group = %p, ?not, "no leader within the failover wait");
         Err(Error::ClusterDown {
-            partition: p,
+            group: p,
             detail: "no leader elected (election under way, or a majority of its replicas is down)"
                 .into(),
         })
@@ -191,19 +188,19 @@ impl Node {
     fn forward_write(
         &self,
         leader: u64,
-        p: PartitionId,
+        p: GroupId,
         op: KvOp,
         level: Consistency,
         deadline: Instant,
     ) -> WriteFuture {
         let Some(peer) = self.transport.peer(leader) else {
             return ready(Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: None,
             }));
         };
         let req = PeerRequest::Client(ClientRequest::Write {
-            partition: p,
+            group: p,
             op,
             level,
         });
@@ -221,7 +218,7 @@ impl Node {
                     return Err(Error::Timeout {
                         committed: Commit::Unknown,
                         detail: format!(
-                            "node {new} now leads partition {p}; the write sent to node {leader} may still be applied"
+                            "node {new} now leads {p:#}; the write sent to node {leader} may still be applied"
                         ),
                     })
                 }
@@ -229,8 +226,8 @@ impl Node {
             match answer {
                 Ok(PeerResponse::Client(Ok(ClientResponse::Written(w)))) => Ok(w),
                 Ok(PeerResponse::Client(Err(e))) => Err(e),
-                Ok(PeerResponse::NoSuchPartition(_)) => Err(Error::NotLeader {
-                    partition: p,
+                Ok(PeerResponse::NoSuchGroup(_)) => Err(Error::NotLeader {
+                    group: p,
                     leader: None,
                 }),
                 Ok(other) => Err(Error::Internal(format!(
@@ -238,7 +235,7 @@ impl Node {
                 ))),
                 // Never delivered: route again once the partition has a reachable leader.
                 Err(crate::transport::TransportError::NotSent(m)) => Err(Error::TryAgain(format!(
-                    "leader node {leader} of partition {p} is unreachable: {m}"
+                    "leader node {leader} of {p:#} is unreachable: {m}"
                 ))),
                 // The leader may have taken the write before the link failed.
                 Err(e) => Err(Error::Timeout {
@@ -253,13 +250,13 @@ impl Node {
     /// Proposes on this node, which leads `p`. Returns once the entry is queued in Raft.
     pub(crate) async fn propose_local(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         op: KvOp,
         level: Consistency,
     ) -> WriteFuture {
         let Some(group) = self.group(p).cloned() else {
             return ready(Err(Error::NotLeader {
-                partition: p,
+                group: p,
                 leader: self.leader_of(p),
             }));
         };
@@ -291,7 +288,7 @@ impl Node {
             let started = Instant::now();
             let lost = || Error::Timeout {
                 committed: Commit::Unknown,
-                detail: format!("partition {p} lost leadership before answering"),
+                detail: format!("{p:#} lost leadership before answering"),
             };
             let applied = ticket.applied;
             let (offset, reply) = match ticket.early {
@@ -343,7 +340,7 @@ impl Node {
             node.metrics.write_ok(p);
             Ok(WriteOutcome {
                 reply,
-                partition: p,
+                group: p,
                 offset,
             })
         }
@@ -352,27 +349,24 @@ impl Node {
 
     /// Fails fast when this leader cannot meet `level` now.
     fn can_accept(&self, group: &Group, level: Consistency) -> Result<(), Error> {
-        let p = group.partition;
+        let p = group.id;
         let (state, leader) = {
             let m = group.raft.metrics();
             let m = m.borrow();
             (m.state, m.current_leader)
         };
         if state != ServerState::Leader {
-            return Err(Error::NotLeader {
-                partition: p,
-                leader,
-            });
+            return Err(Error::NotLeader { group: p, leader });
         }
         if group.transferring.load(Ordering::Relaxed) {
             return Err(Error::TryAgain(format!(
-                "leadership of partition {p} is moving; retry"
+                "leadership of {p:#} is moving; retry"
             )));
         }
         // A write this leader cannot make durable fails now, having changed nothing.
         if let Some(why) = self.space.refusal() {
             return Err(Error::DiskFull(format!(
-                "node {} leads partition {p}, and {why}",
+                "node {} leads {p:#}, and {why}",
                 self.id()
             )));
         }
@@ -383,7 +377,7 @@ impl Node {
             return Err(Error::NoQuorum {
                 committed: Commit::No,
                 detail: format!(
-                    "the leader of partition {p} has not heard from a majority of its replicas within {} ms",
+                    "the leader of {p:#} has not heard from a majority of its replicas within {} ms",
                     self.cfg.replication.election_timeout_max_ms
                 ),
             });
@@ -398,7 +392,7 @@ impl Node {
             return Err(Error::NoQuorum {
                 committed: Commit::No,
                 detail: format!(
-                    "{level} needs {wanted} replicas of partition {p} but only {healthy} are reachable"
+                    "{level} needs {wanted} replicas of {p:#} but only {healthy} are reachable"
                 ),
             });
         }
@@ -442,8 +436,8 @@ impl Node {
                 Err(Error::Timeout {
                     committed: if committed { Commit::Yes } else { Commit::Unknown },
                     detail: format!(
-                        "only {have} of the {copies} copies asked for hold offset {offset} of partition {} after {} ms",
-                        group.partition,
+                        "only {have} of the {copies} copies asked for hold offset {offset} of {:#} after {} ms",
+                        group.id,
                         timeout.as_millis()
                     ),
                 })
@@ -493,7 +487,7 @@ impl Node {
     /// to `timeout_ms` (0 = no limit, as in Redis) for `wanted` of them.
     pub async fn wait_replicas(
         self: &Arc<Self>,
-        p: PartitionId,
+        p: GroupId,
         offset: u64,
         wanted: usize,
         timeout_ms: u64,
@@ -505,7 +499,7 @@ impl Node {
         };
         let deadline = Instant::now() + limit;
         let req = ClientRequest::WaitReplicas {
-            partition: p,
+            group: p,
             offset,
             wanted,
             timeout_ms,

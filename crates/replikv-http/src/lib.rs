@@ -35,8 +35,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use replikv_cluster::Node;
 use replikv_types::{
-    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, KvOp, ReadPreference, SetCond,
-    WarnEvery, DEFAULT_KEYSPACE,
+    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, GroupId, KvOp, ReadPreference,
+    SetCond, WarnEvery, DEFAULT_KEYSPACE,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -333,9 +333,9 @@ async fn kv_get(
         Some(r) => r.parse::<ReadPreference>().map_err(bad)?,
         None => state.node.cfg.replication.read_preference,
     };
-    let p = state.node.partition_of(key.as_bytes());
+    let p = state.node.group_of(key.as_bytes());
     let min = session(&q, &headers)?
-        .filter(|(sp, _)| *sp == p)
+        .filter(|(sp, _)| *sp == p.partition)
         .map(|(_, o)| o);
     let value = state.node.get(Bytes::from(key.clone()), read, min).await?;
     match value {
@@ -408,8 +408,8 @@ async fn write(state: &AppState, op: KvOp, q: &KvQuery) -> Result<Response, ApiE
     };
     let pending = state.node.submit_write(op, level).await;
     let w = pending.await?;
-    let token = format!("{}:{}", w.partition, w.offset);
-    let body = json!({"ok": true, "partition": w.partition, "offset": w.offset, "consistency": level.to_string(),
+    let token = format!("{}:{}", w.group.partition, w.offset);
+    let body = json!({"ok": true, "partition": w.group.partition, "offset": w.offset, "consistency": level.to_string(),
                       "result": format!("{:?}", w.reply)});
     Ok(([(SESSION_HEADER, token)], Json(body)).into_response())
 }
@@ -429,7 +429,7 @@ async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
         "node_id": node.id(),
         "members": members,
         "placement": node.placement,
-        "leaders": node.placement.partitions.iter().map(|p| json!({"partition": p.partition, "leader": node.leader_of(p.partition)})).collect::<Vec<_>>(),
+        "leaders": node.placement.partitions.iter().map(|p| json!({"partition": p.partition, "leader": node.leader_of(GroupId::default_keyspace(p.partition))})).collect::<Vec<_>>(),
     }))
 }
 
@@ -455,7 +455,7 @@ async fn digest(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     let mut out = Vec::new();
     for g in state.node.groups() {
         let (keys, crc) = g.view.digest().map_err(Error::Internal)?;
-        out.push(json!({"partition": g.partition, "keys": keys, "crc32c": crc, "applied_offset": g.applied()}));
+        out.push(json!({"keyspace": g.id.keyspace, "partition": g.id.partition, "keys": keys, "crc32c": crc, "applied_offset": g.applied()}));
     }
     Ok(Json(json!({"node_id": state.node.id(), "partitions": out})))
 }
@@ -504,7 +504,10 @@ async fn promote(
             b.partition, state.node.cfg.replication.partitions
         )));
     }
-    state.node.promote(b.partition, b.node).await?;
+    state
+        .node
+        .promote(GroupId::default_keyspace(b.partition), b.node)
+        .await?;
     Ok(Json(json!({"ok": true, "partition": b.partition, "leader": b.node})).into_response())
 }
 

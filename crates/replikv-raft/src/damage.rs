@@ -33,6 +33,7 @@ use std::collections::BTreeSet;
 
 use openraft::{CommittedLeaderId, EntryPayload};
 use replikv_storage::{Damage, DamagedLog, LogOp, RaftLog, Store};
+use replikv_types::GroupId;
 
 use crate::log_store::{covers, COMMITTED, RECOVER_TO, VOTE};
 use crate::record::decode_record;
@@ -69,13 +70,13 @@ pub fn repair_log(
 pub fn repair_log_hosting(
     me: u64,
     members: &BTreeSet<u64>,
-    hosted: &BTreeSet<u32>,
+    hosted: &BTreeSet<GroupId>,
     state: &Store,
     log: DamagedLog,
 ) -> Result<RaftLog> {
     let damage = log.damage().clone();
-    let mut parts: BTreeSet<u32> = log.partitions().into_iter().collect();
-    parts.extend(damage.after.iter().map(partition_of));
+    let mut parts: BTreeSet<GroupId> = log.groups().into_iter().collect();
+    parts.extend(damage.after.iter().map(group_of));
     parts.extend(hosted.iter().copied());
     let newest_leader = newest_leader(&log, &damage, &parts)?;
     let mut ops = Vec::new();
@@ -132,7 +133,7 @@ pub fn repair_log_hosting(
         .max()
         .expect("one high water at least");
         tracing::error!(
-            partition = p,
+            group = %p,
             discarded_entries = lost.entries.len(),
             first_discarded = lost.entries.first().map(|l| l.index),
             last_discarded = lost.entries.last().map(|l| l.index),
@@ -156,8 +157,10 @@ pub fn repair_log_hosting(
         }
     }
     if !alone.is_empty() {
+        let alone: Vec<String> = alone.iter().map(|g| g.to_string()).collect();
         return Err(log.refusal(&format!(
-            "partition(s) {alone:?} have no replica but this node to take the lost entries from"
+            "group(s) {} have no replica but this node to take the lost entries from",
+            alone.join(", ")
         )));
     }
     if !refusals.is_empty() {
@@ -171,20 +174,20 @@ pub fn repair_log_hosting(
     log.repair(ops)
 }
 
-fn meta(p: u32, name: &str, value: Vec<u8>) -> LogOp {
+fn meta(p: GroupId, name: &str, value: Vec<u8>) -> LogOp {
     LogOp::Meta {
-        p,
+        g: p,
         name: name.to_string(),
         value,
     }
 }
 
-fn partition_of(op: &LogOp) -> u32 {
+fn group_of(op: &LogOp) -> GroupId {
     match op {
-        LogOp::Append { p, .. }
-        | LogOp::TruncateFrom { p, .. }
-        | LogOp::PurgeTo { p, .. }
-        | LogOp::Meta { p, .. } => *p,
+        LogOp::Append { g: p, .. }
+        | LogOp::TruncateFrom { g: p, .. }
+        | LogOp::PurgeTo { g: p, .. }
+        | LogOp::Meta { g: p, .. } => *p,
     }
 }
 
@@ -193,7 +196,7 @@ fn partition_of(op: &LogOp) -> u32 {
 fn newest_leader(
     log: &DamagedLog,
     damage: &Damage,
-    parts: &BTreeSet<u32>,
+    parts: &BTreeSet<GroupId>,
 ) -> Result<Option<CommittedLeaderId<u64>>> {
     let mut newest = None;
     let mut see = |l: CommittedLeaderId<u64>| newest = newest.max(Some(l));
@@ -246,13 +249,13 @@ enum Mend {
 ///   at `A` (it requires a snapshot at or past the purge point). A partition whose state file
 ///   has applied nothing, and whose log was never purged, starts empty. The leader sends the
 ///   rest; the high water covers what this replica held.
-fn mend_the_start(log: &DamagedLog, state: &Store, p: u32, lost: &Lost) -> Result<Mend> {
+fn mend_the_start(log: &DamagedLog, state: &Store, p: GroupId, lost: &Lost) -> Result<Mend> {
     let mut ops = Vec::new();
     let mut purged = log.purged(p).map(|(i, _)| i);
     if let Some((index, tag)) = &lost.purge {
         if purged.is_none_or(|i| *index > i) {
             ops.push(LogOp::PurgeTo {
-                p,
+                g: p,
                 index: *index,
                 tag: tag.clone(),
             });
@@ -293,32 +296,32 @@ fn mend_the_start(log: &DamagedLog, state: &Store, p: u32, lost: &Lost) -> Resul
     let (restart_at, drop_snapshot) = match applied {
         Some(a) if purged.is_none_or(|i| a.index >= i) => {
             ops.push(LogOp::PurgeTo {
-                p,
+                g: p,
                 index: a.index,
                 tag: bincode::serialize(&Some(a)).map_err(err)?,
             });
             if !runs_from(a.index + 1) {
                 ops.push(LogOp::TruncateFrom {
-                    p,
+                    g: p,
                     index: a.index + 1,
                 });
             }
             (a.index + 1, true)
         }
         None if purged.is_none() => {
-            ops.push(LogOp::TruncateFrom { p, index: 0 });
+            ops.push(LogOp::TruncateFrom { g: p, index: 0 });
             (0, false)
         }
         _ => {
             return Ok(Mend::Refuse(format!(
-                "partition {p}: its log has a gap at its start, and its state file's applied \
+                "group {p}: its log has a gap at its start, and its state file's applied \
                  offset ({applied:?}) is behind the log's purge point ({purged:?}), so no \
                  repair in place can give it a consistent start"
             )))
         }
     };
     tracing::error!(
-        partition = p,
+        group = %p,
         restart_at,
         "Raft log damaged: the records after the damage had removed older segments, or the \
          cut left the log below what was applied; this partition's log restarts at the state \
@@ -345,7 +348,7 @@ struct Lost {
 }
 
 impl Lost {
-    fn of(damage: &Damage, p: u32) -> Result<Lost> {
+    fn of(damage: &Damage, p: GroupId) -> Result<Lost> {
         let mut lost = Lost {
             entries: Vec::new(),
             newest_at: None,
@@ -356,12 +359,11 @@ impl Lost {
         };
         for (op, at) in damage.after.iter().zip(&damage.after_offsets) {
             match op {
-                LogOp::Append { p: q, bytes, .. } if *q == p => {
+                LogOp::Append { g: q, bytes, .. } if *q == p => {
                     // Its checksum held: a record this build cannot read is a newer format,
                     // and losing track of it could undercount what was lost.
-                    let entry = decode_record(bytes).map_err(|e| {
-                        err(format!("partition {p}: a record after the damage: {e}"))
-                    })?;
+                    let entry = decode_record(bytes)
+                        .map_err(|e| err(format!("group {p}: a record after the damage: {e}")))?;
                     if let EntryPayload::Membership(m) = &entry.payload {
                         lost.membership = Some((entry.log_id, m.voter_ids().collect()));
                     }
@@ -370,10 +372,10 @@ impl Lost {
                     }
                     lost.entries.push(entry.log_id);
                 }
-                LogOp::Meta { p: q, name, value } if *q == p && name == VOTE => {
+                LogOp::Meta { g: q, name, value } if *q == p && name == VOTE => {
                     lost.vote = Some(bincode::deserialize(value).map_err(err)?);
                 }
-                LogOp::Meta { p: q, name, value } if *q == p && name == RECOVER_TO => {
+                LogOp::Meta { g: q, name, value } if *q == p && name == RECOVER_TO => {
                     let hw: Option<LogId> = bincode::deserialize(value).map_err(err)?;
                     if let Some(hw) = hw {
                         if lost.recover_to.is_none_or(|b| covers(&hw, &b)) {
@@ -381,7 +383,7 @@ impl Lost {
                         }
                     }
                 }
-                LogOp::PurgeTo { p: q, index, tag }
+                LogOp::PurgeTo { g: q, index, tag }
                     if *q == p && lost.purge.as_ref().is_none_or(|(i, _)| index > i) =>
                 {
                     lost.purge = Some((*index, tag.clone()));
@@ -396,7 +398,7 @@ impl Lost {
     fn high_water(
         &self,
         log: &DamagedLog,
-        p: u32,
+        p: GroupId,
         vote: Option<&Vote>,
         damage: &Damage,
         newest_leader: Option<CommittedLeaderId<u64>>,
@@ -480,7 +482,7 @@ impl Lost {
 fn latest_membership(
     log: &DamagedLog,
     state: &Store,
-    p: u32,
+    p: GroupId,
     lost: &Lost,
 ) -> Result<BTreeSet<u64>> {
     let mut best: Option<(Option<LogId>, BTreeSet<u64>)> = None;
@@ -498,8 +500,8 @@ fn latest_membership(
     for chunk in indexes.chunks(SCAN_CHUNK as usize) {
         let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
         for (i, raw) in log.entries(p, first..last + 1)? {
-            let entry = decode_record(&raw)
-                .map_err(|e| err(format!("partition {p}: log record {i}: {e}")))?;
+            let entry =
+                decode_record(&raw).map_err(|e| err(format!("group {p}: log record {i}: {e}")))?;
             if let EntryPayload::Membership(m) = &entry.payload {
                 consider(Some(entry.log_id), m.voter_ids().collect());
             }
@@ -519,7 +521,7 @@ pub fn open_stores(
     policy: replikv_storage::FsyncPolicy,
     me: u64,
     members: &BTreeSet<u64>,
-    hosted: &BTreeSet<u32>,
+    hosted: &BTreeSet<GroupId>,
 ) -> Result<replikv_storage::Stores> {
     replikv_storage::Stores::open_repairing(dir, policy, |state, log| {
         repair_log_hosting(me, members, hosted, state, log)
@@ -529,6 +531,7 @@ pub fn open_stores(
 #[cfg(test)]
 mod tests {
     use super::*;
+    const G0: GroupId = GroupId::default_keyspace(0);
     use openraft::CommittedLeaderId;
     use replikv_storage::{FsLogDir, FsyncPolicy, Opened, WriterKind, SEGMENT_BYTES};
 
@@ -561,7 +564,7 @@ mod tests {
             .chain((3..=5).map(|i| (1, i)))
         {
             let op = LogOp::Append {
-                p: 0,
+                g: G0,
                 index,
                 bytes: record(term, index),
             };
@@ -587,7 +590,7 @@ mod tests {
         let state = Store::open(&dir.path().join("state"), FsyncPolicy::Always).unwrap();
         let applied = bincode::serialize(&Some(id(1, 1))).unwrap();
         state
-            .write_now(move |w| w.meta_put(0, crate::state_machine::APPLIED, &applied))
+            .write_now(move |w| w.meta_put(G0, crate::state_machine::APPLIED, &applied))
             .unwrap();
         let fs = FsLogDir::new(&log_dir).unwrap();
         let opened = RaftLog::open_checked(
@@ -603,7 +606,7 @@ mod tests {
         let members: BTreeSet<u64> = [1, 2, 3].into();
         let repaired = repair_log(1, &members, &state, *d).unwrap();
         let kept: Vec<u64> = repaired
-            .entries(0, 0..u64::MAX)
+            .entries(G0, 0..u64::MAX)
             .unwrap()
             .into_iter()
             .map(|(i, _)| i)
@@ -613,7 +616,7 @@ mod tests {
             "the mend keeps nothing past the gap: {kept:?}"
         );
         let high_water: Option<LogId> =
-            bincode::deserialize(&repaired.meta(0, RECOVER_TO).unwrap()).unwrap();
+            bincode::deserialize(&repaired.meta(G0, RECOVER_TO).unwrap()).unwrap();
         assert_eq!(high_water, Some(id(3, 8)), "the newest entry dropped");
         repaired.close();
     }

@@ -26,6 +26,8 @@ mod state_machine;
 
 use std::io::Cursor;
 
+use replikv_types::GroupId;
+
 pub use damage::{open_stores, repair_log, repair_log_hosting, MIN_ENTRY_RECORD};
 pub use log_store::{contiguous_from, AppendSignals, AppendWaiters, LogStore, Recovery};
 pub use overlay::CheckpointLimits;
@@ -60,22 +62,22 @@ pub(crate) fn read_error(e: impl std::fmt::Display) -> StorageError {
     openraft::StorageIOError::<u64>::read(&std::io::Error::other(e.to_string())).into()
 }
 
-/// Opens partition `partition`'s log store and state machine.
-pub fn open_partition(
+/// Opens group `group`'s log store and state machine.
+pub fn open_group(
     stores: &replikv_storage::Stores,
-    partition: u32,
+    group: GroupId,
 ) -> Result<(LogStore, StateMachine), StorageError> {
-    let sm = StateMachine::open(stores.state.clone(), partition)?;
-    let log = LogStore::open(stores.log.clone(), partition, sm.purge_gate())?;
+    let sm = StateMachine::open(stores.state.clone(), group)?;
+    let log = LogStore::open(stores.log.clone(), group, sm.purge_gate())?;
     // The log is purged only below a snapshot the state file holds durably; a state file
     // behind the purge point lost a durable commit (redb rolls back a newest commit whose
     // pages fail their checksums after a crash, silently), and openraft would rebuild a
     // snapshot from it: refuse instead.
     let applied = sm.applied_in_file()?.map(|l| l.index);
-    if let Some(purged) = stores.log.purged(partition).map(|(i, _)| i) {
+    if let Some(purged) = stores.log.purged(group).map(|(i, _)| i) {
         if applied.is_none_or(|a| a < purged) {
             return Err(read_error(format!(
-                "partition {partition}: the state file's applied offset ({applied:?}) is behind \
+                "group {group}: the state file's applied offset ({applied:?}) is behind \
                  the log's purge point ({purged}): the state file lost a durable commit. \
                  Refusing to start on it; move this node's data directory away and start the \
                  node on an empty one to take a fresh copy from its replicas"

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
 use replikv_storage::{LogOp, RaftLog};
+use replikv_types::GroupId;
 use tokio::sync::oneshot;
 
 use crate::record::{decode_record, encode_record, RecordError};
@@ -151,7 +152,7 @@ impl AppendWaiters {
 #[derive(Clone)]
 pub struct LogStore {
     log: RaftLog,
-    partition: u32,
+    group: GroupId,
     waiters: Arc<AppendWaiters>,
     /// Purges wait here for a snapshot being installed (`purge_gate.rs`).
     gate: PurgeGate,
@@ -160,10 +161,10 @@ pub struct LogStore {
 
 impl LogStore {
     /// Opens the partition's log and cuts a corrupt tail.
-    pub fn open(log: RaftLog, partition: u32, gate: PurgeGate) -> Result<LogStore, StorageError> {
+    pub fn open(log: RaftLog, group: GroupId, gate: PurgeGate) -> Result<LogStore, StorageError> {
         let log = LogStore {
             log,
-            partition,
+            group,
             waiters: Arc::new(AppendWaiters::default()),
             gate,
             recovery: Recovery::default(),
@@ -173,7 +174,7 @@ impl LogStore {
         let high_water: Option<LogId> = log.read_meta::<Option<LogId>>(RECOVER_TO)?.flatten();
         if let Some(hw) = high_water {
             tracing::warn!(
-                partition,
+                group = %group,
                 high_water = %hw,
                 "recovering from a damaged log: votes only for candidates holding up to the \
                  high water, and no campaign, until the leader has sent it that far again"
@@ -219,7 +220,7 @@ impl LogStore {
     fn cut_corrupt_tail(&self) -> Result<(), StorageError> {
         let records = self
             .log
-            .entries(self.partition, 0..u64::MAX)
+            .entries(self.group, 0..u64::MAX)
             .map_err(read_error)?;
         let Some((bad, why)) = records
             .iter()
@@ -231,14 +232,14 @@ impl LogStore {
             // Its checksum held: this is no torn write but a format this build does not
             // read (a newer replikv wrote it). Cutting would drop committed entries.
             return Err(read_error(format!(
-                "partition {}: log record {bad}: {why}. It was written by a newer replikv; \
+                "group {}: log record {bad}: {why}. It was written by a newer replikv; \
                  refusing to open the log rather than cut it (run the newer version)",
-                self.partition
+                self.group
             )));
         }
         let last = records.last().map(|(i, _)| *i).unwrap_or(bad);
         tracing::warn!(
-            partition = self.partition,
+            group = %self.group,
             first_bad = bad,
             last,
             reason = %why,
@@ -262,7 +263,7 @@ impl LogStore {
         }
         // A vote this node gave itself is demoted at every open (`demote_saved_vote`).
         ops.push(LogOp::TruncateFrom {
-            p: self.partition,
+            g: self.group,
             index: bad,
         });
         self.log.write_now(ops).map_err(storage_error)
@@ -270,7 +271,7 @@ impl LogStore {
 
     fn meta_op(&self, name: &str, value: Vec<u8>) -> LogOp {
         LogOp::Meta {
-            p: self.partition,
+            g: self.group,
             name: name.to_string(),
             value,
         }
@@ -280,7 +281,7 @@ impl LogStore {
         &self,
         name: &str,
     ) -> Result<Option<T>, StorageError> {
-        let raw = self.log.meta(self.partition, name);
+        let raw = self.log.meta(self.group, name);
         raw.map(|b| bincode::deserialize(&b).map_err(read_error))
             .transpose()
     }
@@ -316,7 +317,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let records = self
             .log
-            .entries(self.partition, start..end)
+            .entries(self.group, start..end)
             .map_err(read_error)?;
         records
             .into_iter()
@@ -341,11 +342,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let purged: Option<LogId> = match self.log.purged(self.partition) {
+        let purged: Option<LogId> = match self.log.purged(self.group) {
             Some((_, tag)) => bincode::deserialize(&tag).map_err(read_error)?,
             None => None,
         };
-        let last = self.log.last(self.partition).map_err(read_error)?;
+        let last = self.log.last(self.group).map_err(read_error)?;
         let last_log_id = match last {
             Some((i, raw)) => Some(
                 decode_record(&raw)
@@ -402,7 +403,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let p = self.partition;
+        let p = self.group;
         let mut records = Vec::new();
         let mut proposed = Vec::new();
         let mut last = None;
@@ -414,7 +415,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last = Some(entry.log_id.index);
             last_id = Some(entry.log_id);
             records.push(LogOp::Append {
-                p,
+                g: p,
                 index: entry.log_id.index,
                 bytes: encode_record(&entry),
             });
@@ -451,7 +452,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(Ok(())) => {
                 if recovered {
                     tracing::info!(
-                        partition = p,
+                        group = %p,
                         "recovered from the damaged log: the leader has sent everything it held"
                     );
                     *self.recovery.0.lock().expect("recovery") = None;
@@ -473,7 +474,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let op = LogOp::TruncateFrom {
-            p: self.partition,
+            g: self.group,
             index: log_id.index,
         };
         self.log.write(true, vec![op]).await.map_err(storage_error)
@@ -484,7 +485,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // One record moves the purge point and drops the entries: no crash can leave one
         // without the other.
         let op = LogOp::PurgeTo {
-            p: self.partition,
+            g: self.group,
             index: log_id.index,
             tag: bincode::serialize(&Some(log_id)).map_err(storage_error)?,
         };

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot};
 use replikv_storage::{Store, WriteTx};
-use replikv_types::{apply_op, KeyTable, KvOp, Replies, StoredValue};
+use replikv_types::{apply_op, GroupId, KeyTable, KvOp, Replies, StoredValue};
 
 use crate::overlay::{merge_for_each, CheckpointLimits, Layer, Layers, Overlay};
 use crate::snapshot::{SnapshotFile, SnapshotWriter};
@@ -30,7 +30,7 @@ pub(crate) const MEMBERSHIP: &str = "membership";
 #[derive(Clone)]
 pub struct StateMachine {
     store: Store,
-    partition: u32,
+    group: GroupId,
     snapshot_seq: Arc<AtomicU64>,
     /// Tells the log store when a snapshot is durable (`purge_gate.rs`).
     gate: PurgeGate,
@@ -43,10 +43,10 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    pub fn open(store: Store, partition: u32) -> Result<StateMachine, StorageError> {
+    pub fn open(store: Store, group: GroupId) -> Result<StateMachine, StorageError> {
         let raw = store
             .read()
-            .and_then(|r| r.snapshot_get(partition))
+            .and_then(|r| r.snapshot_get(group))
             .map_err(read_error)?;
         let durable = match raw {
             Some(raw) => SnapshotFile::decode_meta(&raw)
@@ -57,7 +57,7 @@ impl StateMachine {
         };
         Ok(StateMachine {
             store,
-            partition,
+            group,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             gate: PurgeGate::new(durable),
             overlay: Arc::default(),
@@ -80,7 +80,7 @@ impl StateMachine {
     pub fn view(&self) -> KvView {
         KvView {
             store: self.store.clone(),
-            partition: self.partition,
+            group: self.group,
             overlay: self.overlay.clone(),
             expiring_puts: self.expiring_puts.clone(),
         }
@@ -92,7 +92,7 @@ impl StateMachine {
         let Some(layer) = self.overlay.freeze() else {
             return;
         };
-        let p = self.partition;
+        let p = self.group;
         let (written, check, overlay) = (layer.clone(), self.overlay.clone(), self.overlay.clone());
         self.store.submit(
             false,
@@ -126,8 +126,8 @@ impl StateMachine {
     fn failed(&self) -> Result<(), StorageError> {
         match self.overlay.failure() {
             Some(e) => Err(storage_error(format!(
-                "partition {}: a checkpoint of applied writes failed: {e}",
-                self.partition
+                "group {}: a checkpoint of applied writes failed: {e}",
+                self.group
             ))),
             None => Ok(()),
         }
@@ -141,13 +141,13 @@ impl StateMachine {
     /// The applied offset and membership in the file.
     fn file_applied(&self) -> Result<(Option<LogId>, Membership), StorageError> {
         let r = self.store.read().map_err(read_error)?;
-        file_applied(&r, self.partition)
+        file_applied(&r, self.group)
     }
 }
 
 fn file_applied(
     r: &replikv_storage::ReadTx,
-    p: u32,
+    p: GroupId,
 ) -> Result<(Option<LogId>, Membership), StorageError> {
     let applied = r
         .meta_get(p, APPLIED)
@@ -167,7 +167,7 @@ fn file_applied(
 /// A frozen layer's keys, offset and membership, in the writer's transaction.
 fn write_layer(
     w: &mut WriteTx<'_>,
-    p: u32,
+    p: GroupId,
     layer: &Layer,
 ) -> Result<(), replikv_storage::StorageError> {
     for (k, v) in &layer.keys {
@@ -210,7 +210,7 @@ fn apply_request<T: KeyTable>(
 struct OverlayTable<'a> {
     layers: &'a mut Layers,
     store: &'a Store,
-    p: u32,
+    p: GroupId,
     expiring_puts: &'a AtomicU64,
 }
 
@@ -275,7 +275,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut table = OverlayTable {
                         layers: &mut layers,
                         store: &self.store,
-                        p: self.partition,
+                        p: self.group,
                         expiring_puts: &self.expiring_puts,
                     };
                     apply_request(&mut table, &ops, req.now_ms).map_err(storage_error)?
@@ -322,15 +322,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // A snapshot that fails its checksum must never be installed. openraft treats this
         // error as fatal for the group, which stops it rather than serve wrong data.
         let file = SnapshotFile::decode(&raw).map_err(|e| {
-            tracing::error!(partition = self.partition, error = %e, "refusing a corrupt snapshot");
+            tracing::error!(group = %self.group, error = %e, "refusing a corrupt snapshot");
             self.gate.snapshot_durable(None);
             storage_error(e)
         })?;
-        let p = self.partition;
+        let p = self.group;
         let applied = bincode::serialize(&meta.last_log_id).expect("log id serialises");
         let membership = bincode::serialize(&meta.last_membership).expect("membership serialises");
         let pairs = file.pairs;
-        tracing::info!(partition = p, keys = pairs.len(), last = ?meta.last_log_id, "installing snapshot");
+        tracing::info!(group = %p, keys = pairs.len(), last = ?meta.last_log_id, "installing snapshot");
         let result = self
             .store
             .write(true, move |w| {
@@ -356,7 +356,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let raw = self
             .store
             .read()
-            .and_then(|r| r.snapshot_get(self.partition))
+            .and_then(|r| r.snapshot_get(self.group))
             .map_err(read_error)?;
         let Some(raw) = raw else { return Ok(None) };
         let meta = SnapshotFile::decode_meta(&raw).map_err(read_error)?;
@@ -369,7 +369,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let p = self.partition;
+        let p = self.group;
         // The snapshot is read from the file, so the file must hold what was applied.
         self.checkpoint_all().await?;
         let r = self.store.read().map_err(read_error)?;
@@ -405,7 +405,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         if let Some(l) = meta.last_log_id {
             self.gate.snapshot_durable(Some(l.index));
         }
-        tracing::info!(partition = p, bytes = raw.len(), last = ?meta.last_log_id, "built snapshot");
+        tracing::info!(group = %p, bytes = raw.len(), last = ?meta.last_log_id, "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(raw)),
@@ -417,7 +417,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 #[derive(Clone)]
 pub struct KvView {
     store: Store,
-    partition: u32,
+    group: GroupId,
     overlay: Arc<Overlay>,
     expiring_puts: Arc<AtomicU64>,
 }
@@ -448,7 +448,7 @@ impl KvView {
             Some(value) => value,
             None => self
                 .store
-                .kv_get_latest(self.partition, key)
+                .kv_get_latest(self.group, key)
                 .map_err(|e| e.to_string())?
                 .and_then(|r| StoredValue::decode(&r)),
         };
@@ -471,18 +471,14 @@ impl KvView {
         let r = read.map_err(|e| e.to_string())?;
         let applied = match layered {
             Some(a) => Some(a),
-            None => {
-                file_applied(&r, self.partition)
-                    .map_err(|e| e.to_string())?
-                    .0
-            }
+            None => file_applied(&r, self.group).map_err(|e| e.to_string())?.0,
         };
         // Whether `f` asked to stop; if it did not, a cut in the overlay is where to resume
         // (whether the file reached it or ended before it).
         let mut stopped = false;
         merge_for_each(
             &changes,
-            |each| r.kv_for_each(self.partition, start, each),
+            |each| r.kv_for_each(self.group, start, each),
             |k, v| {
                 if bound.as_ref().is_some_and(|b| k >= b.as_slice()) {
                     return false;

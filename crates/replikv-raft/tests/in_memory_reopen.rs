@@ -8,7 +8,7 @@ use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
 use replikv_raft::Entry;
 use replikv_storage::{LogOp, Stores};
 
-const P: u32 = 3;
+const P: replikv_types::GroupId = replikv_types::GroupId::default_keyspace(3);
 
 fn one_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -21,12 +21,12 @@ fn one_thread() -> tokio::runtime::Runtime {
 fn a_reopen_demotes_the_vote_on_one_thread() {
     one_thread().block_on(async {
         let stores = Stores::in_memory().expect("in-memory stores");
-        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("open partition");
+        let (mut log, _sm) = replikv_raft::open_group(&stores, P).expect("open partition");
         let mut vote = Vote::new(4, 2);
         vote.commit();
         log.save_vote(&vote).await.expect("save vote");
         drop(log);
-        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("reopen partition");
+        let (mut log, _sm) = replikv_raft::open_group(&stores, P).expect("reopen partition");
         let vote = log.read_vote().await.unwrap().expect("the vote survives");
         assert!(!vote.committed, "restarted with a committed vote: {vote:?}");
         assert_eq!(vote.leader_id.term, 4);
@@ -45,14 +45,14 @@ fn a_reopen_cuts_a_corrupt_tail_on_one_thread() {
                     payload: EntryPayload::Blank,
                 };
                 LogOp::Append {
-                    p: P,
+                    g: P,
                     index: i,
                     bytes: replikv_raft::encode_record(&entry),
                 }
             })
             .collect();
         stores.log.write(true, records).await.unwrap();
-        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("open partition");
+        let (mut log, _sm) = replikv_raft::open_group(&stores, P).expect("open partition");
         log.save_committed(Some(LogId::new(CommittedLeaderId::new(1, 1), 5)))
             .await
             .unwrap();
@@ -67,13 +67,13 @@ fn a_reopen_cuts_a_corrupt_tail_on_one_thread() {
         let mut raw = stores.log.entry(P, 4).unwrap().unwrap();
         *raw.last_mut().unwrap() ^= 1;
         let torn = LogOp::Append {
-            p: P,
+            g: P,
             index: 4,
             bytes: raw,
         };
         stores.log.write(true, vec![torn]).await.unwrap();
 
-        let (mut log, _sm) = replikv_raft::open_partition(&stores, P).expect("reopen partition");
+        let (mut log, _sm) = replikv_raft::open_group(&stores, P).expect("reopen partition");
         let state = log.get_log_state().await.unwrap();
         assert_eq!(state.last_log_id.map(|l| l.index), Some(3), "cut from 4 on");
         let committed = log.read_committed().await.unwrap();
@@ -95,12 +95,12 @@ fn a_record_of_an_unknown_version_is_refused_not_cut() {
         let mut newer = replikv_raft::encode_record(&entry);
         newer[0] = 9;
         let op = LogOp::Append {
-            p: P,
+            g: P,
             index: 1,
             bytes: newer,
         };
         stores.log.write(true, vec![op]).await.unwrap();
-        let err = match replikv_raft::open_partition(&stores, P) {
+        let err = match replikv_raft::open_group(&stores, P) {
             Ok(_) => panic!("a log with a record of version 9 opened"),
             Err(e) => e.to_string(),
         };

@@ -13,7 +13,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for OnF
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
         let dir = tempfile::tempdir().expect("temp dir");
         let stores = Stores::open(dir.path(), FsyncPolicy::Never).expect("open stores");
-        let (log, sm) = replikv_raft::open_partition(&stores, 7)?;
+        let (log, sm) =
+            replikv_raft::open_group(&stores, replikv_types::GroupId::default_keyspace(7))?;
         Ok((dir, log, sm))
     }
 }
@@ -24,7 +25,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for InMemory {
     async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError> {
         let stores = Stores::in_memory().expect("in-memory stores");
         assert_eq!(stores.log.writer_kind(), WriterKind::Task);
-        let (log, sm) = replikv_raft::open_partition(&stores, 7)?;
+        let (log, sm) =
+            replikv_raft::open_group(&stores, replikv_types::GroupId::default_keyspace(7))?;
         Ok(((), log, sm))
     }
 }

@@ -12,7 +12,7 @@ use replikv_raft::{CheckpointLimits, Entry, KvView, LogId, SnapshotFile, StateMa
 use replikv_storage::{FsyncPolicy, Store, Stores};
 use replikv_types::{KvOp, Ops, SetCond, WriteRequest};
 
-const P: u32 = 3;
+const P: replikv_types::GroupId = replikv_types::GroupId::default_keyspace(3);
 
 fn log_id(index: u64) -> LogId {
     LogId::new(CommittedLeaderId::new(1, 1), index)

@@ -16,7 +16,9 @@ async fn kill_all_a_leader_restarts_without_a_committed_vote() {
     let dir = tempfile::tempdir().expect("temp dir");
     {
         let stores = Stores::open(dir.path(), FsyncPolicy::Always).expect("open stores");
-        let (mut log, _sm) = replikv_raft::open_partition(&stores, 3).expect("open partition");
+        let (mut log, _sm) =
+            replikv_raft::open_group(&stores, replikv_types::GroupId::default_keyspace(3))
+                .expect("open partition");
         let mut vote = Vote::new(4, 2);
         vote.commit();
         log.save_vote(&vote).await.expect("save vote");
@@ -34,7 +36,9 @@ async fn kill_all_a_leader_restarts_without_a_committed_vote() {
             Err(e) => panic!("reopen stores: {e}"),
         }
     };
-    let (mut log, _sm) = replikv_raft::open_partition(&stores, 3).expect("reopen partition");
+    let (mut log, _sm) =
+        replikv_raft::open_group(&stores, replikv_types::GroupId::default_keyspace(3))
+            .expect("reopen partition");
     let vote = log.read_vote().await.unwrap().expect("the vote survives");
     assert!(!vote.committed, "restarted with a committed vote: {vote:?}");
     assert_eq!(vote.leader_id().voted_for(), Some(2));

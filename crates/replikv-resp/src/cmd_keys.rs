@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use replikv_types::{KvOp, PartitionId};
+use replikv_types::{GroupId, KvOp, PartitionId};
 
 use crate::cmd_strings::{absolute_expiry, expire_cond, relative_expiry, Combine, Unit};
 use crate::codec::Frame;
@@ -23,10 +23,10 @@ pub(crate) fn build_write<S: Service>(
 ) -> Result<(Vec<KvOp>, Combine), Frame> {
     let a = &args.args;
     if args.name == "DEL" || args.name == "UNLINK" {
-        let mut by_partition: BTreeMap<PartitionId, Vec<Bytes>> = BTreeMap::new();
+        let mut by_partition: BTreeMap<GroupId, Vec<Bytes>> = BTreeMap::new();
         for k in &a[1..] {
             by_partition
-                .entry(service.partition_of(k))
+                .entry(service.group_of(k))
                 .or_default()
                 .push(k.clone());
         }
@@ -128,7 +128,7 @@ async fn all_keys<S: Service>(service: &S, pattern: Option<Bytes>) -> Result<Vec
         let mut start = Bytes::new();
         loop {
             let (keys, next) = service
-                .scan_partition(p, start, 10_000, pattern.clone())
+                .scan_partition(GroupId::default_keyspace(p), start, 10_000, pattern.clone())
                 .await
                 .map_err(|e| err(&e))?;
             out.extend(keys);
@@ -222,7 +222,10 @@ async fn scan<S: Service>(service: &S, args: &Args) -> Frame {
     if p >= service.partition_count() {
         return Frame::Error("ERR invalid cursor".into());
     }
-    let (keys, next) = match service.scan_partition(p, start, count, pattern).await {
+    let (keys, next) = match service
+        .scan_partition(GroupId::default_keyspace(p), start, count, pattern)
+        .await
+    {
         Ok(r) => r,
         Err(e) => return err(&e),
     };

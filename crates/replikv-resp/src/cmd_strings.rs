@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use replikv_types::{Error, ExpireCond, Expiry, KvOp, PartitionId, Reply, SetCond, ValueWithTtl};
+use replikv_types::{Error, ExpireCond, Expiry, GroupId, KvOp, Reply, SetCond, ValueWithTtl};
 
 use crate::codec::Frame;
 use crate::conn::{err, reply_frame, syntax_error, Answer, Args, ConnState};
@@ -102,7 +102,7 @@ pub(crate) async fn write_command<S: Service>(
             for fut in pending {
                 match fut.await {
                     Ok(w) => {
-                        tokens.push((w.partition, w.offset));
+                        tokens.push((w.group, w.offset));
                         replies.push(w.reply);
                     }
                     Err(e) => failure = failure.or(Some(e)),
@@ -305,12 +305,12 @@ fn build_mset<S: Service>(service: &S, args: &Args) -> Result<(Vec<KvOp>, Combin
         return Err(args.arity_error());
     }
     let nx = args.name == "MSETNX";
-    let mut by_partition: BTreeMap<PartitionId, Vec<(Bytes, Bytes)>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<GroupId, Vec<(Bytes, Bytes)>> = BTreeMap::new();
     for pair in args.args[1..].chunks(2) {
         check_key(service, &pair[0])?;
         check_value(service, &pair[1])?;
         by_partition
-            .entry(service.partition_of(&pair[0]))
+            .entry(service.group_of(&pair[0]))
             .or_default()
             .push((pair[0].clone(), pair[1].clone()));
     }
@@ -358,7 +358,7 @@ pub(crate) fn start_reads<S: Service>(
     let reads: Vec<_> = keys
         .iter()
         .map(|k| {
-            let min = state.session.get(&service.partition_of(k)).copied();
+            let min = state.session.get(&service.group_of(k)).copied();
             service.get(k.clone(), read, min)
         })
         .collect();

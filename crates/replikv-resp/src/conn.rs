@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::codec::{encode, Frame, Limits, Protocol, RequestParser};
 use crate::service::Service;
 use replikv_types::{
-    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, Offset, PartitionId,
+    refuse, AcceptBackoff, ConnLimit, ConnSlot, Consistency, Error, GroupId, Offset,
     ReadPreference, WarnEvery,
 };
 
@@ -31,7 +31,7 @@ pub struct ConnState {
     /// `REPLIKV.READ` / `READONLY`; `None` = the keyspace default.
     pub read: Option<ReadPreference>,
     /// Session token: offset of this connection's last acknowledged write per partition.
-    pub session: HashMap<PartitionId, Offset>,
+    pub session: HashMap<GroupId, Offset>,
     pub quit: bool,
     /// Whether the pipeline's answers hold a write (`Later`) or a read (`Read`) still under
     /// way: the wait before each command skips the scan of the answers when none does.
@@ -59,7 +59,7 @@ impl ConnState {
 }
 
 /// A queued write's reply and the session token it produced.
-pub(crate) type Acked = BoxFuture<'static, (Frame, Vec<(PartitionId, Offset)>)>;
+pub(crate) type Acked = BoxFuture<'static, (Frame, Vec<(GroupId, Offset)>)>;
 
 /// A command's answer: ready now, or a queued write still to be acknowledged.
 pub(crate) enum Answer {

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use replikv_types::{
-    Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome,
+    Consistency, Error, GroupId, KvOp, Offset, ReadPreference, ValueWithTtl, WriteOutcome,
 };
 
 /// One slot range and the nodes serving it, leader first: `(node id, host, resp port)`.
@@ -120,14 +120,15 @@ pub trait Service: Send + Sync + 'static {
         min_offset: Option<Offset>,
     ) -> BoxFuture<'static, Result<Option<ValueWithTtl>, Error>>;
 
-    fn partition_of(&self, key: &[u8]) -> PartitionId;
+    /// The group of the connection's keyspace that holds `key` (the default keyspace).
+    fn group_of(&self, key: &[u8]) -> GroupId;
 
     fn partition_count(&self) -> u32;
 
-    /// Keys of partition `p` from `start`, at most `count`, matching `pattern`; and where to resume.
+    /// Keys of group `p` from `start`, at most `count`, matching `pattern`; and where to resume.
     fn scan_partition(
         &self,
-        p: PartitionId,
+        p: GroupId,
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
@@ -136,7 +137,7 @@ pub trait Service: Send + Sync + 'static {
     /// `WAIT`: replicas other than the leader that hold `offset` of `p`.
     fn wait_replicas(
         &self,
-        p: PartitionId,
+        p: GroupId,
         offset: Offset,
         wanted: usize,
         timeout_ms: u64,

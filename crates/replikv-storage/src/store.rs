@@ -15,10 +15,53 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::raft_log::{DamagedLog, FsLogDir, Opened, RaftLog, SEGMENT_BYTES};
+use replikv_types::{GroupId, KeyspaceId, DEFAULT_KEYSPACE_ID};
 
-const META: TableDefinition<(u32, &str), &[u8]> = TableDefinition::new("meta");
-const KV: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("kv");
-const SNAPSHOT: TableDefinition<u32, &[u8]> = TableDefinition::new("snapshot");
+/// The tables of one keyspace, each keyed by partition first: `meta`, `kv` and `snapshot`
+/// for keyspace 0 (`default`, the names of every state file written before there were other
+/// keyspaces, so that such a file opens as it is), `meta@N`, `kv@N` and `snapshot@N` for
+/// keyspace `N` (dropping a keyspace drops its tables). The meta group's are those of
+/// keyspace `GroupId::META_KEYSPACE`.
+struct TableNames {
+    meta: String,
+    kv: String,
+    snapshot: String,
+}
+
+impl TableNames {
+    fn of(keyspace: KeyspaceId) -> TableNames {
+        let name = |base: &str| match keyspace {
+            0 => base.to_string(),
+            n => format!("{base}@{n}"),
+        };
+        TableNames {
+            meta: name("meta"),
+            kv: name("kv"),
+            snapshot: name("snapshot"),
+        }
+    }
+
+    fn meta(&self) -> TableDefinition<'_, (u32, &'static str), &'static [u8]> {
+        TableDefinition::new(&self.meta)
+    }
+
+    fn kv(&self) -> TableDefinition<'_, (u32, &'static [u8]), &'static [u8]> {
+        TableDefinition::new(&self.kv)
+    }
+
+    fn snapshot(&self) -> TableDefinition<'_, u32, &'static [u8]> {
+        TableDefinition::new(&self.snapshot)
+    }
+}
+
+/// A table that no write has created yet reads as empty.
+fn absent_is_empty<T>(r: Result<T, redb::TableError>) -> Result<Option<T>, StorageError> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
 
 /// Most jobs one write transaction takes; bounds the latency of the first job in a batch.
 const MAX_JOBS_PER_COMMIT: usize = 4096;
@@ -250,10 +293,18 @@ struct Commits {
     /// The key table as of commit number `.0`, shared by point reads until the next commit
     /// (a read transaction and a table open per GET were a tenth of a read's CPU). The
     /// writer drops it at each commit, so it pins no page the writer has since freed.
-    latest_kv: std::sync::Mutex<Option<(u64, Arc<KvTable>)>>,
+    latest_kv: std::sync::Mutex<Option<Latest>>,
 }
 
 type KvTable = redb::ReadOnlyTable<(u32, &'static [u8]), &'static [u8]>;
+
+/// The read view `kv_get_latest` reuses while no commit comes: as of commit count `at`, with
+/// the `kv` table of each keyspace read so far (`None`: not created yet).
+struct Latest {
+    at: u64,
+    tx: redb::ReadTransaction,
+    tables: std::collections::HashMap<KeyspaceId, Option<Arc<KvTable>>>,
+}
 
 /// One redb database shared by every partition.
 #[derive(Clone)]
@@ -316,9 +367,10 @@ impl Store {
     fn start(db: Database, policy: FsyncPolicy, kind: WriterKind) -> Result<Store, StorageError> {
         let tx = db.begin_write().map_err(err)?;
         {
-            tx.open_table(META).map_err(err)?;
-            tx.open_table(KV).map_err(err)?;
-            tx.open_table(SNAPSHOT).map_err(err)?;
+            let names = TableNames::of(DEFAULT_KEYSPACE_ID);
+            tx.open_table(names.meta()).map_err(err)?;
+            tx.open_table(names.kv()).map_err(err)?;
+            tx.open_table(names.snapshot()).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         let db = Arc::new(db);
@@ -455,27 +507,38 @@ impl Store {
         r.ok_or_else(|| StorageError("write job produced no result".into()))
     }
 
-    /// The value of `key` in partition `p` as of every commit answered so far: what
-    /// `read().kv_get(p, key)` gives, without a read transaction of its own when no commit
+    /// The value of `key` in group `g` as of every commit answered so far: what
+    /// `read().kv_get(g, key)` gives, without a read transaction of its own when no commit
     /// came since the last such read.
-    pub fn kv_get_latest(&self, p: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    pub fn kv_get_latest(&self, g: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         // The count is read before the transaction begins: a view opened now holds at least
         // every commit counted, and is reused only while the count stays the same. The
         // writer counts a commit before it answers the commit's jobs.
         let seen = self.counts.commits.load(Ordering::Acquire);
         let table = {
             let mut latest = self.counts.latest_kv.lock().expect("latest kv");
-            match latest.as_ref() {
-                Some((at, table)) if *at == seen => table.clone(),
-                _ => {
-                    let tx = self.db.begin_read().map_err(err)?;
-                    let table = Arc::new(tx.open_table(KV).map_err(err)?);
-                    *latest = Some((seen, table.clone()));
+            if latest.as_ref().is_none_or(|l| l.at != seen) {
+                *latest = Some(Latest {
+                    at: seen,
+                    tx: self.db.begin_read().map_err(err)?,
+                    tables: Default::default(),
+                });
+            }
+            let latest = latest.as_mut().expect("set above");
+            match latest.tables.get(&g.keyspace) {
+                Some(table) => table.clone(),
+                None => {
+                    let names = TableNames::of(g.keyspace);
+                    let table = absent_is_empty(latest.tx.open_table(names.kv()))?.map(Arc::new);
+                    latest.tables.insert(g.keyspace, table.clone());
                     table
                 }
             }
         };
-        let value = table.get((p, key)).map_err(err)?;
+        let Some(table) = table else {
+            return Ok(None);
+        };
+        let value = table.get((g.partition, key)).map_err(err)?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 
@@ -569,9 +632,8 @@ fn commit_batch(
     tx.set_durability(durability).map_err(err)?;
     {
         let mut w = WriteTx {
-            meta: tx.open_table(META).map_err(err)?,
-            kv: tx.open_table(KV).map_err(err)?,
-            snapshot: tx.open_table(SNAPSHOT).map_err(err)?,
+            tx: &tx,
+            tables: Default::default(),
         };
         for job in batch.iter_mut() {
             let run = std::mem::replace(&mut job.run, Box::new(|_| Ok(())));
@@ -581,55 +643,84 @@ fn commit_batch(
     tx.commit().map_err(err)
 }
 
-/// The tables of one write transaction, as the writer hands them to a job.
-pub struct WriteTx<'t> {
+/// The tables of one keyspace in a write transaction.
+struct WriteTables<'t> {
     meta: redb::Table<'t, (u32, &'static str), &'static [u8]>,
     kv: redb::Table<'t, (u32, &'static [u8]), &'static [u8]>,
     snapshot: redb::Table<'t, u32, &'static [u8]>,
 }
 
-impl WriteTx<'_> {
-    pub fn meta_put(&mut self, p: u32, name: &str, value: &[u8]) -> Result<(), StorageError> {
-        self.meta.insert((p, name), value).map_err(err)?;
+/// One write transaction, as the writer hands it to a job: each keyspace's tables are opened
+/// (and created) when a job first touches them.
+pub struct WriteTx<'t> {
+    tx: &'t redb::WriteTransaction,
+    tables: std::collections::HashMap<KeyspaceId, WriteTables<'t>>,
+}
+
+impl<'t> WriteTx<'t> {
+    fn tables(&mut self, keyspace: KeyspaceId) -> Result<&mut WriteTables<'t>, StorageError> {
+        use std::collections::hash_map::Entry;
+        match self.tables.entry(keyspace) {
+            Entry::Occupied(o) => Ok(o.into_mut()),
+            Entry::Vacant(v) => {
+                let names = TableNames::of(keyspace);
+                Ok(v.insert(WriteTables {
+                    meta: self.tx.open_table(names.meta()).map_err(err)?,
+                    kv: self.tx.open_table(names.kv()).map_err(err)?,
+                    snapshot: self.tx.open_table(names.snapshot()).map_err(err)?,
+                }))
+            }
+        }
+    }
+
+    pub fn meta_put(&mut self, g: GroupId, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        let t = self.tables(g.keyspace)?;
+        t.meta.insert((g.partition, name), value).map_err(err)?;
         Ok(())
     }
 
-    pub fn kv_get(&self, p: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self
-            .kv
-            .get((p, key))
+    pub fn kv_get(&mut self, g: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let t = self.tables(g.keyspace)?;
+        Ok(t.kv
+            .get((g.partition, key))
             .map_err(err)?
             .map(|v| v.value().to_vec()))
     }
 
-    pub fn kv_put(&mut self, p: u32, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
-        self.kv.insert((p, key), value).map_err(err)?;
+    pub fn kv_put(&mut self, g: GroupId, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        let t = self.tables(g.keyspace)?;
+        t.kv.insert((g.partition, key), value).map_err(err)?;
         Ok(())
     }
 
-    pub fn kv_delete(&mut self, p: u32, key: &[u8]) -> Result<bool, StorageError> {
-        Ok(self.kv.remove((p, key)).map_err(err)?.is_some())
+    pub fn kv_delete(&mut self, g: GroupId, key: &[u8]) -> Result<bool, StorageError> {
+        let t = self.tables(g.keyspace)?;
+        Ok(t.kv.remove((g.partition, key)).map_err(err)?.is_some())
     }
 
-    /// Removes every key of partition `p` (before installing a snapshot). Only the
-    /// partition's key range is visited: a scan of the whole table made each install cost
-    /// as much as every other partition's keys.
-    pub fn kv_clear(&mut self, p: u32) -> Result<(), StorageError> {
+    /// Removes every key of group `g` (before installing a snapshot). Only the partition's
+    /// key range is visited: a scan of the whole table made each install cost as much as
+    /// every other partition's keys.
+    pub fn kv_clear(&mut self, g: GroupId) -> Result<(), StorageError> {
         let none: &[u8] = &[];
+        let p = g.partition;
+        let t = self.tables(g.keyspace)?;
         match p.checked_add(1) {
-            Some(next) => self.kv.retain_in((p, none)..(next, none), |_, _| false),
-            None => self.kv.retain_in((p, none).., |_, _| false),
+            Some(next) => t.kv.retain_in((p, none)..(next, none), |_, _| false),
+            None => t.kv.retain_in((p, none).., |_, _| false),
         }
         .map_err(err)
     }
 
-    pub fn snapshot_put(&mut self, p: u32, bytes: &[u8]) -> Result<(), StorageError> {
-        self.snapshot.insert(p, bytes).map_err(err)?;
+    pub fn snapshot_put(&mut self, g: GroupId, bytes: &[u8]) -> Result<(), StorageError> {
+        let t = self.tables(g.keyspace)?;
+        t.snapshot.insert(g.partition, bytes).map_err(err)?;
         Ok(())
     }
 
-    pub fn snapshot_delete(&mut self, p: u32) -> Result<(), StorageError> {
-        self.snapshot.remove(p).map_err(err)?;
+    pub fn snapshot_delete(&mut self, g: GroupId) -> Result<(), StorageError> {
+        let t = self.tables(g.keyspace)?;
+        t.snapshot.remove(g.partition).map_err(err)?;
         Ok(())
     }
 }
@@ -640,44 +731,64 @@ pub struct ReadTx {
 }
 
 impl ReadTx {
-    pub fn meta_get(&self, p: u32, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let t = self.tx.open_table(META).map_err(err)?;
-        Ok(t.get((p, name)).map_err(err)?.map(|v| v.value().to_vec()))
+    pub fn meta_get(&self, g: GroupId, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let names = TableNames::of(g.keyspace);
+        let Some(t) = absent_is_empty(self.tx.open_table(names.meta()))? else {
+            return Ok(None);
+        };
+        let value = t.get((g.partition, name)).map_err(err)?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 
-    pub fn kv_get(&self, p: u32, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let t = self.tx.open_table(KV).map_err(err)?;
-        Ok(t.get((p, key)).map_err(err)?.map(|v| v.value().to_vec()))
+    pub fn kv_get(&self, g: GroupId, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let names = TableNames::of(g.keyspace);
+        let Some(t) = absent_is_empty(self.tx.open_table(names.kv()))? else {
+            return Ok(None);
+        };
+        let value = t.get((g.partition, key)).map_err(err)?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 
-    /// Calls `f` for every key of partition `p` in key order, from `start` (inclusive);
-    /// stops when `f` returns false.
+    /// Calls `f` for every key of group `g` in key order, from `start` (inclusive); stops
+    /// when `f` returns false.
     pub fn kv_for_each(
         &self,
-        p: u32,
+        g: GroupId,
         start: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StorageError> {
-        let t = self.tx.open_table(KV).map_err(err)?;
-        for item in t.range((p, start)..).map_err(err)? {
+        let names = TableNames::of(g.keyspace);
+        let Some(t) = absent_is_empty(self.tx.open_table(names.kv()))? else {
+            return Ok(());
+        };
+        for item in t.range((g.partition, start)..).map_err(err)? {
             let (k, v) = item.map_err(err)?;
             let (part, key) = k.value();
-            if part != p || !f(key, v.value()) {
+            if part != g.partition || !f(key, v.value()) {
                 break;
             }
         }
         Ok(())
     }
 
-    pub fn snapshot_get(&self, p: u32) -> Result<Option<Vec<u8>>, StorageError> {
-        let t = self.tx.open_table(SNAPSHOT).map_err(err)?;
-        Ok(t.get(p).map_err(err)?.map(|v| v.value().to_vec()))
+    pub fn snapshot_get(&self, g: GroupId) -> Result<Option<Vec<u8>>, StorageError> {
+        let names = TableNames::of(g.keyspace);
+        let Some(t) = absent_is_empty(self.tx.open_table(names.snapshot()))? else {
+            return Ok(None);
+        };
+        let value = t.get(g.partition).map_err(err)?;
+        Ok(value.map(|v| v.value().to_vec()))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Partition `p` of the default keyspace.
+    fn g(p: u32) -> GroupId {
+        GroupId::default_keyspace(p)
+    }
 
     #[tokio::test]
     async fn writes_are_visible_to_reads_and_survive_reopen() {
@@ -686,23 +797,23 @@ mod tests {
             let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
             store
                 .write(true, |w| {
-                    w.kv_put(2, b"k", b"other partition")?;
-                    w.kv_put(1, b"k", b"v")?;
-                    w.meta_put(1, "vote", b"x")
+                    w.kv_put(g(2), b"k", b"other partition")?;
+                    w.kv_put(g(1), b"k", b"v")?;
+                    w.meta_put(g(1), "vote", b"x")
                 })
                 .await
                 .unwrap();
             let r = store.read().unwrap();
-            assert_eq!(r.kv_get(1, b"k").unwrap(), Some(b"v".to_vec()));
+            assert_eq!(r.kv_get(g(1), b"k").unwrap(), Some(b"v".to_vec()));
             store.stop();
         }
         // The writer thread holds the database until its channel closes; reopen in a loop.
         let store = reopen(dir.path());
         let r = store.read().unwrap();
-        assert_eq!(r.kv_get(1, b"k").unwrap(), Some(b"v".to_vec()));
-        assert_eq!(r.meta_get(1, "vote").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(r.kv_get(g(1), b"k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(r.meta_get(g(1), "vote").unwrap(), Some(b"x".to_vec()));
         assert_eq!(
-            r.kv_get(2, b"k").unwrap(),
+            r.kv_get(g(2), b"k").unwrap(),
             Some(b"other partition".to_vec())
         );
     }
@@ -728,27 +839,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), FsyncPolicy::Never).unwrap();
         let other = store.clone();
-        assert_eq!(store.kv_get_latest(1, b"k").unwrap(), None);
+        assert_eq!(store.kv_get_latest(g(1), b"k").unwrap(), None);
         for i in 0..50u32 {
             let v = i.to_le_bytes();
             other
-                .write(false, move |w| w.kv_put(1, b"k", &v))
+                .write(false, move |w| w.kv_put(g(1), b"k", &v))
                 .await
                 .unwrap();
             // Twice: the second read takes the shared view the first one opened.
             for _ in 0..2 {
-                assert_eq!(store.kv_get_latest(1, b"k").unwrap(), Some(v.to_vec()));
-                assert_eq!(store.kv_get_latest(2, b"k").unwrap(), None);
+                assert_eq!(store.kv_get_latest(g(1), b"k").unwrap(), Some(v.to_vec()));
+                assert_eq!(store.kv_get_latest(g(2), b"k").unwrap(), None);
             }
         }
         other
-            .write(false, |w| w.kv_delete(1, b"k").map(|_| ()))
+            .write(false, |w| w.kv_delete(g(1), b"k").map(|_| ()))
             .await
             .unwrap();
-        assert_eq!(store.kv_get_latest(1, b"k").unwrap(), None);
+        assert_eq!(store.kv_get_latest(g(1), b"k").unwrap(), None);
         // A commit drops the shared view: it pins nothing once the writer moves on.
         other
-            .write(false, |w| w.kv_put(3, b"x", b"y"))
+            .write(false, |w| w.kv_put(g(3), b"x", b"y"))
             .await
             .unwrap();
         assert!(store.counts.latest_kv.lock().unwrap().is_none());
@@ -760,22 +871,68 @@ mod tests {
         let store = Store::open(dir.path(), FsyncPolicy::Never).unwrap();
         store
             .write(false, |w| {
-                w.kv_put(1, b"a", b"1")?;
-                w.kv_put(2, b"a", b"2")
+                w.kv_put(g(1), b"a", b"1")?;
+                w.kv_put(g(2), b"a", b"2")
             })
             .await
             .unwrap();
-        store.write(false, |w| w.kv_clear(1)).await.unwrap();
+        store.write(false, |w| w.kv_clear(g(1))).await.unwrap();
         let r = store.read().unwrap();
-        assert_eq!(r.kv_get(1, b"a").unwrap(), None);
-        assert_eq!(r.kv_get(2, b"a").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(r.kv_get(g(1), b"a").unwrap(), None);
+        assert_eq!(r.kv_get(g(2), b"a").unwrap(), Some(b"2".to_vec()));
         let mut keys = 0;
-        r.kv_for_each(2, b"", |_, _| {
+        r.kv_for_each(g(2), b"", |_, _| {
             keys += 1;
             true
         })
         .unwrap();
         assert_eq!(keys, 1);
+    }
+
+    /// Each keyspace has tables of its own: the same partition number and key in two
+    /// keyspaces are two values, a keyspace no write has touched reads as empty, and the
+    /// default keyspace keeps the table names older state files have.
+    #[tokio::test]
+    async fn keyspaces_have_tables_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = GroupId::new(7, 1);
+        {
+            let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
+            let r = store.read().unwrap();
+            assert_eq!(r.kv_get(other, b"a").unwrap(), None);
+            assert_eq!(r.snapshot_get(other).unwrap(), None);
+            assert_eq!(store.kv_get_latest(other, b"a").unwrap(), None);
+            store
+                .write(true, move |w| {
+                    w.kv_put(g(1), b"a", b"default")?;
+                    w.kv_put(other, b"a", b"seven")?;
+                    w.meta_put(GroupId::META, "applied", b"m")
+                })
+                .await
+                .unwrap();
+            assert_eq!(store.kv_get_latest(other, b"a").unwrap().unwrap(), b"seven");
+            store.write(true, move |w| w.kv_clear(other)).await.unwrap();
+            assert_eq!(store.kv_get_latest(other, b"a").unwrap(), None);
+            store
+                .write(true, move |w| w.kv_put(other, b"b", b"7b"))
+                .await
+                .unwrap();
+            store.close();
+        }
+        let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.kv_get(g(1), b"a").unwrap().unwrap(), b"default");
+        assert_eq!(r.kv_get(other, b"b").unwrap().unwrap(), b"7b");
+        assert_eq!(r.meta_get(GroupId::META, "applied").unwrap().unwrap(), b"m");
+        assert_eq!(r.meta_get(g(0), "applied").unwrap(), None);
+        let tables: Vec<String> =
+            r.tx.list_tables()
+                .unwrap()
+                .map(|t| redb::TableHandle::name(&t).to_string())
+                .collect();
+        for name in ["kv", "meta", "snapshot", "kv@7", "meta@4294967295"] {
+            assert!(tables.iter().any(|t| t == name), "{name} in {tables:?}");
+        }
     }
 
     /// The simulation's stores: everything runs on one thread, so the writer must be a task,
@@ -793,7 +950,7 @@ mod tests {
                 .map(|i| {
                     let log = stores.log.clone();
                     let op = crate::LogOp::Append {
-                        p: 1,
+                        g: g(1),
                         index: i,
                         bytes: b"e".to_vec(),
                     };
@@ -805,15 +962,15 @@ mod tests {
             }
             // Inline, from synchronous code on the runtime's only thread.
             let vote = crate::LogOp::Meta {
-                p: 1,
+                g: g(1),
                 name: "vote".into(),
                 value: b"v".to_vec(),
             };
             stores.log.write_now(vec![vote]).unwrap();
-            assert_eq!(stores.log.len(1), 5);
+            assert_eq!(stores.log.len(g(1)), 5);
             // The queued jobs share batches; the inline one has its own.
             assert!((2..=6).contains(&stores.log.commit_count()));
-            assert_eq!(stores.log.meta(1, "vote"), Some(b"v".to_vec()));
+            assert_eq!(stores.log.meta(g(1), "vote"), Some(b"v".to_vec()));
         });
     }
 
@@ -823,17 +980,23 @@ mod tests {
         let store = Store::open(dir.path(), FsyncPolicy::Never).unwrap();
         store
             .write(false, |w| {
-                w.kv_put(u32::MAX, b"a", b"1")?;
-                w.kv_put(u32::MAX - 1, b"a", b"2")?;
-                w.kv_put(0, b"", b"3")
+                w.kv_put(g(u32::MAX), b"a", b"1")?;
+                w.kv_put(g(u32::MAX - 1), b"a", b"2")?;
+                w.kv_put(g(0), b"", b"3")
             })
             .await
             .unwrap();
-        store.write(false, |w| w.kv_clear(u32::MAX)).await.unwrap();
+        store
+            .write(false, |w| w.kv_clear(g(u32::MAX)))
+            .await
+            .unwrap();
         let r = store.read().unwrap();
-        assert_eq!(r.kv_get(u32::MAX, b"a").unwrap(), None);
-        assert_eq!(r.kv_get(u32::MAX - 1, b"a").unwrap(), Some(b"2".to_vec()));
-        assert_eq!(r.kv_get(0, b"").unwrap(), Some(b"3".to_vec()));
+        assert_eq!(r.kv_get(g(u32::MAX), b"a").unwrap(), None);
+        assert_eq!(
+            r.kv_get(g(u32::MAX - 1), b"a").unwrap(),
+            Some(b"2".to_vec())
+        );
+        assert_eq!(r.kv_get(g(0), b"").unwrap(), Some(b"3".to_vec()));
     }
 
     /// Writes one key per index in `indexes`, each in its own commit; returns the
@@ -846,7 +1009,7 @@ mod tests {
         let before = store.sync_count();
         for i in indexes {
             store
-                .write(durable, move |w| w.kv_put(1, &i.to_le_bytes(), b"e"))
+                .write(durable, move |w| w.kv_put(g(1), &i.to_le_bytes(), b"e"))
                 .await
                 .unwrap();
         }
@@ -897,11 +1060,11 @@ mod tests {
             let store =
                 Store::open_with_backend(InMemoryBackend::new(), policy, WriterKind::Task).unwrap();
             store
-                .write(false, |w| w.kv_put(1, b"k", b"v"))
+                .write(false, |w| w.kv_put(g(1), b"k", b"v"))
                 .await
                 .unwrap();
             assert_eq!(
-                store.read().unwrap().kv_get(1, b"k").unwrap(),
+                store.read().unwrap().kv_get(g(1), b"k").unwrap(),
                 Some(b"v".to_vec()),
                 "{policy:?}"
             );
@@ -913,9 +1076,9 @@ mod tests {
     fn write_now_with_a_thread_writer() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), FsyncPolicy::Always).unwrap();
-        store.write_now(|w| w.kv_put(3, b"k", b"x")).unwrap();
+        store.write_now(|w| w.kv_put(g(3), b"k", b"x")).unwrap();
         assert_eq!(
-            store.read().unwrap().kv_get(3, b"k").unwrap(),
+            store.read().unwrap().kv_get(g(3), b"k").unwrap(),
             Some(b"x".to_vec())
         );
     }

@@ -227,7 +227,7 @@ pub enum Reply {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct WriteOutcome {
     pub reply: Reply,
-    pub partition: u32,
+    pub group: crate::GroupId,
     pub offset: u64,
 }
 

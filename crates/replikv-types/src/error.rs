@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::NodeId;
+use crate::{GroupId, NodeId};
 
 /// Whether a write that failed to meet its consistency level was committed anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,18 +31,18 @@ impl fmt::Display for Commit {
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum Error {
-    /// This node does not lead the partition; `leader` is who does, if known.
-    #[error("not the leader of partition {partition} (leader: {leader:?})")]
+    /// This node does not lead the group; `leader` is who does, if known.
+    #[error("not the leader of {group:#} (leader: {leader:?})")]
     NotLeader {
-        partition: u32,
+        group: GroupId,
         leader: Option<NodeId>,
     },
     /// Redis Cluster redirection, when `resp.redirect` is on.
     #[error("MOVED {slot} {addr}")]
     Moved { slot: u16, addr: String },
-    /// No leader is known for the partition (election under way or majority lost).
-    #[error("partition {partition} has no leader: {detail}")]
-    ClusterDown { partition: u32, detail: String },
+    /// No leader is known for the group (election under way or majority lost).
+    #[error("{group:#} has no leader: {detail}")]
+    ClusterDown { group: GroupId, detail: String },
     /// The level cannot be met now: a majority (or the replicas asked for) is unreachable.
     #[error("{detail} ({committed})")]
     NoQuorum { committed: Commit, detail: String },

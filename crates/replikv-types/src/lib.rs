@@ -21,13 +21,76 @@ pub use connections::{refuse, AcceptBackoff, ConnLimit, ConnSlot, WarnEvery};
 pub use consistency::{Consistency, ReadPreference};
 pub use error::{Commit, Error};
 pub use glob::glob_match;
+use serde::{Deserialize, Serialize};
 
 /// A node's id, as given by `--node-id`.
 pub type NodeId = u64;
-/// A partition of a keyspace: one Raft group.
+/// A partition of a keyspace.
 pub type PartitionId = u32;
+/// A keyspace, by its number: the `db` that `SELECT` names, `default` being 0.
+pub type KeyspaceId = u32;
 /// A Raft log index within one partition (the seeds' "offset").
 pub type Offset = u64;
 
 /// The one keyspace that always exists.
 pub const DEFAULT_KEYSPACE: &str = "default";
+/// The number of [`DEFAULT_KEYSPACE`].
+pub const DEFAULT_KEYSPACE_ID: KeyspaceId = 0;
+
+/// One Raft group: a partition of a keyspace, or the meta group ([`GroupId::META`]), which
+/// holds the topology. What peer messages, log records, state-file tables, metrics and status
+/// name a group by.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct GroupId {
+    pub keyspace: KeyspaceId,
+    pub partition: PartitionId,
+}
+
+impl GroupId {
+    /// The keyspace number no keyspace is given: it names the meta group.
+    pub const META_KEYSPACE: KeyspaceId = KeyspaceId::MAX;
+    /// The meta group.
+    pub const META: GroupId = GroupId {
+        keyspace: Self::META_KEYSPACE,
+        partition: 0,
+    };
+
+    pub const fn new(keyspace: KeyspaceId, partition: PartitionId) -> GroupId {
+        GroupId {
+            keyspace,
+            partition,
+        }
+    }
+
+    /// Partition `partition` of the default keyspace.
+    pub const fn default_keyspace(partition: PartitionId) -> GroupId {
+        GroupId::new(DEFAULT_KEYSPACE_ID, partition)
+    }
+
+    pub fn is_meta(&self) -> bool {
+        self.keyspace == Self::META_KEYSPACE
+    }
+}
+
+impl std::fmt::Display for GroupId {
+    /// `meta`, or `KEYSPACE/PARTITION` by numbers (`0/3`: partition 3 of `default`). The
+    /// alternate form (`{:#}`) is for messages: `the meta group`, `partition 3` in the
+    /// default keyspace, `partition 3 of keyspace 5` in another.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.is_meta(), f.alternate()) {
+            (true, false) => f.write_str("meta"),
+            (true, true) => f.write_str("the meta group"),
+            (false, false) => write!(f, "{}/{}", self.keyspace, self.partition),
+            (false, true) if self.keyspace == DEFAULT_KEYSPACE_ID => {
+                write!(f, "partition {}", self.partition)
+            }
+            (false, true) => write!(
+                f,
+                "partition {} of keyspace {}",
+                self.partition, self.keyspace
+            ),
+        }
+    }
+}

@@ -170,7 +170,7 @@ pub fn init_logging() {
 async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
     // 1. Storage.
     let members = cfg.peers.keys().copied().collect();
-    let hosted = replikv_cluster::hosted_partitions(cfg.node_id, &cfg.peers, &cfg.replication)
+    let hosted = replikv_cluster::hosted_groups(cfg.node_id, &cfg.peers, &cfg.replication)
         .map_err(anyhow::Error::msg)?;
     let stores = replikv_raft::open_stores(
         &cfg.data_dir,

@@ -10,7 +10,7 @@ use replikv_resp::{
     FrontConfig, NodeFacts, PartitionFact, ReplicaFact, ScanPage, Service, SlotRange,
 };
 use replikv_types::{
-    Consistency, Error, KvOp, Offset, PartitionId, ReadPreference, ValueWithTtl, WriteOutcome,
+    Consistency, Error, GroupId, KvOp, Offset, ReadPreference, ValueWithTtl, WriteOutcome,
 };
 
 use crate::config::Config;
@@ -65,8 +65,8 @@ impl Service for NodeService {
         async move { node.get(key, read, min_offset).await }.boxed()
     }
 
-    fn partition_of(&self, key: &[u8]) -> PartitionId {
-        self.node.partition_of(key)
+    fn group_of(&self, key: &[u8]) -> GroupId {
+        self.node.group_of(key)
     }
 
     fn partition_count(&self) -> u32 {
@@ -75,7 +75,7 @@ impl Service for NodeService {
 
     fn scan_partition(
         &self,
-        p: PartitionId,
+        p: GroupId,
         start: Bytes,
         count: usize,
         pattern: Option<Bytes>,
@@ -85,7 +85,7 @@ impl Service for NodeService {
 
     fn wait_replicas(
         &self,
-        p: PartitionId,
+        p: GroupId,
         offset: Offset,
         wanted: usize,
         timeout_ms: u64,
@@ -94,7 +94,7 @@ impl Service for NodeService {
     }
 
     fn redirect_for(&self, key: &[u8]) -> Option<Error> {
-        let p = self.node.partition_of(key);
+        let p = self.node.group_of(key);
         let leader = self.node.leader_of(p)?;
         if leader == self.node.id() {
             return None;
@@ -116,7 +116,7 @@ impl Service for NodeService {
                 let r = replikv_placement::partition_slots(pl.partition, n);
                 let leader = self
                     .node
-                    .leader_of(pl.partition)
+                    .leader_of(GroupId::default_keyspace(pl.partition))
                     .unwrap_or(pl.preferred_leader);
                 let mut ids = vec![leader];
                 ids.extend(pl.replicas.iter().copied().filter(|id| *id != leader));

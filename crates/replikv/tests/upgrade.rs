@@ -75,3 +75,63 @@ fn a_data_directory_of_log_format_2_opens_and_serves_its_keys() {
     let _: i64 = conn.del("after-upgrade").unwrap();
     check(&c);
 }
+
+/// The version 3 fixture: a snapshot, a checkpointed state file and log records of layout 1
+/// (before groups were named by keyspace and partition). `DBSIZE` was 20006.
+#[test]
+fn a_data_directory_of_log_layout_1_with_snapshots_opens_and_serves_its_keys() {
+    let opts = Options {
+        nodes: 1,
+        partitions: 2,
+        snapshot_every_entries: 50,
+        backlog_entries: 10,
+        seed_data: [(1, fixture("v3-snapshot-single-node.tar.gz"))].into(),
+        ..Options::default()
+    };
+    let mut c = Cluster::start(bin(), opts);
+    let check = |c: &Cluster, extra: i64| {
+        let mut conn = c.redis(1);
+        let n: i64 = redis::cmd("DBSIZE").query(&mut conn).unwrap();
+        assert_eq!(n, 20_006 + extra);
+        for i in (0..20_000).step_by(997).chain([8, 19_999]) {
+            let got: Option<String> = conn.get(format!("bulk:{i}")).unwrap();
+            let want = format!("value-{i}-{}", "x".repeat(i % 17));
+            assert_eq!(got, Some(want), "bulk:{i}");
+        }
+        let tail: Option<String> = conn.get("bulk:7").unwrap();
+        assert_eq!(tail.as_deref(), Some("value-7-xxxxxxx-tail"));
+        for gone in ["bulk:5", "bulk:6", "probe"] {
+            let got: Option<String> = conn.get(gone).unwrap();
+            assert_eq!(got, None, "{gone}");
+        }
+        for k in 0..7 {
+            // 100 INCRs over ctr:0..ctr:6: ctr:0 and ctr:1 got 15, the rest 14.
+            let got: i64 = conn.get(format!("ctr:{k}")).unwrap();
+            assert_eq!(got, if k < 2 { 15 } else { 14 }, "ctr:{k}");
+        }
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg("far")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(at, 4_102_444_800_000);
+    };
+    check(&c, 0);
+
+    // Writes on top of it, past more snapshots, and a `kill -9`: the log goes on in layout 2
+    // after the old records, and the whole opens again.
+    let mut conn = c.redis(1);
+    for i in 0..500 {
+        let _: () = conn.set(format!("after:{i}"), i).unwrap();
+    }
+    let n: i64 = conn.incr("ctr:0", 1).unwrap();
+    assert_eq!(n, 16);
+    let _: i64 = conn.decr("ctr:0", 1).unwrap();
+    drop(conn);
+    c.kill(1);
+    c.restart(1);
+    c.wait_ready(Duration::from_secs(30));
+    wait_until(Duration::from_secs(10), "the restarted node serves", || {
+        c.redis(1).get::<_, Option<String>>("after:499").ok() == Some(Some("499".into()))
+    });
+    check(&c, 500);
+}

@@ -12,7 +12,8 @@
 //! measurements behind the choice.
 //!
 //! Format. A segment is a sequence of records `[len u32 LE][crc32c u32 LE of body][body]`,
-//! where the body is `[kind u8][partition u32 LE]` and then, by kind:
+//! where the body is `[kind u8][partition u32 LE]`, then for the kinds of one group
+//! (`ENTRY`..`META`, layout 2) `[keyspace u32 LE]`, and then, by kind:
 //! - `ENTRY`: `[index u64 LE][the entry's bytes]` (the Raft layer adds its own checksum);
 //! - `TRUNCATE`: `[index u64 LE]`: entries at and after `index` are gone;
 //! - `PURGE`: `[index u64 LE][tag]`: entries up to `index` are gone; `tag` is the caller's
@@ -28,6 +29,13 @@
 //!
 //! Older segments hold no `SYNCED` or `CUT` records and read the same; a build without these
 //! kinds refuses a log that has them (an unknown kind), so going back to one is not supported.
+//!
+//! Record layouts. Layout 1 (`ENTRY` = 1 .. `META` = 4) named a group by its partition
+//! alone, in the one keyspace there was; layout 2 (`ENTRY2` = 7 .. `META2` = 10, written
+//! since the groups became data, issue 17) adds the keyspace after the partition, so a
+//! record names a [`GroupId`]. Layout 1 records still read, as keyspace 0 (`default`): a log
+//! written before the change opens as it was and goes on in layout 2. A build that knows only
+//! layout 1 refuses a log holding layout 2 records (an unknown kind).
 //!
 //! Invariants:
 //! - The state is what replaying every segment in order gives. Only whole segments are ever
@@ -54,6 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redb::StorageBackend;
+pub use replikv_types::GroupId;
 use tokio::sync::mpsc;
 
 use crate::store::{err, spawn_flusher, spawn_writer, FsyncPolicy, StorageError, WriterKind};
@@ -84,10 +93,28 @@ const PURGE: u8 = 3;
 const META: u8 = 4;
 const SYNCED: u8 = 5;
 const CUT: u8 = 6;
+/// Layout 2 of the four kinds of one group: `ENTRY` + this, and so on.
+const LAYOUT2: u8 = 6;
+const ENTRY2: u8 = ENTRY + LAYOUT2;
+const META2: u8 = META + LAYOUT2;
 
 /// Whether `kind` names a record kind this build reads.
 fn is_kind(kind: u8) -> bool {
-    (ENTRY..=CUT).contains(&kind)
+    (ENTRY..=META2).contains(&kind)
+}
+
+/// The group a record of kind `kind` names, from the bytes after its kind, with how many
+/// bytes name it; `None` for the marks (`SYNCED`, `CUT`) and unknown kinds.
+fn group_of(kind: u8, rest: &[u8]) -> Option<(GroupId, usize)> {
+    let word = |at: usize| {
+        rest.get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    match kind {
+        ENTRY..=META => Some((GroupId::default_keyspace(word(0)?), 4)),
+        ENTRY2..=META2 => Some((GroupId::new(word(4)?, word(0)?), 8)),
+        _ => None,
+    }
 }
 
 /// Where segment files live: a directory for the server, memory or a simulated disk for tests.
@@ -289,15 +316,23 @@ impl LogDir for MemLogDir {
 /// One change to the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LogOp {
-    /// Stores entry `index` of partition `p` (replacing one already there).
-    Append { p: u32, index: u64, bytes: Vec<u8> },
-    /// Removes partition `p`'s entries from `index` on.
-    TruncateFrom { p: u32, index: u64 },
-    /// Removes partition `p`'s entries up to `index` and remembers `tag` as its purge point.
-    PurgeTo { p: u32, index: u64, tag: Vec<u8> },
-    /// Sets a named field of partition `p`.
+    /// Stores entry `index` of group `g` (replacing one already there).
+    Append {
+        g: GroupId,
+        index: u64,
+        bytes: Vec<u8>,
+    },
+    /// Removes group `g`'s entries from `index` on.
+    TruncateFrom { g: GroupId, index: u64 },
+    /// Removes group `g`'s entries up to `index` and remembers `tag` as its purge point.
+    PurgeTo {
+        g: GroupId,
+        index: u64,
+        tag: Vec<u8>,
+    },
+    /// Sets a named field of group `g`.
     Meta {
-        p: u32,
+        g: GroupId,
         name: String,
         value: Vec<u8>,
     },
@@ -308,14 +343,15 @@ impl LogOp {
     fn encode(&self, buf: &mut Vec<u8>) -> usize {
         let start = buf.len();
         buf.extend_from_slice(&[0; HEADER]);
-        let (kind, p) = match self {
-            LogOp::Append { p, .. } => (ENTRY, p),
-            LogOp::TruncateFrom { p, .. } => (TRUNCATE, p),
-            LogOp::PurgeTo { p, .. } => (PURGE, p),
-            LogOp::Meta { p, .. } => (META, p),
+        let (kind, g) = match self {
+            LogOp::Append { g, .. } => (ENTRY2, g),
+            LogOp::TruncateFrom { g, .. } => (TRUNCATE + LAYOUT2, g),
+            LogOp::PurgeTo { g, .. } => (PURGE + LAYOUT2, g),
+            LogOp::Meta { g, .. } => (META2, g),
         };
         buf.push(kind);
-        buf.extend_from_slice(&p.to_le_bytes());
+        buf.extend_from_slice(&g.partition.to_le_bytes());
+        buf.extend_from_slice(&g.keyspace.to_le_bytes());
         let mut payload = 0;
         match self {
             LogOp::Append { index, bytes, .. } => {
@@ -342,12 +378,13 @@ impl LogOp {
     /// Decodes a record body whose checksum held; for an entry, also where its bytes start.
     fn decode(body: &[u8]) -> Result<(LogOp, usize), String> {
         let short = || format!("record body of {} bytes is too short", body.len());
-        if body.len() < 5 {
-            return Err(short());
+        let kind = *body.first().ok_or_else(short)?;
+        if !is_kind(kind) || kind == SYNCED || kind == CUT {
+            return Err(format!("unknown record kind {kind}"));
         }
-        let kind = body[0];
-        let p = u32::from_le_bytes(body[1..5].try_into().expect("4 bytes"));
-        let rest = &body[5..];
+        let (g, named) = group_of(kind, &body[1..]).ok_or_else(short)?;
+        let rest = &body[1 + named..];
+        let kind = if kind >= ENTRY2 { kind - LAYOUT2 } else { kind };
         let index = || {
             rest.get(..8)
                 .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -356,16 +393,16 @@ impl LogOp {
         Ok(match kind {
             ENTRY => (
                 LogOp::Append {
-                    p,
+                    g,
                     index: index()?,
                     bytes: rest[8..].to_vec(),
                 },
-                13,
+                1 + named + 8,
             ),
-            TRUNCATE => (LogOp::TruncateFrom { p, index: index()? }, 0),
+            TRUNCATE => (LogOp::TruncateFrom { g, index: index()? }, 0),
             PURGE => (
                 LogOp::PurgeTo {
-                    p,
+                    g,
                     index: index()?,
                     tag: rest[8..].to_vec(),
                 },
@@ -377,7 +414,7 @@ impl LogOp {
                 let name = String::from_utf8(name.to_vec()).map_err(|e| e.to_string())?;
                 (
                     LogOp::Meta {
-                        p,
+                        g,
                         name,
                         value: rest[1 + n..].to_vec(),
                     },
@@ -473,7 +510,7 @@ struct Segment {
 /// What readers see: the index of every partition, and the segments.
 #[derive(Default)]
 struct Index {
-    parts: BTreeMap<u32, Part>,
+    parts: BTreeMap<GroupId, Part>,
     segments: BTreeMap<u64, Segment>,
 }
 
@@ -487,8 +524,8 @@ impl Index {
     /// Applies `op`, stored in segment `seg` with its entry bytes at `payload` (for entries).
     fn apply(&mut self, op: LogOp, seg: u64, payload: u64) {
         match op {
-            LogOp::Append { p, index, bytes } => {
-                let part = self.parts.entry(p).or_default();
+            LogOp::Append { g, index, bytes } => {
+                let part = self.parts.entry(g).or_default();
                 if part.purged.as_ref().is_some_and(|(i, _)| index <= *i) {
                     return;
                 }
@@ -505,15 +542,15 @@ impl Index {
                     self.drop_loc(old);
                 }
             }
-            LogOp::TruncateFrom { p, index } => {
-                let part = self.parts.entry(p).or_default();
+            LogOp::TruncateFrom { g, index } => {
+                let part = self.parts.entry(g).or_default();
                 let gone = part.entries.split_off(&index);
                 for loc in gone.into_values() {
                     self.drop_loc(loc);
                 }
             }
-            LogOp::PurgeTo { p, index, tag } => {
-                let part = self.parts.entry(p).or_default();
+            LogOp::PurgeTo { g, index, tag } => {
+                let part = self.parts.entry(g).or_default();
                 let kept = part.entries.split_off(&index.saturating_add(1));
                 let gone = std::mem::replace(&mut part.entries, kept);
                 if part.purged.as_ref().is_none_or(|(i, _)| index >= *i) {
@@ -523,15 +560,15 @@ impl Index {
                     self.drop_loc(loc);
                 }
             }
-            LogOp::Meta { p, name, value } => {
-                self.parts.entry(p).or_default().meta.insert(name, value);
+            LogOp::Meta { g, name, value } => {
+                self.parts.entry(g).or_default().meta.insert(name, value);
             }
         }
     }
 
-    /// Where partition `p`'s entries with index in `range` are, and their segments' files.
-    fn locate(&self, p: u32, range: Range<u64>) -> (Vec<(u64, Loc)>, Files) {
-        let Some(part) = self.parts.get(&p) else {
+    /// Where group `g`'s entries with index in `range` are, and their segments' files.
+    fn locate(&self, g: GroupId, range: Range<u64>) -> (Vec<(u64, Loc)>, Files) {
+        let Some(part) = self.parts.get(&g) else {
             return Default::default();
         };
         let locs: Vec<(u64, Loc)> = part.entries.range(range).map(|(i, l)| (*i, *l)).collect();
@@ -549,17 +586,17 @@ impl Index {
     /// The records that restate every purge point and field: a new segment's first records.
     fn checkpoint(&self) -> Vec<LogOp> {
         let mut ops = Vec::new();
-        for (p, part) in &self.parts {
+        for (g, part) in &self.parts {
             if let Some((index, tag)) = &part.purged {
                 ops.push(LogOp::PurgeTo {
-                    p: *p,
+                    g: *g,
                     index: *index,
                     tag: tag.clone(),
                 });
             }
             for (name, value) in &part.meta {
                 ops.push(LogOp::Meta {
-                    p: *p,
+                    g: *g,
                     name: name.clone(),
                     value: value.clone(),
                 });
@@ -900,8 +937,12 @@ impl RaftLog {
             .map_err(|_| StorageError("the log writer dropped a job".into()))?
     }
 
-    /// Entries of partition `p` with index in `range`, in order.
-    pub fn entries(&self, p: u32, range: Range<u64>) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    /// Entries of group `g` with index in `range`, in order.
+    pub fn entries(
+        &self,
+        g: GroupId,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         if range.is_empty() {
             return Ok(Vec::new());
         }
@@ -911,27 +952,27 @@ impl RaftLog {
             .index
             .lock()
             .expect("log index")
-            .locate(p, range);
+            .locate(g, range);
         read_locs(&locs, &files)
     }
 
-    /// Entry `index` of partition `p`.
-    pub fn entry(&self, p: u32, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+    /// Entry `index` of group `g`.
+    pub fn entry(&self, g: GroupId, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
-            .entries(p, index..index.saturating_add(1))?
+            .entries(g, index..index.saturating_add(1))?
             .pop()
             .map(|(_, b)| b))
     }
 
-    /// The last entry of partition `p`.
-    pub fn last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+    /// The last entry of group `g`.
+    pub fn last(&self, g: GroupId) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
         // The location and its file under one lock: a truncation in between must not make
         // the last entry look absent.
         let last = {
             let index = self.shared.index.lock().expect("log index");
             let last = index
                 .parts
-                .get(&p)
+                .get(&g)
                 .and_then(|part| part.entries.iter().next_back().map(|(i, l)| (*i, *l)));
             last.and_then(|(i, loc)| {
                 let file = index.segments.get(&loc.seg)?.file.clone();
@@ -947,27 +988,27 @@ impl RaftLog {
         Ok(Some((i, bytes)))
     }
 
-    /// How many entries partition `p` holds.
-    pub fn len(&self, p: u32) -> u64 {
+    /// How many entries group `g` holds.
+    pub fn len(&self, g: GroupId) -> u64 {
         let index = self.shared.index.lock().expect("log index");
         index
             .parts
-            .get(&p)
+            .get(&g)
             .map_or(0, |part| part.entries.len() as u64)
     }
 
-    /// Partition `p`'s purge point: the index and tag of the last `PurgeTo`.
-    pub fn purged(&self, p: u32) -> Option<(u64, Vec<u8>)> {
+    /// Group `g`'s purge point: the index and tag of the last `PurgeTo`.
+    pub fn purged(&self, g: GroupId) -> Option<(u64, Vec<u8>)> {
         let index = self.shared.index.lock().expect("log index");
-        index.parts.get(&p).and_then(|part| part.purged.clone())
+        index.parts.get(&g).and_then(|part| part.purged.clone())
     }
 
-    /// The value of partition `p`'s field `name`, as last written.
-    pub fn meta(&self, p: u32, name: &str) -> Option<Vec<u8>> {
+    /// The value of group `g`'s field `name`, as last written.
+    pub fn meta(&self, g: GroupId, name: &str) -> Option<Vec<u8>> {
         let index = self.shared.index.lock().expect("log index");
         index
             .parts
-            .get(&p)
+            .get(&g)
             .and_then(|part| part.meta.get(name).cloned())
     }
 
@@ -1264,11 +1305,11 @@ impl Shared {
         };
         let mut buf = Vec::new();
         let mut placed = Vec::with_capacity(live.len());
-        for (p, index, loc) in live {
+        for (g, index, loc) in live {
             let mut bytes = vec![0; loc.len as usize];
             file.read(loc.off, &mut bytes)
                 .map_err(|e| err(format!("reading log segment {seg}: {e}")))?;
-            let op = LogOp::Append { p, index, bytes };
+            let op = LogOp::Append { g, index, bytes };
             let payload = op.encode(&mut buf);
             placed.push((op, payload));
         }
@@ -1350,9 +1391,14 @@ impl Shared {
 mod tests {
     use super::*;
 
+    /// Partition `p` of the default keyspace.
+    fn g(p: u32) -> GroupId {
+        GroupId::default_keyspace(p)
+    }
+
     fn put(p: u32, index: u64, bytes: &[u8]) -> LogOp {
         LogOp::Append {
-            p,
+            g: g(p),
             index,
             bytes: bytes.to_vec(),
         }
@@ -1360,7 +1406,7 @@ mod tests {
 
     fn purge(p: u32, index: u64, tag: &[u8]) -> LogOp {
         LogOp::PurgeTo {
-            p,
+            g: g(p),
             index,
             tag: tag.to_vec(),
         }
@@ -1368,7 +1414,7 @@ mod tests {
 
     fn vote(p: u32, value: &[u8]) -> LogOp {
         LogOp::Meta {
-            p,
+            g: g(p),
             name: "vote".into(),
             value: value.to_vec(),
         }
@@ -1387,7 +1433,7 @@ mod tests {
     }
 
     fn indexes(log: &RaftLog, p: u32) -> Vec<u64> {
-        log.entries(p, 0..u64::MAX)
+        log.entries(g(p), 0..u64::MAX)
             .unwrap()
             .into_iter()
             .map(|(i, _)| i)
@@ -1402,7 +1448,7 @@ mod tests {
             let ops = (1..=10).map(|i| put(7, i, &[i as u8; 3])).collect();
             log.write(true, ops).await.unwrap();
             log.write(true, vec![put(8, 1, b"other")]).await.unwrap();
-            log.write(true, vec![LogOp::TruncateFrom { p: 7, index: 8 }])
+            log.write(true, vec![LogOp::TruncateFrom { g: g(7), index: 8 }])
                 .await
                 .unwrap();
             log.write(true, vec![put(7, 8, b"new")]).await.unwrap();
@@ -1412,12 +1458,92 @@ mod tests {
         }
         let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
         assert_eq!(indexes(&log, 7), vec![4, 5, 6, 7, 8]);
-        assert_eq!(log.entry(7, 8).unwrap().unwrap(), b"new");
-        assert_eq!(log.entry(7, 5).unwrap().unwrap(), vec![5; 3]);
-        assert_eq!(log.last(8).unwrap().unwrap(), (1, b"other".to_vec()));
-        assert_eq!(log.purged(7), Some((3, b"t3".to_vec())));
-        assert_eq!(log.meta(7, "vote").unwrap(), b"v1");
-        assert_eq!(log.meta(8, "vote"), None);
+        assert_eq!(log.entry(g(7), 8).unwrap().unwrap(), b"new");
+        assert_eq!(log.entry(g(7), 5).unwrap().unwrap(), vec![5; 3]);
+        assert_eq!(log.last(g(8)).unwrap().unwrap(), (1, b"other".to_vec()));
+        assert_eq!(log.purged(g(7)), Some((3, b"t3".to_vec())));
+        assert_eq!(log.meta(g(7), "vote").unwrap(), b"v1");
+        assert_eq!(log.meta(g(8), "vote"), None);
+    }
+
+    /// A record of layout 1, as builds before keyspaces wrote it: `[kind][partition]`, then
+    /// the kind's fields.
+    fn layout1(kind: u8, p: u32, fields: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0; HEADER];
+        buf.push(kind);
+        buf.extend_from_slice(&p.to_le_bytes());
+        buf.extend_from_slice(fields);
+        seal(&mut buf, 0);
+        buf
+    }
+
+    /// A segment written in layout 1 opens with its records as the default keyspace's, and
+    /// the log goes on in layout 2 beside them; a partition of another keyspace with the same
+    /// number is a group of its own.
+    #[tokio::test]
+    async fn records_of_layout_1_read_as_the_default_keyspace() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = Vec::new();
+        for i in 1..=3u64 {
+            let mut fields = i.to_le_bytes().to_vec();
+            fields.extend_from_slice(format!("old-{i}").as_bytes());
+            old.extend(layout1(ENTRY, 2, &fields));
+        }
+        old.extend(layout1(
+            PURGE,
+            2,
+            &[1u64.to_le_bytes().to_vec(), b"t1".to_vec()].concat(),
+        ));
+        old.extend(layout1(META, 2, &[&[4u8][..], b"vote", b"v-old"].concat()));
+        old.extend(layout1(TRUNCATE, 5, &9u64.to_le_bytes()));
+        std::fs::write(dir.path().join(format!("{:016x}.seg", 1)), &old).unwrap();
+
+        let other = GroupId::new(3, 2);
+        {
+            let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+            assert_eq!(indexes(&log, 2), vec![2, 3]);
+            assert_eq!(log.entry(g(2), 3).unwrap().unwrap(), b"old-3");
+            assert_eq!(log.purged(g(2)), Some((1, b"t1".to_vec())));
+            assert_eq!(log.meta(g(2), "vote").unwrap(), b"v-old");
+            assert_eq!(log.len(other), 0);
+            let ops = vec![
+                put(2, 4, b"new-4"),
+                LogOp::Append {
+                    g: other,
+                    index: 1,
+                    bytes: b"ks3".to_vec(),
+                },
+                LogOp::Meta {
+                    g: GroupId::META,
+                    name: "vote".into(),
+                    value: b"v-meta".to_vec(),
+                },
+            ];
+            log.write(true, ops).await.unwrap();
+            log.close();
+        }
+        let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
+        assert_eq!(indexes(&log, 2), vec![2, 3, 4]);
+        assert_eq!(log.entry(g(2), 4).unwrap().unwrap(), b"new-4");
+        assert_eq!(
+            log.entries(other, 0..u64::MAX).unwrap(),
+            vec![(1, b"ks3".to_vec())]
+        );
+        assert_eq!(log.meta(GroupId::META, "vote").unwrap(), b"v-meta");
+        assert_eq!(log.meta(other, "vote"), None);
+        // What this build writes is layout 2: the new records name their keyspace.
+        let seg = std::fs::read(dir.path().join(format!("{:016x}.seg", 1))).unwrap();
+        let (mut at, mut kinds) = (old.len(), Vec::new());
+        while at + HEADER < seg.len() && seg[at..at + 4] != [0; 4] {
+            let len = u32::from_le_bytes(seg[at..at + 4].try_into().unwrap()) as usize;
+            kinds.push(seg[at + HEADER]);
+            at += HEADER + len;
+        }
+        assert!(kinds.contains(&ENTRY2), "{kinds:?}");
+        assert!(
+            kinds.iter().all(|k| *k > META),
+            "only layout 2 records and marks: {kinds:?}"
+        );
     }
 
     /// A torn last record (a prefix of it reached the disk) is cut; the records before it and
@@ -1447,7 +1573,7 @@ mod tests {
         log.close();
         let log = RaftLog::open(dir.path(), FsyncPolicy::Always).unwrap();
         assert_eq!(indexes(&log, 0), vec![1, 2, 3]);
-        assert_eq!(log.entry(0, 3).unwrap().unwrap(), b"again");
+        assert_eq!(log.entry(g(0), 3).unwrap().unwrap(), b"again");
     }
 
     /// A record that fails its checksum before the last segment is damage, not a torn write:
@@ -1506,9 +1632,9 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         let log = small(dir.path());
         assert_eq!(indexes(&log, 1), (141..=150).collect::<Vec<_>>());
-        assert_eq!(log.purged(1), Some((140, b"p140".to_vec())));
-        assert_eq!(log.meta(1, "vote").unwrap(), b"early");
-        assert_eq!(log.entry(1, 150).unwrap().unwrap(), big);
+        assert_eq!(log.purged(g(1)), Some((140, b"p140".to_vec())));
+        assert_eq!(log.meta(g(1), "vote").unwrap(), b"early");
+        assert_eq!(log.entry(g(1), 150).unwrap().unwrap(), big);
     }
 
     /// Replay applies a truncation recorded in one segment to the entries of an older one.
@@ -1522,7 +1648,7 @@ mod tests {
                 log.write(true, vec![put(2, i, &big)]).await.unwrap();
             }
             // Segment 2 begins; truncate 30.. (entries in segment 1) and append afresh.
-            log.write(true, vec![LogOp::TruncateFrom { p: 2, index: 30 }])
+            log.write(true, vec![LogOp::TruncateFrom { g: g(2), index: 30 }])
                 .await
                 .unwrap();
             for i in 30..=100 {
@@ -1534,8 +1660,8 @@ mod tests {
         }
         let log = small(dir.path());
         assert_eq!(indexes(&log, 2), (1..=100).collect::<Vec<_>>());
-        assert_eq!(log.entry(2, 50).unwrap().unwrap(), b"second term");
-        assert_eq!(log.entry(2, 29).unwrap().unwrap(), big);
+        assert_eq!(log.entry(g(2), 50).unwrap().unwrap(), b"second term");
+        assert_eq!(log.entry(g(2), 29).unwrap().unwrap(), big);
     }
 
     /// `always` syncs every durable append; `everysec` answers appends once written and
@@ -1630,7 +1756,7 @@ mod tests {
         fail.store(false, Ordering::Relaxed);
         let e = log.write(true, vec![put(0, 3, b"c")]).await.unwrap_err();
         assert!(e.0.contains("stopped after an I/O error"), "{e}");
-        assert_eq!(log.entry(0, 1).unwrap().unwrap(), b"a");
+        assert_eq!(log.entry(g(0), 1).unwrap().unwrap(), b"a");
     }
 
     /// A segment whose growth fails with `ENOSPC` while `full` is set, as `fallocate` does
@@ -1742,9 +1868,9 @@ mod tests {
             log.close();
         }
         let log = small(dir.path());
-        assert_eq!(log.meta(4, "vote").unwrap(), b"v1");
-        assert_eq!(log.purged(4), Some((70, b"p70".to_vec())));
-        assert_eq!(log.len(4), 0);
+        assert_eq!(log.meta(g(4), "vote").unwrap(), b"v1");
+        assert_eq!(log.purged(g(4)), Some((70, b"p70".to_vec())));
+        assert_eq!(log.len(g(4)), 0);
     }
 
     /// A partition that wrote a few entries and then went quiet must not keep every segment
@@ -1775,9 +1901,9 @@ mod tests {
         }
         let log = small(dir.path());
         assert_eq!(indexes(&log, 1), vec![1, 2, 3]);
-        assert_eq!(log.entry(1, 2).unwrap().unwrap(), b"quiet");
+        assert_eq!(log.entry(g(1), 2).unwrap().unwrap(), b"quiet");
         assert_eq!(indexes(&log, 2), (591..=600).collect::<Vec<_>>());
-        assert_eq!(log.entry(2, 600).unwrap().unwrap(), vec![2; 1 << 10]);
+        assert_eq!(log.entry(g(2), 600).unwrap().unwrap(), vec![2; 1 << 10]);
     }
 
     #[tokio::test]
@@ -1791,11 +1917,11 @@ mod tests {
             .await
             .unwrap();
         }
-        let got = log.entries(0, 10..20).unwrap();
+        let got = log.entries(g(0), 10..20).unwrap();
         assert_eq!(got.len(), 10);
         for (i, bytes) in got {
             assert_eq!(bytes, i.to_le_bytes());
         }
-        assert_eq!(log.len(1), 50);
+        assert_eq!(log.len(g(1)), 50);
     }
 }

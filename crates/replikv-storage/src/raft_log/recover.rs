@@ -38,8 +38,8 @@ use std::sync::Arc;
 use redb::StorageBackend;
 
 use super::{
-    decode_record, err, read_locs, Active, Index, LogDir, LogOp, Record, Segment, StorageError,
-    HEADER, MAX_RECORD,
+    decode_record, err, group_of, read_locs, Active, GroupId, Index, LogDir, LogOp, Record,
+    Segment, StorageError, HEADER, MAX_RECORD,
 };
 
 /// The unit a torn write leaves unwritten.
@@ -303,8 +303,8 @@ enum Judgement {
 }
 
 /// Decides whether the newest segment's stop at `stop` is a tear or damage (module note).
-/// `known`: the partitions seen before the stop, which the scan for valid records looks for.
-fn judge(bytes: &[u8], stop: usize, why: String, known: &BTreeSet<u32>) -> Judgement {
+/// `known`: the groups seen before the stop, which the scan for valid records looks for.
+fn judge(bytes: &[u8], stop: usize, why: String, known: &BTreeSet<GroupId>) -> Judgement {
     let mut scan = Scanner {
         bytes,
         known,
@@ -398,7 +398,7 @@ fn judge(bytes: &[u8], stop: usize, why: String, known: &BTreeSet<u32>) -> Judge
 /// every offset's claimed length, quadratic in the segment).
 struct Scanner<'a> {
     bytes: &'a [u8],
-    known: &'a BTreeSet<u32>,
+    known: &'a BTreeSet<GroupId>,
     budget: usize,
 }
 
@@ -442,8 +442,9 @@ impl Scanner<'_> {
         Scan::None
     }
 
-    /// Cheap checks before a checksum: a plausible length, a known kind, and a partition seen
-    /// before the stop (or a small number: a partition's first records may follow it).
+    /// Cheap checks before a checksum: a plausible length, a known kind, and a group seen
+    /// before the stop (or a small partition number, or the meta group: a group's first
+    /// records may follow it). The marks (`SYNCED`, `CUT`) name partition 0.
     fn candidate(&self, at: usize) -> bool {
         let bytes = self.bytes;
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -454,12 +455,13 @@ impl Scanner<'_> {
         if !super::is_kind(kind) {
             return false;
         }
-        let p = u32::from_le_bytes(
-            bytes[at + HEADER + 1..at + HEADER + 5]
-                .try_into()
-                .expect("4 bytes"),
-        );
-        p < SCAN_SMALL_PARTITIONS || self.known.contains(&p)
+        let rest = &bytes[at + HEADER + 1..at + HEADER + len];
+        match group_of(kind, rest) {
+            Some((g, _)) => {
+                g.partition < SCAN_SMALL_PARTITIONS || g.is_meta() || self.known.contains(&g)
+            }
+            None => rest.get(..4) == Some(&[0; 4][..]),
+        }
     }
 }
 
@@ -521,51 +523,51 @@ impl DamagedLog {
         &self.damage
     }
 
-    /// Every partition with records before the damage.
-    pub fn partitions(&self) -> Vec<u32> {
+    /// Every group with records before the damage.
+    pub fn groups(&self) -> Vec<GroupId> {
         self.index.parts.keys().copied().collect()
     }
 
-    /// Entries of partition `p` before the damage, with index in `range`.
+    /// Entries of group `g` before the damage, with index in `range`.
     pub fn entries(
         &self,
-        p: u32,
+        g: GroupId,
         range: std::ops::Range<u64>,
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let (locs, files) = self.index.locate(p, range);
+        let (locs, files) = self.index.locate(g, range);
         read_locs(&locs, &files)
     }
 
-    /// The indexes of partition `p`'s entries before the damage, in `range`.
-    pub fn indexes(&self, p: u32, range: std::ops::Range<u64>) -> Vec<u64> {
+    /// The indexes of group `g`'s entries before the damage, in `range`.
+    pub fn indexes(&self, g: GroupId, range: std::ops::Range<u64>) -> Vec<u64> {
         self.index
             .parts
-            .get(&p)
+            .get(&g)
             .map(|x| x.entries.range(range).map(|(i, _)| *i).collect())
             .unwrap_or_default()
     }
 
-    /// The last entry of partition `p` before the damage.
-    pub fn last(&self, p: u32) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+    /// The last entry of group `g` before the damage.
+    pub fn last(&self, g: GroupId) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
         let Some(&last) = self
             .index
             .parts
-            .get(&p)
+            .get(&g)
             .and_then(|x| x.entries.keys().last())
         else {
             return Ok(None);
         };
-        Ok(self.entries(p, last..last + 1)?.pop())
+        Ok(self.entries(g, last..last + 1)?.pop())
     }
 
-    /// Partition `p`'s field `name` as of the damage.
-    pub fn meta(&self, p: u32, name: &str) -> Option<Vec<u8>> {
-        self.index.parts.get(&p)?.meta.get(name).cloned()
+    /// Group `g`'s field `name` as of the damage.
+    pub fn meta(&self, g: GroupId, name: &str) -> Option<Vec<u8>> {
+        self.index.parts.get(&g)?.meta.get(name).cloned()
     }
 
-    /// Partition `p`'s purge point as of the damage.
-    pub fn purged(&self, p: u32) -> Option<(u64, Vec<u8>)> {
-        self.index.parts.get(&p)?.purged.clone()
+    /// Group `g`'s purge point as of the damage.
+    pub fn purged(&self, g: GroupId) -> Option<(u64, Vec<u8>)> {
+        self.index.parts.get(&g)?.purged.clone()
     }
 
     /// The error to start with when nothing can replace what the damage lost: names the

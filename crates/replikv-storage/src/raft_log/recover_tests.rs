@@ -4,9 +4,17 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
+/// Partition `p` of the default keyspace.
+fn g(p: u32) -> GroupId {
+    GroupId::default_keyspace(p)
+}
+
+/// The bytes of an entry record before the entry: kind, group, index.
+const ENTRY_PREFIX: usize = 1 + 8 + 8;
+
 fn put(p: u32, index: u64, bytes: &[u8]) -> LogOp {
     LogOp::Append {
-        p,
+        g: g(p),
         index,
         bytes: bytes.to_vec(),
     }
@@ -31,7 +39,7 @@ fn open_checked(dir: &Path) -> Opened {
 }
 
 fn indexes(log: &RaftLog, p: u32) -> Vec<u64> {
-    log.entries(p, 0..u64::MAX)
+    log.entries(g(p), 0..u64::MAX)
         .unwrap()
         .into_iter()
         .map(|(i, _)| i)
@@ -118,7 +126,7 @@ async fn damage_in_the_newest_segment_is_refused_at_its_start_middle_and_end() {
             "entry {damaged}"
         );
         let kept: Vec<u64> = d
-            .entries(0, 0..u64::MAX)
+            .entries(g(0), 0..u64::MAX)
             .unwrap()
             .into_iter()
             .map(|(i, _)| i)
@@ -136,8 +144,8 @@ async fn damage_to_a_record_header_is_found_by_scanning() {
     let dir = tempfile::tempdir().unwrap();
     let seg = written(dir.path(), 20).await;
     let bytes = std::fs::read(&seg).unwrap();
-    // The header is 8 bytes, the entry's own 13 bytes come before its payload.
-    let header = offset_of(&bytes, 10) - 13 - HEADER;
+    // The header is 8 bytes, the entry's own prefix comes before its payload.
+    let header = offset_of(&bytes, 10) - ENTRY_PREFIX - HEADER;
     invert(&seg, header, 4);
     let Opened::Damaged(d) = open_checked(dir.path()) else {
         panic!("damaged header taken for a clean log");
@@ -258,13 +266,13 @@ async fn a_repair_cuts_at_the_damage_and_keeps_the_callers_records() {
             panic!("damage taken for a clean log");
         };
         let note = LogOp::Meta {
-            p: 0,
+            g: g(0),
             name: "lost".into(),
             value: b"20..=30".to_vec(),
         };
         let log = d.repair(vec![note]).unwrap();
         assert_eq!(indexes(&log, 0), (1..20).collect::<Vec<_>>());
-        assert_eq!(log.meta(0, "lost").unwrap(), b"20..=30");
+        assert_eq!(log.meta(g(0), "lost").unwrap(), b"20..=30");
         log.write(true, vec![put(0, 20, b"again")]).await.unwrap();
         log.close();
         if trim_lost {
@@ -275,8 +283,8 @@ async fn a_repair_cuts_at_the_damage_and_keeps_the_callers_records() {
             panic!("a repaired log is still damaged (trim lost: {trim_lost})");
         };
         assert_eq!(indexes(&log, 0), (1..=20).collect::<Vec<_>>());
-        assert_eq!(log.entry(0, 20).unwrap().unwrap(), b"again");
-        assert_eq!(log.meta(0, "lost").unwrap(), b"20..=30");
+        assert_eq!(log.entry(g(0), 20).unwrap().unwrap(), b"again");
+        assert_eq!(log.meta(g(0), "lost").unwrap(), b"20..=30");
         log.close();
     }
 }
@@ -306,7 +314,7 @@ async fn damage_to_zero_filled_values_in_the_last_synced_batch_is_damage() {
     let last = vec![put(0, 2, &[0; 3000]), put(0, 3, &payload(3))];
     let (seg, bytes) =
         crashed_after(dir.path(), vec![vec![put(0, 1, &payload(1))], last], true).await;
-    let e2 = offset_of(&bytes, 3) - 13 - HEADER - 3000;
+    let e2 = offset_of(&bytes, 3) - ENTRY_PREFIX - HEADER - 3000;
     invert(&seg, e2 + 1000, 16);
     let Opened::Damaged(d) = open_checked(dir.path()) else {
         panic!("damage of an acknowledged batch was cut as a torn write");
