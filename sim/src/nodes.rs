@@ -57,6 +57,14 @@ const PEER_PORT: u16 = 7380;
 const KEYS: &[&str] = &["a", "b", "c", "d", "e", "f"];
 const EPOCH_MS: u64 = 1_750_000_000_000;
 const PARTITIONS: u32 = 3;
+
+/// Every group a node of the simulation may run: the default keyspace's partitions and the
+/// meta group.
+fn groups() -> impl Iterator<Item = GroupId> {
+    (0..PARTITIONS)
+        .map(GroupId::default_keyspace)
+        .chain([GroupId::META])
+}
 const CLIENTS_PER_HOST: u64 = 3;
 /// Per-op deadline of the clients (the node's write timeout is shorter).
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -144,7 +152,7 @@ struct Slot {
     open_failed: Option<(&'static str, String)>,
     /// Partitions whose log records a high water (recovering from a damaged log), as of the
     /// last check (while down: as its last incarnation left them).
-    recovering: Vec<u32>,
+    recovering: Vec<GroupId>,
     /// Opens that found bit rot and repaired it; records and entries they discarded.
     repairs: u64,
     rot_records: u64,
@@ -276,10 +284,10 @@ fn sim_ns() -> u64 {
 
 /// Partitions whose log records a high water: the replica is recovering them from a damaged
 /// log (`replikv-raft`'s `damage.rs`) and may lack writes it acknowledged.
-fn recovering(log: &RaftLog) -> Vec<u32> {
-    (0..PARTITIONS)
-        .filter(|p| {
-            log.meta(GroupId::default_keyspace(*p), RECOVER_TO_FIELD)
+fn recovering(log: &RaftLog) -> Vec<GroupId> {
+    groups()
+        .filter(|g| {
+            log.meta(*g, RECOVER_TO_FIELD)
                 .and_then(|raw| bincode::deserialize::<Option<replikv_raft::LogId>>(&raw).ok())
                 .flatten()
                 .is_some()
@@ -678,9 +686,9 @@ impl Digest {
         }
     }
 
-    fn finish(self, p: u32) -> Result<u64, String> {
+    fn finish(self, g: GroupId) -> Result<u64, String> {
         match self.bad {
-            Some(k) => Err(format!("partition {p}: undecodable value of key {k}")),
+            Some(k) => Err(format!("{g:#}: undecodable value of key {k}")),
             None => Ok(self.h),
         }
     }
@@ -688,12 +696,12 @@ impl Digest {
 
 /// The applied log id and content digest of each partition in a node's state *file*, read in
 /// one transaction (a checkpoint commits the applied id with the keys it covers).
-fn file_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
+fn file_digests(stores: &Stores) -> Result<BTreeMap<GroupId, (Applied, u64)>, String> {
     let r = stores.state.read().map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
-    for p in 0..PARTITIONS {
+    for g in groups() {
         let applied = r
-            .meta_get(GroupId::default_keyspace(p), "applied")
+            .meta_get(g, "applied")
             .map_err(|e| e.to_string())?
             .map(|b| bincode::deserialize::<Option<replikv_raft::LogId>>(&b))
             .transpose()
@@ -701,19 +709,19 @@ fn file_digests(stores: &Stores) -> Result<BTreeMap<u32, (Applied, u64)>, String
             .flatten()
             .map(|l| (l.leader_id.term, l.index));
         let mut d = Digest::default();
-        r.kv_for_each(GroupId::default_keyspace(p), b"", |k, raw| {
+        r.kv_for_each(g, b"", |k, raw| {
             d.add(k, raw);
             true
         })
         .map_err(|e| e.to_string())?;
-        out.insert(p, (applied, d.finish(p)?));
+        out.insert(g, (applied, d.finish(g)?));
     }
     Ok(out)
 }
 
 /// The applied log id and content digest of each partition as the node's state machines
 /// hold them: the in-memory overlay over the file, read consistently.
-fn view_digests(node: &Node) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
+fn view_digests(node: &Node) -> Result<BTreeMap<GroupId, (Applied, u64)>, String> {
     let mut out = BTreeMap::new();
     for g in node.groups() {
         let mut d = Digest::default();
@@ -722,7 +730,7 @@ fn view_digests(node: &Node) -> Result<BTreeMap<u32, (Applied, u64)>, String> {
             true
         })?;
         let applied = applied.map(|l| (l.leader_id.term, l.index));
-        out.insert(g.id.partition, (applied, d.finish(g.id.partition)?));
+        out.insert(g.id, (applied, d.finish(g.id)?));
     }
     Ok(out)
 }
@@ -755,9 +763,9 @@ struct Harness {
     slots: Vec<Rc<RefCell<Slot>>>,
     work: Rc<Workload>,
     /// (partition, applied term, applied index) → (digest, node that first showed it).
-    applied: BTreeMap<(u32, u64, u64), (u64, u64)>,
+    applied: BTreeMap<(GroupId, u64, u64), (u64, u64)>,
     /// (partition, term) → nodes seen leading it.
-    leaders: BTreeMap<(u32, u64), BTreeSet<u64>>,
+    leaders: BTreeMap<(GroupId, u64), BTreeSet<u64>>,
     /// Crashed nodes and the step they restart at.
     down: BTreeMap<u64, u64>,
     /// Cut-off nodes and the step they are healed at.
@@ -810,19 +818,19 @@ impl Harness {
             for g in node.groups() {
                 let m = g.raft.metrics().borrow().clone();
                 if m.state == ServerState::Leader {
-                    if s.recovering.contains(&g.id.partition) {
+                    if s.recovering.contains(&g.id) {
                         return Err((
                             step,
                             NO_RECOVERING_LEADER,
                             format!(
-                                "node {id} leads partition {} in term {} while recovering",
-                                g.id.partition, m.current_term
+                                "node {id} leads {:#} in term {} while recovering",
+                                g.id, m.current_term
                             ),
                         ));
                     }
                     let won = self
                         .leaders
-                        .entry((g.id.partition, m.current_term))
+                        .entry((g.id, m.current_term))
                         .or_default()
                         .insert(id);
                     if let Some(fill) = self.full.get_mut(&id) {
@@ -836,8 +844,8 @@ impl Harness {
                                     step,
                                     NO_FULL_LEADER,
                                     format!(
-                                        "node {id} won partition {} in term {}, {after} ms after its disk filled",
-                                        g.id.partition, m.current_term
+                                        "node {id} won {:#} in term {}, {after} ms after its disk filled",
+                                        g.id, m.current_term
                                     ),
                                 ));
                             }
@@ -846,8 +854,8 @@ impl Harness {
                 }
                 if crate::trace_on() {
                     eprintln!(
-                        "{step} n{id} p{} {:?} term {} leader {:?} applied {:?}",
-                        g.id.partition,
+                        "{step} n{id} {} {:?} term {} leader {:?} applied {:?}",
+                        g.id,
                         m.state,
                         m.current_term,
                         m.current_leader,
@@ -857,7 +865,7 @@ impl Harness {
                 self.trace = mix(
                     self.trace,
                     mix(
-                        id << 8 | g.id.partition as u64,
+                        (g.id.keyspace as u64) << 40 | id << 8 | g.id.partition as u64,
                         m.current_term << 32 | m.last_applied.map_or(0, |l| l.index),
                     ),
                 );
@@ -866,6 +874,7 @@ impl Harness {
             // check again when either moved.
             let applied: u64 = node
                 .groups()
+                .iter()
                 .map(|g| {
                     g.raft
                         .metrics()
@@ -900,7 +909,7 @@ impl Harness {
                             step,
                             SAME_CONTENTS,
                             format!(
-                                "partition {p} at {term}-{index}: node {other} digest {d:x}, node {id} digest {digest:x}"
+                                "{p:#} at {term}-{index}: node {other} digest {d:x}, node {id} digest {digest:x}"
                             ),
                         ));
                     }
@@ -1122,8 +1131,8 @@ impl Harness {
             for g in node.groups() {
                 let m = g.raft.metrics().borrow().clone();
                 eprintln!(
-                    "node {} p{}: {:?} vote {} last log {:?} applied {:?} leader {:?} replication {:?}",
-                    s.id, g.id.partition, m.state, m.vote, m.last_log_index, m.last_applied.map(|l| l.index), m.current_leader,
+                    "node {} {}: {:?} vote {} last log {:?} applied {:?} leader {:?} replication {:?}",
+                    s.id, g.id, m.state, m.vote, m.last_log_index, m.last_applied.map(|l| l.index), m.current_leader,
                     m.replication
                 );
             }
@@ -1133,7 +1142,7 @@ impl Harness {
     /// After the final reads: every replica of each partition applied the same entries and
     /// holds the same contents.
     fn converged(&self) -> Result<(), String> {
-        let mut seen: BTreeMap<u32, (Applied, u64, u64)> = BTreeMap::new();
+        let mut seen: BTreeMap<GroupId, (Applied, u64, u64)> = BTreeMap::new();
         for slot in &self.slots {
             let s = slot.borrow();
             let Some((node, _)) = &s.node else {
@@ -1146,7 +1155,7 @@ impl Harness {
                     }
                     Some((a, d, other)) if (*a, *d) != (applied, digest) => {
                         return Err(format!(
-                            "partition {p}: node {other} applied {a:?} digest {d:x}, node {} applied {applied:?} digest {digest:x}",
+                            "{p:#}: node {other} applied {a:?} digest {d:x}, node {} applied {applied:?} digest {digest:x}",
                             s.id
                         ));
                     }

@@ -235,7 +235,7 @@ impl Node {
         if self.clock.in_step() || !self.clock.known_off() {
             return;
         }
-        for g in self.groups.values() {
+        for g in &self.groups() {
             if !g.is_leader() || g.transferring.load(Ordering::Relaxed) {
                 continue;
             }
@@ -293,7 +293,7 @@ pub(crate) fn spawn(node: Arc<Node>) {
             }
         }),
     );
-    for g in node.groups.values() {
+    for g in &node.groups() {
         node.update_election_gate(g);
     }
     tokio::spawn(async move {
@@ -302,7 +302,7 @@ pub(crate) fn spawn(node: Arc<Node>) {
             tick.tick().await;
             node.watch_disk();
             node.check_clock();
-            for g in node.groups.values() {
+            for g in &node.groups() {
                 node.update_election_gate(g);
                 node.campaign_if_leader_gone(g);
                 if node.space.refusing() && g.is_leader() {

@@ -57,8 +57,8 @@ impl Handler for Node {
 impl Node {
     /// This node's position in each partition it leads, for a ping's answer.
     fn leader_marks(&self) -> Vec<LeaderMark> {
-        self.groups
-            .values()
+        self.groups()
+            .iter()
             .filter_map(|g| {
                 let m = g.raft.metrics();
                 let m = m.borrow();
@@ -98,7 +98,7 @@ impl Node {
     async fn serve(self: Arc<Self>, _from: u64, req: PeerRequest) -> PeerResponse {
         match req {
             PeerRequest::AppendEntries(p, rpc) => {
-                let Some(g) = self.group(p).cloned() else {
+                let Some(g) = self.group(p) else {
                     return PeerResponse::NoSuchGroup(p);
                 };
                 // New entries are new data: not into the disk's reserve, which is for votes,
@@ -129,7 +129,7 @@ impl Node {
                     .synced(p, entries, started.elapsed(), r.is_ok());
                 PeerResponse::AppendEntries(r)
             }
-            PeerRequest::Vote(p, rpc) => match self.group(p).cloned() {
+            PeerRequest::Vote(p, rpc) => match self.group(p) {
                 Some(g) => {
                     // Not while this replica's read lease, or a restart's, may still hold
                     // (`lease.rs`): answering late is answering no sooner than allowed.
@@ -229,7 +229,7 @@ impl Node {
                 wanted,
                 timeout_ms,
             } => {
-                let Some(g) = self.group(group).cloned() else {
+                let Some(g) = self.group(group) else {
                     return Err(Error::NotLeader {
                         group,
                         leader: self.leader_of(group),
@@ -259,6 +259,10 @@ impl Node {
                 Ok(ClientResponse::Done)
             }
             ClientRequest::Status => Ok(ClientResponse::Status(Box::new(self.status()))),
+            ClientRequest::Meta(change) => self
+                .change_topology_here(&change)
+                .await
+                .map(ClientResponse::Count),
         }
     }
 }

@@ -22,12 +22,14 @@ mod handler;
 mod lag;
 mod lease;
 pub mod messages;
+pub mod meta;
 mod metrics;
 mod network;
 mod node;
 mod propose;
 mod read;
 mod read_rounds;
+mod reconcile;
 pub mod status;
 mod sweep;
 mod transfer;
@@ -39,5 +41,5 @@ pub use frame::{
     Kind as FrameKind,
 };
 pub use metrics::Metrics;
-pub use node::{hosted_groups, Group, Node, NodeConfig, Replication, WallClock};
+pub use node::{hosted_groups, Group, MembersHook, Node, NodeConfig, Replication, WallClock};
 pub use write::WriteFuture;

@@ -117,6 +117,9 @@ pub enum ClientRequest {
         after_ms: u64,
     },
     Status,
+    /// A change to the topology, for the meta group's leader; answered with the topology's
+    /// version after it (`Count`).
+    Meta(crate::meta::MetaChange),
 }
 
 impl ClientRequest {

@@ -60,6 +60,11 @@ fn unavailable<E: std::error::Error>(why: String) -> RPCError<u64, BasicNode, E>
 }
 
 fn unexpected<E: std::error::Error>(resp: &PeerResponse) -> RPCError<u64, BasicNode, E> {
+    if let PeerResponse::NoSuchGroup(g) = resp {
+        // The peer has not started the group yet (its reconciler is behind, `reconcile.rs`)
+        // or has stopped it: as from an unreachable node, openraft backs off and retries.
+        return unavailable(format!("the peer does not run {g:#} (yet)"));
+    }
     let e = TransportError::Protocol(format!("unexpected answer {resp:?}"));
     RPCError::Network(NetworkError::new(&e))
 }

@@ -19,6 +19,7 @@ use replikv_types::{Consistency, GroupId, NodeId, ReadPreference};
 
 use crate::clock::ClockCheck;
 use crate::lag::FollowerLag;
+use crate::meta::{GroupSpec, Topology};
 use crate::metrics::Metrics;
 use crate::network::GroupNetwork;
 use crate::transport::Transport;
@@ -52,6 +53,37 @@ pub struct NodeConfig {
     /// file (`replikv-raft/src/overlay.rs`). The simulation makes it small, so that
     /// checkpoints land between its crashes.
     pub checkpoint: CheckpointLimits,
+    /// Called with every member's peer address when this node first knows the topology,
+    /// and whenever they change (the binary records them in the data directory).
+    pub on_members: MembersHook,
+}
+
+/// See [`NodeConfig::on_members`].
+#[derive(Clone, Default)]
+pub struct MembersHook(Option<Arc<MembersFn>>);
+
+type MembersFn = dyn Fn(&BTreeMap<NodeId, String>) + Send + Sync;
+
+impl MembersHook {
+    pub fn new(f: impl Fn(&BTreeMap<NodeId, String>) + Send + Sync + 'static) -> MembersHook {
+        MembersHook(Some(Arc::new(f)))
+    }
+
+    pub(crate) fn call(&self, peers: &BTreeMap<NodeId, String>) {
+        if let Some(f) = &self.0 {
+            f(peers)
+        }
+    }
+}
+
+impl std::fmt::Debug for MembersHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "MembersHook(set)"
+        } else {
+            "MembersHook(none)"
+        })
+    }
 }
 
 /// The wall clock a node reads: what its clock check compares with its peers', and what its
@@ -161,6 +193,7 @@ impl NodeConfig {
             clock: WallClock::System,
             seed: None,
             checkpoint: CheckpointLimits::default(),
+            on_members: MembersHook::default(),
         }
     }
 }
@@ -218,9 +251,12 @@ impl Group {
 pub struct Node {
     pub cfg: NodeConfig,
     pub transport: Arc<Transport>,
-    pub placement: PlacementTable,
+    /// The default keyspace's placement, as the topology last gave it.
+    pub(crate) placement: RwLock<Arc<PlacementTable>>,
     pub metrics: Arc<Metrics>,
-    pub(crate) groups: BTreeMap<GroupId, Arc<Group>>,
+    /// The groups this node runs now: the reconciler (`reconcile.rs`) starts and stops them
+    /// as the topology changes. Never held across an await.
+    pub(crate) groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
     pub(crate) stores: Stores,
     /// Client endpoints (RESP, HTTP) of every node heard from, for redirects and status.
     pub(crate) endpoints: RwLock<BTreeMap<NodeId, (String, String)>>,
@@ -235,6 +271,12 @@ pub struct Node {
     rng: Mutex<StdRng>,
     /// This node's wall clock against its peers', and the anchored clock it stamps with.
     pub clock: Arc<ClockCheck>,
+    /// The Raft settings every group starts with.
+    raft_config: Arc<openraft::Config>,
+    /// Held by the meta group's leader while it makes one topology change (`meta.rs`).
+    pub(crate) meta_changes: tokio::sync::Mutex<()>,
+    /// The version of the last topology whose groups this node started.
+    pub(crate) topology_version: std::sync::atomic::AtomicU64,
 }
 
 /// The groups node `me` hosts in the placement of `peers` under `replication`: what
@@ -257,16 +299,15 @@ pub fn hosted_groups(
 }
 
 impl Node {
-    /// Starts every partition group this node hosts.
+    /// Starts the meta group, and then every group the topology gives this node: at once
+    /// when its replica of the meta group holds a topology (a restart), otherwise once the
+    /// first one is committed (a new cluster, or one made before the meta group existed,
+    /// which the meta group's leader bootstraps from its configuration; `reconcile.rs`).
     pub async fn start(
         cfg: NodeConfig,
         stores: Stores,
         transport: Arc<Transport>,
     ) -> Result<Arc<Node>, String> {
-        let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
-        let factor = cfg.replication.factor.min(members.len());
-        let placement =
-            place(&members, cfg.replication.partitions, factor, 1).map_err(|e| e.to_string())?;
         for (id, addr) in &cfg.peers {
             if *id != cfg.node_id {
                 transport.add_peer(*id, addr);
@@ -283,23 +324,38 @@ impl Node {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        let mut groups = BTreeMap::new();
-        for part in &placement.partitions {
-            if !part.replicas.contains(&cfg.node_id) {
-                continue;
+        let meta_placement = crate::meta::meta_placement(&cfg.peers);
+        let meta = start_group(
+            &cfg,
+            &GroupSpec {
+                id: GroupId::META,
+                may_initialize: meta_placement.replicas.contains(&cfg.node_id),
+                placement: meta_placement,
+                peers: cfg.peers.clone(),
+            },
+            &stores,
+            transport.clone(),
+            raft_config.clone(),
+            clock.clone(),
+            rng.random(),
+        )
+        .await?;
+        let topology = crate::reconcile::restored_topology(&meta, &cfg).await;
+        // Until a topology is known, keys route by the placement the configuration gives
+        // (the one a bootstrap proposes).
+        let placement = match topology
+            .as_ref()
+            .and_then(|t| t.keyspace(replikv_types::DEFAULT_KEYSPACE_ID))
+        {
+            Some(ks) => ks.placement.clone(),
+            None => {
+                let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
+                let factor = cfg.replication.factor.min(members.len());
+                place(&members, cfg.replication.partitions, factor, 1).map_err(|e| e.to_string())?
             }
-            let group = start_group(
-                &cfg,
-                part,
-                &stores,
-                transport.clone(),
-                raft_config.clone(),
-                clock.clone(),
-                rng.random(),
-            )
-            .await?;
-            groups.insert(group.id, Arc::new(group));
-        }
+        };
+        let mut groups = BTreeMap::new();
+        groups.insert(GroupId::META, Arc::new(meta));
         let me = transport.me().clone();
         let mut endpoints = BTreeMap::new();
         endpoints.insert(cfg.node_id, (me.resp_addr.clone(), me.http_addr.clone()));
@@ -308,8 +364,8 @@ impl Node {
             metrics: Arc::new(Metrics::new(cfg.node_id)),
             cfg,
             transport,
-            placement,
-            groups,
+            placement: RwLock::new(Arc::new(placement)),
+            groups: RwLock::new(groups),
             space,
             disk_refusing: std::sync::atomic::AtomicBool::new(false),
             stores,
@@ -317,16 +373,97 @@ impl Node {
             leader_hints: Mutex::default(),
             rng: Mutex::new(rng),
             clock,
+            raft_config,
+            meta_changes: tokio::sync::Mutex::new(()),
+            topology_version: std::sync::atomic::AtomicU64::new(0),
         });
-        for group in node.groups.values() {
-            crate::transfer::watch_leadership(node.clone(), group.clone());
+        for group in &node.groups() {
+            node.group_started(group);
         }
+        // The groups this node has data of start whatever the topology says (their Raft
+        // membership is in their own logs): a replica whose meta group cannot re-apply the
+        // topology yet (its log was cut at damage, and its leader is away) still serves.
+        node.start_local_groups().await?;
+        if let Some(t) = &topology {
+            node.start_groups_of(t).await?;
+        }
+        crate::reconcile::spawn(node.clone());
         crate::elections::spawn(node.clone());
-        crate::sweep::spawn(node.clone());
         if node.cfg.replication.rebalance_leaders {
             crate::transfer::spawn_rebalancer(node.clone());
         }
         Ok(node)
+    }
+
+    /// The tasks every group runs beside its Raft core: the watch on its leadership and its
+    /// expiry sweep.
+    fn group_started(self: &Arc<Self>, group: &Arc<Group>) {
+        crate::transfer::watch_leadership(self.clone(), group.clone());
+        crate::sweep::spawn(self.clone(), group.clone());
+    }
+
+    /// Starts every group of the default keyspace that this node's log holds records of,
+    /// placed as the default keyspace's placement says.
+    async fn start_local_groups(self: &Arc<Self>) -> Result<(), String> {
+        let placement = self.placement();
+        for id in self.stores.log.groups() {
+            if id.keyspace != replikv_types::DEFAULT_KEYSPACE_ID || self.hosts(id) {
+                continue;
+            }
+            let Some(pl) = placement.get(id.partition) else {
+                tracing::warn!(group = %id, "records of a group the placement does not know; left alone");
+                continue;
+            };
+            let spec = GroupSpec {
+                id,
+                placement: pl.clone(),
+                may_initialize: false,
+                peers: BTreeMap::new(),
+            };
+            self.start_group_here(&spec).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts group `spec` on this node and the tasks beside it.
+    async fn start_group_here(self: &Arc<Self>, spec: &GroupSpec) -> Result<(), String> {
+        let seed = self.random_u64();
+        let group = start_group(
+            &self.cfg,
+            spec,
+            &self.stores,
+            self.transport.clone(),
+            self.raft_config.clone(),
+            self.clock.clone(),
+            seed,
+        )
+        .await?;
+        let group = Arc::new(group);
+        self.groups
+            .write()
+            .expect("groups")
+            .insert(spec.id, group.clone());
+        self.group_started(&group);
+        tracing::info!(group = %spec.id, replicas = ?spec.placement.replicas, "group started");
+        Ok(())
+    }
+
+    /// Starts every group `t` gives this node that it does not run yet.
+    pub(crate) async fn start_groups_of(self: &Arc<Self>, t: &Topology) -> Result<(), String> {
+        if let Some(ks) = t.keyspace(replikv_types::DEFAULT_KEYSPACE_ID) {
+            if **self.placement.read().expect("placement") != ks.placement {
+                *self.placement.write().expect("placement") = Arc::new(ks.placement.clone());
+            }
+        }
+        for spec in t.groups_of(self.id()) {
+            if self.hosts(spec.id) {
+                continue;
+            }
+            self.start_group_here(&spec).await?;
+        }
+        self.topology_version
+            .fetch_max(t.version, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn id(&self) -> NodeId {
@@ -344,8 +481,12 @@ impl Node {
         self.rng.lock().expect("node rng").random()
     }
 
-    pub fn group(&self, p: GroupId) -> Option<&Arc<Group>> {
-        self.groups.get(&p)
+    pub fn group(&self, p: GroupId) -> Option<Arc<Group>> {
+        self.groups.read().expect("groups").get(&p).cloned()
+    }
+
+    pub(crate) fn hosts(&self, p: GroupId) -> bool {
+        self.groups.read().expect("groups").contains_key(&p)
     }
 
     /// Resolves with the new leader once this node sees partition `p` led by a node other
@@ -383,22 +524,36 @@ impl Node {
         .boxed()
     }
 
-    pub fn groups(&self) -> impl Iterator<Item = &Arc<Group>> {
-        self.groups.values()
+    /// The groups this node runs now.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups
+            .read()
+            .expect("groups")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The default keyspace's placement.
+    pub fn placement(&self) -> Arc<PlacementTable> {
+        self.placement.read().expect("placement").clone()
     }
 
     /// The group of the default keyspace that holds `key`.
     pub fn group_of(&self, key: &[u8]) -> GroupId {
-        GroupId::default_keyspace(self.placement.partition_for_key(key))
+        GroupId::default_keyspace(self.placement().partition_for_key(key))
     }
 
     /// Where group `g` is placed, when this node knows it: the default keyspace's
-    /// partitions (the placement table of other keyspaces comes with the meta group).
-    pub fn placement_of(&self, g: GroupId) -> Option<&PartitionPlacement> {
+    /// partitions, and the meta group.
+    pub fn placement_of(&self, g: GroupId) -> Option<PartitionPlacement> {
+        if g.is_meta() {
+            return self.group(g).map(|m| m.placement.clone());
+        }
         if g.keyspace != replikv_types::DEFAULT_KEYSPACE_ID {
             return None;
         }
-        self.placement.get(g.partition)
+        self.placement().get(g.partition).cloned()
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -407,7 +562,7 @@ impl Node {
 
     /// Who leads `p`, as far as this node knows.
     pub fn leader_of(&self, p: GroupId) -> Option<NodeId> {
-        if let Some(g) = self.groups.get(&p) {
+        if let Some(g) = self.group(p) {
             return g.leader();
         }
         let hint = self.leader_hints.lock().expect("hints").get(&p).copied();
@@ -415,7 +570,7 @@ impl Node {
     }
 
     pub(crate) fn note_leader(&self, p: GroupId, leader: NodeId) {
-        if !self.groups.contains_key(&p) {
+        if !self.hosts(p) {
             self.leader_hints.lock().expect("hints").insert(p, leader);
         }
     }
@@ -424,7 +579,7 @@ impl Node {
     /// reached: point the hint at the next replica, which forwards or names the new leader.
     /// (A hosted partition learns its leader from its own Raft group.)
     pub(crate) fn try_another_replica(&self, p: GroupId, bad: NodeId) {
-        if self.groups.contains_key(&p) {
+        if self.hosts(p) {
             return;
         }
         let Some(pl) = self.placement_of(p) else {
@@ -460,7 +615,25 @@ impl Node {
         if let Some(why) = self.space.refusal() {
             return Err(format!("writes refused: {why}"));
         }
-        match self.groups.values().find(|g| g.leader().is_none()) {
+        match self.topology() {
+            Some(t) => {
+                if let Some(missing) = t.groups_of(self.id()).iter().find(|s| !self.hosts(s.id)) {
+                    return Err(format!("{:#} is not started yet", missing.id));
+                }
+            }
+            // A node that runs groups from its own data serves them without the topology
+            // (its meta replica may be waiting for a leader); a new one has none to serve.
+            None if self.groups().iter().all(|g| g.id.is_meta()) => {
+                return Err("no topology yet: the meta group has not committed one".into());
+            }
+            None => {}
+        }
+        // The meta group's leader is needed for topology changes only, not to serve.
+        let leaderless = self
+            .groups()
+            .into_iter()
+            .find(|g| !g.id.is_meta() && g.leader().is_none());
+        match leaderless {
             Some(g) => Err(format!("{:#} has no leader", g.id)),
             None => Ok(()),
         }
@@ -514,7 +687,7 @@ impl Node {
     pub async fn shutdown(&self) {
         // First: a log waiting for room on a full disk gives up, since the cores wait on it.
         self.stores.log.stop();
-        for g in self.groups.values() {
+        for g in &self.groups() {
             let _ = g.raft.shutdown().await;
         }
         self.stores.stop();
@@ -543,14 +716,14 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
 
 async fn start_group(
     cfg: &NodeConfig,
-    part: &PartitionPlacement,
+    spec: &GroupSpec,
     stores: &Stores,
     transport: Arc<Transport>,
     raft_config: Arc<openraft::Config>,
     clock: Arc<ClockCheck>,
     req_id_seed: u64,
 ) -> Result<Group, String> {
-    let p = GroupId::default_keyspace(part.partition);
+    let (p, part) = (spec.id, &spec.placement);
     let (log, sm) = replikv_raft::open_group(stores, p).map_err(|e| format!("{p:#}: {e}"))?;
     let sm = sm.with_checkpoint_limits(cfg.checkpoint);
     let waiters = log.waiters();
@@ -578,11 +751,11 @@ async fn start_group(
         // election timeout, while a leader it confirmed may still hold a lease.
         elections.hold_off(lease_len, &raft);
     }
-    if !restarted {
+    if !restarted && spec.may_initialize {
         let members: BTreeMap<u64, BasicNode> = part
             .replicas
             .iter()
-            .map(|id| (*id, BasicNode::new(cfg.peers[id].clone())))
+            .filter_map(|id| Some((*id, BasicNode::new(spec.peers.get(id)?.clone()))))
             .collect();
         // A new cluster: the preferred leader initializes the group and campaigns at once,
         // so leaders start spread out. The other replicas learn the membership from it; if

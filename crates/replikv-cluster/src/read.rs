@@ -41,17 +41,17 @@ impl Node {
                 // may trail what it has committed (just elected, or restarted), and its quorum
                 // acknowledgement says nothing about that.
                 // Not with a clock out of step: it decides what has expired (`clock.rs`).
-                if !g.is_leader() && self.clock.in_step() && self.fresh_enough(g, min_offset).await
+                if !g.is_leader() && self.clock.in_step() && self.fresh_enough(&g, min_offset).await
                 {
                     tracing::debug!(
                         group = %p,
                         applied = g.applied(),
                         ?min_offset,
-                        staleness = ?self.staleness(g),
+                        staleness = ?self.staleness(&g),
                         "follower read served here"
                     );
                     self.metrics.read_served(p, "replica");
-                    return self.local_value(g, &key);
+                    return self.local_value(&g, &key);
                 }
             }
         }
@@ -190,7 +190,7 @@ impl Node {
         p: GroupId,
         min_offset: Option<Offset>,
     ) -> Result<Arc<Group>, Error> {
-        let Some(g) = self.group(p).cloned() else {
+        let Some(g) = self.group(p) else {
             return Err(Error::NotLeader {
                 group: p,
                 leader: self.leader_of(p),

@@ -18,7 +18,12 @@ pub struct NodeStatus {
     pub node_id: u64,
     pub resp_addr: String,
     pub http_addr: String,
+    /// The replicas of keyspaces' partitions this node hosts.
     pub partitions: Vec<PartitionStatus>,
+    /// This node's replica of the meta group (`meta.rs`), and the topology version whose
+    /// groups it started.
+    pub meta: Option<PartitionStatus>,
+    pub topology_version: u64,
     pub links: Vec<LinkStatus>,
     /// The node's two redb files (`log`, `state`): commits and fsyncs since it started.
     #[serde(default)]
@@ -135,10 +140,17 @@ impl Node {
             resp_addr: me.resp_addr.clone(),
             http_addr: me.http_addr.clone(),
             partitions: self
-                .groups
-                .values()
+                .groups()
+                .iter()
+                .filter(|g| !g.id.is_meta())
                 .map(|g| self.partition_status(g))
                 .collect(),
+            meta: self
+                .group(replikv_types::GroupId::META)
+                .map(|g| self.partition_status(&g)),
+            topology_version: self
+                .topology_version
+                .load(std::sync::atomic::Ordering::Relaxed),
             links,
             storage: vec![
                 StoreStatus {
@@ -166,7 +178,7 @@ impl Node {
 
     pub fn partition_status(&self, g: &Group) -> PartitionStatus {
         let m = g.raft.metrics().borrow().clone();
-        let slots = partition_slots(g.id.partition, self.placement.partitions.len() as u32);
+        let slots = partition_slots(g.id.partition, self.placement().partitions.len() as u32);
         let last = m.last_log_index.unwrap_or(0);
         let replicas = match &m.replication {
             Some(rep) => g

@@ -43,10 +43,10 @@ struct Cursor {
     rest: Option<(u64, Option<u64>)>,
 }
 
-/// Starts the sweep of every partition this node hosts; each runs while this node leads it.
-pub(crate) fn spawn(node: Arc<Node>) {
-    for g in node.groups().cloned().collect::<Vec<_>>() {
-        let node = node.clone();
+/// Starts the sweep of group `g`, which runs while this node leads it, until the group
+/// shuts down.
+pub(crate) fn spawn(node: Arc<Node>, g: Arc<Group>) {
+    {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,6 +54,9 @@ pub(crate) fn spawn(node: Arc<Node>) {
             let mut leading = false;
             loop {
                 tick.tick().await;
+                if g.raft.metrics().borrow().state == openraft::ServerState::Shutdown {
+                    return;
+                }
                 let leads = g.is_leader() && !g.transferring.load(Ordering::Relaxed);
                 if leads && !leading {
                     // A new leadership: what this replica holds may have come from a

@@ -65,7 +65,7 @@ impl Node {
         p: GroupId,
         to: u64,
     ) -> Result<(), Error> {
-        let Some(g) = self.group(p).cloned() else {
+        let Some(g) = self.group(p) else {
             return Err(Error::NotLeader {
                 group: p,
                 leader: self.leader_of(p),
@@ -175,7 +175,7 @@ impl Node {
 
     /// Campaigns for leadership of `p` once the old leader's lease has run out.
     pub(crate) async fn campaign(&self, p: GroupId, after: Duration) -> Result<(), Error> {
-        let Some(g) = self.group(p).cloned() else {
+        let Some(g) = self.group(p) else {
             return Err(Error::NotLeader {
                 group: p,
                 leader: None,
@@ -351,7 +351,7 @@ pub(crate) fn spawn_rebalancer(node: Arc<Node>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for g in node.groups.values() {
+            for g in &node.groups() {
                 let p = g.id;
                 let count = stable.entry(p).or_default();
                 let wants = g.placement.preferred_leader == node.id()

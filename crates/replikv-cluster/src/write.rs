@@ -254,7 +254,7 @@ impl Node {
         op: KvOp,
         level: Consistency,
     ) -> WriteFuture {
-        let Some(group) = self.group(p).cloned() else {
+        let Some(group) = self.group(p) else {
             return ready(Err(Error::NotLeader {
                 group: p,
                 leader: self.leader_of(p),

@@ -73,6 +73,7 @@ pub fn router(node: Arc<Node>, cfg: HttpConfig) -> Router {
             get(kv_get).put(kv_put).delete(kv_delete),
         )
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/members", get(members))
         .route("/v1/keyspaces", get(keyspaces))
         .route("/v1/_replication/state", get(replication_state))
         .route("/v1/_replication/promote", post(promote))
@@ -416,34 +417,75 @@ async fn write(state: &AppState, op: KvOp, q: &KvQuery) -> Result<Response, ApiE
 
 async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
     let node = &state.node;
-    let members: Vec<_> = node
-        .cfg
-        .peers
-        .iter()
-        .map(|(id, peer)| {
-            let (resp, http) = node.endpoints(*id).unwrap_or_default();
-            json!({"id": id, "peer": peer, "resp": resp, "http": http})
-        })
-        .collect();
+    let members: Vec<_> = match node.member_views() {
+        Some((_, views)) => views
+            .iter()
+            .map(|m| json!({"id": m.id, "peer": m.peer, "resp": m.resp, "http": m.http}))
+            .collect(),
+        None => node
+            .cfg
+            .peers
+            .iter()
+            .map(|(id, peer)| {
+                let (resp, http) = node.endpoints(*id).unwrap_or_default();
+                json!({"id": id, "peer": peer, "resp": resp, "http": http})
+            })
+            .collect(),
+    };
     Json(json!({
         "node_id": node.id(),
+        "topology_version": node.topology().map(|t| t.version),
         "members": members,
-        "placement": node.placement,
-        "leaders": node.placement.partitions.iter().map(|p| json!({"partition": p.partition, "leader": node.leader_of(GroupId::default_keyspace(p.partition))})).collect::<Vec<_>>(),
+        "placement": *node.placement(),
+        "leaders": node.placement().partitions.iter().map(|p| json!({"partition": p.partition, "leader": node.leader_of(GroupId::default_keyspace(p.partition))})).collect::<Vec<_>>(),
     }))
 }
 
-async fn keyspaces(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let c = &state.node.cfg.replication;
-    Json(json!([{
-        "name": DEFAULT_KEYSPACE,
-        "factor": c.factor.min(state.node.cfg.peers.len()),
-        "partitions": c.partitions,
-        "consistency": c.consistency.to_string(),
-        "read_preference": c.read_preference.to_string(),
-        "max_lag_ms": c.max_lag_ms,
-        "write_timeout_ms": c.write_timeout_ms,
-    }]))
+/// The answer while this node knows no topology yet (a new node before the meta group's
+/// first commit): 503, with the reason.
+fn no_topology() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": "NO_TOPOLOGY", "message": "this node knows no topology yet: the meta group has not committed one"})),
+    )
+        .into_response()
+}
+
+/// `GET /v1/keyspaces`: every keyspace with its number (`db`) and policy.
+async fn keyspaces(State(state): State<AppState>) -> Response {
+    let Some((version, views)) = state.node.keyspace_views() else {
+        return no_topology();
+    };
+    let timeout = state.node.cfg.replication.write_timeout_ms;
+    let list: Vec<_> = views
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name,
+                "db": k.db,
+                "partitions": k.partitions,
+                "factor": k.factor,
+                "placed_factor": k.placed_factor,
+                "consistency": k.consistency,
+                "read_preference": k.read_preference,
+                "max_lag_ms": k.max_lag_ms,
+                "write_timeout_ms": timeout,
+            })
+        })
+        .collect();
+    (
+        [("x-replikv-topology-version", version.to_string())],
+        Json(json!(list)),
+    )
+        .into_response()
+}
+
+/// `GET /v1/cluster/members`: the members as the meta group records them.
+async fn members(State(state): State<AppState>) -> Response {
+    let Some((version, views)) = state.node.member_views() else {
+        return no_topology();
+    };
+    Json(json!({"topology_version": version, "members": views})).into_response()
 }
 
 async fn replication_state(State(state): State<AppState>) -> Json<serde_json::Value> {
@@ -452,12 +494,19 @@ async fn replication_state(State(state): State<AppState>) -> Json<serde_json::Va
 
 /// Contents digest of every local replica, to check that replicas converged.
 async fn digest(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let mut out = Vec::new();
+    let (mut out, mut meta) = (Vec::new(), None);
     for g in state.node.groups() {
         let (keys, crc) = g.view.digest().map_err(Error::Internal)?;
-        out.push(json!({"keyspace": g.id.keyspace, "partition": g.id.partition, "keys": keys, "crc32c": crc, "applied_offset": g.applied()}));
+        let d = json!({"keyspace": g.id.keyspace, "partition": g.id.partition, "keys": keys, "crc32c": crc, "applied_offset": g.applied()});
+        if g.id.is_meta() {
+            meta = Some(d);
+        } else {
+            out.push(d);
+        }
     }
-    Ok(Json(json!({"node_id": state.node.id(), "partitions": out})))
+    Ok(Json(
+        json!({"node_id": state.node.id(), "partitions": out, "meta": meta}),
+    ))
 }
 
 async fn replication_stats(State(state): State<AppState>) -> Json<serde_json::Value> {

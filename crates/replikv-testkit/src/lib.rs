@@ -131,6 +131,9 @@ pub struct Node {
     /// The libfaketime timestamp file of a node started with a clock offset
     /// ([`Options::clock_offsets`]), and the offset it holds (ms).
     clock_file: Option<(PathBuf, i64)>,
+    /// Started with `--data-dir` alone (no configuration file): see
+    /// [`Cluster::restart_with_only_data_dir`].
+    bare: bool,
 }
 
 impl Node {
@@ -314,6 +317,7 @@ impl Cluster {
                     data_dir,
                     child: None,
                     clock_rate: opts.clock_rates.get(&id).copied(),
+                    bare: false,
                     nofile: opts.nofile.get(&id).copied(),
                     clock_file: opts
                         .clock_offsets
@@ -407,16 +411,19 @@ impl Cluster {
             Some(net) => net.command(id, &bin),
             None => Command::new(bin),
         };
-        cmd.arg("server")
-            .arg("--config")
-            .arg(&n.config)
-            .env(
-                "REPLIKV_LOG",
-                std::env::var("REPLIKV_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
+        cmd.arg("server");
+        if n.bare {
+            cmd.arg("--data-dir").arg(&n.data_dir);
+        } else {
+            cmd.arg("--config").arg(&n.config);
+        }
+        cmd.env(
+            "REPLIKV_LOG",
+            std::env::var("REPLIKV_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
         if let Some((file, offset)) = &n.clock_file {
             assert!(
                 n.clock_rate.is_none(),
@@ -520,6 +527,15 @@ impl Cluster {
     /// Starts a killed node again from its data directory.
     pub fn restart(&mut self, id: u64) {
         assert!(!self.nodes[&id].is_running(), "node {id} is still running");
+        self.spawn(id);
+    }
+
+    /// Starts a killed node again with nothing but `--data-dir`: no configuration file, so
+    /// its identity, addresses and peers come from its data directory (`node.json`) and its
+    /// other settings are the defaults.
+    pub fn restart_with_only_data_dir(&mut self, id: u64) {
+        assert!(!self.nodes[&id].is_running(), "node {id} is still running");
+        self.nodes.get_mut(&id).expect("known node").bare = true;
         self.spawn(id);
     }
 

@@ -28,10 +28,29 @@ enum AdminCommand {
         #[arg(long)]
         node: u64,
     },
-    /// Members and their endpoints.
-    Members,
-    /// Keyspaces and their policies.
-    Keyspaces,
+    /// The cluster's members, as the meta group records them.
+    Members {
+        #[command(subcommand)]
+        action: Option<MembersAction>,
+    },
+    /// Keyspaces, their numbers (`db`) and policies.
+    Keyspaces {
+        #[command(subcommand)]
+        action: Option<KeyspacesAction>,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum MembersAction {
+    /// Every member: id, role, addresses, zone, region, its place in the meta group, and
+    /// the replicas it holds (the default).
+    List,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum KeyspacesAction {
+    /// Every keyspace with its `db` number and policy (the default).
+    List,
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -57,8 +76,8 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
             "/v1/_replication/promote",
             Some(serde_json::json!({"partition": partition, "node": node})),
         ),
-        AdminCommand::Members => ("/v1/cluster", None),
-        AdminCommand::Keyspaces => ("/v1/keyspaces", None),
+        AdminCommand::Members { .. } => ("/v1/cluster/members", None),
+        AdminCommand::Keyspaces { .. } => ("/v1/keyspaces", None),
     };
     let req = match &body {
         Some(b) => client.post(url(&args.addr, path)).json(b),
@@ -86,9 +105,55 @@ async fn run_async(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Promote { partition, node } => {
             println!("partition {partition}: leadership moved to node {node}")
         }
-        _ => println!("{}", serde_json::to_string_pretty(&value)?),
+        AdminCommand::Members { .. } => print_members(&value),
+        AdminCommand::Keyspaces { .. } => print_keyspaces(&value),
     }
     Ok(())
+}
+
+fn print_members(v: &Value) {
+    println!("topology version {}", cell(&v["topology_version"]));
+    println!(
+        "{:>4}  {:<7} {:<21} {:<21} {:<21} {:<8} {:<8} {:<7} {:>8} {:>5}",
+        "id", "role", "peer", "resp", "http", "zone", "region", "meta", "replicas", "leads"
+    );
+    let empty = Vec::new();
+    for m in v["members"].as_array().unwrap_or(&empty) {
+        println!(
+            "{:>4}  {:<7} {:<21} {:<21} {:<21} {:<8} {:<8} {:<7} {:>8} {:>5}",
+            cell(&m["id"]),
+            cell(&m["role"]),
+            cell(&m["peer"]),
+            cell(&m["resp"]),
+            cell(&m["http"]),
+            cell(&m["zone"]),
+            cell(&m["region"]),
+            cell(&m["meta"]),
+            cell(&m["replicas"]),
+            cell(&m["leads"]),
+        );
+    }
+}
+
+fn print_keyspaces(v: &Value) {
+    println!(
+        "{:<16} {:>3} {:>10} {:>6} {:>6} {:<12} {:<10} {:>10}",
+        "name", "db", "partitions", "factor", "placed", "consistency", "read", "max_lag_ms"
+    );
+    let empty = Vec::new();
+    for k in v.as_array().unwrap_or(&empty) {
+        println!(
+            "{:<16} {:>3} {:>10} {:>6} {:>6} {:<12} {:<10} {:>10}",
+            cell(&k["name"]),
+            cell(&k["db"]),
+            cell(&k["partitions"]),
+            cell(&k["factor"]),
+            cell(&k["placed_factor"]),
+            cell(&k["consistency"]),
+            cell(&k["read_preference"]),
+            cell(&k["max_lag_ms"]),
+        );
+    }
 }
 
 /// A JSON value as table text (`serde_json::Value` ignores width and alignment).

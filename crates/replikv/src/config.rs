@@ -104,6 +104,39 @@ pub const MAX_CONNECTIONS_CAP: u64 = u32::MAX as u64;
 /// leader's clock set expiries off by more than most TTLs.
 pub const MAX_CLOCK_OFFSET_CAP_MS: u64 = 3_600_000;
 
+/// Which of the settings a start may take from the data directory's `node.json` the YAML
+/// file gives itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GivenKeys {
+    pub node_id: bool,
+    pub peers: bool,
+    pub resp_listen: bool,
+    pub http_listen: bool,
+    pub peer_listen: bool,
+}
+
+/// The keys of [`GivenKeys`] present in a YAML configuration (one that does not parse gives
+/// none: `Config::from_yaml` reports it).
+pub fn given_keys(text: &str) -> GivenKeys {
+    let Ok(serde_yaml::Value::Mapping(top)) = serde_yaml::from_str::<serde_yaml::Value>(text)
+    else {
+        return GivenKeys::default();
+    };
+    let has = |m: &serde_yaml::Mapping, k: &str| m.contains_key(serde_yaml::Value::from(k));
+    let listen = match top.get(serde_yaml::Value::from("listen")) {
+        Some(serde_yaml::Value::Mapping(l)) => Some(l.clone()),
+        _ => None,
+    };
+    let in_listen = |k: &str| listen.as_ref().is_some_and(|l| has(l, k));
+    GivenKeys {
+        node_id: has(&top, "node_id"),
+        peers: has(&top, "peers"),
+        resp_listen: in_listen("resp"),
+        http_listen: in_listen("http"),
+        peer_listen: in_listen("peer"),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         let mut peers = BTreeMap::new();

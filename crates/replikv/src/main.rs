@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod fds;
+mod identity;
 mod local_cluster;
 mod server;
 mod service;

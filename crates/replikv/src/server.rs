@@ -66,13 +66,16 @@ pub struct ServerArgs {
 
 /// File, then environment and flags (clap resolves those two: a flag wins).
 pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
-    let mut cfg = match &args.config {
+    let (mut cfg, in_file) = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            Config::from_yaml(&text).map_err(anyhow::Error::msg)?
+            (
+                Config::from_yaml(&text).map_err(anyhow::Error::msg)?,
+                crate::config::given_keys(&text),
+            )
         }
-        None => Config::default(),
+        None => (Config::default(), Default::default()),
     };
     if let Some(v) = args.node_id {
         cfg.node_id = v;
@@ -89,8 +92,36 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
     if let Some(v) = &args.peer_listen {
         cfg.listen.peer = Some(v.clone());
     }
+    // What the data directory says of this node (`identity.rs`), where the start does not.
+    let identity = crate::identity::load(&cfg.data_dir).map_err(anyhow::Error::msg)?;
+    if let Some(id) = &identity {
+        if (args.node_id.is_some() || in_file.node_id) && cfg.node_id != id.node_id {
+            bail!(
+                "the data directory {} belongs to node {} (its {}), not node {}: start it with \
+                 --node-id {} or no --node-id, or give node {} an empty data directory",
+                cfg.data_dir.display(),
+                id.node_id,
+                crate::identity::FILE,
+                cfg.node_id,
+                id.node_id,
+                cfg.node_id
+            );
+        }
+        cfg.node_id = id.node_id;
+        if args.resp_listen.is_none() && !in_file.resp_listen {
+            cfg.listen.resp = id.resp.clone();
+        }
+        if args.http_listen.is_none() && !in_file.http_listen {
+            cfg.listen.http = id.http.clone();
+        }
+        if args.peer_listen.is_none() && !in_file.peer_listen {
+            cfg.listen.peer = Some(id.peer.clone());
+        }
+    }
     if let Some(v) = &args.peers {
         cfg.peers = parse_peers(v).map_err(anyhow::Error::msg)?;
+    } else if let Some(id) = identity.as_ref().filter(|_| !in_file.peers) {
+        cfg.peers = id.peers.clone();
     } else if args.config.is_none() && cfg.node_id != 1 {
         // A lone node that is not node 1 still needs a peer entry for itself.
         let addr = cfg
@@ -232,7 +263,29 @@ async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
         resp_addr: resp_addr.to_string(),
         http_addr: http_addr.to_string(),
     });
-    let node = Node::start(cfg.node_config(), stores, transport.clone())
+    let mut node_cfg = cfg.node_config();
+    let (dir, bound) = (
+        cfg.data_dir.clone(),
+        (
+            resp_addr.to_string(),
+            http_addr.to_string(),
+            peer_addr.to_string(),
+        ),
+    );
+    let me = cfg.node_id;
+    node_cfg.on_members = replikv_cluster::MembersHook::new(move |peers| {
+        let id = crate::identity::Identity::new(
+            me,
+            bound.0.clone(),
+            bound.1.clone(),
+            bound.2.clone(),
+            peers.clone(),
+        );
+        if let Err(e) = crate::identity::save(&dir, &id) {
+            tracing::error!(error = %e, "could not record this node's identity");
+        }
+    });
+    let node = Node::start(node_cfg, stores, transport.clone())
         .await
         .map_err(anyhow::Error::msg)?;
     // 5. Serve.
@@ -275,5 +328,57 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_for(dir: &std::path::Path) -> ServerArgs {
+        ServerArgs {
+            data_dir: Some(dir.to_path_buf()),
+            ..ServerArgs::default()
+        }
+    }
+
+    /// A data directory's `node.json` gives what the start does not, and a start as another
+    /// node is refused.
+    #[test]
+    fn the_data_directory_names_the_node_and_its_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let peers: std::collections::BTreeMap<u64, String> = [
+            (1, "127.0.0.1:7001".to_string()),
+            (2, "127.0.0.1:7002".to_string()),
+            (3, "127.0.0.1:7003".to_string()),
+        ]
+        .into();
+        let id = crate::identity::Identity::new(
+            2,
+            "127.0.0.1:6002".into(),
+            "127.0.0.1:8002".into(),
+            "127.0.0.1:7002".into(),
+            peers.clone(),
+        );
+        crate::identity::save(dir.path(), &id).unwrap();
+        let cfg = load(&args_for(dir.path())).unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.peers, peers);
+        assert_eq!(cfg.listen.resp, "127.0.0.1:6002");
+        assert_eq!(cfg.listen.peer.as_deref(), Some("127.0.0.1:7002"));
+
+        let other = ServerArgs {
+            node_id: Some(3),
+            ..args_for(dir.path())
+        };
+        let e = load(&other).unwrap_err().to_string();
+        assert!(e.contains("belongs to node 2"), "{e}");
+
+        let flags = ServerArgs {
+            node_id: Some(2),
+            resp_listen: Some("127.0.0.1:6999".into()),
+            ..args_for(dir.path())
+        };
+        assert_eq!(load(&flags).unwrap().listen.resp, "127.0.0.1:6999");
     }
 }

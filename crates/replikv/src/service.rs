@@ -70,7 +70,7 @@ impl Service for NodeService {
     }
 
     fn partition_count(&self) -> u32 {
-        self.node.placement.partitions.len() as u32
+        self.node.placement().partitions.len() as u32
     }
 
     fn scan_partition(
@@ -109,7 +109,7 @@ impl Service for NodeService {
     fn slots(&self) -> Vec<SlotRange> {
         let n = self.partition_count();
         self.node
-            .placement
+            .placement()
             .partitions
             .iter()
             .map(|pl| {

@@ -170,3 +170,32 @@ fn kill_9_of_every_node_loses_no_acknowledged_write(fsync: &'static str) {
     );
     c.wait_converged(Duration::from_secs(30));
 }
+
+/// A node restarted with nothing but `--data-dir` (issue 17): its id, listen addresses and
+/// peers come from the `node.json` it wrote, its groups from its replica of the meta group,
+/// and it catches up on what was written while it was down.
+#[test]
+fn a_node_restarted_with_only_its_data_directory_rejoins_and_catches_up() {
+    let mut c = Cluster::start(bin(), Options::default());
+    fill(&c, 1, "before", 300);
+    c.wait_converged(Duration::from_secs(30));
+    let stored = std::fs::read_to_string(c.node(2).data_dir.join("node.json")).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["node_id"], 2);
+    assert_eq!(stored["peers"].as_object().unwrap().len(), 3, "{stored}");
+    c.kill(2);
+    fill(&c, 1, "while-down", 300);
+    c.restart_with_only_data_dir(2);
+    c.wait_ready(Duration::from_secs(30));
+    c.wait_converged(Duration::from_secs(30));
+    let mut conn = c.redis(2);
+    for i in [0, 150, 299] {
+        let a: i64 = conn.get(format!("before{i}")).unwrap();
+        let b: i64 = conn.get(format!("while-down{i}")).unwrap();
+        assert_eq!((a, b), (i, i));
+    }
+    let state = c.http_get(2, "/v1/_replication/state").unwrap();
+    assert_eq!(state["node_id"], 2);
+    assert!(state["topology_version"].as_u64().unwrap() >= 1, "{state}");
+    assert!(state["meta"]["term"].as_u64().unwrap() >= 1, "{state}");
+}

@@ -988,6 +988,12 @@ impl RaftLog {
         Ok(Some((i, bytes)))
     }
 
+    /// Every group with records in the log (entries, a purge point or a field).
+    pub fn groups(&self) -> Vec<GroupId> {
+        let index = self.shared.index.lock().expect("log index");
+        index.parts.keys().copied().collect()
+    }
+
     /// How many entries group `g` holds.
     pub fn len(&self, g: GroupId) -> u64 {
         let index = self.shared.index.lock().expect("log index");
