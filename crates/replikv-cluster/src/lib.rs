@@ -41,5 +41,5 @@ pub use frame::{
     Kind as FrameKind,
 };
 pub use metrics::Metrics;
-pub use node::{hosted_groups, Group, MembersHook, Node, NodeConfig, Replication, WallClock};
+pub use node::{hosted_groups, Group, Node, NodeConfig, Replication, TopologyHook, WallClock};
 pub use write::WriteFuture;

@@ -278,7 +278,7 @@ impl Node {
     /// the first one is committed (or on a node without the meta group).
     pub fn topology(&self) -> Option<Topology> {
         let meta = self.group(GroupId::META)?;
-        read_topology(&meta.view, self.now_ms())
+        known_topology(&meta.view, self.now_ms())
     }
 
     /// Makes `change` on the meta group's leader, wherever it is, within the write timeout.
@@ -321,7 +321,11 @@ impl Node {
         let _one_at_a_time = self.meta_changes.lock().await;
         // Leadership confirmed, and everything committed before applied here.
         let meta = self.read_index(GroupId::META, None).await?;
-        let now = read_topology(&meta.view, self.now_ms()).unwrap_or_default();
+        // An unreadable topology is never taken for an absent one: that would bootstrap over
+        // it.
+        let now = read_topology(&meta.view, self.now_ms())
+            .map_err(|e| Error::Internal(format!("no topology change: {e}")))?
+            .unwrap_or_default();
         let Some(next) = now.apply(change)? else {
             return Ok(now.version);
         };
@@ -461,19 +465,38 @@ fn change_name(change: &MetaChange) -> String {
     }
 }
 
-/// The topology a meta replica's state holds.
-pub(crate) fn read_topology(view: &replikv_raft::KvView, now_ms: u64) -> Option<Topology> {
-    let stored = match view.get(TOPOLOGY_KEY, now_ms) {
-        Ok(v) => v?,
+/// The topology a meta replica's state holds: `Ok(None)` when there is none yet, `Err` when
+/// it cannot be read (a storage error, or a format this build does not know). The two must
+/// stay apart: only an absent topology may be bootstrapped.
+pub(crate) fn read_topology(
+    view: &replikv_raft::KvView,
+    now_ms: u64,
+) -> Result<Option<Topology>, String> {
+    let stored = view
+        .get(TOPOLOGY_KEY, now_ms)
+        .map_err(|e| format!("reading the topology: {e}"))?;
+    match stored {
+        None => Ok(None),
+        Some(v) => Topology::decode(&v.data).map(Some),
+    }
+}
+
+/// [`read_topology`] for readers that can go on without it: an unreadable topology is
+/// logged (once a minute at most) and taken as unknown.
+pub(crate) fn known_topology(view: &replikv_raft::KvView, now_ms: u64) -> Option<Topology> {
+    static LAST_WARNED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    match read_topology(view, now_ms) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::error!(error = %e, "reading the topology failed");
-            return None;
-        }
-    };
-    match Topology::decode(&stored.data) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::error!(error = %e, "the meta group's topology is unreadable");
+            use std::sync::atomic::Ordering;
+            let last = LAST_WARNED_MS.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) >= 60_000
+                && LAST_WARNED_MS
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::error!(error = %e, "the meta group's topology is unreadable here");
+            }
             None
         }
     }

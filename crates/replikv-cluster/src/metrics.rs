@@ -57,6 +57,7 @@ pub struct Metrics {
     rejected_connections: IntCounterVec,
     evicted: IntCounterVec,
     clock_in_step: IntGaugeVec,
+    topology_version: IntGaugeVec,
     clock_offset: GaugeVec,
     clock_uncertainty: GaugeVec,
     /// Last offsets folded into the counters above, to add only what is new.
@@ -269,6 +270,12 @@ impl Metrics {
                 "Expired keys this leader removed through the log (its expiry sweep)",
                 P,
             ),
+            topology_version: igauge(
+                &r,
+                "replikv_topology_version",
+                "The version of the last topology whose groups this node started (meta group)",
+                &["node"],
+            ),
             clock_in_step: igauge(
                 &r,
                 "replikv_clock_in_step",
@@ -448,13 +455,16 @@ impl Metrics {
             self.advance(&self.storage_commits, &labels, key("commits"), st.commits);
             self.advance(&self.storage_fsyncs, &labels, key("fsyncs"), st.fsyncs);
         }
+        self.topology_version
+            .with_label_values(&[&self.node])
+            .set(status.topology_version.min(i64::MAX as u64) as i64);
         self.disk_free
             .with_label_values(&[&self.node])
             .set(status.disk.free_bytes.min(i64::MAX as u64) as i64);
         self.disk_refusing
             .with_label_values(&[&self.node])
             .set(status.disk.refusing.is_some() as i64);
-        for part in &status.partitions {
+        for part in status.partitions.iter().chain(status.meta.iter()) {
             let g = part.group();
             let ps = part.partition.to_string();
             let labels = [part.keyspace.as_str(), ps.as_str(), self.node.as_str()];

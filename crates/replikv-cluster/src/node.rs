@@ -53,35 +53,40 @@ pub struct NodeConfig {
     /// file (`replikv-raft/src/overlay.rs`). The simulation makes it small, so that
     /// checkpoints land between its crashes.
     pub checkpoint: CheckpointLimits,
-    /// Called with every member's peer address when this node first knows the topology,
-    /// and whenever they change (the binary records them in the data directory).
-    pub on_members: MembersHook,
+    /// Called with the topology when this node first knows it, and whenever its members
+    /// or the default keyspace's placement change (the binary records them in the data
+    /// directory, `node.json`).
+    pub on_topology: TopologyHook,
+    /// The default keyspace's placement as this node last recorded it (`node.json`): what
+    /// keys route by at start until the meta replica gives the topology back, rather than
+    /// a placement computed from settings a restart may not have been given.
+    pub known_placement: Option<PlacementTable>,
 }
 
-/// See [`NodeConfig::on_members`].
+/// See [`NodeConfig::on_topology`].
 #[derive(Clone, Default)]
-pub struct MembersHook(Option<Arc<MembersFn>>);
+pub struct TopologyHook(Option<Arc<TopologyFn>>);
 
-type MembersFn = dyn Fn(&BTreeMap<NodeId, String>) + Send + Sync;
+type TopologyFn = dyn Fn(&Topology) + Send + Sync;
 
-impl MembersHook {
-    pub fn new(f: impl Fn(&BTreeMap<NodeId, String>) + Send + Sync + 'static) -> MembersHook {
-        MembersHook(Some(Arc::new(f)))
+impl TopologyHook {
+    pub fn new(f: impl Fn(&Topology) + Send + Sync + 'static) -> TopologyHook {
+        TopologyHook(Some(Arc::new(f)))
     }
 
-    pub(crate) fn call(&self, peers: &BTreeMap<NodeId, String>) {
+    pub(crate) fn call(&self, t: &Topology) {
         if let Some(f) = &self.0 {
-            f(peers)
+            f(t)
         }
     }
 }
 
-impl std::fmt::Debug for MembersHook {
+impl std::fmt::Debug for TopologyHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() {
-            "MembersHook(set)"
+            "TopologyHook(set)"
         } else {
-            "MembersHook(none)"
+            "TopologyHook(none)"
         })
     }
 }
@@ -193,7 +198,8 @@ impl NodeConfig {
             clock: WallClock::System,
             seed: None,
             checkpoint: CheckpointLimits::default(),
-            on_members: MembersHook::default(),
+            on_topology: TopologyHook::default(),
+            known_placement: None,
         }
     }
 }
@@ -277,6 +283,8 @@ pub struct Node {
     pub(crate) meta_changes: tokio::sync::Mutex<()>,
     /// The version of the last topology whose groups this node started.
     pub(crate) topology_version: std::sync::atomic::AtomicU64,
+    /// Set by `shutdown`: no group starts after it.
+    stopping: AtomicBool,
 }
 
 /// The groups node `me` hosts in the placement of `peers` under `replication`: what
@@ -295,6 +303,7 @@ pub fn hosted_groups(
         .iter()
         .filter(|p| p.replicas.contains(&me))
         .map(|p| GroupId::default_keyspace(p.partition))
+        .chain([GroupId::META])
         .collect())
 }
 
@@ -343,11 +352,12 @@ impl Node {
         let topology = crate::reconcile::restored_topology(&meta, &cfg).await;
         // Until a topology is known, keys route by the placement the configuration gives
         // (the one a bootstrap proposes).
-        let placement = match topology
+        let restored = topology
             .as_ref()
             .and_then(|t| t.keyspace(replikv_types::DEFAULT_KEYSPACE_ID))
-        {
-            Some(ks) => ks.placement.clone(),
+            .map(|ks| ks.placement.clone());
+        let placement = match restored.or_else(|| cfg.known_placement.clone()) {
+            Some(placement) => placement,
             None => {
                 let members: Vec<Member> = cfg.peers.keys().map(|id| Member::new(*id)).collect();
                 let factor = cfg.replication.factor.min(members.len());
@@ -376,6 +386,7 @@ impl Node {
             raft_config,
             meta_changes: tokio::sync::Mutex::new(()),
             topology_version: std::sync::atomic::AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         });
         for group in &node.groups() {
             node.group_started(group);
@@ -439,10 +450,17 @@ impl Node {
         )
         .await?;
         let group = Arc::new(group);
-        self.groups
-            .write()
-            .expect("groups")
-            .insert(spec.id, group.clone());
+        {
+            let mut groups = self.groups.write().expect("groups");
+            // Checked under the lock `shutdown` takes its list under: a group is either in
+            // that list or never started.
+            if self.stopping.load(Ordering::SeqCst) {
+                drop(groups);
+                let _ = group.raft.shutdown().await;
+                return Ok(());
+            }
+            groups.insert(spec.id, group.clone());
+        }
         self.group_started(&group);
         tracing::info!(group = %spec.id, replicas = ?spec.placement.replicas, "group started");
         Ok(())
@@ -687,7 +705,12 @@ impl Node {
     pub async fn shutdown(&self) {
         // First: a log waiting for room on a full disk gives up, since the cores wait on it.
         self.stores.log.stop();
-        for g in &self.groups() {
+        let groups = {
+            let groups = self.groups.read().expect("groups");
+            self.stopping.store(true, Ordering::SeqCst);
+            groups.values().cloned().collect::<Vec<_>>()
+        };
+        for g in &groups {
             let _ = g.raft.shutdown().await;
         }
         self.stores.stop();
@@ -714,6 +737,29 @@ fn raft_config(cfg: &NodeConfig) -> Result<openraft::Config, String> {
     config.validate().map_err(|e| format!("raft settings: {e}"))
 }
 
+/// A peer among `peers` whose meta group is initialized already, if one answers.
+async fn meta_runs_on(transport: &Transport, peers: Vec<NodeId>) -> Option<NodeId> {
+    use crate::messages::{ClientRequest, ClientResponse, PeerRequest, PeerResponse};
+    let me = transport.me().node_id;
+    for id in peers.into_iter().filter(|id| *id != me) {
+        let Some(peer) = transport.peer(id) else {
+            continue;
+        };
+        let asked = peer
+            .request(
+                &PeerRequest::Client(ClientRequest::Status),
+                Duration::from_millis(500),
+            )
+            .await;
+        if let Ok(PeerResponse::Client(Ok(ClientResponse::Status(st)))) = asked {
+            if st.meta.as_ref().is_some_and(|m| m.term > 0) || st.topology_version > 0 {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
 async fn start_group(
     cfg: &NodeConfig,
     spec: &GroupSpec,
@@ -730,7 +776,7 @@ async fn start_group(
     let recovery = log.recovery();
     let view = sm.view();
     let network = GroupNetwork {
-        transport,
+        transport: transport.clone(),
         group: p,
     };
     let raft = Raft::new(cfg.node_id, raft_config, network, log, sm)
@@ -752,11 +798,14 @@ async fn start_group(
         elections.hold_off(lease_len, &raft);
     }
     if !restarted && spec.may_initialize {
-        let members: BTreeMap<u64, BasicNode> = part
-            .replicas
-            .iter()
-            .filter_map(|id| Some((*id, BasicNode::new(spec.peers.get(id)?.clone()))))
-            .collect();
+        let mut members = BTreeMap::new();
+        for id in &part.replicas {
+            let Some(addr) = spec.peers.get(id) else {
+                // Never a smaller group than placed: its majority would be another one.
+                return Err(format!("{p:#}: no peer address known for its replica {id}"));
+            };
+            members.insert(*id, BasicNode::new(addr.clone()));
+        }
         // A new cluster: the preferred leader initializes the group and campaigns at once,
         // so leaders start spread out. The other replicas learn the membership from it; if
         // it is not up, they initialize with the same membership (safe, as openraft
@@ -769,12 +818,28 @@ async fn start_group(
             elections.hold_for_startup(hold);
         }
         let (r, clock) = (raft.clone(), clock.clone());
+        let probe = p
+            .is_meta()
+            .then(|| (transport.clone(), members.keys().copied().collect()));
         tokio::spawn(async move {
             if !preferred {
                 tokio::time::sleep(hold).await;
             }
             while !clock.in_step() {
                 tokio::time::sleep(crate::elections::PING_EVERY).await;
+            }
+            if let Some((transport, peers)) = probe {
+                if let Some(peer) = meta_runs_on(&transport, peers).await {
+                    // A cluster already runs (this node's disk is new, or its --peers lists
+                    // more than the cluster has): its meta leader sends this replica the log
+                    // if it is a member; a second initialization could differ from it.
+                    tracing::warn!(
+                        peer,
+                        "the meta group already runs on a peer: not initializing it here \
+                         (a node that is not a member must be added, not started with --peers)"
+                    );
+                    return;
+                }
             }
             if preferred {
                 if let Err(e) = r.initialize(members).await {

@@ -18,7 +18,9 @@ use std::time::Duration;
 use openraft::BasicNode;
 use replikv_types::GroupId;
 
-use crate::meta::{read_topology, KeyspacePolicy, MemberInfo, MetaChange, Role, Topology};
+use crate::meta::{
+    known_topology, read_topology, KeyspacePolicy, MemberInfo, MetaChange, Role, Topology,
+};
 use crate::node::{Group, Node, NodeConfig};
 
 /// The reconciler also runs this often when the meta group applies nothing.
@@ -35,7 +37,7 @@ pub(crate) async fn restored_topology(meta: &Group, cfg: &NodeConfig) -> Option<
     }
     let deadline = tokio::time::Instant::now() + RESTORE_WAIT;
     loop {
-        if let Some(t) = read_topology(&meta.view, cfg.clock.now_ms()) {
+        if let Some(t) = known_topology(&meta.view, cfg.clock.now_ms()) {
             return Some(t);
         }
         if tokio::time::Instant::now() >= deadline {
@@ -56,18 +58,22 @@ pub(crate) fn spawn(node: Arc<Node>) {
         let reporting = Arc::new(AtomicBool::new(false));
         let mut metrics = meta.raft.metrics();
         let mut applied = None;
-        let mut members = None;
+        let mut recorded = None;
         loop {
             node.reconcile(&meta, &reporting).await;
-            if let Some(t) = read_topology(&meta.view, node.now_ms()) {
+            if let Some(t) = known_topology(&meta.view, node.now_ms()) {
                 let peers: BTreeMap<u64, String> = t
                     .members
                     .values()
                     .map(|m| (m.id, m.peer_addr.clone()))
                     .collect();
-                if members.as_ref() != Some(&peers) {
-                    node.cfg.on_members.call(&peers);
-                    members = Some(peers);
+                let placement = t
+                    .keyspace(replikv_types::DEFAULT_KEYSPACE_ID)
+                    .map(|ks| ks.placement.clone());
+                let now = Some((peers, placement));
+                if recorded != now {
+                    node.cfg.on_topology.call(&t);
+                    recorded = now;
                 }
             }
             // Woken by what the meta replica applies, not by every heartbeat's metrics.
@@ -94,11 +100,16 @@ pub(crate) fn spawn(node: Arc<Node>) {
 
 impl Node {
     async fn reconcile(self: &Arc<Self>, meta: &Arc<Group>, reporting: &Arc<AtomicBool>) {
-        let Some(t) = read_topology(&meta.view, self.now_ms()) else {
-            if meta.is_leader() {
-                self.bootstrap().await;
+        let t = match read_topology(&meta.view, self.now_ms()) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                if meta.is_leader() {
+                    self.bootstrap().await;
+                }
+                return;
             }
-            return;
+            // Logged by the readers that go on without it; never bootstrapped over.
+            Err(_) => return,
         };
         self.report_member(&t, reporting);
         if let Err(e) = self.start_groups_of(&t).await {

@@ -547,10 +547,11 @@ async fn promote(
             e.body_text()
         ))
     })?;
-    if b.partition >= state.node.cfg.replication.partitions {
+    let partitions = state.node.placement().partition_count();
+    if b.partition >= partitions {
         return Err(bad(format!(
-            "no partition {} (there are {})",
-            b.partition, state.node.cfg.replication.partitions
+            "no partition {} (there are {partitions})",
+            b.partition
         )));
     }
     state

@@ -180,7 +180,7 @@ pub struct Cluster {
 
 /// A free port below Linux's ephemeral range (32768 and up): ports the kernel hands out for
 /// outgoing connections, which nodes open all the time, cannot take it before the node binds.
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let spread = std::process::id().wrapping_mul(7919);

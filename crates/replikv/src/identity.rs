@@ -4,8 +4,12 @@
 //!
 //! ```json
 //! {"format": 1, "node_id": 2, "resp": "10.0.0.2:6379", "http": "10.0.0.2:8080",
-//!  "peer": "10.0.0.2:7380", "peers": {"1": "10.0.0.1:7380", "2": "10.0.0.2:7380"}}
+//!  "peer": "10.0.0.2:7380", "peers": {"1": "10.0.0.1:7380", "2": "10.0.0.2:7380"},
+//!  "placement": {"version": 1, "partitions": [...]}}
 //! ```
+//! `placement` is the default keyspace's, as the topology last gave it: keys route by it at
+//! start until the node's meta replica has the topology back, so a restart given none of
+//! the original settings never routes by a partition count of its own.
 //! What a start gives explicitly (a flag, the environment or the YAML file) wins, but for the
 //! node id: a data directory belongs to one node, and starting it as another is refused.
 
@@ -28,6 +32,8 @@ pub struct Identity {
     pub peer: String,
     /// Every member's peer address, as the topology last listed them.
     pub peers: BTreeMap<u64, String>,
+    #[serde(default)]
+    pub placement: Option<replikv_placement::PlacementTable>,
 }
 
 impl Identity {
@@ -37,6 +43,7 @@ impl Identity {
         http: String,
         peer: String,
         peers: BTreeMap<u64, String>,
+        placement: Option<replikv_placement::PlacementTable>,
     ) -> Identity {
         Identity {
             format: FORMAT_V1,
@@ -45,6 +52,7 @@ impl Identity {
             http,
             peer,
             peers,
+            placement,
         }
     }
 }
@@ -98,7 +106,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
         let peers = [(1, "a:1".to_string()), (2, "b:2".to_string())].into();
-        let id = Identity::new(2, "r".into(), "h".into(), "b:2".into(), peers);
+        let id = Identity::new(2, "r".into(), "h".into(), "b:2".into(), peers, None);
         save(dir.path(), &id).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(id.clone()));
         let newer = serde_json::to_string(&Identity { format: 2, ..id }).unwrap();

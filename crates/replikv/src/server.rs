@@ -162,7 +162,7 @@ pub fn load(args: &ServerArgs) -> anyhow::Result<Config> {
             .map_err(|e| anyhow::anyhow!("--fsync: {e}"))?;
     }
     if args.join.is_some() || args.role.as_deref().is_some_and(|r| r != "voter") {
-        bail!("--join and --role replica (adding nodes and read replicas to a running cluster) are not available in this version; start every node with the same --peers");
+        bail!("--join and --role replica (adding nodes and read replicas to a running cluster) are not available in this version: the members are the cluster's own data now (replikv admin members list), but changing them while it serves is still being built; start every node of a new cluster with the same --peers");
     }
     cfg.validate().map_err(anyhow::Error::msg)?;
     if cfg.debug.skip_read_index {
@@ -264,6 +264,7 @@ async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
         http_addr: http_addr.to_string(),
     });
     let mut node_cfg = cfg.node_config();
+    let identity = crate::identity::load(&cfg.data_dir).map_err(anyhow::Error::msg)?;
     let (dir, bound) = (
         cfg.data_dir.clone(),
         (
@@ -273,13 +274,23 @@ async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
         ),
     );
     let me = cfg.node_id;
-    node_cfg.on_members = replikv_cluster::MembersHook::new(move |peers| {
+    node_cfg.known_placement = identity.and_then(|id| id.placement);
+    node_cfg.on_topology = replikv_cluster::TopologyHook::new(move |t| {
+        let peers = t
+            .members
+            .values()
+            .map(|m| (m.id, m.peer_addr.clone()))
+            .collect();
+        let placement = t
+            .keyspace(replikv_types::DEFAULT_KEYSPACE_ID)
+            .map(|ks| ks.placement.clone());
         let id = crate::identity::Identity::new(
             me,
             bound.0.clone(),
             bound.1.clone(),
             bound.2.clone(),
-            peers.clone(),
+            peers,
+            placement,
         );
         if let Err(e) = crate::identity::save(&dir, &id) {
             tracing::error!(error = %e, "could not record this node's identity");
@@ -359,6 +370,7 @@ mod tests {
             "127.0.0.1:8002".into(),
             "127.0.0.1:7002".into(),
             peers.clone(),
+            None,
         );
         crate::identity::save(dir.path(), &id).unwrap();
         let cfg = load(&args_for(dir.path())).unwrap();

@@ -224,4 +224,24 @@ fn bad_configuration_names_the_field_and_exits() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("listed twice"));
+    // Not built yet (issue 17): refused, saying so, before anything is opened.
+    let data = dir.path().join("join-data");
+    let out = Command::new(bin())
+        .args([
+            "server",
+            "--node-id",
+            "4",
+            "--join",
+            "127.0.0.1:1",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--join"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "a refused start created {}", data.display());
 }

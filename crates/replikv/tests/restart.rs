@@ -176,13 +176,22 @@ fn kill_9_of_every_node_loses_no_acknowledged_write(fsync: &'static str) {
 /// and it catches up on what was written while it was down.
 #[test]
 fn a_node_restarted_with_only_its_data_directory_rejoins_and_catches_up() {
-    let mut c = Cluster::start(bin(), Options::default());
+    // Not the server's default of 8: the restart, given no settings, must not route by it.
+    let mut c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 4,
+            ..Options::default()
+        },
+    );
     fill(&c, 1, "before", 300);
     c.wait_converged(Duration::from_secs(30));
     let stored = std::fs::read_to_string(c.node(2).data_dir.join("node.json")).unwrap();
     let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
     assert_eq!(stored["node_id"], 2);
     assert_eq!(stored["peers"].as_object().unwrap().len(), 3, "{stored}");
+    let placed = stored["placement"]["partitions"].as_array().unwrap().len();
+    assert_eq!(placed, 4, "{stored}");
     c.kill(2);
     fill(&c, 1, "while-down", 300);
     c.restart_with_only_data_dir(2);
@@ -196,6 +205,7 @@ fn a_node_restarted_with_only_its_data_directory_rejoins_and_catches_up() {
     }
     let state = c.http_get(2, "/v1/_replication/state").unwrap();
     assert_eq!(state["node_id"], 2);
+    assert_eq!(state["partitions"].as_array().unwrap().len(), 4, "{state}");
     assert!(state["topology_version"].as_u64().unwrap() >= 1, "{state}");
     assert!(state["meta"]["term"].as_u64().unwrap() >= 1, "{state}");
 }

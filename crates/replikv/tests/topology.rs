@@ -152,3 +152,67 @@ fn a_seven_node_cluster_has_five_meta_voters_and_two_learners() {
     let got: i64 = c.redis(6).get("seven").unwrap();
     assert_eq!(got, 7);
 }
+
+/// A node started with a `--peers` list that names a running cluster's members and itself
+/// is not a member: it finds the meta group running on them and does not start one of its
+/// own (a second initialization with another membership would be a second cluster).
+#[test]
+fn a_stranger_started_with_a_longer_peers_list_does_not_initialize_a_meta_group() {
+    let c = Cluster::start(
+        bin(),
+        Options {
+            partitions: 2,
+            ..Options::default()
+        },
+    );
+    wait_until(Duration::from_secs(20), "the topology written", || {
+        c.http_get(1, "/v1/cluster/members").is_ok()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (resp, http, peer) = (
+        replikv_testkit::free_port(),
+        replikv_testkit::free_port(),
+        replikv_testkit::free_port(),
+    );
+    let mut peers: Vec<String> = (1..=3)
+        .map(|id| format!("{id}={}", c.node(id).peer))
+        .collect();
+    peers.push(format!("4={peer}"));
+    let log = dir.path().join("node-4.log");
+    let mut stranger = Command::new(bin())
+        .args(["server", "--node-id", "4", "--peers", &peers.join(",")])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--resp-listen", &resp.to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .args(["--peer-listen", &peer.to_string()])
+        .env("REPLIKV_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the stranger sees the meta group running and stays out",
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("the meta group already runs on a peer")
+        },
+    );
+    let ready = ureq::get(&format!("http://{http}/ready")).call();
+    assert!(
+        matches!(ready, Err(ureq::Error::Status(503, _))),
+        "the stranger must not be ready: {ready:?}"
+    );
+    stranger.kill().unwrap();
+    let _ = stranger.wait();
+    let m = members(&c, 2);
+    assert_eq!(m["members"].as_array().unwrap().len(), 3, "{m}");
+    for id in 1..=3 {
+        let st = c.http_get(id, "/v1/_replication/state").unwrap();
+        assert!(
+            st["meta"]["leader"].as_u64().is_some_and(|l| l <= 3),
+            "{st}"
+        );
+    }
+}

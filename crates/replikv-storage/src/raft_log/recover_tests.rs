@@ -369,7 +369,7 @@ async fn large_random_records_are_judged_without_a_quadratic_scan() {
     )
     .await;
     let start = bytes.windows(64).position(|w| w == &big[..64]).unwrap();
-    invert(&seg, start - 13 - HEADER + 1, 2);
+    invert(&seg, start - ENTRY_PREFIX - HEADER + 1, 2);
     let begun = std::time::Instant::now();
     let Opened::Damaged(d) = open_checked(dir.path()) else {
         panic!("a damaged length of a synced record taken for a tear");
