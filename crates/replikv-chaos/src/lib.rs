@@ -12,7 +12,7 @@
 //! | `eventual` / minority `at_least` losses are bounded to the fault | lost writes counted with their time after the fault |
 //! | follower reads are at most `max_lag_ms` stale | a clock key written at `quorum`, read at `secondary` on every node |
 //! | a session reads its own writes on any replica | SET then GET with `REPLIKV.READ secondary` |
-//! | replicas converge after healing | per-partition digests of every replica |
+//! | replicas converge after healing | per-partition digests of every replica, and of every meta group replica (the topology) |
 //! | failover heals quickly | longest stretch without an acknowledged `quorum` write, per fault |
 //! | a damaged log is found and cut at the damage, never as a torn tail (`log-damage`) | the restarted node's log |
 //!

@@ -329,7 +329,8 @@ fn run_inner(spec: &RunSpec, result: &mut RunResult) {
 
     cluster.wait_ready(Duration::from_secs(30));
     result.converged = catch_unwind(AssertUnwindSafe(|| {
-        cluster.wait_converged(Duration::from_secs(30))
+        cluster.wait_converged(Duration::from_secs(30));
+        cluster.wait_meta_converged(Duration::from_secs(30))
     }))
     .is_ok();
 

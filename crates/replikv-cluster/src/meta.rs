@@ -226,6 +226,19 @@ impl Topology {
         self.keyspaces.get(&id)
     }
 
+    /// Every member's peer address.
+    pub fn peers(&self) -> BTreeMap<NodeId, String> {
+        self.members
+            .values()
+            .map(|m| (m.id, m.peer_addr.clone()))
+            .collect()
+    }
+
+    /// The default keyspace's placement.
+    pub fn default_placement(&self) -> Option<&PlacementTable> {
+        self.keyspace(DEFAULT_KEYSPACE_ID).map(|ks| &ks.placement)
+    }
+
     /// Applies `change` to a copy, raising the version; `Ok(None)` when it changes nothing.
     pub fn apply(&self, change: &MetaChange) -> Result<Option<Topology>, Error> {
         let mut next = self.clone();

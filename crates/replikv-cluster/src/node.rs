@@ -354,8 +354,7 @@ impl Node {
         // (the one a bootstrap proposes).
         let restored = topology
             .as_ref()
-            .and_then(|t| t.keyspace(replikv_types::DEFAULT_KEYSPACE_ID))
-            .map(|ks| ks.placement.clone());
+            .and_then(|t| t.default_placement().cloned());
         let placement = match restored.or_else(|| cfg.known_placement.clone()) {
             Some(placement) => placement,
             None => {
@@ -468,9 +467,9 @@ impl Node {
 
     /// Starts every group `t` gives this node that it does not run yet.
     pub(crate) async fn start_groups_of(self: &Arc<Self>, t: &Topology) -> Result<(), String> {
-        if let Some(ks) = t.keyspace(replikv_types::DEFAULT_KEYSPACE_ID) {
-            if **self.placement.read().expect("placement") != ks.placement {
-                *self.placement.write().expect("placement") = Arc::new(ks.placement.clone());
+        if let Some(now) = t.default_placement() {
+            if **self.placement.read().expect("placement") != *now {
+                *self.placement.write().expect("placement") = Arc::new(now.clone());
             }
         }
         for spec in t.groups_of(self.id()) {
@@ -565,13 +564,24 @@ impl Node {
     /// Where group `g` is placed, when this node knows it: the default keyspace's
     /// partitions, and the meta group.
     pub fn placement_of(&self, g: GroupId) -> Option<PartitionPlacement> {
+        self.with_placement(g, PartitionPlacement::clone)
+    }
+
+    /// `f` of where group `g` is placed, without copying the placement (the write path
+    /// asks this of every write).
+    pub(crate) fn with_placement<R>(
+        &self,
+        g: GroupId,
+        f: impl FnOnce(&PartitionPlacement) -> R,
+    ) -> Option<R> {
         if g.is_meta() {
-            return self.group(g).map(|m| m.placement.clone());
+            return self.group(g).map(|m| f(&m.placement));
         }
         if g.keyspace != replikv_types::DEFAULT_KEYSPACE_ID {
             return None;
         }
-        self.placement().get(g.partition).cloned()
+        let placement = self.placement.read().expect("placement");
+        placement.get(g.partition).map(f)
     }
 
     pub fn write_timeout(&self) -> Duration {

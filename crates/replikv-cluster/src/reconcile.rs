@@ -10,7 +10,6 @@
 //! 4. on the meta group's leader, it adds every member the meta group does not know as a
 //!    learner of it (the meta group has at most five voters; the rest follow it).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,15 +61,7 @@ pub(crate) fn spawn(node: Arc<Node>) {
         loop {
             node.reconcile(&meta, &reporting).await;
             if let Some(t) = known_topology(&meta.view, node.now_ms()) {
-                let peers: BTreeMap<u64, String> = t
-                    .members
-                    .values()
-                    .map(|m| (m.id, m.peer_addr.clone()))
-                    .collect();
-                let placement = t
-                    .keyspace(replikv_types::DEFAULT_KEYSPACE_ID)
-                    .map(|ks| ks.placement.clone());
-                let now = Some((peers, placement));
+                let now = Some((t.peers(), t.default_placement().cloned()));
                 if recorded != now {
                     node.cfg.on_topology.call(&t);
                     recorded = now;

@@ -52,10 +52,7 @@ impl Node {
     }
 
     fn check_level(&self, p: GroupId, level: Consistency) -> Result<(), Error> {
-        let replicas = self
-            .placement_of(p)
-            .map(|pl| pl.replicas.len())
-            .unwrap_or(1);
+        let replicas = self.with_placement(p, |pl| pl.replicas.len()).unwrap_or(1);
         match level {
             Consistency::AtLeast(n) if n as usize > replicas => Err(Error::InvalidArgument(
                 format!("at_least:{n} asks for more copies than the {replicas} replicas of {p:#}"),

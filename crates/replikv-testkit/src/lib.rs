@@ -928,6 +928,24 @@ impl Cluster {
         });
     }
 
+    /// Waits until every live node's replica of the meta group (the topology, issue 17) holds
+    /// the same contents.
+    pub fn wait_meta_converged(&self, timeout: Duration) {
+        wait_until(timeout, "the meta group's replicas converge", || {
+            let digests: Vec<Option<(Value, Value)>> = self
+                .live()
+                .iter()
+                .map(|id| {
+                    let v = self.http_get(*id, "/v1/_replication/digest").ok()?;
+                    let m = &v["meta"];
+                    m.is_object()
+                        .then(|| (m["keys"].clone(), m["crc32c"].clone()))
+                })
+                .collect();
+            digests.iter().all(|d| d.is_some() && *d == digests[0])
+        });
+    }
+
     /// Partitions whose live replicas disagree now: partition → (node, keys, crc32c) of each.
     pub fn divergent_partitions(&self) -> BTreeMap<u64, Vec<(u64, u64, u64)>> {
         let mut by_partition: BTreeMap<u64, Vec<(u64, u64, u64)>> = BTreeMap::new();

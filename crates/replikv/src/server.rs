@@ -276,21 +276,13 @@ async fn serve(cfg: Config, nofile: crate::fds::Nofile) -> anyhow::Result<()> {
     let me = cfg.node_id;
     node_cfg.known_placement = identity.and_then(|id| id.placement);
     node_cfg.on_topology = replikv_cluster::TopologyHook::new(move |t| {
-        let peers = t
-            .members
-            .values()
-            .map(|m| (m.id, m.peer_addr.clone()))
-            .collect();
-        let placement = t
-            .keyspace(replikv_types::DEFAULT_KEYSPACE_ID)
-            .map(|ks| ks.placement.clone());
         let id = crate::identity::Identity::new(
             me,
             bound.0.clone(),
             bound.1.clone(),
             bound.2.clone(),
-            peers,
-            placement,
+            t.peers(),
+            t.default_placement().cloned(),
         );
         if let Err(e) = crate::identity::save(&dir, &id) {
             tracing::error!(error = %e, "could not record this node's identity");

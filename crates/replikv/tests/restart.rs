@@ -197,6 +197,7 @@ fn a_node_restarted_with_only_its_data_directory_rejoins_and_catches_up() {
     c.restart_with_only_data_dir(2);
     c.wait_ready(Duration::from_secs(30));
     c.wait_converged(Duration::from_secs(30));
+    c.wait_meta_converged(Duration::from_secs(30));
     let mut conn = c.redis(2);
     for i in [0, 150, 299] {
         let a: i64 = conn.get(format!("before{i}")).unwrap();

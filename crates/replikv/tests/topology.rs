@@ -110,6 +110,7 @@ fn the_meta_group_records_members_keyspaces_and_placement_and_keeps_them_across_
         c.restart(id);
     }
     c.wait_ready(Duration::from_secs(30));
+    c.wait_meta_converged(Duration::from_secs(30));
     let after = members(&c, 1);
     assert!(
         after["topology_version"].as_u64().unwrap() >= version,
